@@ -1,0 +1,209 @@
+// CPU entry points: instruction-set dispatch, the bilinear resize tables, the small row-wise ops
+// (retrieval probabilities, fusion) and the validation passes.
+#include "cpu/ops_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace knnclip::cpu {
+namespace {
+
+struct IsaKernels {
+  const char* name;
+  void (*mask_pool)(const MaskPoolArgs&);
+  void (*semantic_merge)(const SemanticMergeArgs&);
+  bool (*usable)();
+};
+
+bool always() { return true; }
+#if defined(KNNCLIP_HAVE_X86_ISAS)
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }
+bool has_avx512() { return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"); }
+#endif
+
+// Best first.
+const IsaKernels kIsas[] = {
+#if defined(KNNCLIP_HAVE_X86_ISAS)
+    {"avx512", avx512::mask_pool, avx512::semantic_merge, has_avx512},
+    {"avx2", avx2::mask_pool, avx2::semantic_merge, has_avx2},
+#endif
+    {"generic", generic::mask_pool, generic::semantic_merge, always},
+};
+
+const IsaKernels* best_isa() {
+  // KNNCLIP_CPU_ISA=generic|avx2|avx512 caps the choice (for debugging and for comparing).
+  const char* wanted = std::getenv("KNNCLIP_CPU_ISA");
+  for (const IsaKernels& isa : kIsas) {
+    if (!isa.usable()) continue;
+    if (wanted == nullptr || *wanted == '\0' || std::string(wanted) == isa.name) return &isa;
+  }
+  return &kIsas[sizeof(kIsas) / sizeof(kIsas[0]) - 1];
+}
+
+std::atomic<const IsaKernels*> g_isa{nullptr};
+
+const IsaKernels& active() {
+  const IsaKernels* isa = g_isa.load(std::memory_order_acquire);
+  if (isa == nullptr) {
+    isa = best_isa();
+    g_isa.store(isa, std::memory_order_release);
+  }
+  return *isa;
+}
+
+// PyTorch's bilinear source indices and weights for align_corners=False (upsample_bilinear2d):
+// src = scale * (dst + 0.5) - 0.5 clamped at 0, computed in float32 as PyTorch does for float32.
+void bilinear_table(int64_t in, int64_t out, std::vector<int64_t>& lo, std::vector<int64_t>& hi,
+                    std::vector<float>& w) {
+  lo.resize(out);
+  hi.resize(out);
+  w.resize(out);
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  for (int64_t i = 0; i < out; ++i) {
+    float src = scale * (static_cast<float>(i) + 0.5f) - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+    lo[i] = i0;
+    hi[i] = i0 + (i0 < in - 1 ? 1 : 0);
+    w[i] = std::min(std::max(src - static_cast<float>(i0), 0.0f), 1.0f);
+  }
+}
+
+inline float load(const void* base, DType dtype, int64_t i) {
+  return dtype == DType::F32 ? static_cast<const float*>(base)[i]
+                             : half_bits_to_float(static_cast<const uint16_t*>(base)[i]);
+}
+
+// Row-wise ops are tiny at the real sizes (250 x 847): threads only pay off well above that.
+constexpr int64_t kParallelThreshold = 1 << 16;
+
+}  // namespace
+
+void mask_pool(const void* features, DType features_dtype, const void* masks, DType masks_dtype,
+               int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t num_masks,
+               int64_t mask_height, int64_t mask_width, float threshold, float* out) {
+  std::vector<int64_t> y_lo, y_hi, x_lo, x_hi;
+  std::vector<float> y_w, x_w;
+  bilinear_table(mask_height, height, y_lo, y_hi, y_w);
+  bilinear_table(mask_width, width, x_lo, x_hi, x_w);
+  const MaskPoolArgs args{features, features_dtype, masks,       masks_dtype, batch,
+                          channels, height,         width,       num_masks,   mask_height,
+                          mask_width, threshold,    y_lo.data(), y_hi.data(), y_w.data(),
+                          x_lo.data(), x_hi.data(), x_w.data(),  out};
+  active().mask_pool(args);
+}
+
+void semantic_merge(const void* probs, DType probs_dtype, const void* logits, DType logits_dtype,
+                    int64_t num_masks, int64_t num_classes, int64_t pixels, float* out) {
+  const SemanticMergeArgs args{probs, probs_dtype, logits, logits_dtype, num_masks, num_classes,
+                               pixels, out};
+  active().semantic_merge(args);
+}
+
+void retrieval_probs(const void* sims, DType sims_dtype, const int64_t* labels, int64_t rows,
+                     int64_t k, int64_t num_classes, float tau, float* out) {
+  std::fill(out, out + rows * num_classes, 0.0f);
+  const float inv_tau = 1.0f / tau;
+#pragma omp parallel for schedule(static) if (rows * k > kParallelThreshold)
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t* lab = labels + i * k;
+    float best = -INFINITY;
+    for (int64_t j = 0; j < k; ++j)
+      if (lab[j] >= 0) best = std::max(best, load(sims, sims_dtype, i * k + j) * inv_tau);
+    if (best == -INFINITY) continue;  // no neighbour at all: no retrieval evidence
+    float total = 0.0f;
+    for (int64_t j = 0; j < k; ++j)
+      if (lab[j] >= 0) total += std::exp(load(sims, sims_dtype, i * k + j) * inv_tau - best);
+    float* row = out + i * num_classes;
+    for (int64_t j = 0; j < k; ++j)
+      if (lab[j] >= 0) row[lab[j]] += std::exp(load(sims, sims_dtype, i * k + j) * inv_tau - best) / total;
+  }
+}
+
+void fuse(const void* p_base, DType base_dtype, const void* p_ret, DType ret_dtype, int64_t rows,
+          int64_t num_classes, float threshold, float lam, float* out) {
+  const int64_t C = num_classes;
+#pragma omp parallel for schedule(static) if (rows * C > kParallelThreshold)
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * C;
+    float confidence = -INFINITY;
+    for (int64_t c = 0; c < C; ++c) {
+      o[c] = load(p_ret, ret_dtype, i * C + c);  // staged in the output row
+      confidence = std::max(confidence, o[c]);
+    }
+    if (C > 0 && confidence >= threshold) {
+      for (int64_t c = 0; c < C; ++c) o[c] = lam * o[c] + (1.0f - lam) * load(p_base, base_dtype, i * C + c);
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = load(p_base, base_dtype, i * C + c);
+    }
+  }
+}
+
+uint32_t check_finite(const void* data, DType dtype, int64_t count) {
+  int64_t bad = 0;
+  if (dtype == DType::F32) {
+    const uint32_t* bits = static_cast<const uint32_t*>(data);
+#pragma omp parallel for reduction(+ : bad) schedule(static) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i) bad += f32_bits_finite(bits[i]) ? 0 : 1;
+  } else if (dtype == DType::F16) {
+    const uint16_t* bits = static_cast<const uint16_t*>(data);
+#pragma omp parallel for reduction(+ : bad) schedule(static) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i) bad += f16_bits_finite(bits[i]) ? 0 : 1;
+  }
+  return bad > 0 ? kNonFinite : 0u;
+}
+
+uint32_t check_neighbours(const void* sims, DType sims_dtype, const int64_t* labels, int64_t count,
+                          int64_t num_classes) {
+  uint32_t flags = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (labels[i] == -1) continue;  // no neighbour: its similarity is whatever FAISS filled in
+    if (labels[i] < -1 || labels[i] >= num_classes) flags |= kLabelOutOfRange;
+    else if (!std::isfinite(load(sims, sims_dtype, i))) flags |= kNonFinite;
+  }
+  return flags;
+}
+
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> names;
+  for (const IsaKernels& isa : kIsas) names.emplace_back(isa.name);
+  return names;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const IsaKernels& isa : kIsas)
+    if (isa.usable()) names.emplace_back(isa.name);
+  return names;
+}
+
+std::string active_isa() { return active().name; }
+
+void set_isa(const std::string& name) {
+  for (const IsaKernels& isa : kIsas) {
+    if (name == isa.name) {
+      if (!isa.usable()) throw std::invalid_argument("CPU instruction set '" + name + "' is not supported by this CPU");
+      g_isa.store(&isa, std::memory_order_release);
+      return;
+    }
+  }
+  throw std::invalid_argument("unknown CPU instruction set '" + name + "'; compiled: see build_info()['cpu_isas']");
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace knnclip::cpu

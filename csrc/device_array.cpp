@@ -1,0 +1,99 @@
+#include "device_array.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include "cuda/ops_cuda.h"
+#include "dlpack.h"
+
+namespace py = pybind11;
+
+namespace knnclip {
+namespace {
+
+// What a DLManagedTensor we export keeps alive: the buffer and the shape array.
+struct ExportContext {
+  std::shared_ptr<void> buffer;
+  std::vector<int64_t> shape;
+  DLManagedTensor managed{};
+};
+
+void delete_export(DLManagedTensor* self) { delete static_cast<ExportContext*>(self->manager_ctx); }
+
+void capsule_destructor(PyObject* capsule) {
+  // A consumer that took the tensor renames the capsule to "used_dltensor" and owns it.
+  if (PyCapsule_IsValid(capsule, "dltensor")) {
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+    if (managed != nullptr && managed->deleter != nullptr) managed->deleter(managed);
+  }
+}
+
+}  // namespace
+
+DeviceArray::DeviceArray(std::vector<int64_t> shape, int device)
+    : shape_(std::move(shape)), device_(device) {
+  int64_t n = size();
+  void* p = cuda::device_malloc(static_cast<size_t>(n) * sizeof(float), device);
+  buffer_ = std::shared_ptr<void>(p, [device](void* q) { cuda::device_free(q, device); });
+}
+
+int64_t DeviceArray::size() const {
+  int64_t n = 1;
+  for (int64_t d : shape_) n *= d;
+  return n;
+}
+
+py::dict DeviceArray::cuda_array_interface() const {
+  py::dict d;
+  d["shape"] = py::tuple(py::cast(shape_));
+  d["typestr"] = "<f4";
+  d["data"] = py::make_tuple(reinterpret_cast<uintptr_t>(buffer_.get()), false);
+  d["strides"] = py::none();
+  d["version"] = 3;
+  d["stream"] = 1;  // the legacy default stream, where the op queued its work
+  return d;
+}
+
+py::capsule DeviceArray::dlpack() const {
+  auto* ctx = new ExportContext{buffer_, shape_, {}};
+  DLTensor& t = ctx->managed.dl_tensor;
+  t.data = buffer_.get();
+  t.device = DLDevice{kDLCUDA, device_};
+  t.ndim = static_cast<int32_t>(ctx->shape.size());
+  t.dtype = DLDataType{kDLFloat, 32, 1};
+  t.shape = ctx->shape.data();
+  t.strides = nullptr;
+  t.byte_offset = 0;
+  ctx->managed.manager_ctx = ctx;
+  ctx->managed.deleter = delete_export;
+  return py::capsule(&ctx->managed, "dltensor", capsule_destructor);
+}
+
+py::object DeviceArray::to_numpy() const {
+  py::array_t<float> host(shape_);
+  {
+    py::gil_scoped_release release;
+    cuda::copy_to_host(host.mutable_data(), buffer_.get(), static_cast<size_t>(size()) * sizeof(float), device_);
+  }
+  return std::move(host);
+}
+
+void register_device_array(py::module_& m) {
+  py::class_<DeviceArray>(m, "DeviceArray",
+                          "float32 result of a CUDA op, owning device memory; consume it with "
+                          "torch.as_tensor, cupy.asarray or any DLPack importer (no copy).")
+      .def_property_readonly("shape", [](const DeviceArray& a) { return py::tuple(py::cast(a.shape())); })
+      .def_property_readonly("dtype", [](const DeviceArray&) { return "float32"; })
+      .def_property_readonly("device", &DeviceArray::device)
+      .def_property_readonly("__cuda_array_interface__", &DeviceArray::cuda_array_interface)
+      .def("__dlpack__", [](const DeviceArray& a, py::kwargs) { return a.dlpack(); })
+      .def("__dlpack_device__", [](const DeviceArray& a) { return py::make_tuple(static_cast<int>(kDLCUDA), a.device()); })
+      .def("numpy", &DeviceArray::to_numpy, "Copy to a host NumPy array.")
+      .def("__repr__", [](const DeviceArray& a) {
+        std::string s = "DeviceArray(shape=(";
+        for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
+        return s + "), dtype=float32, device=cuda:" + std::to_string(a.device()) + ")";
+      });
+}
+
+}  // namespace knnclip
