@@ -8,7 +8,7 @@
 #include <cstring>
 #include <new>
 
-#if defined(__F16C__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -41,7 +41,21 @@ inline vfloat vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
-inline vfloat vsplat(float x) { return vfloat{} + x; }
+inline vfloat vsplat(float x) {
+  // An intrinsic, not `vfloat{} + x`: that costs a real add (0 + -0 is +0) on the FMA ports,
+  // and an element-wise loop is not always folded into one broadcast.
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_set1_ps(x));
+#elif defined(__AVX__)
+  return reinterpret_cast<vfloat>(_mm256_set1_ps(x));
+#elif defined(__SSE__)
+  return reinterpret_cast<vfloat>(_mm_set1_ps(x));
+#else
+  vfloat v;
+  for (int i = 0; i < kVec; ++i) v[i] = x;
+  return v;
+#endif
+}
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -131,29 +145,107 @@ inline vfloat vexp(vfloat x) {
 
 inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp(-x)); }
 
+// Register tile of the products below: kMR rows x kNV vectors of columns.
+#ifndef KNNCLIP_TILE_MR
+#define KNNCLIP_TILE_MR (kVec == 16 ? 6 : 4)
+#endif
+#ifndef KNNCLIP_TILE_NV
+#define KNNCLIP_TILE_NV (kVec == 16 ? 4 : 3)
+#endif
+constexpr int kMR = KNNCLIP_TILE_MR;
+constexpr int kNV = KNNCLIP_TILE_NV;
+constexpr int kNR = kNV * kVec;
+
+// acc[r][v] = sum_i a[i * kMR + r] * b[k_i * kNR + v * kVec : ...] over i < depth, where
+// k_i = index[i] (or i when index is null): a row tile packed k-major (a) times a column panel
+// packed k-major (b), the inner step of a blocked GEMM that may skip rows of b.
+inline void tile_product(const float* a, const float* b, const int32_t* index, int64_t depth,
+                         vfloat (&acc)[kMR][kNV]) {
+  for (int r = 0; r < kMR; ++r)
+    for (int v = 0; v < kNV; ++v) acc[r][v] = vfloat{};
+  for (int64_t i = 0; i < depth; ++i) {
+    const float* bk = b + (index != nullptr ? static_cast<int64_t>(index[i]) : i) * kNR;
+    vfloat bv[kNV];
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) bv[v] = vload(bk + v * kVec);
+    const float* ai = a + i * kMR;
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) {
+      const vfloat ar = vsplat(ai[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) acc[r][v] += ar * bv[v];
+    }
+  }
+}
+
+// Stores rows [0, rows) and columns [0, cols) of a tile, each row scaled, at dst + r * stride.
+inline void store_tile(const vfloat (&acc)[kMR][kNV], int64_t rows, int64_t cols, const float* row_scale,
+                       float* dst, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float s = row_scale != nullptr ? row_scale[r] : 1.0f;
+    float* d = dst + r * stride;
+    if (cols == kNR) {
+      for (int v = 0; v < kNV; ++v) vstore(d + v * kVec, acc[r][v] * s);
+    } else {
+      float tmp[kNR];
+      for (int v = 0; v < kNV; ++v) vstore(tmp + v * kVec, acc[r][v] * s);
+      std::memcpy(d, tmp, static_cast<size_t>(cols) * sizeof(float));
+    }
+  }
+}
+
 }  // namespace
 
+// Rows y_lo and y_hi of a mask as float32: straight from a float32 source, converted (and
+// cached per row) from a float16 one. Only the rows the resize samples are ever read.
+class MaskRows {
+ public:
+  MaskRows(const void* masks, DType dtype, int64_t offset, int64_t width, float* buffer)
+      : masks_(masks), dtype_(dtype), offset_(offset), width_(width), buffer_(buffer) {}
+  const float* row(int64_t y, int slot) {
+    if (dtype_ == DType::F32) return static_cast<const float*>(masks_) + offset_ + y * width_;
+    float* dst = buffer_ + slot * width_;
+    if (cached_[slot] != y) {
+      load_f32(masks_, dtype_, offset_ + y * width_, width_, dst);
+      cached_[slot] = y;
+    }
+    return dst;
+  }
+
+ private:
+  const void* masks_;
+  DType dtype_;
+  int64_t offset_, width_;
+  float* buffer_;
+  int64_t cached_[2] = {-1, -1};
+};
+
 // out[b, n, :] = mean of features[b, :, p] over the pixels p where the bilinearly resized mask
-// logit is > threshold; zeros for an empty mask.
+// logit is > threshold; zeros for an empty mask. Computed as a product of the binary masks
+// [N x P] with the transposed features [P x C], scaled by 1 / count per mask, every feature
+// load shared by kMR masks. A tile of kMR masks only visits the pixels inside at least one of
+// them, so sparse masks (most FC-CLIP queries) cost little.
 void mask_pool(const MaskPoolArgs& a) {
   const int64_t C = a.channels, H = a.height, W = a.width, P = H * W;
   const int64_t N = a.num_masks, mh = a.mask_height, mw = a.mask_width, mP = mh * mw;
-  // Channels are pooled in chunks of 8 vectors that stay in registers while the pixels of a mask
-  // stream past; features are stored transposed per chunk, [chunk][pixel][channel], so each
-  // pixel's chunk is one contiguous 8-vector row.
-  constexpr int64_t kChunk = 8 * kVec;
-  const int64_t chunks = (C + kChunk - 1) / kChunk;
+  const int64_t row_tiles = (N + kMR - 1) / kMR, panels = (C + kNR - 1) / kNR;
   const int threads = thread_count();
-  Scratch transposed(static_cast<size_t>(chunks * P * kChunk) * sizeof(float));
-  Scratch pixel_lists(static_cast<size_t>(N * P) * sizeof(int32_t));
-  Scratch counts(static_cast<size_t>(N) * sizeof(int64_t));
-  Scratch mask_rows(static_cast<size_t>(threads * mP) * sizeof(float));
-  // Transposition goes through a per-thread staging block of kChunk channels x kBlock pixels.
-  constexpr int64_t kBlock = 256;
-  Scratch staging(static_cast<size_t>(threads * kChunk * kBlock) * sizeof(float));
-  float* ft = transposed.as<float>();
-  int32_t* idx = pixel_lists.as<int32_t>();
-  int64_t* cnt = counts.as<int64_t>();
+  // Per row tile: the active pixels (inside any of its masks) and, for each, the kMR indicators.
+  Scratch packed_masks(static_cast<size_t>(row_tiles * P * kMR) * sizeof(float));
+  Scratch active_pixels(static_cast<size_t>(row_tiles * P) * sizeof(int32_t));
+  Scratch active_counts(static_cast<size_t>(row_tiles) * sizeof(int64_t));
+  Scratch inside_buf(static_cast<size_t>(threads * kMR * P));
+  // features packed per column panel, pixel-major: panel[(j * P + p) * kNR + c] = f[j * kNR + c, p]
+  Scratch packed_features(static_cast<size_t>(panels * P * kNR) * sizeof(float));
+  Scratch inverse_counts(static_cast<size_t>(row_tiles * kMR) * sizeof(float));
+  Scratch row_buf(static_cast<size_t>(threads * 2 * mw) * sizeof(float));
+  constexpr int64_t kBlock = 256;  // pixels per transposition block
+  Scratch staging(static_cast<size_t>(threads * kNR * kBlock) * sizeof(float));
+  float* am = packed_masks.as<float>();
+  int32_t* active = active_pixels.as<int32_t>();
+  int64_t* active_n = active_counts.as<int64_t>();
+  float* bf = packed_features.as<float>();
+  float* inv = inverse_counts.as<float>();
   const int64_t blocks = (P + kBlock - 1) / kBlock;
 
   for (int64_t b = 0; b < a.batch; ++b) {
@@ -161,62 +253,71 @@ void mask_pool(const MaskPoolArgs& a) {
     const int64_t mask_offset = b * N * mP;
 
 #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t q = 0; q < chunks; ++q) {
+    for (int64_t j = 0; j < panels; ++j) {
       for (int64_t blk = 0; blk < blocks; ++blk) {
-        float* stage = staging.as<float>() + static_cast<int64_t>(thread_id()) * kChunk * kBlock;
-        const int64_t c0 = q * kChunk, cn = imin(kChunk, C - c0);
+        float* stage = staging.as<float>() + static_cast<int64_t>(thread_id()) * kNR * kBlock;
+        const int64_t c0 = j * kNR, cn = imin(kNR, C - c0);
         const int64_t p0 = blk * kBlock, pn = imin(kBlock, P - p0);
         for (int64_t c = 0; c < cn; ++c)
-          load_f32(a.features, a.features_dtype, feature_offset + (c0 + c) * P + p0, pn,
-                   stage + c * kBlock);
-        float* dst = ft + (q * P + p0) * kChunk;
+          load_f32(a.features, a.features_dtype, feature_offset + (c0 + c) * P + p0, pn, stage + c * kBlock);
+        float* dst = bf + (j * P + p0) * kNR;
         for (int64_t p = 0; p < pn; ++p) {
-          float* d = dst + p * kChunk;
+          float* d = dst + p * kNR;
           for (int64_t c = 0; c < cn; ++c) d[c] = stage[c * kBlock + p];
-          for (int64_t c = cn; c < kChunk; ++c) d[c] = 0.0f;
+          for (int64_t c = cn; c < kNR; ++c) d[c] = 0.0f;
         }
       }
     }
 
-#pragma omp parallel for schedule(dynamic, 4)
-    for (int64_t n = 0; n < N; ++n) {
-      float* m = mask_rows.as<float>() + static_cast<int64_t>(thread_id()) * mP;
-      load_f32(a.masks, a.masks_dtype, mask_offset + n * mP, mP, m);
-      int32_t* list = idx + n * P;
-      int64_t count = 0;
-      for (int64_t y = 0; y < H; ++y) {
-        const float* r0 = m + a.y_lo[y] * mw;
-        const float* r1 = m + a.y_hi[y] * mw;
-        const float wy1 = a.y_w[y], wy0 = 1.0f - wy1;
-        for (int64_t x = 0; x < W; ++x) {
-          const int64_t x0 = a.x_lo[x], x1 = a.x_hi[x];
-          const float wx1 = a.x_w[x], wx0 = 1.0f - wx1;
-          // Same association as PyTorch's bilinear kernel.
-          const float v = wy0 * (wx0 * r0[x0] + wx1 * r0[x1]) + wy1 * (wx0 * r1[x0] + wx1 * r1[x1]);
-          if (v > a.threshold) list[count++] = static_cast<int32_t>(y * W + x);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t t = 0; t < row_tiles; ++t) {
+      uint8_t* inside = inside_buf.as<uint8_t>() + static_cast<int64_t>(thread_id()) * kMR * P;
+      float* rows = row_buf.as<float>() + static_cast<int64_t>(thread_id()) * 2 * mw;
+      for (int r = 0; r < kMR; ++r) {
+        const int64_t n = t * kMR + r;
+        uint8_t* in = inside + r * P;
+        if (n >= N) {  // padding rows of the last tile
+          std::memset(in, 0, static_cast<size_t>(P));
+          inv[n] = 0.0f;
+          continue;
         }
+        MaskRows mask(a.masks, a.masks_dtype, mask_offset + n * mP, mw, rows);
+        int64_t count = 0;
+        for (int64_t y = 0; y < H; ++y) {
+          const float* r0 = mask.row(a.y_lo[y], 0);
+          const float* r1 = mask.row(a.y_hi[y], 1);
+          const float wy1 = a.y_w[y], wy0 = 1.0f - wy1;
+          for (int64_t x = 0; x < W; ++x) {
+            const int64_t x0 = a.x_lo[x], x1 = a.x_hi[x];
+            const float wx1 = a.x_w[x], wx0 = 1.0f - wx1;
+            // Same association as PyTorch's bilinear kernel.
+            const float v = wy0 * (wx0 * r0[x0] + wx1 * r0[x1]) + wy1 * (wx0 * r1[x0] + wx1 * r1[x1]);
+            in[y * W + x] = v > a.threshold ? 1 : 0;
+            count += v > a.threshold;
+          }
+        }
+        inv[n] = count > 0 ? 1.0f / static_cast<float>(count) : 0.0f;
       }
-      cnt[n] = count;
+      float* packed = am + t * P * kMR;
+      int32_t* list = active + t * P;
+      int64_t m = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        int any = 0;
+        for (int r = 0; r < kMR; ++r) any |= inside[r * P + p];
+        if (!any) continue;
+        for (int r = 0; r < kMR; ++r) packed[m * kMR + r] = static_cast<float>(inside[r * P + p]);
+        list[m++] = static_cast<int32_t>(p);
+      }
+      active_n[t] = m;
     }
 
 #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t q = 0; q < chunks; ++q) {
-      for (int64_t n = 0; n < N; ++n) {
-        vfloat acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = vfloat{};
-        const int32_t* list = idx + n * P;
-        const float* base = ft + q * P * kChunk;
-        for (int64_t i = 0; i < cnt[n]; ++i) {
-          const float* row = base + static_cast<int64_t>(list[i]) * kChunk;
-#pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) acc[j] += vload(row + j * kVec);
-        }
-        const float inv = cnt[n] > 0 ? 1.0f / static_cast<float>(cnt[n]) : 0.0f;
-        float tmp[kChunk];
-        for (int j = 0; j < 8; ++j) vstore(tmp + j * kVec, acc[j] * inv);
-        const int64_t c0 = q * kChunk;
-        std::memcpy(a.out + (b * N + n) * C + c0, tmp,
-                    static_cast<size_t>(imin(kChunk, C - c0)) * sizeof(float));
+    for (int64_t j = 0; j < panels; ++j) {
+      for (int64_t t = 0; t < row_tiles; ++t) {
+        vfloat acc[kMR][kNV];
+        tile_product(am + t * P * kMR, bf + j * P * kNR, active + t * P, active_n[t], acc);
+        store_tile(acc, imin(kMR, N - t * kMR), imin(kNR, C - j * kNR), inv + t * kMR,
+                   a.out + (b * N + t * kMR) * C + j * kNR, C);
       }
     }
   }
@@ -224,10 +325,8 @@ void mask_pool(const MaskPoolArgs& a) {
 
 // out[c, p] = sum_n probs[n, c] * sigmoid(logits[n, p]): a [C x N] x [N x P] product whose right
 // factor is made on the fly, one panel of kNR pixels at a time, so the sigmoid of every logit is
-// computed exactly once and the panel stays in L1 while all class tiles pass over it.
+// computed exactly once and the panel stays in cache while all class tiles pass over it.
 void semantic_merge(const SemanticMergeArgs& a) {
-  constexpr int kMR = kVec == 16 ? 8 : 6;  // class rows per register tile
-  constexpr int kNR = 2 * kVec;            // pixel columns per register tile
   const int64_t N = a.num_masks, C = a.num_classes, P = a.pixels;
   const int64_t tiles = (C + kMR - 1) / kMR, panels = (P + kNR - 1) / kNR;
   const int threads = thread_count();
@@ -257,36 +356,13 @@ void semantic_merge(const SemanticMergeArgs& a) {
         float* s = panel + n * kNR;
         load_f32(a.logits, a.logits_dtype, n * P + p0, valid, s);
         for (int64_t i = valid; i < kNR; ++i) s[i] = 0.0f;
-        vstore(s, vsigmoid(vload(s)));
-        vstore(s + kVec, vsigmoid(vload(s + kVec)));
+        for (int v = 0; v < kNV; ++v) vstore(s + v * kVec, vsigmoid(vload(s + v * kVec)));
         for (int64_t i = valid; i < kNR; ++i) s[i] = 0.0f;  // padding contributes nothing
       }
       for (int64_t t = 0; t < tiles; ++t) {
-        const float* ap = packed + t * N * kMR;
-        vfloat acc0[kMR], acc1[kMR];
-        for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = vfloat{};
-        for (int64_t n = 0; n < N; ++n) {
-          const vfloat s0 = vload(panel + n * kNR), s1 = vload(panel + n * kNR + kVec);
-          const float* an = ap + n * kMR;
-#pragma GCC unroll 8
-          for (int r = 0; r < kMR; ++r) {
-            acc0[r] += an[r] * s0;
-            acc1[r] += an[r] * s1;
-          }
-        }
-        const int64_t rows = imin(kMR, C - t * kMR);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = a.out + (t * kMR + r) * P + p0;
-          if (valid == kNR) {
-            vstore(dst, acc0[r]);
-            vstore(dst + kVec, acc1[r]);
-          } else {
-            float tmp[kNR];
-            vstore(tmp, acc0[r]);
-            vstore(tmp + kVec, acc1[r]);
-            std::memcpy(dst, tmp, static_cast<size_t>(valid) * sizeof(float));
-          }
-        }
+        vfloat acc[kMR][kNV];
+        tile_product(packed + t * N * kMR, panel, nullptr, N, acc);
+        store_tile(acc, imin(kMR, C - t * kMR), valid, nullptr, a.out + t * kMR * P + p0, P);
       }
     }
   }

@@ -1,0 +1,85 @@
+"""Shared by the benchmark scripts: machine description, timing, and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # so the scripts can import tests.reference_ops
+    sys.path.insert(0, str(REPO))
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, memory, Python and library versions: recorded beside every number."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory_gib = round(pages / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("numpy", "torch", "onnxruntime", "faiss"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    from knnclip import _C
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "versions": versions,
+        "knnclip_build": _C.build_info(),
+    }
+
+
+def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Wall-clock seconds of fn over `repeats` runs after `warmup` runs: median and spread."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "p25_s": quartiles[0], "p75_s": quartiles[2],
+            "min_s": times[0], "repeats": repeats}
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(name: str, text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,116 @@
+"""What this installation can run: the compiled ops' build, the backends found, the devices.
+
+Every probe is an import or a query that cannot fail loudly: a missing optional package is
+reported as missing, never raised.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import shutil
+import subprocess
+from typing import Any
+
+from knnclip.engine import ops
+
+
+def _module_version(name: str) -> str | None:
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # an optional package may be missing or broken; report, don't raise
+        return None
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def _onnxruntime() -> dict[str, Any]:
+    version = _module_version("onnxruntime")
+    if version is None:
+        return {"installed": False}
+    import onnxruntime
+
+    return {"installed": True, "version": version, "providers": onnxruntime.get_available_providers()}
+
+
+def _faiss() -> dict[str, Any]:
+    version = _module_version("faiss")
+    if version is None:
+        return {"installed": False}
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return {"installed": True, "version": version, "gpus": int(gpus)}
+
+
+def _torch() -> dict[str, Any]:
+    version = _module_version("torch")
+    if version is None:
+        return {"installed": False}
+    import torch
+
+    return {"installed": True, "version": version, "cuda": bool(torch.cuda.is_available())}
+
+
+def _gpus() -> list[str]:
+    """GPU names from nvidia-smi, empty without a driver."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def collect() -> dict[str, Any]:
+    """Everything `knnclip info` reports, as plain data."""
+    return {
+        "knnclip": ops.build_info(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backends": {
+            "onnxruntime": _onnxruntime(),
+            "faiss": _faiss(),
+            "torch": _torch(),
+            "tensorrt": {"installed": _module_version("tensorrt") is not None,
+                         "version": _module_version("tensorrt")},
+            "pycuda": {"installed": _module_version("pycuda") is not None},
+        },
+        "devices": {"cuda_available": ops.cuda_available(), "gpus": _gpus()},
+    }
+
+
+def format_text(info: dict[str, Any]) -> str:
+    """A short human-readable report."""
+    build = info["knnclip"]
+    lines = [
+        f"knnclip {build['version']}  (python {info['python']}, {info['platform']})",
+        "compiled ops (knnclip._C):",
+        f"  cuda kernels : {'yes, ' + ', '.join(build['cuda_archs']) + ' (CUDA ' + str(build['cuda_runtime']) + ')' if build['cuda'] else 'no'}",
+        f"  cpu kernels  : {build['cpu_isa']} (compiled: {', '.join(build['cpu_isas'])}), "
+        f"openmp {'on' if build['openmp'] else 'off'}, {build['threads']} threads",
+        f"  compiler     : {build['compiler']}",
+        "backends:",
+    ]
+    for name, b in info["backends"].items():
+        if not b["installed"]:
+            lines.append(f"  {name:<12} not installed")
+            continue
+        extra = ""
+        if "providers" in b:
+            extra = "  providers: " + ", ".join(b["providers"])
+        elif "gpus" in b:
+            extra = f"  gpus: {b['gpus']}"
+        elif "cuda" in b:
+            extra = f"  cuda: {b['cuda']}"
+        lines.append(f"  {name:<12} {b.get('version') or ''}{extra}")
+    devices = info["devices"]
+    lines.append("devices:")
+    lines.append(f"  cuda usable by knnclip._C: {devices['cuda_available']}")
+    for gpu in devices["gpus"] or ["(no NVIDIA GPU found)"]:
+        lines.append(f"  {gpu}")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Shared fixtures: hypothesis profile, every compiled CPU instruction set, and devices.
+
+The cpu_isa and device fixtures set state that holds for every example hypothesis draws within
+one test, which is what they are for; hence the function_scoped_fixture health check is off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from knnclip import _C
+
+settings.register_profile(
+    "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+CUDA = _C.cuda_available()
+NO_CUDA_REASON = (
+    "no usable CUDA device"
+    if _C.build_info()["cuda"]
+    else "knnclip._C was built without CUDA kernels"
+)
+
+
+@pytest.fixture(params=_C.supported_cpu_isas())
+def cpu_isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test once per instruction set the CPU kernels were compiled for."""
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(previous)
+
+
+def _cuda_array_module():
+    """torch or CuPy, whichever can hold CUDA arrays here (only called when CUDA is usable)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"
+    except ImportError:
+        pass
+    try:
+        import cupy  # noqa: F401
+
+        return "cupy"
+    except ImportError:
+        return None
+
+
+class Device:
+    """Moves NumPy inputs to where an op runs and its results back, for one device kind."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.module = _cuda_array_module() if kind == "cuda" else None
+
+    def put(self, array: np.ndarray):
+        if self.kind == "cpu":
+            return array
+        if self.module == "torch":
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(array)).cuda()
+        import cupy
+
+        return cupy.asarray(array)
+
+    def get(self, result) -> np.ndarray:
+        if self.kind == "cpu":
+            assert isinstance(result, np.ndarray)
+            return result
+        assert isinstance(result, _C.DeviceArray)
+        return result.numpy()
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason=NO_CUDA_REASON)]),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> Device:
+    """Run the test with host arrays and, where a GPU is usable, with CUDA arrays."""
+    dev = Device(request.param)
+    if dev.kind == "cuda" and dev.module is None:
+        pytest.skip("a CUDA device is present but neither torch with CUDA nor CuPy is installed")
+    return dev
+
+
+RunOp = Callable[..., np.ndarray]

@@ -1,0 +1,225 @@
+"""knnclip._C against the NumPy float64 references, on every compiled CPU instruction set and,
+where one is usable, on the GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from knnclip import _C
+from knnclip.engine import __version__
+from tests import reference_ops as ref
+
+FLOAT_DTYPES = st.sampled_from([np.float32, np.float16])
+
+
+def random_array(rng: np.random.Generator, shape, dtype, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def threshold_margin(mask_logits: np.ndarray, height: int, width: int, threshold: float) -> float:
+    """Distance of the resized logits from the threshold: float32 vs float64 rounding may flip a
+    pixel closer than this, which is not a bug, so such draws are skipped."""
+    masks = mask_logits.reshape(-1, *mask_logits.shape[-2:])
+    if masks.shape[0] == 0:
+        return np.inf
+    return float(np.abs(ref.resize_bilinear(masks, height, width) - threshold).min())
+
+
+class TestMaskPool:
+    """Catches wrong resize indices/weights, binarisation, channel chunk tails and averaging."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        c=st.integers(1, 300),
+        hw=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+        n=st.integers(0, 12),
+        mhw=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+        batch=st.sampled_from([None, 1, 3]),
+        fdtype=FLOAT_DTYPES,
+        mdtype=FLOAT_DTYPES,
+        threshold=st.sampled_from([0.0, 0.5, -1.0]),
+    )
+    def test_matches_reference(self, cpu_isa, device, seed, c, hw, n, mhw, batch, fdtype, mdtype, threshold):
+        rng = np.random.default_rng(seed)
+        lead = () if batch is None else (batch,)
+        features = random_array(rng, (*lead, c, *hw), fdtype, 3.0)
+        masks = random_array(rng, (*lead, n, *mhw), mdtype, 2.0)
+        assume(threshold_margin(masks.astype(np.float64), *hw, threshold) > 1e-4)
+        got = device.get(_C.mask_pool(device.put(features), device.put(masks), threshold))
+        want = ref.mask_pool(features.astype(np.float64), masks.astype(np.float64), threshold)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=3e-5 * 3.0)
+
+    def test_real_dinov2_size(self, cpu_isa, device):
+        rng = np.random.default_rng(7)
+        features = random_array(rng, (1536, 37, 37), np.float32)
+        masks = random_array(rng, (250, 200, 272), np.float32, 4.0)
+        got = device.get(_C.mask_pool(device.put(features), device.put(masks)))
+        np.testing.assert_allclose(got, ref.mask_pool(features, masks), rtol=1e-5, atol=1e-5)
+
+    def test_empty_and_all_negative_masks_give_zeros(self, cpu_isa, device):
+        features = np.full((5, 4, 4), 7.0, np.float32)
+        masks = np.stack([np.full((8, 8), -3.0), np.full((8, 8), 0.0), np.full((8, 8), 2.0)]).astype(np.float32)
+        got = device.get(_C.mask_pool(device.put(features), device.put(masks)))
+        assert not np.isnan(got).any()
+        np.testing.assert_array_equal(got[0], 0.0)  # all negative
+        np.testing.assert_array_equal(got[1], 0.0)  # logit 0 is not > 0
+        np.testing.assert_array_equal(got[2], 7.0)
+
+    def test_known_answer_without_resize(self, cpu_isa, device):
+        features = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+        masks = np.array([[[1, -1, 1], [-1, -1, -1]]], np.float32)  # pixels 0 and 2
+        got = device.get(_C.mask_pool(device.put(features), device.put(masks)))
+        np.testing.assert_array_equal(got, [[(0 + 2) / 2, (6 + 8) / 2]])
+
+    def test_zero_masks_and_zero_channels(self, device):
+        out = device.get(_C.mask_pool(device.put(np.ones((3, 4, 4), np.float32)), device.put(np.ones((0, 2, 2), np.float32))))
+        assert out.shape == (0, 3)
+        out = device.get(_C.mask_pool(device.put(np.ones((0, 4, 4), np.float32)), device.put(np.ones((2, 2, 2), np.float32))))
+        assert out.shape == (2, 0)
+
+    def test_large_n(self, cpu_isa):
+        rng = np.random.default_rng(3)
+        features = random_array(rng, (64, 9, 9), np.float32)
+        masks = random_array(rng, (5000, 9, 9), np.float32)
+        np.testing.assert_allclose(_C.mask_pool(features, masks), ref.mask_pool(features, masks), rtol=1e-5, atol=1e-5)
+
+    def test_non_contiguous_input(self):
+        rng = np.random.default_rng(4)
+        features = random_array(rng, (6, 6, 8), np.float32).transpose(2, 0, 1)  # [8, 6, 6] view
+        masks = random_array(rng, (3, 6, 6), np.float32)
+        np.testing.assert_allclose(_C.mask_pool(features, masks), ref.mask_pool(features, masks), rtol=1e-5, atol=1e-6)
+
+
+class TestRetrievalProbs:
+    """Catches a softmax over the wrong set, missing-neighbour handling and class scatter."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        n=st.integers(0, 60),
+        k=st.integers(1, 20),
+        c=st.integers(1, 40),
+        tau=st.floats(0.01, 2.0),
+        missing=st.floats(0.0, 1.0),
+        dtype=FLOAT_DTYPES,
+    )
+    def test_matches_reference(self, device, seed, n, k, c, tau, missing, dtype):
+        rng = np.random.default_rng(seed)
+        sims = rng.uniform(-1, 1, (n, k)).astype(dtype)
+        labels = rng.integers(0, c, (n, k)).astype(np.int64)
+        labels[rng.random((n, k)) < missing] = -1
+        sims[labels == -1] = -3.4e38 if dtype == np.float32 else -np.inf  # what FAISS fills in
+        got = device.get(_C.retrieval_probs(device.put(sims), device.put(labels), c, tau))
+        want = ref.retrieval_probs(sims.astype(np.float64), labels, c, tau)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        has_neighbour = (labels >= 0).any(axis=1)
+        np.testing.assert_allclose(got.sum(axis=1)[has_neighbour], 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(got[~has_neighbour], 0.0)
+
+    def test_known_answer(self, device):
+        sims = np.array([[0.5, 0.5, 0.2], [0.1, 0.2, 0.3]], np.float32)
+        labels = np.array([[1, 1, -1], [-1, -1, -1]], np.int64)
+        got = device.get(_C.retrieval_probs(device.put(sims), device.put(labels), 3, 0.1))
+        np.testing.assert_allclose(got, [[0, 1, 0], [0, 0, 0]], atol=1e-7)
+
+    def test_nan_similarity_of_missing_neighbour_is_ignored(self, device):
+        sims = np.array([[0.5, np.nan]], np.float32)
+        labels = np.array([[0, -1]], np.int64)
+        got = device.get(_C.retrieval_probs(device.put(sims), device.put(labels), 2, 0.1))
+        np.testing.assert_allclose(got, [[1, 0]])
+
+
+class TestFuse:
+    """Catches a wrong confidence test (>= T), blend weights or row selection."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        n=st.integers(0, 50),
+        c=st.integers(0, 900),
+        T=st.floats(0.0, 1.0),
+        lam=st.floats(0.0, 1.0),
+        dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
+    )
+    def test_matches_reference(self, device, seed, n, c, T, lam, dtypes):
+        rng = np.random.default_rng(seed)
+        p_base = rng.dirichlet(np.ones(max(c, 1)), n)[:, :c].astype(dtypes[0])
+        p_ret = (rng.dirichlet(np.ones(max(c, 1)) * 0.1, n)[:, :c]).astype(dtypes[1])
+        got = device.get(_C.fuse(device.put(p_base), device.put(p_ret), T, lam))
+        want = ref.fuse(p_base.astype(np.float64), p_ret.astype(np.float64), T, lam)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+    def test_threshold_is_inclusive(self, device):
+        p_base = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+        p_ret = np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
+        got = device.get(_C.fuse(device.put(p_base), device.put(p_ret), 0.75, 0.5))
+        np.testing.assert_allclose(got, [[0.625, 0.375], [1.0, 0.0]])
+
+
+class TestSemanticMerge:
+    """Catches register-tile and panel tails, sigmoid saturation and the class/mask contraction."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        n=st.integers(0, 40),
+        c=st.integers(0, 70),
+        hw=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+        scale=st.sampled_from([1.0, 8.0, 200.0]),
+        dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
+    )
+    def test_matches_reference(self, cpu_isa, device, seed, n, c, hw, scale, dtypes):
+        rng = np.random.default_rng(seed)
+        probs = rng.random((n, c)).astype(dtypes[0])
+        logits = random_array(rng, (n, *hw), dtypes[1], scale)
+        got = device.get(_C.semantic_merge(device.put(probs), device.put(logits)))
+        want = ref.semantic_merge(probs.astype(np.float64), logits.astype(np.float64))
+        assert got.shape == (c, *hw)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(n, 1))
+
+    def test_real_size(self, cpu_isa, device):
+        rng = np.random.default_rng(5)
+        probs = rng.dirichlet(np.ones(151), 250)[:, :150].astype(np.float32)
+        logits = random_array(rng, (250, 200, 272), np.float32, 6.0)
+        got = device.get(_C.semantic_merge(device.put(probs), device.put(logits)))
+        want = ref.semantic_merge(probs, logits)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        top2 = np.sort(want, axis=0)[-2:]
+        clear = top2[1] - top2[0] > 1e-4 * top2[1]  # ties closer than float32 rounding may flip
+        np.testing.assert_array_equal(got.argmax(0)[clear], want.argmax(0)[clear])
+
+
+class TestThreads:
+    """Catches shared scratch state: concurrent calls (the GIL is released) must not interfere."""
+
+    def test_concurrent_calls_match_serial(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        rng = np.random.default_rng(11)
+        jobs = [(random_array(rng, (96, 13, 13), np.float32), random_array(rng, (40, 30, 30), np.float32)) for _ in range(16)]
+        serial = [_C.mask_pool(f, m) for f, m in jobs]
+        with ThreadPoolExecutor(8) as pool:
+            parallel = list(pool.map(lambda fm: _C.mask_pool(*fm), jobs))
+        for a, b in zip(serial, parallel, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+class TestBuildInfo:
+    """Catches a build that lies about itself or a stale module."""
+
+    def test_fields(self):
+        info = _C.build_info()
+        assert info["version"] == __version__
+        assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
+        assert all(isinstance(a, str) for a in info["cuda_archs"])
+        assert info["cuda"] == bool(info["cuda_archs"])
+        assert info["cpu_isa"] in info["cpu_isas"] and "generic" in info["cpu_isas"]
+
+    def test_cuda_available_implies_cuda_build(self):
+        if _C.cuda_available():
+            assert _C.build_info()["cuda"]
+
+    def test_unknown_isa_is_refused(self):
+        with pytest.raises(ValueError, match="unknown CPU instruction set"):
+            _C.set_cpu_isa("sse1")
