@@ -52,19 +52,40 @@ def machine() -> dict[str, Any]:
     }
 
 
-def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Wall-clock seconds of fn over `repeats` runs after `warmup` runs: median and spread."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median and spread of wall-clock seconds."""
+    times = sorted(times)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_s": statistics.median(times), "p25_s": quartiles[0], "p75_s": quartiles[2],
-            "min_s": times[0], "repeats": repeats}
+            "min_s": times[0], "repeats": len(times)}
+
+
+def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Wall-clock seconds of fn over `repeats` runs after `warmup` runs."""
+    return timeit_interleaved({"fn": fn}, {"fn": repeats}, warmup)["fn"]
+
+
+def timeit_interleaved(fns: dict[str, Callable[[], Any]], repeats: dict[str, int], warmup: int = 1,
+                       rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Time several implementations in alternating blocks, `rounds` blocks each, so slow drift of
+    the machine (other tenants, clock) falls on all of them alike. Each block starts with an
+    untimed call: BLAS and OpenMP worker threads keep spinning for a while after a call and
+    would otherwise steal the cores from the first timed call of the next implementation."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(rounds):
+        for name, fn in fns.items():
+            n = repeats[name] // rounds + (1 if round_ < repeats[name] % rounds else 0)
+            if n == 0:
+                continue
+            fn()  # settle: see the docstring
+            for _ in range(n):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: summarize(t) for name, t in times.items()}
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from common import machine, timeit, write_json, write_text
-
+from common import RESULTS, machine, timeit_interleaved, write_json, write_text
 from knnclip import _C
+
 from tests import reference_ops as ref
 
 MASK_HW = (200, 272)  # FC-CLIP mask logits of an 800x1088 input (stride 4)
@@ -86,17 +86,27 @@ def run(repeats: int) -> dict[str, Any]:
     rows = []
     for case in cases(rng):
         op, args = case["op"], case["args"]
-        ours = timeit(lambda: getattr(_C, op)(*args), repeats, warmup=2)
-        ref_args = tuple(a.astype(np.float64) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args)
-        reference = timeit(lambda: getattr(ref, op)(*ref_args), max(3, repeats // 3), warmup=1)
-        row = {k: case[k] for k in ("op", "size", "dtype")}
-        row.update(knnclip=ours, numpy_reference=reference,
-                   speedup_vs_numpy=reference["median_s"] / ours["median_s"])
+        ref_args = tuple(a.astype(np.float64) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
+                         for a in args)
+        fns = {"knnclip": lambda op=op, args=args: getattr(_C, op)(*args),
+               "numpy_reference": lambda op=op, ref_args=ref_args: getattr(ref, op)(*ref_args)}
+        counts = {"knnclip": repeats, "numpy_reference": max(3, repeats // 2)}
         if torch_impl is not None and case["dtype"] == "float32":
             t_args = tuple(torch_impl["from_numpy"](a) if isinstance(a, np.ndarray) else a for a in args)
-            with torch_impl["no_grad"]():
-                row["torch"] = timeit(lambda: torch_impl[op](*t_args), repeats, warmup=2)
-            row["speedup_vs_torch"] = row["torch"]["median_s"] / ours["median_s"]
+
+            def torch_call(t_args=t_args, op=op):
+                with torch_impl["no_grad"]():
+                    return torch_impl[op](*t_args)
+
+            fns["torch"] = torch_call
+            counts["torch"] = repeats
+        timings = timeit_interleaved(fns, counts, warmup=2)
+        ours = timings["knnclip"]
+        row = {k: case[k] for k in ("op", "size", "dtype")}
+        row.update(timings)
+        row["speedup_vs_numpy"] = timings["numpy_reference"]["median_s"] / ours["median_s"]
+        if "torch" in timings:
+            row["speedup_vs_torch"] = timings["torch"]["median_s"] / ours["median_s"]
         rows.append(row)
         print(f"{op:<16} {case['dtype']:<8} {case['size']:<52} knnclip {ours['median_s'] * 1e3:9.3f} ms   "
               f"numpy x{row['speedup_vs_numpy']:7.1f}   torch x{row.get('speedup_vs_torch', float('nan')):6.1f}",
@@ -111,8 +121,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; kernels: {result['cpu_isa']}; "
         f"numpy {m['versions']['numpy']}, torch {m['versions']['torch']}.",
-        f"Median of {result['repeats']} runs after warm-up (NumPy reference: fewer), all in one process; "
-        "p25-p75 in brackets. Produced by `python benchmarks/ops.py`.",
+        f"Median of {result['repeats']} runs after warm-up (NumPy reference: half as many), all in one "
+        "process, the implementations timed in alternating blocks; p25-p75 in brackets. "
+        "Produced by `python benchmarks/ops.py`.",
         "",
         "| op | size | dtype | knnclip ms | NumPy ref ms | x NumPy | torch ms | x torch |",
         "|---|---|---|---|---|---|---|---|",
@@ -141,7 +152,8 @@ def plot(result: dict[str, Any], path: str) -> bool:
     labels = [f"{r['op']}\n{r['size'].split(',')[0]} {r['dtype']}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 5))
-    for offset, key, name in [(-0.27, "knnclip", "knnclip._C"), (0.0, "torch", "PyTorch"), (0.27, "numpy_reference", "NumPy f64 ref")]:
+    series = [(-0.27, "knnclip", "knnclip._C"), (0.0, "torch", "PyTorch"), (0.27, "numpy_reference", "NumPy f64 ref")]
+    for offset, key, name in series:
         vals = [r[key]["median_s"] * 1e3 if key in r else np.nan for r in rows]
         ax.bar(x + offset, vals, width=0.27, label=name)
     ax.set_yscale("log")
@@ -162,8 +174,6 @@ def main() -> None:
     result = run(3 if args.quick else 15)
     write_json(args.name, result)
     write_text(f"{args.name}.md", markdown(result))
-    from common import RESULTS
-
     plot(result, str(RESULTS / f"{args.name}.png"))
     print(f"wrote {RESULTS / args.name}.{{json,md,png}}")
 

@@ -87,10 +87,11 @@ def collect() -> dict[str, Any]:
 def format_text(info: dict[str, Any]) -> str:
     """A short human-readable report."""
     build = info["knnclip"]
+    cuda = f"yes, {', '.join(build['cuda_archs'])} (CUDA {build['cuda_runtime']})" if build["cuda"] else "no"
     lines = [
         f"knnclip {build['version']}  (python {info['python']}, {info['platform']})",
         "compiled ops (knnclip._C):",
-        f"  cuda kernels : {'yes, ' + ', '.join(build['cuda_archs']) + ' (CUDA ' + str(build['cuda_runtime']) + ')' if build['cuda'] else 'no'}",
+        f"  cuda kernels : {cuda}",
         f"  cpu kernels  : {build['cpu_isa']} (compiled: {', '.join(build['cpu_isas'])}), "
         f"openmp {'on' if build['openmp'] else 'off'}, {build['threads']} threads",
         f"  compiler     : {build['compiler']}",

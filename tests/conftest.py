@@ -12,15 +12,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
-
 from knnclip import _C
 
-settings.register_profile(
-    "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
-)
-settings.register_profile(
-    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
-)
+_SUPPRESSED = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("default", max_examples=60, deadline=None, suppress_health_check=_SUPPRESSED)
+settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_SUPPRESSED)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 CUDA = _C.cuda_available()

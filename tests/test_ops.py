@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
 from knnclip import _C
 from knnclip.engine import __version__
+
 from tests import reference_ops as ref
 
 FLOAT_DTYPES = st.sampled_from([np.float32, np.float16])
@@ -76,9 +76,13 @@ class TestMaskPool:
         np.testing.assert_array_equal(got, [[(0 + 2) / 2, (6 + 8) / 2]])
 
     def test_zero_masks_and_zero_channels(self, device):
-        out = device.get(_C.mask_pool(device.put(np.ones((3, 4, 4), np.float32)), device.put(np.ones((0, 2, 2), np.float32))))
+        def pool(features_shape, masks_shape):
+            features, masks = np.ones(features_shape, np.float32), np.ones(masks_shape, np.float32)
+            return device.get(_C.mask_pool(device.put(features), device.put(masks)))
+
+        out = pool((3, 4, 4), (0, 2, 2))
         assert out.shape == (0, 3)
-        out = device.get(_C.mask_pool(device.put(np.ones((0, 4, 4), np.float32)), device.put(np.ones((2, 2, 2), np.float32))))
+        out = pool((0, 4, 4), (2, 2, 2))
         assert out.shape == (2, 0)
 
     def test_large_n(self, cpu_isa):
@@ -197,7 +201,10 @@ class TestThreads:
         from concurrent.futures import ThreadPoolExecutor
 
         rng = np.random.default_rng(11)
-        jobs = [(random_array(rng, (96, 13, 13), np.float32), random_array(rng, (40, 30, 30), np.float32)) for _ in range(16)]
+        jobs = [
+            (random_array(rng, (96, 13, 13), np.float32), random_array(rng, (40, 30, 30), np.float32))
+            for _ in range(16)
+        ]
         serial = [_C.mask_pool(f, m) for f, m in jobs]
         with ThreadPoolExecutor(8) as pool:
             parallel = list(pool.map(lambda fm: _C.mask_pool(*fm), jobs))

@@ -354,9 +354,13 @@ void semantic_merge(const SemanticMergeArgs& a) {
       const int64_t p0 = j * kNR, valid = imin(kNR, P - p0);
       for (int64_t n = 0; n < N; ++n) {
         float* s = panel + n * kNR;
-        load_f32(a.logits, a.logits_dtype, n * P + p0, valid, s);
-        for (int64_t i = valid; i < kNR; ++i) s[i] = 0.0f;
-        for (int v = 0; v < kNV; ++v) vstore(s + v * kVec, vsigmoid(vload(s + v * kVec)));
+        const float* src = static_cast<const float*>(a.logits) + n * P + p0;
+        if (a.logits_dtype != DType::F32 || valid < kNR) {  // stage: convert and/or pad
+          load_f32(a.logits, a.logits_dtype, n * P + p0, valid, s);
+          for (int64_t i = valid; i < kNR; ++i) s[i] = 0.0f;
+          src = s;
+        }
+        for (int v = 0; v < kNV; ++v) vstore(s + v * kVec, vsigmoid(vload(src + v * kVec)));
         for (int64_t i = valid; i < kNR; ++i) s[i] = 0.0f;  // padding contributes nothing
       }
       for (int64_t t = 0; t < tiles; ++t) {
