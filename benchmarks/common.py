@@ -60,11 +60,6 @@ def summarize(times: list[float]) -> dict[str, float]:
             "min_s": times[0], "repeats": len(times)}
 
 
-def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Wall-clock seconds of fn over `repeats` runs after `warmup` runs."""
-    return timeit_interleaved({"fn": fn}, {"fn": repeats}, warmup)["fn"]
-
-
 def timeit_interleaved(fns: dict[str, Callable[[], Any]], repeats: dict[str, int], warmup: int = 1,
                        rounds: int = 3) -> dict[str, dict[str, float]]:
     """Time several implementations in alternating blocks, `rounds` blocks each, so slow drift of

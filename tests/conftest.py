@@ -7,7 +7,7 @@ one test, which is what they are for; hence the function_scoped_fixture health c
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -92,5 +92,3 @@ def device(request: pytest.FixtureRequest) -> Device:
         pytest.skip("a CUDA device is present but neither torch with CUDA nor CuPy is installed")
     return dev
 
-
-RunOp = Callable[..., np.ndarray]
