@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "cpu/ops_cpu.h"
+#include "util/crc32c.h"
 #include "dlpack.h"
 #ifdef KNNCLIP_WITH_CUDA
 #include "cuda/ops_cuda.h"
@@ -475,6 +476,26 @@ py::dict build_info() {
   return d;
 }
 
+uint32_t crc32c(const py::buffer& data, uint32_t value, const std::string& implementation) {
+  // Any C-contiguous buffer: bytes, bytearray, memoryview, NumPy arrays.
+  py::buffer_info info = data.request();
+  const bool contiguous = [&] {
+    py::ssize_t expected = info.itemsize;
+    for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+      if (info.shape[d] != 1 && info.strides[d] != expected) return false;
+      expected *= info.shape[d];
+    }
+    return true;
+  }();
+  if (!contiguous) throw py::value_error("crc32c: data must be a C-contiguous buffer");
+  const size_t size = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+  if (implementation != "auto" && implementation != "table")
+    throw py::value_error("crc32c: implementation must be 'auto' or 'table', got '" + implementation + "'");
+  py::gil_scoped_release release;
+  if (implementation == "table") return knnclip::crc32c_extend_table(value, info.ptr, size);
+  return knnclip::crc32c_extend(value, info.ptr, size);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -504,6 +525,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("semantic_merge", &semantic_merge, py::arg("class_probs"), py::arg("mask_logits"), py::kw_only(),
         py::arg("check") = true,
         "FC-CLIP semantic inference: out[c, h, w] = sum_n class_probs[n, c] * sigmoid(mask_logits[n, h, w]).");
+
+  m.def("crc32c", &crc32c, py::arg("data"), py::arg("value") = 0, py::kw_only(),
+        py::arg("implementation") = "auto",
+        "CRC-32C (Castagnoli) of a C-contiguous buffer; pass the previous result as `value` to extend it. "
+        "implementation='table' forces the portable code path.");
+  m.def("crc32c_implementation", &knnclip::crc32c_implementation,
+        "Which CRC-32C implementation runs on this CPU: 'sse4.2' or 'table'.");
 
 #ifdef KNNCLIP_WITH_CUDA
   knnclip::register_device_array(m);

@@ -11,3 +11,45 @@ class BuildMismatchError(KnnclipError, ImportError):
 
 class BackendUnavailableError(KnnclipError, ImportError):
     """An optional dependency (torch, TensorRT, onnxruntime-gpu, ...) is not installed."""
+
+
+class InvalidInputError(KnnclipError, ValueError):
+    """An argument has the wrong shape, dtype or values (NaN, Inf, a zero vector where a direction is needed)."""
+
+
+class UnknownClassError(KnnclipError, KeyError):
+    """A class name or id that the vocabulary does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class DatabaseError(KnnclipError):
+    """Base class of the errors of knnclip.engine.Database."""
+
+
+class DatabaseCorruptError(DatabaseError):
+    """A database file is damaged, truncated, of another version or not a knnclip file at all.
+
+    ``path`` names the file. Nothing is repaired or overwritten automatically.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+class DatabaseExistsError(DatabaseError, FileExistsError):
+    """Database.create was pointed at a path that already exists."""
+
+
+class DatabaseLockedError(DatabaseError):
+    """Another writer holds the database (one writer at a time; open it read_only=True to share)."""
+
+
+class ReadOnlyDatabaseError(DatabaseError):
+    """A change was asked of a database opened read-only (or already closed)."""
+
+
+class DatabaseNotTrainedError(DatabaseError):
+    """The index needs training (IVF, PQ, 8-bit storage) before the first add."""
