@@ -199,7 +199,10 @@ class Database:
             except (DatabaseCorruptError, FileNotFoundError):
                 # A reader may race a writer's checkpoint (files replaced under it): if the manifest
                 # changed meanwhile, read again; if not, the damage is real.
-                if attempt + 1 < (_READER_RETRIES if retry else 1) and _read_or_none(directory / MANIFEST_NAME) != before:
+                if (
+                    attempt + 1 < (_READER_RETRIES if retry else 1)
+                    and _read_or_none(directory / MANIFEST_NAME) != before
+                ):
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -224,7 +227,9 @@ class Database:
             raise DatabaseCorruptError(entries_path, "entry ids are not increasing")
         unknown = set(np.unique(self._labels).tolist()) - set(self._vocab)
         if unknown:
-            raise DatabaseCorruptError(entries_path, f"entries of classes {sorted(unknown)} missing from the vocabulary")
+            raise DatabaseCorruptError(
+                entries_path, f"entries of classes {sorted(unknown)} missing from the vocabulary"
+            )
         self._counts = dict(zip(*(a.tolist() for a in np.unique(self._labels, return_counts=True)), strict=True))
 
         index_rec = m.files.get("index")
@@ -402,7 +407,9 @@ class Database:
             x = self._validated_vectors(samples, "samples")
             need = self._spec.min_training_points()
             if len(x) < need:
-                raise InvalidInputError(f"training a {self._spec.kind}/{self._spec.storage} index needs >= {need} vectors")
+                raise InvalidInputError(
+                    f"training a {self._spec.kind}/{self._spec.storage} index needs >= {need} vectors"
+                )
             spec = self._spec.resolved_for(len(x), self._dim)
             index = build_index(spec, self._dim, self._metric)
             index.train(x)
@@ -630,7 +637,9 @@ class Database:
             self._vocab.put(ClassInfo.from_json(meta["class"]))
         self._lsn = record.lsn
 
-    def _write_directory(self, directory: Path, db_uuid: uuid_mod.UUID, generation: int, lsn: int | None = None) -> Manifest:
+    def _write_directory(
+        self, directory: Path, db_uuid: uuid_mod.UUID, generation: int, lsn: int | None = None
+    ) -> Manifest:
         """Write the current state as a checkpoint into ``directory``.
 
         An existing directory (checkpoint) gets new generation files and then the manifest; a new

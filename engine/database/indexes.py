@@ -133,7 +133,11 @@ def build_index(spec: IndexSpec, dim: int, metric: str) -> faiss.Index:
     m = faiss_metric(metric)
     p = spec.params
     if spec.kind == "flat":
-        index = faiss.IndexFlat(dim, m) if spec.storage == "fp32" else faiss.IndexScalarQuantizer(dim, _QTYPES[spec.storage], m)
+        index = (
+            faiss.IndexFlat(dim, m)
+            if spec.storage == "fp32"
+            else faiss.IndexScalarQuantizer(dim, _QTYPES[spec.storage], m)
+        )
     elif spec.kind == "hnsw":
         if spec.storage == "fp32":
             index = faiss.IndexHNSWFlat(dim, p["M"], m)

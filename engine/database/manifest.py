@@ -113,7 +113,9 @@ class Manifest:
                 next_entry_id=int(body["next_entry_id"]),
                 checkpoint_lsn=int(body["checkpoint_lsn"]),
                 generation=int(body["generation"]),
-                files={k: FileRecord(str(f["name"]), int(f["bytes"]), str(f["sha256"])) for k, f in body["files"].items()},
+                files={
+                    k: FileRecord(str(f["name"]), int(f["bytes"]), str(f["sha256"])) for k, f in body["files"].items()
+                },
                 created=str(body["created"]),
                 extra={k: v for k, v in body.items() if k not in known},
             )
