@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS, machine, timeit_interleaved, write_json, write_text
-from knnclip import _C
 
+from knnclip import _C
 from tests import reference_ops as ref
 
 MASK_HW = (200, 272)  # FC-CLIP mask logits of an 800x1088 input (stride 4)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
 from knnclip import _C
 
 _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
 from knnclip import _C
 from knnclip.engine import __version__
-
 from tests import reference_ops as ref
 
 FLOAT_DTYPES = st.sampled_from([np.float32, np.float16])
