@@ -542,7 +542,8 @@ class Database:
             raise InvalidInputError(f"{what} must be a float array (float16/32/64), got dtype {arr.dtype}")
         if arr.ndim != 2 or arr.shape[1] != self._dim:
             raise InvalidInputError(f"{what} must have shape [N, {self._dim}], got {list(arr.shape)}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, reported below
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
         finite = np.isfinite(arr).all(axis=1)
         if not finite.all():
             rows = np.flatnonzero(~finite)[:5].tolist()
