@@ -1,6 +1,7 @@
 """The `knnclip` command. Sub-commands live in their own modules; this file only dispatches.
 
-Exit codes: 0 success, 1 a command failed on its input, 2 a usage error.
+Exit codes: 0 success, 1 a command failed on its input, 2 a usage error, 3 a database or artefact
+is corrupt, 4 a database is locked by another writer.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="show the build, the backends found and the devices")
     info.add_argument("--json", action="store_true", help="print JSON for scripts")
     info.set_defaults(run=_info)
+
+    from knnclip.engine import cli_db
+
+    cli_db.add_parser(commands)
     return parser
 
 
@@ -39,7 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    return int(args.run(args))
+    from knnclip.engine.errors import DatabaseCorruptError, DatabaseLockedError, KnnclipError
+
+    try:
+        return int(args.run(args))
+    except DatabaseCorruptError as exc:
+        print(f"knnclip: corrupt: {exc}", file=sys.stderr)
+        return 3
+    except DatabaseLockedError as exc:
+        print(f"knnclip: locked: {exc}", file=sys.stderr)
+        return 4
+    except (KnnclipError, FileNotFoundError) as exc:
+        print(f"knnclip: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

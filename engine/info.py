@@ -59,7 +59,10 @@ def _gpus() -> list[str]:
     try:
         out = subprocess.run(
             [smi, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -76,8 +79,7 @@ def collect() -> dict[str, Any]:
             "onnxruntime": _onnxruntime(),
             "faiss": _faiss(),
             "torch": _torch(),
-            "tensorrt": {"installed": _module_version("tensorrt") is not None,
-                         "version": _module_version("tensorrt")},
+            "tensorrt": {"installed": _module_version("tensorrt") is not None, "version": _module_version("tensorrt")},
             "pycuda": {"installed": _module_version("pycuda") is not None},
         },
         "devices": {"cuda_available": ops.cuda_available(), "gpus": _gpus()},

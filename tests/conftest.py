@@ -21,11 +21,7 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 CUDA = _C.cuda_available()
-NO_CUDA_REASON = (
-    "no usable CUDA device"
-    if _C.build_info()["cuda"]
-    else "knnclip._C was built without CUDA kernels"
-)
+NO_CUDA_REASON = "no usable CUDA device" if _C.build_info()["cuda"] else "knnclip._C was built without CUDA kernels"
 
 
 @pytest.fixture(params=_C.supported_cpu_isas())
@@ -92,4 +88,3 @@ def device(request: pytest.FixtureRequest) -> Device:
     if dev.kind == "cuda" and dev.module is None:
         pytest.skip("a CUDA device is present but neither torch with CUDA nor CuPy is installed")
     return dev
-

@@ -41,3 +41,41 @@ class TestInfo:
 @pytest.mark.parametrize("args", [[], ["no-such-command"]])
 def test_usage_errors_exit_2(args):
     assert run(*args).returncode == 2
+
+
+class TestDb:
+    """The db sub-commands end to end on real files, with the exit codes scripts rely on."""
+
+    def test_create_add_remove_stats_check_snapshot(self, tmp_path):
+        import numpy as np
+
+        emb = tmp_path / "emb"
+        emb.mkdir()
+        rng = np.random.default_rng(0)
+        np.save(emb / "a.npy", rng.normal(size=(6, 16)).astype(np.float32))
+        (emb / "a.txt").write_text("cat\n" * 3 + "dog,puppy\n" * 3)
+        np.save(emb / "b.npy", rng.normal(size=(2, 16)))
+        np.save(emb / "b.labels.npy", np.array([0, 1]))
+        db = str(tmp_path / "db")
+        assert run("db", "create", db, "--dim", "16", "--storage", "fp32").returncode == 0
+        added = run("db", "add", db, str(emb), "--json")
+        assert added.returncode == 0, added.stderr
+        assert json.loads(added.stdout) == {"added": 8, "files": 2, "classes": {"cat": 4, "dog": 4}}
+        assert json.loads(run("db", "remove", db, "puppy", "--json").stdout) == {"removed": {"puppy": 4}}
+        stats = json.loads(run("db", "stats", db, "--json").stdout)
+        assert stats["entries"] == 4 and stats["class_counts"] == {"cat": 4} and stats["code_bytes_per_entry"] == 64
+        assert run("db", "check", db).returncode == 0
+        assert run("db", "snapshot", db, str(tmp_path / "snap")).returncode == 0
+        assert json.loads(run("db", "stats", str(tmp_path / "snap"), "--json").stdout)["entries"] == 4
+
+    def test_exit_codes(self, tmp_path):
+        db = tmp_path / "db"
+        assert run("db", "create", str(db), "--dim", "8").returncode == 0
+        assert run("db", "create", str(db), "--dim", "8").returncode == 1, "exists"
+        missing = run("db", "remove", str(db), "horse")
+        assert missing.returncode == 1 and "no class named 'horse'" in missing.stderr
+        assert run("db", "create", str(tmp_path / "x"), "--param", "nlist").returncode == 1
+        assert run("db", "frobnicate", str(db)).returncode == 2
+        (db / "manifest.json").write_text("{}")
+        corrupt = run("db", "check", str(db))
+        assert corrupt.returncode == 3 and "manifest.json" in corrupt.stderr

@@ -440,15 +440,20 @@ class Database:
                 raise DatabaseExistsError(f"{target} already exists; snapshots go to a new path")
             self._write_directory(target, uuid_mod.uuid4(), generation=1, lsn=0)
 
-    def close(self) -> None:
-        """Checkpoint when the log has grown past a quarter of the index file, then release the lock."""
+    def close(self, *, checkpoint: bool | None = None) -> None:
+        """Release the database (and the writer lock).
+
+        ``checkpoint=None`` checkpoints a writer whose log has grown past a quarter of the index
+        file (so the next open replays little); True always, False never (the log is kept and
+        replayed on the next open).
+        """
         with self._mutex:
             if self._closed:
                 return
             try:
-                if self._log is not None and self._log.size > HEADER_BYTES:
+                if self._log is not None and self._log.size > HEADER_BYTES and checkpoint is not False:
                     index_rec = self._manifest.files.get("index")
-                    if index_rec is None or self._log.size * 4 >= index_rec.bytes:
+                    if checkpoint or index_rec is None or self._log.size * 4 >= index_rec.bytes:
                         self.checkpoint()
             finally:
                 self._closed = True

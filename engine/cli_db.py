@@ -1,0 +1,182 @@
+"""``knnclip db``: create, train, add to, remove from, inspect, check and snapshot a database."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from knnclip.engine.errors import InvalidInputError
+
+
+def _params(pairs: list[str]) -> dict[str, int]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not value.isdigit():
+            raise InvalidInputError(f"--param takes NAME=INTEGER (e.g. nlist=1024), got {pair!r}")
+        out[name] = int(value)
+    return out
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidInputError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def embedding_files(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(embeddings.npy, labels) pairs: each .npy [N, D] with labels beside it in NAME.txt
+    (one class name per line) or NAME.labels.npy (class ids); folders are searched for such pairs."""
+    pairs = []
+    for item in map(Path, inputs):
+        files = sorted(p for p in item.glob("*.npy") if not p.name.endswith(".labels.npy")) if item.is_dir() else [item]
+        if item.is_dir() and not files:
+            raise InvalidInputError(f"{item}: no .npy embedding files in this folder")
+        for f in files:
+            if not f.is_file():
+                raise InvalidInputError(f"{f}: no such file")
+            candidates = [f.with_suffix(".txt"), f.with_name(f.stem + ".labels.npy")]
+            labels = next((c for c in candidates if c.is_file()), None)
+            if labels is None:
+                raise InvalidInputError(f"{f}: no labels beside it ({candidates[0].name} or {candidates[1].name})")
+            pairs.append((f, labels))
+    return pairs
+
+
+def _read_labels(path: Path) -> list[str] | np.ndarray:
+    if path.suffix == ".txt":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = _load_npy(path)
+    if labels.dtype.kind not in "iu":
+        raise InvalidInputError(f"{path}: class ids must be integers, got {labels.dtype}")
+    return labels
+
+
+def _print(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
+    print(json.dumps(report, indent=2, default=str) if args.json else text)
+
+
+def _create(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    storage = args.storage
+    with Database.create(args.db, args.dim, metric=args.metric, index=args.index, storage=storage,
+                         index_params=_params(args.param)) as db:  # fmt: skip
+        stats = db.stats()
+    _print(
+        args, stats, f"created {args.db}: {stats['index']}/{stats['storage']}, dim {stats['dim']}, {stats['metric']}"
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db) as db:
+        db.train(_load_npy(Path(args.samples)))
+        stats = db.stats()
+    _print(args, stats, f"trained {args.db}: {stats['params']}")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    pairs = embedding_files(args.inputs)
+    added = 0
+    with Database.open(args.db) as db:
+        for embeddings, labels in pairs:
+            added += len(db.add(_load_npy(embeddings), _read_labels(labels)))
+        classes = db.classes
+    _print(args, {"added": added, "files": len(pairs), "classes": classes},
+           f"added {added} entries from {len(pairs)} files; {len(classes)} classes")  # fmt: skip
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    removed = {}
+    with Database.open(args.db) as db:
+        for name in args.classes:
+            removed[name] = db.remove_class(name)
+    _print(args, {"removed": removed}, "\n".join(f"removed {name}: {n} entries" for name, n in removed.items()))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db, read_only=True) as db:
+        stats, classes = db.stats(), db.classes
+    stats["class_counts"] = classes
+    width = max(map(len, stats), default=0)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in stats.items() if k != "class_counts")
+    _print(args, stats, text + "\n" + "\n".join(f"  {name}: {n}" for name, n in classes.items()))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Open read-only: every file's size and SHA-256, the manifest's checksum, every log record's CRC."""
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db, read_only=True) as db:
+        stats = db.stats()
+    _print(args, {"ok": True, **stats}, f"ok: {args.db}: {stats['entries']} entries, {stats['classes']} classes, "
+           f"log at {stats['lsn']} (checkpoint {stats['checkpoint_lsn']})")  # fmt: skip
+    return 0
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db, read_only=True) as db:
+        db.snapshot(args.out)
+    _print(args, {"snapshot": args.out}, f"wrote {args.out}")
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db) as db:
+        db.checkpoint()
+    _print(args, {"checkpoint": args.db}, f"checkpointed {args.db}")
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    from knnclip.engine.database.indexes import INDEX_KINDS, METRICS, STORAGES
+
+    db = commands.add_parser("db", help="manage an embedding database")
+    sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+
+    def action(name: str, run: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("db", help="database directory")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.set_defaults(run=run)
+        return p
+
+    p = action("create", _create, "create an empty database")
+    p.add_argument("--dim", type=int, default=1536, help="embedding size (default 1536, DINOv2 ViT-g/14)")
+    p.add_argument("--metric", choices=METRICS, default="cosine")
+    p.add_argument("--index", choices=INDEX_KINDS, default="flat")
+    p.add_argument("--storage", choices=STORAGES, default=None, help="default fp16 (ivf-pq: PQ codes)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=N", help="index parameter, e.g. nlist=1024")
+    p = action("train", _train, "train an IVF / PQ / sq8 index on sample vectors")
+    p.add_argument("samples", help=".npy float array [N, D]")
+    p = action("add", _add, "add embeddings: .npy files [N, D] with NAME.txt (class names) or NAME.labels.npy beside")
+    p.add_argument("inputs", nargs="+", help=".npy files or folders of them")
+    p = action("remove", _remove, "remove classes and all their entries")
+    p.add_argument("classes", nargs="+", help="class names")
+    action("stats", _stats, "entries, classes, index, bytes per entry")
+    action("check", _check, "verify every file and log record (read-only)")
+    p = action("snapshot", _snapshot, "write a consistent copy to a new directory")
+    p.add_argument("out", help="new directory")
+    action("checkpoint", _checkpoint, "write the index and empty the log")
