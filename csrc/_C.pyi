@@ -48,3 +48,6 @@ def crc32c(data: Any, value: int = 0, *, implementation: str = "auto") -> int:
     """CRC-32C (Castagnoli) of a C-contiguous buffer; pass the previous result as `value` to extend it."""
 
 def crc32c_implementation() -> str: ...
+def f16_to_f32(src: npt.NDArray[np.float16], out: npt.NDArray[np.float32]) -> None:
+    """Convert a C-contiguous float16 array into a float32 array of the same size (exact)."""
+

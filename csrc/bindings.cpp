@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "cpu/ops_cpu.h"
+#include "util/convert.h"
 #include "util/crc32c.h"
 #include "dlpack.h"
 #ifdef KNNCLIP_WITH_CUDA
@@ -496,6 +497,24 @@ uint32_t crc32c(const py::buffer& data, uint32_t value, const std::string& imple
   return knnclip::crc32c_extend(value, info.ptr, size);
 }
 
+void f16_to_f32(const py::array& src, py::array& out) {
+  if (src.dtype().kind() != 'f' || src.itemsize() != 2)
+    throw py::type_error("f16_to_f32: src must be float16, got " + std::string(py::str(src.dtype())));
+  if (out.dtype().kind() != 'f' || out.itemsize() != 4)
+    throw py::type_error("f16_to_f32: out must be float32, got " + std::string(py::str(out.dtype())));
+  if (!(src.flags() & py::array::c_style) || !(out.flags() & py::array::c_style))
+    throw py::value_error("f16_to_f32: src and out must be C-contiguous");
+  if (!out.writeable()) throw py::value_error("f16_to_f32: out is read-only");
+  if (src.size() != out.size())
+    throw py::value_error("f16_to_f32: src has " + std::to_string(src.size()) + " elements, out " +
+                          std::to_string(out.size()));
+  const auto* s = static_cast<const uint16_t*>(src.data());
+  auto* o = static_cast<float*>(out.mutable_data());
+  const size_t n = static_cast<size_t>(src.size());
+  py::gil_scoped_release release;
+  knnclip::f16_to_f32(s, o, n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -530,6 +549,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("implementation") = "auto",
         "CRC-32C (Castagnoli) of a C-contiguous buffer; pass the previous result as `value` to extend it. "
         "implementation='table' forces the portable code path.");
+  m.def("f16_to_f32", &f16_to_f32, py::arg("src"), py::arg("out"),
+        "Convert a C-contiguous float16 array into a float32 array of the same size (exact; F16C, OpenMP).");
   m.def("crc32c_implementation", &knnclip::crc32c_implementation,
         "Which CRC-32C implementation runs on this CPU: 'sse4.2' or 'table'.");
 

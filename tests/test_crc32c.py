@@ -45,3 +45,21 @@ def test_accepts_numpy_and_memoryview_and_rejects_strided() -> None:
         C.crc32c(a[::2])
     with pytest.raises(ValueError, match="implementation"):
         C.crc32c(b"x", implementation="fast")
+
+
+def test_f16_to_f32_is_exact_and_validates() -> None:
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**16, 300_001, dtype=np.uint16)  # every kind of float16: subnormals, Inf, NaN
+    src = bits.view(np.float16)
+    out = np.empty(src.shape, np.float32)
+    C.f16_to_f32(src, out)
+    np.testing.assert_array_equal(
+        out.view(np.uint32)[~np.isnan(out)], src.astype(np.float32).view(np.uint32)[~np.isnan(out)]
+    )
+    assert np.array_equal(np.isnan(out), np.isnan(src))
+    with pytest.raises(TypeError, match="float16"):
+        C.f16_to_f32(out, out)
+    with pytest.raises(ValueError, match="elements"):
+        C.f16_to_f32(src[:10], out)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        C.f16_to_f32(src[::2], out[: len(src[::2])])

@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 
 from knnclip.engine._fsutil import atomic_path, atomic_write_bytes, fsync_dir, sha256_file
+from knnclip.engine.database import flat_scan
 from knnclip.engine.database.indexes import (
     IndexSpec,
     build_index,
@@ -492,6 +493,8 @@ class Database:
             params = search_parameters(self._spec, nprobe, ef_search)
             if self._gpu is not None:
                 found_sims, found = self._gpu.search(q, k, params)
+            elif self._spec.kind == "flat" and self._spec.storage in ("fp16", "sq8"):
+                found_sims, found = flat_scan.scan(self._index, self._spec.storage, q, k)
             else:
                 found_sims, found = self._index.search(q, k, params=params)
             hit = found >= 0
