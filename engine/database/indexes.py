@@ -112,9 +112,9 @@ class IndexSpec:
             if p["nprobe"] is None:
                 p["nprobe"] = min(p["nlist"], max(8, p["nlist"] // 8))
         if self.kind == "ivf-pq" and p["m"] is None:
-            # 4-d sub-vectors by default: 384 B per 1536-d entry (16x smaller than fp32). Coarser codes
-            # lose recall quickly (see benchmarks/results/database.md).
-            p["m"] = max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+            # 8-d sub-vectors by default: 192 B per 1536-d entry (32x smaller than fp32). Finer codes
+            # (m=dim/4) recall more but train about twice as long; see benchmarks/results/database.md.
+            p["m"] = max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
         return replace(self, params=p)
 
     def code_bytes(self, dim: int) -> float:
