@@ -112,6 +112,7 @@ class Database:
         self._lsn = manifest.checkpoint_lsn
         self._lock: WriterLock | None = None
         self._log: LogWriter | None = None
+        self._log_valid_end = HEADER_BYTES  # set by _replay: where the writer appends
         self._gpu: Any = None
         #: A log larger than this triggers a checkpoint after the change that grew it.
         self.auto_checkpoint_bytes = 256 << 20
