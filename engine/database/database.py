@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import io
 import logging
 import os
@@ -672,7 +673,7 @@ class Database:
             np.save(buf, np.stack([self._ids, self._labels], axis=1).astype(np.int64), allow_pickle=False)
             name = f"entries.{generation:06d}.npy"
             atomic_write_bytes(workdir / name, buf.getbuffer())
-            files["entries"] = FileRecord(name, buf.getbuffer().nbytes, sha256_file(workdir / name))
+            files["entries"] = FileRecord(name, buf.getbuffer().nbytes, hashlib.sha256(buf.getbuffer()).hexdigest())
             manifest = Manifest(
                 uuid=db_uuid,
                 dim=self._dim,
