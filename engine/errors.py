@@ -17,6 +17,26 @@ class InvalidInputError(KnnclipError, ValueError):
     """An argument has the wrong shape, dtype or values (NaN, Inf, a zero vector where a direction is needed)."""
 
 
+class CheckpointError(KnnclipError, ValueError):
+    """A model checkpoint is unreadable, of another architecture, or has missing, unexpected or
+    mis-shaped tensors (the message lists them)."""
+
+
+class ModelDownloadError(KnnclipError, OSError):
+    """Weights could not be downloaded (offline, unknown repository, no access)."""
+
+
+class ArtifactCorruptError(KnnclipError):
+    """An exported artefact (ONNX model, engine) is damaged, incomplete, stale or of another kind.
+
+    ``path`` names the file. Re-export the artefact to fix it.
+    """
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
 class UnknownClassError(KnnclipError, KeyError):
     """A class name or id that the vocabulary does not hold."""
 
