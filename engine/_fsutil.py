@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 
@@ -75,3 +77,8 @@ def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], None] | 
             if progress is not None:
                 progress(len(chunk))
     return digest.hexdigest()
+
+
+def json_content_hash(body: dict[str, Any]) -> str:
+    """SHA-256 of a JSON object in canonical form (sorted keys, no spaces): a manifest's self-hash."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

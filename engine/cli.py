@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     from knnclip.engine import cli_db
 
     cli_db.add_parser(commands)
+    from knnclip.engine import cli_export
+
+    cli_export.add_parser(commands)
     return parser
 
 
@@ -44,11 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    from knnclip.engine.errors import DatabaseCorruptError, DatabaseLockedError, KnnclipError
+    from knnclip.engine.errors import ArtifactCorruptError, DatabaseCorruptError, DatabaseLockedError, KnnclipError
 
     try:
         return int(args.run(args))
-    except DatabaseCorruptError as exc:
+    except (DatabaseCorruptError, ArtifactCorruptError) as exc:
         print(f"knnclip: corrupt: {exc}", file=sys.stderr)
         return 3
     except DatabaseLockedError as exc:

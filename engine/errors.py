@@ -37,6 +37,10 @@ class ArtifactCorruptError(KnnclipError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class ArtifactExistsError(KnnclipError, FileExistsError):
+    """An export was pointed at an artefact directory that already exists (pass overwrite)."""
+
+
 class UnknownClassError(KnnclipError, KeyError):
     """A class name or id that the vocabulary does not hold."""
 

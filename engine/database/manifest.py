@@ -7,14 +7,13 @@ content, so a flipped byte anywhere is caught.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine._fsutil import atomic_write_bytes
+from knnclip.engine._fsutil import atomic_write_bytes, json_content_hash
 from knnclip.engine._version import __version__
 from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.database.vocabulary import Vocabulary
@@ -71,7 +70,7 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         body = self.to_json()
-        body[_SELF_HASH] = _content_hash(body)
+        body[_SELF_HASH] = json_content_hash(body)
         atomic_write_bytes(directory / MANIFEST_NAME, (json.dumps(body, indent=1) + "\n").encode())
 
     @classmethod
@@ -95,7 +94,7 @@ class Manifest:
                 "Open it with the knnclip that wrote it, or rebuild the database.",
             )
         stored = body.pop(_SELF_HASH, None)
-        if stored != _content_hash(body):
+        if stored != json_content_hash(body):
             raise DatabaseCorruptError(path, "manifest checksum mismatch (the file was edited or damaged)")
         try:
             known = {
@@ -121,7 +120,3 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DatabaseCorruptError(path, f"manifest field missing or malformed: {exc}") from None
-
-
-def _content_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -228,9 +228,10 @@ def load_dinov2(
     if is_hf_layout(sd):
         sd = hf_to_official(sd)
     sd = unchunk_blocks(sd)
-    model = DinoV2(resolve_config(config))
+    # Built on the meta device: checking a ViT-g checkpoint allocates nothing, and the weights are
+    # then assigned, not copied into freshly initialised parameters.
+    with torch.device("meta"):
+        model = DinoV2(resolve_config(config))
     check_state_dict(model, sd, source)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(sd[name].to(tensor.dtype))
+    model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)

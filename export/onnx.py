@@ -1,0 +1,255 @@
+"""ONNX export of the DINOv2 keys model: fixed input size, dynamic batch, fp32 or a mixed fp16
+graph, checked with ``onnx.checker`` and run in ONNX Runtime against the torch model before the
+artefact directory (``model.onnx`` [+ ``model.onnx.data``], ``manifest.json``) is published."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from knnclip.engine.artifact import read_manifest, write_manifest
+from knnclip.engine.errors import ArtifactExistsError, InvalidInputError, KnnclipError
+from knnclip.export.dinov2.model import DinoV2
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 17
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+KIND_DINOV2_KEYS = "dinov2-keys"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Relative L2 error between ONNX Runtime and the fp32 torch model that an export must reach.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# Protobuf caps a model file at 2 GiB; above this the weights go to one external data file.
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class ExportVerificationError(KnnclipError):
+    """The exported graph does not reproduce the torch model within the tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    model_path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def rel_l2_error(self) -> float:
+        return float(self.manifest["verification"]["rel_l2_error"])
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's tensors (name, dtype, shape, bytes, in name order): the same for
+    the same weights whichever file layout they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def rel_l2(actual: np.ndarray, reference: np.ndarray) -> float:
+    a = np.asarray(actual, np.float64)
+    r = np.asarray(reference, np.float64)
+    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+
+
+def parse_size(size: int | str | tuple[int, int]) -> tuple[int, int]:
+    """518, "518", "518x686" or (518, 686) -> (height, width)."""
+    if isinstance(size, tuple):
+        height, width = size
+    elif isinstance(size, int):
+        height = width = size
+    else:
+        parts = str(size).lower().split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise InvalidInputError(f"size must be H or HxW in pixels (e.g. 518 or 518x686), got {size!r}")
+        height, width = int(parts[0]), int(parts[-1])
+    return int(height), int(width)
+
+
+def export_dinov2_onnx(
+    model: DinoV2,
+    out_dir: str | os.PathLike[str],
+    *,
+    size: int | str | tuple[int, int] = 518,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Export ``model`` (its keys output) to ``out_dir`` and verify it in ONNX Runtime.
+
+    Parameters
+    ----------
+    size
+        Input size in pixels, a multiple of the patch size; the position embedding is resized
+        for it once and folded into the graph as a constant. The batch axis stays dynamic.
+    fp16
+        Convolution and linear layers in fp16; LayerNorm, softmax, LayerScale and the residual
+        stream in fp32. Input and output stay fp32.
+    overwrite
+        Replace an existing artefact directory (atomically: readers see the old one or the new one).
+    extra
+        More manifest fields (e.g. the checkpoint file's SHA-256).
+
+    Raises
+    ------
+    ExportVerificationError
+        When ONNX Runtime's output differs from the fp32 torch model by more than
+        ``TOLERANCE[precision]`` relative L2 error; nothing is published then.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    height, width = parse_size(size)
+    if opset < MIN_OPSET:
+        raise InvalidInputError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ArtifactExistsError(
+            f"{out} already exists; choose another directory or pass overwrite=True (--overwrite)"
+        )
+    precision = "fp16" if fp16 else "fp32"
+    cfg = model.config
+
+    reference_model = copy.deepcopy(model).float().eval().fix_input_size(height, width)
+    sample = torch.from_numpy(np.random.default_rng(0).standard_normal((1, cfg.in_chans, height, width), np.float32))
+    with torch.no_grad():
+        reference = reference_model(sample).numpy()
+    export_model = reference_model.half_compute_() if fp16 else reference_model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        raw_dir = staging / "raw"
+        raw_dir.mkdir()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                export_model,
+                (sample,),
+                str(raw_dir / MODEL_NAME),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["keys"],
+                dynamic_axes={"images": {0: "batch"}, "keys": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        del export_model, reference_model
+        graph = onnx.load(str(raw_dir / MODEL_NAME), load_external_data=True)
+        graph.producer_name = "knnclip"
+        large = graph.ByteSize() > _EXTERNAL_DATA_BYTES
+        model_path = staging / MODEL_NAME
+        onnx.save_model(
+            graph, str(model_path), save_as_external_data=large, all_tensors_to_one_file=True, location=DATA_NAME
+        )
+        del graph
+        shutil.rmtree(raw_dir)
+        onnx.checker.check_model(str(model_path), full_check=True)
+
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        (actual,) = session.run(["keys"], {"images": sample.numpy()})
+        del session
+        error = rel_l2(actual, reference)
+        if not error <= TOLERANCE[precision]:
+            raise ExportVerificationError(
+                f"the {precision} ONNX graph differs from the torch model by {error:.3g} relative L2 error "
+                f"(tolerance {TOLERANCE[precision]:g}); nothing was written to {out}"
+            )
+        files = {"model": MODEL_NAME, **({"data": DATA_NAME} if large else {})}
+        manifest = write_manifest(
+            staging,
+            {
+                "kind": KIND_DINOV2_KEYS,
+                "files": files,
+                "model": {"architecture": "dinov2", "config": cfg.to_json(), "name": cfg.describe()},
+                "inputs": [
+                    {
+                        "name": "images",
+                        "shape": ["batch", cfg.in_chans, height, width],
+                        "dtype": "float32",
+                        "preprocessing": {
+                            "layout": "NCHW RGB in [0, 1], then",
+                            "mean": IMAGENET_MEAN,
+                            "std": IMAGENET_STD,
+                        },
+                    }
+                ],
+                "outputs": [
+                    {
+                        "name": "keys",
+                        "shape": ["batch", cfg.embed_dim, height // cfg.patch_size, width // cfg.patch_size],
+                        "dtype": "float32",
+                    }
+                ],
+                "input_size": [height, width],
+                "opset": opset,
+                "precision": precision,
+                "weights_sha256": state_dict_sha256(model),
+                "verification": {
+                    "rel_l2_error": error,
+                    "tolerance": TOLERANCE[precision],
+                    "reference": "torch fp32, seeded N(0,1) input, batch 1",
+                    "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+                },
+                "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+                **(extra or {}),
+            },
+        )
+        _publish(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    read_manifest(out, KIND_DINOV2_KEYS)  # what was published reads back and hashes as written
+    return ExportResult(out, out / MODEL_NAME, manifest)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``staging`` directory to ``out``; an existing ``out`` is swapped out first."""
+    _fsync_tree(staging)
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise ArtifactExistsError(f"{out} appeared during the export; nothing was replaced")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(staging, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old)
