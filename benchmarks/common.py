@@ -56,12 +56,18 @@ def summarize(times: list[float]) -> dict[str, float]:
     """Median and spread of wall-clock seconds."""
     times = sorted(times)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "p25_s": quartiles[0], "p75_s": quartiles[2],
-            "min_s": times[0], "repeats": len(times)}
+    return {
+        "median_s": statistics.median(times),
+        "p25_s": quartiles[0],
+        "p75_s": quartiles[2],
+        "min_s": times[0],
+        "repeats": len(times),
+    }
 
 
-def timeit_interleaved(fns: dict[str, Callable[[], Any]], repeats: dict[str, int], warmup: int = 1,
-                       rounds: int = 3) -> dict[str, dict[str, float]]:
+def timeit_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: dict[str, int], warmup: int = 1, rounds: int = 3
+) -> dict[str, dict[str, float]]:
     """Time several implementations in alternating blocks, `rounds` blocks each, so slow drift of
     the machine (other tenants, clock) falls on all of them alike. Each block starts with an
     untimed call: BLAS and OpenMP worker threads keep spinning for a while after a call and

@@ -52,9 +52,14 @@ def torch_ops() -> dict[str, Callable[..., Any]] | None:
     def semantic_merge(probs, logits):
         return torch.einsum("nc,nhw->chw", probs, logits.sigmoid())
 
-    return {"mask_pool": mask_pool, "retrieval_probs": retrieval_probs, "fuse": fuse,
-            "semantic_merge": semantic_merge, "from_numpy": torch.from_numpy,
-            "no_grad": torch.inference_mode}
+    return {
+        "mask_pool": mask_pool,
+        "retrieval_probs": retrieval_probs,
+        "fuse": fuse,
+        "semantic_merge": semantic_merge,
+        "from_numpy": torch.from_numpy,
+        "no_grad": torch.inference_mode,
+    }
 
 
 def cases(rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -63,20 +68,37 @@ def cases(rng: np.random.Generator) -> list[dict[str, Any]]:
     for name, shape in [("DINOv2 keys 1536x37x37", (1536, 37, 37)), ("CLIP dense 1536x25x34", (1536, 25, 34))]:
         features = rng.standard_normal(shape).astype(np.float32)
         for dtype in (np.float32, np.float16):
-            out.append({"op": "mask_pool", "size": f"{name}, 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
-                        "dtype": np.dtype(dtype).name, "args": (features.astype(dtype), masks.astype(dtype))})
+            out.append(
+                {
+                    "op": "mask_pool",
+                    "size": f"{name}, 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
+                    "dtype": np.dtype(dtype).name,
+                    "args": (features.astype(dtype), masks.astype(dtype)),
+                }
+            )
     for classes in (150, 847):
         sims = rng.uniform(0.2, 0.9, (250, 10)).astype(np.float32)
         labels = rng.integers(0, classes, (250, 10)).astype(np.int64)
-        out.append({"op": "retrieval_probs", "size": f"250x10 neighbours, {classes} classes",
-                    "dtype": "float32", "args": (sims, labels, classes, 0.07)})
+        out.append(
+            {
+                "op": "retrieval_probs",
+                "size": f"250x10 neighbours, {classes} classes",
+                "dtype": "float32",
+                "args": (sims, labels, classes, 0.07),
+            }
+        )
         p_base = rng.dirichlet(np.ones(classes), 250).astype(np.float32)
         p_ret = rng.dirichlet(np.ones(classes) * 0.05, 250).astype(np.float32)
-        out.append({"op": "fuse", "size": f"250x{classes}", "dtype": "float32",
-                    "args": (p_base, p_ret, 0.5, 0.6)})
+        out.append({"op": "fuse", "size": f"250x{classes}", "dtype": "float32", "args": (p_base, p_ret, 0.5, 0.6)})
         for dtype in (np.float32, np.float16):
-            out.append({"op": "semantic_merge", "size": f"250x{classes} probs, 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
-                        "dtype": np.dtype(dtype).name, "args": (p_base.astype(dtype), masks.astype(dtype))})
+            out.append(
+                {
+                    "op": "semantic_merge",
+                    "size": f"250x{classes} probs, 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
+                    "dtype": np.dtype(dtype).name,
+                    "args": (p_base.astype(dtype), masks.astype(dtype)),
+                }
+            )
     return out
 
 
@@ -86,10 +108,11 @@ def run(repeats: int) -> dict[str, Any]:
     rows = []
     for case in cases(rng):
         op, args = case["op"], case["args"]
-        ref_args = tuple(a.astype(np.float64) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
-                         for a in args)
-        fns = {"knnclip": lambda op=op, args=args: getattr(_C, op)(*args),
-               "numpy_reference": lambda op=op, ref_args=ref_args: getattr(ref, op)(*ref_args)}
+        ref_args = tuple(a.astype(np.float64) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args)
+        fns = {
+            "knnclip": lambda op=op, args=args: getattr(_C, op)(*args),
+            "numpy_reference": lambda op=op, ref_args=ref_args: getattr(ref, op)(*ref_args),
+        }
         counts = {"knnclip": repeats, "numpy_reference": max(3, repeats // 2)}
         if torch_impl is not None and case["dtype"] == "float32":
             t_args = tuple(torch_impl["from_numpy"](a) if isinstance(a, np.ndarray) else a for a in args)
@@ -108,9 +131,11 @@ def run(repeats: int) -> dict[str, Any]:
         if "torch" in timings:
             row["speedup_vs_torch"] = timings["torch"]["median_s"] / ours["median_s"]
         rows.append(row)
-        print(f"{op:<16} {case['dtype']:<8} {case['size']:<52} knnclip {ours['median_s'] * 1e3:9.3f} ms   "
-              f"numpy x{row['speedup_vs_numpy']:7.1f}   torch x{row.get('speedup_vs_torch', float('nan')):6.1f}",
-              flush=True)
+        print(
+            f"{op:<16} {case['dtype']:<8} {case['size']:<52} knnclip {ours['median_s'] * 1e3:9.3f} ms   "
+            f"numpy x{row['speedup_vs_numpy']:7.1f}   torch x{row.get('speedup_vs_torch', float('nan')):6.1f}",
+            flush=True,
+        )
     return {"benchmark": "ops", "machine": machine(), "cpu_isa": _C.cpu_isa(), "repeats": repeats, "rows": rows}
 
 
@@ -135,8 +160,10 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         torch_ms = ms(r["torch"]) if "torch" in r else "-"
         x_torch = f"{r['speedup_vs_torch']:.1f}" if "torch" in r else "-"
-        lines.append(f"| {r['op']} | {r['size']} | {r['dtype']} | {ms(r['knnclip'])} | {ms(r['numpy_reference'])} | "
-                     f"{r['speedup_vs_numpy']:.1f} | {torch_ms} | {x_torch} |")
+        lines.append(
+            f"| {r['op']} | {r['size']} | {r['dtype']} | {ms(r['knnclip'])} | {ms(r['numpy_reference'])} | "
+            f"{r['speedup_vs_numpy']:.1f} | {torch_ms} | {x_torch} |"
+        )
     return "\n".join(lines) + "\n"
 
 

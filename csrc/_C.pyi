@@ -50,4 +50,3 @@ def crc32c(data: Any, value: int = 0, *, implementation: str = "auto") -> int:
 def crc32c_implementation() -> str: ...
 def f16_to_f32(src: npt.NDArray[np.float16], out: npt.NDArray[np.float32]) -> None:
     """Convert a C-contiguous float16 array into a float32 array of the same size (exact)."""
-

@@ -157,7 +157,12 @@ def export_dinov2_onnx(
         large = graph.ByteSize() > _EXTERNAL_DATA_BYTES
         model_path = staging / MODEL_NAME
         onnx.save_model(
-            graph, str(model_path), save_as_external_data=large, all_tensors_to_one_file=True, location=DATA_NAME
+            graph,
+            str(model_path),
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            location=DATA_NAME,
+            convert_attribute=True,  # the folded position embedding is a Constant node, not an initializer
         )
         del graph
         shutil.rmtree(raw_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 CUDA = _C.cuda_available()
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 NO_CUDA_REASON = "no usable CUDA device" if _C.build_info()["cuda"] else "knnclip._C was built without CUDA kernels"
 
 
@@ -88,3 +90,12 @@ def device(request: pytest.FixtureRequest) -> Device:
     if dev.kind == "cuda" and dev.module is None:
         pytest.skip("a CUDA device is present but neither torch with CUDA nor CuPy is installed")
     return dev
+
+
+@pytest.fixture(scope="session")
+def fixture_io() -> dict[str, np.ndarray]:
+    """The DINOv2 parity fixture's arrays (image, keys, patch, cls, registers)."""
+    path = SHARED_FIXTURES / "dinov2" / "io.npz"
+    if not path.is_file():
+        pytest.skip(f"the DINOv2 fixture is not at {path}")
+    return dict(np.load(path))

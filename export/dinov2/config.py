@@ -204,17 +204,18 @@ def resolve_config(config: DinoV2Config | dict[str, Any] | str | os.PathLike[str
         return config_from_dict(config)
     if isinstance(config, str) and config in PRESETS:
         return PRESETS[config]
+    if isinstance(config, str) and config.lstrip().startswith("{"):
+        try:
+            values = json.loads(config)
+        except ValueError as exc:
+            raise InvalidInputError(f"config is not valid JSON ({exc})") from None
+        return config_from_dict(values)
     if isinstance(config, str | os.PathLike) and Path(config).is_file():
         try:
             values = json.loads(Path(config).read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidInputError(f"{config}: not a JSON config ({exc})") from None
         return config_from_dict(values)
-    if isinstance(config, str) and config.lstrip().startswith("{"):
-        try:
-            return config_from_dict(json.loads(config))
-        except ValueError as exc:
-            raise InvalidInputError(f"config is not valid JSON ({exc})") from None
     raise InvalidInputError(
         f"config {config!r} is neither a preset ({', '.join(PRESETS)}), a JSON file, nor a JSON object"
     )
