@@ -125,47 +125,16 @@ def export_dinov2_onnx(
     precision = "fp16" if fp16 else "fp32"
     cfg = model.config
 
-    reference_model = copy.deepcopy(model).float().eval().fix_input_size(height, width)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise InvalidInputError("export takes the fp32 model (load_dinov2's); pass fp16=True for an fp16 graph")
     sample = torch.from_numpy(np.random.default_rng(0).standard_normal((1, cfg.in_chans, height, width), np.float32))
-    with torch.no_grad():
-        reference = reference_model(sample).numpy()
-    export_model = reference_model.half_compute_() if fp16 else reference_model
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        raw_dir = staging / "raw"
-        raw_dir.mkdir()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(
-                export_model,
-                (sample,),
-                str(raw_dir / MODEL_NAME),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["images"],
-                output_names=["keys"],
-                dynamic_axes={"images": {0: "batch"}, "keys": {0: "batch"}},
-                do_constant_folding=True,
-            )
-        del export_model, reference_model
-        graph = onnx.load(str(raw_dir / MODEL_NAME), load_external_data=True)
-        graph.producer_name = "knnclip"
-        large = graph.ByteSize() > _EXTERNAL_DATA_BYTES
-        model_path = staging / MODEL_NAME
-        onnx.save_model(
-            graph,
-            str(model_path),
-            save_as_external_data=large,
-            all_tensors_to_one_file=True,
-            location=DATA_NAME,
-            convert_attribute=True,  # the folded position embedding is a Constant node, not an initializer
-        )
-        del graph
-        shutil.rmtree(raw_dir)
+        model_path, large, reference = _write_graph(model, sample, fp16, opset, staging)
         onnx.checker.check_model(str(model_path), full_check=True)
 
         session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -223,6 +192,57 @@ def export_dinov2_onnx(
         raise
     read_manifest(out, KIND_DINOV2_KEYS)  # what was published reads back and hashes as written
     return ExportResult(out, out / MODEL_NAME, manifest)
+
+
+def _write_graph(
+    model: DinoV2, sample: torch.Tensor, fp16: bool, opset: int, directory: Path
+) -> tuple[Path, bool, np.ndarray]:
+    """Trace ``model`` at ``sample``'s size into ``directory/model.onnx`` (weights in one external
+    file when large). Returns the path, whether the weights are external, and the fp32 torch output
+    for ``sample``. The model's own input-size setting is restored afterwards."""
+    import onnx
+
+    saved = (model.fixed_pos_embed, model.fixed_size)
+    model.eval().fix_input_size(*sample.shape[-2:])
+    raw_dir = directory / "raw"
+    raw_dir.mkdir()
+    try:
+        with torch.no_grad():
+            reference = model(sample).numpy()
+        # fp16 needs its own copy of the weights; fp32 traces the caller's model as is (no 2x memory).
+        export_model = copy.deepcopy(model).half_compute_() if fp16 else model
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                export_model,
+                (sample,),
+                str(raw_dir / MODEL_NAME),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["keys"],
+                dynamic_axes={"images": {0: "batch"}, "keys": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        del export_model
+    finally:
+        model.fixed_pos_embed, model.fixed_size = saved
+    # The exporter itself spills tensors to files beside the model above 2 GiB: count them all.
+    large = sum(f.stat().st_size for f in raw_dir.iterdir()) > _EXTERNAL_DATA_BYTES
+    graph = onnx.load(str(raw_dir / MODEL_NAME), load_external_data=True)
+    graph.producer_name = "knnclip"
+    model_path = directory / MODEL_NAME
+    onnx.save_model(
+        graph,
+        str(model_path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=DATA_NAME,
+        convert_attribute=True,  # the folded position embedding is a Constant node, not an initializer
+    )
+    del graph
+    shutil.rmtree(raw_dir)
+    return model_path, large, reference
 
 
 def _fsync_tree(directory: Path) -> None:

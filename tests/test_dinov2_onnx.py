@@ -106,6 +106,13 @@ class TestManifest:
         assert m["verification"]["rel_l2_error"] <= m["verification"]["tolerance"] == 2e-2
         onnx.checker.check_model(str(exports["fp16"] / "model.onnx"), full_check=True)
 
+    def test_export_leaves_the_model_as_it_was(self, exports, model, fixture_io):
+        assert model.fixed_size is None and model.fixed_pos_embed is None
+        assert model.blocks[0].attn.qkv.weight.dtype == torch.float32
+        with torch.no_grad():
+            keys = model(torch.from_numpy(fixture_io["image"]))
+        assert rel_l2(as_tokens(keys), fixture_io["keys"]) <= 1e-4
+
     def test_weights_hash_depends_on_weights(self, model):
         other = load_dinov2(FIXTURE / "checkpoint.pth", fixture_config())
         assert onnx_export.state_dict_sha256(other) == onnx_export.state_dict_sha256(model)
