@@ -152,14 +152,14 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["rows"]:
         r = row["result"]
+        head = f"| {row['label']} | {row['backend']} | {'fp16' if row['fp16'] else 'fp32'} |"
         if "error" in r:
-            lines.append(f"| {row['label']} | {row['backend']} | {'fp16' if row['fp16'] else 'fp32'} | error: {r['error']} | | | |")
+            lines.append(f"{head} error: {r['error']} | | | |")
             continue
         cuda = f"{r['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in r else ""
-        lines.append(
-            f"| {row['label']} | {row['backend']} | {'fp16' if row['fp16'] else 'fp32'} | {r['median_s'] * 1e3:.0f} ms | "
-            f"{r['p25_s'] * 1e3:.0f}..{r['p75_s'] * 1e3:.0f} ms | {r['peak_rss_mib'] - r['baseline_rss_mib']:.0f} MiB | {cuda} |"
-        )
+        spread = f"{r['p25_s'] * 1e3:.0f}..{r['p75_s'] * 1e3:.0f} ms"
+        peak = f"{r['peak_rss_mib'] - r['baseline_rss_mib']:.0f} MiB"
+        lines.append(f"{head} {r['median_s'] * 1e3:.0f} ms | {spread} | {peak} | {cuda} |")
     exports = [f"{k}: {v['rel_l2_error']:.1e}" for k, v in result["exports"].items() if "rel_l2_error" in v]
     lines += ["", "ONNX export check (relative L2 error, ONNX Runtime vs torch fp32): " + ", ".join(exports), ""]
     return "\n".join(lines)

@@ -13,54 +13,9 @@ from typing import Any
 import torch
 
 from knnclip.engine.errors import CheckpointError
+from knnclip.export.checkpoint_io import StateDict, check_state_dict, read_state_dict, strip_prefix
 from knnclip.export.dinov2.config import DinoV2Config, resolve_config
 from knnclip.export.dinov2.model import DinoV2
-from knnclip.export.safetensors import load_safetensors
-
-StateDict = dict[str, torch.Tensor]
-
-_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_WRAPPER_KEYS = ("model", "state_dict", "teacher", "module")
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
-    """The tensors of a ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file, or of a Hugging Face
-    model directory. Training checkpoints that wrap the weights (``{"model": ...}``,
-    ``{"teacher": {"backbone.*"}}``) are unwrapped."""
-    path = Path(path)
-    if path.is_dir():
-        for name in _HF_WEIGHT_FILES:
-            if (path / name).is_file():
-                return read_state_dict(path / name)
-        raise CheckpointError(f"{path}: a directory without {' or '.join(_HF_WEIGHT_FILES)}")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        return load_safetensors(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors alike for a bad file
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
-    return _strip_prefix(dict(obj), ("backbone.", "module."))
-
-
-def _is_tensor_dict(obj: Mapping[Any, Any]) -> bool:
-    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _strip_prefix(sd: StateDict, prefixes: tuple[str, ...]) -> StateDict:
-    for prefix in prefixes:
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
 
 
 def is_hf_layout(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -92,7 +47,7 @@ def hf_to_official(sd: Mapping[str, torch.Tensor]) -> StateDict:
     """Rename a Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel`` state dict to the official
     names; the separate query/key/value projections are stacked into ``attn.qkv`` (q, k, v order).
     Names that match no rule are kept as they are, so the strict check reports them."""
-    sd = _strip_prefix(dict(sd), ("dinov2.",))
+    sd = strip_prefix(dict(sd), ("dinov2.",))
     out: StateDict = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in sd.items():
@@ -150,35 +105,6 @@ def describe_checkpoint(sd: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise ``CheckpointError`` listing every missing, unexpected and mis-shaped tensor, and any
-    tensor with NaN or Inf values."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(sd) & set(expected)
-        if tuple(sd[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or misshaped:
-        parts = [f"{source} does not match the model {_describe_model(model)}"]
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if names:
-                shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
-                parts.append(f"{len(names)} {label}: {shown}")
-        parts.append(f"the checkpoint looks like {describe_checkpoint(sd)}; pass the matching config")
-        raise CheckpointError("\n  ".join(parts))
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{source}: NaN or Inf values in {', '.join(sorted(bad)[:12])}")
-
-
-def _describe_model(model: torch.nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return f"{cfg.describe()} ({cfg})" if isinstance(cfg, DinoV2Config) else type(model).__name__
-
-
 def _hf_config(path: Path) -> dict[str, Any] | None:
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.is_file():
@@ -222,7 +148,7 @@ def load_dinov2(
             checkpoint = download_dinov2(checkpoint[len("hf://") :])
         path = Path(checkpoint)
         source = str(path)
-        sd = read_state_dict(path)
+        sd = strip_prefix(read_state_dict(path), ("backbone.",))  # DINOv2 training saves: teacher.backbone.*
         if config is None:
             config = _hf_config(path)
     if is_hf_layout(sd):
@@ -232,6 +158,6 @@ def load_dinov2(
     # then assigned, not copied into freshly initialised parameters.
     with torch.device("meta"):
         model = DinoV2(resolve_config(config))
-    check_state_dict(model, sd, source)
+    check_state_dict(model, sd, source, describe=describe_checkpoint)
     model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)

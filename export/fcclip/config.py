@@ -18,7 +18,7 @@ class ClipConfig:
     dims: tuple[int, ...] = (192, 384, 768, 1536)
     embed_dim: int = 768
     text_width: int = 768
-    text_layers: int = 12
+    text_layers: int = 16  # convnext_large_d_320: the "_d" models have a 16-layer text tower
     text_heads: int = 12
     context_length: int = 77
     vocab_size: int = 49408
