@@ -22,6 +22,10 @@ class CheckpointError(KnnclipError, ValueError):
     mis-shaped tensors (the message lists them)."""
 
 
+class ModelFileError(KnnclipError, FileNotFoundError):
+    """A file a model needs (tokenizer vocabulary, weights) is missing or unreadable."""
+
+
 class ModelDownloadError(KnnclipError, OSError):
     """Weights could not be downloaded (offline, unknown repository, no access)."""
 

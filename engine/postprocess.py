@@ -1,0 +1,194 @@
+"""From model outputs to segments, as FC-CLIP's test-time inference does it, in NumPy and the
+compiled ops: text classifier, classification logits, geometric ensemble (with the kNN fusion
+hook), mask resizing back to the image, semantic and panoptic inference.
+
+Shapes: Q queries, C classes (void excluded), S text-classifier rows (one per synonym), E the
+CLIP embedding width.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from knnclip.engine import ops
+
+LOG_EPS = 1e-8  # FC-CLIP: log(p + 1e-8) before semantic/panoptic inference
+MAX_LOGIT_SCALE = 100.0
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """As ``F.normalize``: x / max(||x||, eps)."""
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def text_classifier(per_prompt: np.ndarray, templates: int) -> np.ndarray:
+    """[S * templates, E] text features (synonym-major) -> [S, E]: normalise, mean over the
+    templates, normalise."""
+    x = per_prompt / np.linalg.norm(per_prompt, axis=-1, keepdims=True)
+    x = x.reshape(-1, templates, x.shape[-1]).mean(axis=1)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def classification_logits(
+    embeddings: np.ndarray, classifier: np.ndarray, logit_scale: float, synonyms_per_class: Sequence[int]
+) -> np.ndarray:
+    """Cosine logits of ``embeddings`` [..., E] against ``classifier`` [S + 1, E] (void last),
+    scaled by ``min(exp(logit_scale), 100)``, max over each class's synonyms -> [..., C + 1]."""
+    scale = min(float(np.exp(logit_scale)), MAX_LOGIT_SCALE)
+    logits = np.float32(scale) * (l2_normalize(embeddings) @ classifier.T)
+    bounds = np.cumsum([0, *synonyms_per_class])
+    per_class = np.maximum.reduceat(logits[..., :-1], bounds[:-1], axis=-1)
+    return np.concatenate([per_class, logits[..., -1:]], axis=-1)
+
+
+@dataclass(frozen=True)
+class ClassProbabilities:
+    """FC-CLIP's class distribution before it is logged: ``classes`` [Q, C] sums to 1 per query
+    (the geometric ensemble); ``void`` [Q, 1] is the in-vocabulary void probability."""
+
+    classes: np.ndarray
+    void: np.ndarray
+
+    def mask_cls(self) -> np.ndarray:
+        """The [Q, C + 1] log-probabilities FC-CLIP passes to semantic/panoptic inference."""
+        probs = np.concatenate([self.classes * (1.0 - self.void), self.void], axis=-1)
+        return np.log(probs + np.float32(LOG_EPS))
+
+
+def geometric_ensemble(
+    in_vocab_logits: np.ndarray, out_vocab_logits: np.ndarray, seen: np.ndarray, alpha: float, beta: float
+) -> ClassProbabilities:
+    """FC-CLIP's ensemble of in-vocabulary and out-of-vocabulary (CLIP) classification.
+
+    ``p = softmax(log(p_in^(1-w) p_out^w))`` with ``w = alpha`` for classes seen in training
+    (``seen`` [C] true) and ``beta`` otherwise; the void probability comes from the softmax of
+    the in-vocabulary logits over all C + 1 columns."""
+    p_in = softmax(in_vocab_logits[..., :-1])
+    p_out = softmax(out_vocab_logits[..., :-1])
+    w = np.where(np.asarray(seen, dtype=bool), np.float32(alpha), np.float32(beta))
+    with np.errstate(divide="ignore"):  # a probability that underflows to 0 gives -inf, as in torch
+        logits = (1 - w) * np.log(p_in) + w * np.log(p_out)
+    void = softmax(in_vocab_logits)[..., -1:]
+    return ClassProbabilities(softmax(logits), void)
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """[out, in] float64 matrix of 1-D linear interpolation as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` computes it (source index clamped at 0, edge repeated)."""
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    frac = src - i0
+    m = np.zeros((out_size, in_size))
+    np.add.at(m, (np.arange(out_size), i0), 1.0 - frac)
+    np.add.at(m, (np.arange(out_size), i1), frac)
+    return m
+
+
+@functools.lru_cache(maxsize=64)
+def resize_matrices(
+    mask_size: tuple[int, int], padded: tuple[int, int], resized: tuple[int, int], output: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row and column matrices of FC-CLIP's mask resizing: upsample from the stride-4 ``mask_size``
+    to the ``padded`` input, crop the ``resized`` (unpadded) image, resize to ``output``. All three
+    steps are linear and separable, so they compose into ``A_y`` [H_out, h] and ``A_x`` [W_out, w]:
+    ``out = A_y @ mask @ A_x.T``."""
+    rows = _interp_matrix(output[0], resized[0]) @ _interp_matrix(padded[0], mask_size[0])[: resized[0]]
+    cols = _interp_matrix(output[1], resized[1]) @ _interp_matrix(padded[1], mask_size[1])[: resized[1]]
+    return rows.astype(np.float32), cols.astype(np.float32)
+
+
+def resize_masks(
+    masks: np.ndarray, padded: tuple[int, int], resized: tuple[int, int], output: tuple[int, int]
+) -> np.ndarray:
+    """[Q, h, w] mask logits at stride 4 -> [Q, H_out, W_out] (detectron2 ``sem_seg_postprocess``)."""
+    rows, cols = resize_matrices(tuple(masks.shape[-2:]), padded, resized, output)
+    return np.matmul(np.matmul(rows, masks), cols.T)
+
+
+def semantic_inference(class_probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """[Q, C] class probabilities, [Q, H, W] mask logits -> [C, H, W] = sum_q p[q, c] sigmoid(mask[q])."""
+    return ops.semantic_merge(np.ascontiguousarray(class_probs, np.float32), np.ascontiguousarray(masks, np.float32))
+
+
+def semantic_probs(mask_cls: np.ndarray) -> np.ndarray:
+    """The per-query class weights of FC-CLIP's semantic inference: softmax(mask_cls)[:, :C]."""
+    return softmax(mask_cls)[:, :-1]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One panoptic segment: ``id`` in the segment map (1..), its class index, its score (the
+    class probability of the query that made it; the first query for merged stuff), its area in
+    pixels, whether the class is a thing, and the query index."""
+
+    id: int
+    category_id: int
+    score: float
+    area: int
+    isthing: bool
+    query: int
+
+
+def panoptic_inference(
+    mask_cls: np.ndarray,
+    masks: np.ndarray,
+    is_thing: Callable[[int], bool] | Sequence[bool],
+    object_mask_threshold: float = 0.0,
+    overlap_threshold: float = 0.8,
+) -> tuple[np.ndarray, list[Segment]]:
+    """Mask2Former's panoptic inference, as FC-CLIP runs it -> (segment ids [H, W] int32, 0 = void; segments).
+
+    Queries whose best class is void, or whose score is not above ``object_mask_threshold``, are
+    dropped; each pixel goes to the query with the highest score x sigmoid(mask); a query keeps the
+    pixels it won where its own mask is >= 0.5 if at least ``overlap_threshold`` of its mask
+    survived; stuff classes merge into one segment per class."""
+    thing = is_thing if callable(is_thing) else (lambda c: bool(is_thing[c]))
+    num_classes = mask_cls.shape[-1] - 1
+    probs = softmax(mask_cls)
+    labels = probs.argmax(-1)
+    scores = probs[np.arange(len(probs)), labels]
+    keep = np.flatnonzero((labels != num_classes) & (scores > object_mask_threshold))
+    height, width = masks.shape[-2:]
+    panoptic = np.zeros((height, width), dtype=np.int32)
+    segments: list[Segment] = []
+    if len(keep) == 0:
+        return panoptic, segments
+    kept_masks = 1.0 / (1.0 + np.exp(-masks[keep]))
+    owner = (scores[keep][:, None, None] * kept_masks).argmax(0)
+    stuff_ids: dict[int, int] = {}
+    next_id = 0
+    for k, query in enumerate(keep):
+        cls = int(labels[query])
+        won = owner == k
+        area = int(won.sum())
+        own = kept_masks[k] >= 0.5
+        original = int(own.sum())
+        region = won & own
+        region_area = int(region.sum())
+        if area == 0 or original == 0 or region_area == 0 or area / original < overlap_threshold:
+            continue
+        isthing = thing(cls)
+        if not isthing and cls in stuff_ids:  # stuff: one segment per class
+            i = stuff_ids[cls]
+            panoptic[region] = segments[i].id
+            segments[i] = replace(segments[i], area=segments[i].area + region_area)
+            continue
+        next_id += 1
+        if not isthing:
+            stuff_ids[cls] = len(segments)
+        panoptic[region] = next_id
+        segments.append(Segment(next_id, cls, float(scores[query]), region_area, isthing, int(query)))
+    return panoptic, segments
