@@ -106,7 +106,7 @@ class ClipTokenizer:
             return cached
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
-            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            pairs = set(zip(parts[:-1], parts[1:], strict=True))
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break
