@@ -99,3 +99,15 @@ def fixture_io() -> dict[str, np.ndarray]:
     if not path.is_file():
         pytest.skip(f"the DINOv2 fixture is not at {path}")
     return dict(np.load(path))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """CLIP's tokenizer with the real BPE merges (from the open_clip_torch distribution)."""
+    from knnclip.engine.errors import ModelFileError
+    from knnclip.engine.tokenizer import ClipTokenizer
+
+    try:
+        return ClipTokenizer()
+    except ModelFileError as exc:
+        pytest.skip(f"CLIP's BPE vocabulary is not installed ({exc})")

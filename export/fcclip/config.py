@@ -145,6 +145,10 @@ def config_from_dict(values: dict[str, Any]) -> FCCLIPConfig:
         ):  # fmt: skip
             if theirs in meta:
                 inf[ours] = tuple(meta[theirs]) if isinstance(meta[theirs], list) else meta[theirs]
+        resize = (values.get("preprocessing") or {}).get("test_time_resize") or {}
+        for key in ("min_size_test", "max_size_test"):
+            if key in resize:
+                inf[key] = int(resize[key])
         return FCCLIPConfig(clip=clip_cfg, pixel_decoder=pd_cfg, decoder=dec_cfg, inference=InferenceConfig(**inf))
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, InvalidInputError):
