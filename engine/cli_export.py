@@ -49,3 +49,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     dino.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     dino.add_argument("--json", action="store_true", help="print the manifest as JSON")
     dino.set_defaults(run=_run)
+    fc = models.add_parser(
+        "fcclip",
+        help="FC-CLIP: the vocabulary-free image part and the CLIP text tower",
+        description="Export FC-CLIP to OUT/image (images -> mask logits, class and CLIP embeddings, dense "
+        "CLIP map) and OUT/text (tokens -> text features), each checked in ONNX Runtime against torch.",
+    )
+    fc.add_argument("--checkpoint", required=True, help="official FC-CLIP checkpoint (.pth, detectron2 layout)")
+    fc.add_argument(
+        "--config", help="a JSON object or file: our FCCLIPConfig JSON or the official settings; default ConvNeXt-L"
+    )
+    fc.add_argument("--size", default="800x1088", help="fixed input size HxW, multiples of 32 (default 800x1088)")
+    fc.add_argument(
+        "--seen-names",
+        help="text file of FC-CLIP's training class names (one class per line, synonyms comma-separated); "
+        "classes named there get the ensemble's alpha, others beta",
+    )
+    fc.add_argument("--out", required=True, help="directory to create (OUT/image, OUT/text)")
+    fc.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    fc.add_argument("--overwrite", action="store_true", help="replace OUT/image and OUT/text if they exist")
+    fc.add_argument("--json", action="store_true", help="print the manifests as JSON")
+    fc.set_defaults(run=_run)

@@ -1,6 +1,9 @@
-"""ONNX export of the DINOv2 keys model: fixed input size, dynamic batch, fp32 or a mixed fp16
-graph, checked with ``onnx.checker`` and run in ONNX Runtime against the torch model before the
-artefact directory (``model.onnx`` [+ ``model.onnx.data``], ``manifest.json``) is published."""
+"""ONNX export: trace a module at fixed sizes (dynamic batch), check the graph with
+``onnx.checker``, run it in ONNX Runtime against the torch module, and only then publish the
+artefact directory (``model.onnx`` [+ ``model.onnx.data``], ``manifest.json``) atomically.
+
+:func:`export_graph` does this for any module; :func:`export_dinov2_onnx` is the DINOv2 keys
+model (FC-CLIP's parts are in ``knnclip.export.fcclip.onnx``)."""
 
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -78,6 +81,104 @@ def parse_size(size: int | str | tuple[int, int]) -> tuple[int, int]:
             raise InvalidInputError(f"size must be H or HxW in pixels (e.g. 518 or 518x686), got {size!r}")
         height, width = int(parts[0]), int(parts[-1])
     return int(height), int(width)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """What to trace: ``module(*inputs.values())`` returns the outputs named ``outputs``, in order.
+
+    ``export_module`` is the module traced into the graph (an fp16 copy, say); ``module`` is the
+    fp32 reference it is verified against. ``dynamic_axes`` as ``torch.onnx.export`` takes them.
+    """
+
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    export_module: torch.nn.Module | None = None
+
+
+def export_graph(
+    graph: Graph,
+    out_dir: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    *,
+    precision: str,
+    tolerance: float,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Trace ``graph`` into ``out_dir/model.onnx``, check it with ``onnx.checker``, run it in ONNX
+    Runtime on the sample inputs and compare every output with the torch module (relative L2 error,
+    the largest over outputs, at most ``tolerance``), then write the manifest (``manifest`` plus the
+    files, opset, precision, weights hash and verification) and publish the directory atomically.
+
+    Raises
+    ------
+    ExportVerificationError
+        When an output differs by more than ``tolerance``; nothing is published then.
+    ArtifactExistsError
+        When ``out_dir`` exists and ``overwrite`` is false.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    if opset < MIN_OPSET:
+        raise InvalidInputError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ArtifactExistsError(
+            f"{out} already exists; choose another directory or pass overwrite=True (--overwrite)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        with torch.no_grad():
+            reference = _as_tuple(graph.module(*graph.inputs.values()))
+        model_path, large = _write_graph(graph, opset, staging)
+        onnx.checker.check_model(str(model_path), full_check=True)
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        actual = session.run(list(graph.outputs), {k: v.numpy() for k, v in graph.inputs.items()})
+        del session
+        errors = {name: rel_l2(a, r.numpy()) for name, a, r in zip(graph.outputs, actual, reference, strict=True)}
+        error = max(errors.values())
+        if not error <= tolerance:
+            worst = max(errors, key=errors.__getitem__)
+            raise ExportVerificationError(
+                f"the {precision} ONNX graph differs from the torch model by {error:.3g} relative L2 error in "
+                f"{worst!r} (tolerance {tolerance:g}); nothing was written to {out}"
+            )
+        files = {"model": MODEL_NAME, **({"data": DATA_NAME} if large else {})}
+        written = write_manifest(
+            staging,
+            {
+                **manifest,
+                "files": files,
+                "opset": opset,
+                "precision": precision,
+                "weights_sha256": state_dict_sha256(graph.module),
+                "verification": {
+                    "rel_l2_error": error,
+                    "rel_l2_error_per_output": errors,
+                    "tolerance": tolerance,
+                    "reference": "torch fp32 on seeded sample inputs",
+                    "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+                },
+                "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+            },
+        )
+        _publish(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    read_manifest(out, manifest["kind"])  # what was published reads back and hashes as written
+    return ExportResult(out, out / MODEL_NAME, written)
+
+
+def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def export_dinov2_onnx(
@@ -111,138 +212,89 @@ def export_dinov2_onnx(
         When ONNX Runtime's output differs from the fp32 torch model by more than
         ``TOLERANCE[precision]`` relative L2 error; nothing is published then.
     """
-    import onnx
-    import onnxruntime as ort
-
     height, width = parse_size(size)
-    if opset < MIN_OPSET:
-        raise InvalidInputError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ArtifactExistsError(
-            f"{out} already exists; choose another directory or pass overwrite=True (--overwrite)"
-        )
     precision = "fp16" if fp16 else "fp32"
     cfg = model.config
-
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise InvalidInputError("export takes the fp32 model (load_dinov2's); pass fp16=True for an fp16 graph")
     sample = torch.from_numpy(np.random.default_rng(0).standard_normal((1, cfg.in_chans, height, width), np.float32))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        model_path, large, reference = _write_graph(model, sample, fp16, opset, staging)
-        onnx.checker.check_model(str(model_path), full_check=True)
-
-        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        (actual,) = session.run(["keys"], {"images": sample.numpy()})
-        del session
-        error = rel_l2(actual, reference)
-        if not error <= TOLERANCE[precision]:
-            raise ExportVerificationError(
-                f"the {precision} ONNX graph differs from the torch model by {error:.3g} relative L2 error "
-                f"(tolerance {TOLERANCE[precision]:g}); nothing was written to {out}"
-            )
-        files = {"model": MODEL_NAME, **({"data": DATA_NAME} if large else {})}
-        manifest = write_manifest(
-            staging,
-            {
-                "kind": KIND_DINOV2_KEYS,
-                "files": files,
-                "model": {"architecture": "dinov2", "config": cfg.to_json(), "name": cfg.describe()},
-                "inputs": [
-                    {
-                        "name": "images",
-                        "shape": ["batch", cfg.in_chans, height, width],
-                        "dtype": "float32",
-                        "preprocessing": {
-                            "layout": "NCHW RGB in [0, 1], then",
-                            "mean": IMAGENET_MEAN,
-                            "std": IMAGENET_STD,
-                        },
-                    }
-                ],
-                "outputs": [
-                    {
-                        "name": "keys",
-                        "shape": ["batch", cfg.embed_dim, height // cfg.patch_size, width // cfg.patch_size],
-                        "dtype": "float32",
-                    }
-                ],
-                "input_size": [height, width],
-                "opset": opset,
-                "precision": precision,
-                "weights_sha256": state_dict_sha256(model),
-                "verification": {
-                    "rel_l2_error": error,
-                    "tolerance": TOLERANCE[precision],
-                    "reference": "torch fp32, seeded N(0,1) input, batch 1",
-                    "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
-                },
-                "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-                **(extra or {}),
-            },
-        )
-        _publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    read_manifest(out, KIND_DINOV2_KEYS)  # what was published reads back and hashes as written
-    return ExportResult(out, out / MODEL_NAME, manifest)
-
-
-def _write_graph(
-    model: DinoV2, sample: torch.Tensor, fp16: bool, opset: int, directory: Path
-) -> tuple[Path, bool, np.ndarray]:
-    """Trace ``model`` at ``sample``'s size into ``directory/model.onnx`` (weights in one external
-    file when large). Returns the path, whether the weights are external, and the fp32 torch output
-    for ``sample``. The model's own input-size setting is restored afterwards."""
-    import onnx
-
     saved = (model.fixed_pos_embed, model.fixed_size)
-    model.eval().fix_input_size(*sample.shape[-2:])
-    raw_dir = directory / "raw"
-    raw_dir.mkdir()
+    model.eval().fix_input_size(height, width)
     try:
-        with torch.no_grad():
-            reference = model(sample).numpy()
         # fp16 needs its own copy of the weights; fp32 traces the caller's model as is (no 2x memory).
-        export_model = copy.deepcopy(model).half_compute_() if fp16 else model
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(
-                export_model,
-                (sample,),
-                str(raw_dir / MODEL_NAME),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["images"],
-                output_names=["keys"],
-                dynamic_axes={"images": {0: "batch"}, "keys": {0: "batch"}},
-                do_constant_folding=True,
-            )
-        del export_model
+        graph = Graph(
+            module=model,
+            inputs={"images": sample},
+            outputs=("keys",),
+            dynamic_axes={"images": {0: "batch"}, "keys": {0: "batch"}},
+            export_module=copy.deepcopy(model).half_compute_() if fp16 else None,
+        )
+        manifest = {
+            "kind": KIND_DINOV2_KEYS,
+            "model": {"architecture": "dinov2", "config": cfg.to_json(), "name": cfg.describe()},
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": ["batch", cfg.in_chans, height, width],
+                    "dtype": "float32",
+                    "preprocessing": {"layout": "NCHW RGB in [0, 1], then", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+                }
+            ],
+            "outputs": [
+                {
+                    "name": "keys",
+                    "shape": ["batch", cfg.embed_dim, height // cfg.patch_size, width // cfg.patch_size],
+                    "dtype": "float32",
+                }
+            ],
+            "input_size": [height, width],
+            **(extra or {}),
+        }
+        return export_graph(
+            graph, out_dir, manifest, precision=precision, tolerance=TOLERANCE[precision], opset=opset,
+            overwrite=overwrite,
+        )  # fmt: skip
     finally:
         model.fixed_pos_embed, model.fixed_size = saved
+
+
+def _write_graph(graph: Graph, opset: int, directory: Path) -> tuple[Path, bool]:
+    """Trace ``graph`` into ``directory/model.onnx`` (weights in one external file when large).
+    Returns the path and whether the weights are external."""
+    import onnx
+
+    raw_dir = directory / "raw"
+    raw_dir.mkdir()
+    module = graph.export_module if graph.export_module is not None else graph.module
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            module,
+            tuple(graph.inputs.values()),
+            str(raw_dir / MODEL_NAME),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(graph.inputs),
+            output_names=list(graph.outputs),
+            dynamic_axes=graph.dynamic_axes,
+            do_constant_folding=True,
+        )
     # The exporter itself spills tensors to files beside the model above 2 GiB: count them all.
     large = sum(f.stat().st_size for f in raw_dir.iterdir()) > _EXTERNAL_DATA_BYTES
-    graph = onnx.load(str(raw_dir / MODEL_NAME), load_external_data=True)
-    graph.producer_name = "knnclip"
+    proto = onnx.load(str(raw_dir / MODEL_NAME), load_external_data=True)
+    proto.producer_name = "knnclip"
     model_path = directory / MODEL_NAME
     onnx.save_model(
-        graph,
+        proto,
         str(model_path),
         save_as_external_data=large,
         all_tensors_to_one_file=True,
         location=DATA_NAME,
-        convert_attribute=True,  # the folded position embedding is a Constant node, not an initializer
+        convert_attribute=True,  # folded constants (DINOv2's position embedding) are nodes, not initializers
     )
-    del graph
+    del proto
     shutil.rmtree(raw_dir)
-    return model_path, large, reference
+    return model_path, large
 
 
 def _fsync_tree(directory: Path) -> None:

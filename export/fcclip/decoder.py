@@ -127,25 +127,26 @@ class TransformerDecoder(nn.Module):
         self.class_embed = MLP(d, d, clip_dim, 3)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
-    def heads(
-        self, x: Tensor, mask_features: Tensor, target: tuple[int, int], text: Tensor, num_templates: list[int]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Class logits, mask logits, and the additive attention mask for the next layer at ``target`` size."""
+    def heads(self, x: Tensor, mask_features: Tensor, target: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Class embeddings (in CLIP space, not normalised), mask logits, and the additive attention
+        mask for the next layer at ``target`` size."""
         q = self.decoder_norm(x)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
         pooled = self._mask_pooling_proj(mask_pool(mask_features, masks))
-        logits = classification_logits(self.class_embed(pooled + q), text, self.logit_scale, num_templates)
+        class_embed = self.class_embed(pooled + q)
         small = F.interpolate(masks, size=target, mode="bilinear", align_corners=False).flatten(2)
         blocked = small.sigmoid() < 0.5
         # A query whose mask covers nothing would attend to nothing: let it attend everywhere.
         blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
         neg_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
         attn_mask = torch.where(blocked, neg_inf, torch.zeros((), dtype=x.dtype, device=x.device))
-        return logits, masks, attn_mask.unsqueeze(1)
+        return class_embed, masks, attn_mask.unsqueeze(1)
 
     def forward(
-        self, multi_scale: list[Tensor], mask_features: Tensor, text_classifier: Tensor, num_templates: list[int]
+        self, multi_scale: list[Tensor], mask_features: Tensor
     ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+        """-> (class embeddings [B, Q, E], mask logits [B, Q, H/4, W/4], the same of every earlier
+        layer (auxiliary predictions)). :meth:`logits` scores embeddings against text."""
         levels = self.cfg.num_feature_levels
         sizes = [tuple(int(s) for s in m.shape[-2:]) for m in multi_scale]
         pos = [sine_position_embedding(m, self.cfg.hidden_dim // 2).flatten(2).transpose(1, 2) for m in multi_scale]
@@ -155,13 +156,17 @@ class TransformerDecoder(nn.Module):
         batch = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         x = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
-        predictions = [self.heads(x, mask_features, sizes[0], text_classifier, num_templates)]
+        predictions = [self.heads(x, mask_features, sizes[0])]
         for i in range(self.cfg.layers):
             level = i % levels
             attn_mask = predictions[-1][2].expand(-1, self.cfg.heads, -1, -1)
             x = self.transformer_cross_attention_layers[i](x, src[level], attn_mask, pos[level], query_pos)
             x = self.transformer_self_attention_layers[i](x, query_pos)
             x = self.transformer_ffn_layers[i](x)
-            predictions.append(self.heads(x, mask_features, sizes[(i + 1) % levels], text_classifier, num_templates))
-        logits, masks, _ = predictions[-1]
-        return logits, masks, [(c, m) for c, m, _ in predictions[:-1]]
+            predictions.append(self.heads(x, mask_features, sizes[(i + 1) % levels]))
+        class_embed, masks, _ = predictions[-1]
+        return class_embed, masks, [(c, m) for c, m, _ in predictions[:-1]]
+
+    def logits(self, class_embed: Tensor, text_classifier: Tensor, num_templates: list[int]) -> Tensor:
+        """In-vocabulary class logits [..., classes + 1] of class embeddings."""
+        return classification_logits(class_embed, text_classifier, self.logit_scale, num_templates)

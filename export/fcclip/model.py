@@ -58,25 +58,43 @@ class FCCLIP(nn.Module):
         [sum(num_templates) + 1, E] with void last. Returns every stage's output: backbone features,
         mask features, multi-scale features, in-vocabulary logits and masks (+ auxiliary), the
         mask-pooled CLIP features, their embeddings and out-of-vocabulary logits."""
+        out = self.image_embeddings(images, with_stages=True)
+        predictor = self.sem_seg_head.predictor
+        return {
+            **out,
+            "pred_logits": predictor.logits(out["class_embed"], text_classifier, num_templates),
+            "aux_pred_logits": torch.stack(
+                [predictor.logits(c, text_classifier, num_templates) for c in out["aux_class_embed"]]
+            ),
+            "ov_logits": classification_logits(out["ov_embed"], text_classifier, self.clip.logit_scale, num_templates),
+        }
+
+    def image_embeddings(self, images: Tensor, with_stages: bool = False) -> dict[str, Tensor]:
+        """The vocabulary-free image part: ``pred_masks`` [B, Q, H/4, W/4] mask logits, ``class_embed``
+        [B, Q, E] (in-vocabulary branch), ``ov_embed`` [B, Q, E] (mask-pooled CLIP features projected
+        into CLIP space) and ``clip_vis_dense`` [B, C, H/32, W/32]. ``with_stages`` adds every
+        intermediate (backbone, pixel decoder, auxiliary predictions, pooled features)."""
         feats = self.clip.visual.features(images)
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(
             [feats["res2"], feats["res3"], feats["res4"], feats["res5"]]
         )
-        logits, masks, aux = self.sem_seg_head.predictor(multi_scale, mask_features, text_classifier, num_templates)
+        class_embed, masks, aux = self.sem_seg_head.predictor(multi_scale, mask_features)
         dense = feats["clip_vis_dense"]
         mask_for_pooling = F.interpolate(masks, size=dense.shape[-2:], mode="bilinear", align_corners=False)
         pooled = mask_pool(dense, mask_for_pooling)
-        ov_embed = self.clip.visual.project_pooled(pooled)
-        ov_logits = classification_logits(ov_embed, text_classifier, self.clip.logit_scale, num_templates)
-        return {
-            **feats,
-            "mask_features": mask_features,
-            **{f"multi_scale_feature_{i}": m for i, m in enumerate(multi_scale)},
-            "pred_logits": logits,
+        out = {
             "pred_masks": masks,
-            "aux_pred_logits": torch.stack([c for c, _ in aux]),
-            "aux_pred_masks": torch.stack([m for _, m in aux]),
-            "ov_pooled_clip_feature": pooled,
-            "ov_embed": ov_embed,
-            "ov_logits": ov_logits,
+            "class_embed": class_embed,
+            "ov_embed": self.clip.visual.project_pooled(pooled),
+            "clip_vis_dense": dense,
         }
+        if with_stages:
+            out |= {
+                **feats,
+                "mask_features": mask_features,
+                **{f"multi_scale_feature_{i}": m for i, m in enumerate(multi_scale)},
+                "aux_class_embed": [c for c, _ in aux],
+                "aux_pred_masks": torch.stack([m for _, m in aux]),
+                "ov_pooled_clip_feature": pooled,
+            }
+        return out

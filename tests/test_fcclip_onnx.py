@@ -1,0 +1,130 @@
+"""ONNX export of FC-CLIP (image and text artefacts): parity in ONNX Runtime with the official
+outputs of both fixtures, down to the semantic map and panoptic segments through the NumPy
+engine path; dynamic batch; manifests; the CLI; bad arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the export side needs torch (pip install torch)")
+pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install onnx)")
+import onnxruntime as ort  # noqa: E402
+
+from knnclip.engine import postprocess  # noqa: E402
+from knnclip.engine.artifact import read_manifest  # noqa: E402
+from knnclip.engine.cli import main  # noqa: E402
+from knnclip.engine.errors import ArtifactExistsError, InvalidInputError  # noqa: E402
+from knnclip.export.fcclip.onnx import KIND_IMAGE, KIND_TEXT, ImageGraph, export_fcclip_onnx  # noqa: E402
+from knnclip.export.onnx import state_dict_sha256  # noqa: E402
+from tests.fcclip_helpers import load_fixture, rel  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module", params=["fcclip", "fcclip_resize"])
+def exported(request, tmp_path_factory):
+    fx = load_fixture(request.param)
+    result = export_fcclip_onnx(fx.model, tmp_path_factory.mktemp("fcclip") / "out", size=fx.padded)
+    return fx, result
+
+
+def session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+class TestParity:
+    """Catches an exported graph that departs from the official model."""
+
+    def test_image_outputs_match_official(self, exported):
+        fx, result = exported
+        masks, class_embed, ov_embed, dense = session(result.image.model_path).run(
+            None, {"images": fx.io["input_tensor"]}
+        )
+        assert rel(masks, fx.io["pred_masks"]) <= 1e-4
+        assert rel(dense, fx.io["feat_clip_vis_dense"]) <= 1e-4
+        head = result.image.manifest["head"]
+        ov = postprocess.classification_logits(
+            ov_embed[0], fx.io["text_classifier"], head["clip_logit_scale"], fx.synonyms_per_class
+        )
+        assert rel(ov, fx.io["ov_logits"][0]) <= 1e-4
+        in_vocab = postprocess.classification_logits(
+            class_embed[0], fx.io["text_classifier"], head["in_vocab_logit_scale"], fx.synonyms_per_class
+        )
+        assert rel(in_vocab, fx.io["pred_logits"][0]) <= 1e-4
+
+    def test_text_features_and_void_match_official(self, exported):
+        fx, result = exported
+        (features,) = session(result.text.model_path).run(None, {"tokens": fx.io["token_ids"]})
+        assert rel(features, fx.io["text_features_per_template"]) <= 1e-4
+        void = np.asarray(result.image.manifest["head"]["void_embedding"], np.float32)
+        assert rel(void, fx.io["text_classifier"][-1]) <= 1e-6
+
+    def test_semantic_and_panoptic_from_onnx_outputs(self, exported):
+        """The whole official test-time path, from ONNX Runtime's outputs through the engine's NumPy code."""
+        fx, result = exported
+        masks, class_embed, ov_embed, _ = session(result.image.model_path).run(None, {"images": fx.io["input_tensor"]})
+        (features,) = session(result.text.model_path).run(None, {"tokens": fx.io["token_ids"]})
+        head = result.image.manifest["head"]
+        classifier = np.concatenate([postprocess.text_classifier(features, 14), np.float32([head["void_embedding"]])])
+        in_vocab = postprocess.classification_logits(
+            class_embed[0], classifier, head["in_vocab_logit_scale"], fx.synonyms_per_class
+        )
+        ov = postprocess.classification_logits(ov_embed[0], classifier, head["clip_logit_scale"], fx.synonyms_per_class)
+        mask_cls = postprocess.geometric_ensemble(in_vocab, ov, fx.io["category_overlapping_mask"], 0.4, 0.8).mask_cls()
+        assert rel(mask_cls, fx.io["mask_cls"]) <= 1e-3
+        full = postprocess.resize_masks(masks[0], fx.padded, fx.resized, fx.original)
+        assert rel(postprocess.semantic_inference(postprocess.semantic_probs(mask_cls), full), fx.io["sem_seg"]) <= 1e-3
+        panoptic, segments = postprocess.panoptic_inference(mask_cls, full, fx.is_thing)
+        np.testing.assert_array_equal(panoptic, fx.io["panoptic_seg"])
+        assert [s.category_id for s in segments] == fx.io["segments_category_id"].tolist()
+
+    def test_dynamic_batch(self, exported):
+        fx, result = exported
+        image = fx.io["input_tensor"]
+        batch = np.concatenate([np.zeros_like(image), image])
+        single = session(result.image.model_path).run(None, {"images": image})
+        both = session(result.image.model_path).run(None, {"images": batch})
+        for a, b in zip(single, both, strict=True):
+            assert rel(b[1:], a) <= 1e-5
+
+
+class TestManifest:
+    """Catches artefacts whose manifest does not describe them."""
+
+    def test_kinds_shapes_and_head(self, exported):
+        fx, result = exported
+        image = read_manifest(result.image.directory, KIND_IMAGE)
+        text = read_manifest(result.text.directory, KIND_TEXT)
+        q = fx.io["pred_masks"].shape[1]
+        assert image["input_size"] == list(fx.padded)
+        assert image["outputs"][0]["shape"] == ["batch", q, fx.padded[0] // 4, fx.padded[1] // 4]
+        assert image["head"]["clip_logit_scale"] == pytest.approx(fx.config["clip"]["logit_scale"])
+        assert image["inference"]["alpha"] == 0.4 and image["inference"]["beta"] == 0.8
+        assert text["tokenizer"]["context_length"] == 77 and len(text["templates"]) == 14
+        assert image["weights_sha256"] == state_dict_sha256(ImageGraph(fx.model))
+
+    def test_existing_directory_is_refused(self, exported):
+        fx, result = exported
+        with pytest.raises(ArtifactExistsError):
+            export_fcclip_onnx(fx.model, result.image.directory.parent, size=fx.padded)
+
+    def test_size_not_multiple_of_32(self, tmp_path):
+        with pytest.raises(InvalidInputError, match="multiple of 32"):
+            export_fcclip_onnx(load_fixture("fcclip").model, tmp_path / "x", size="250x320")
+        assert not (tmp_path / "x").exists()
+
+
+def test_cli_export(tmp_path, capsys):
+    fx = load_fixture("fcclip")
+    names = tmp_path / "seen.txt"
+    names.write_text("wall,walls\ncat\n\n")
+    code = main([
+        "export", "fcclip", "--checkpoint", str(fx.dir / "checkpoint.pth"), "--config", str(fx.dir / "config.json"),
+        "--size", "256x320", "--seen-names", str(names), "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == 0
+    assert "fcclip-image" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out" / "image", KIND_IMAGE)
+    assert manifest["seen_names"] == ["cat", "wall", "walls"]
+    assert manifest["checkpoint"]["name"] == "checkpoint.pth"
