@@ -98,6 +98,9 @@ class Graph:
     export_module: torch.nn.Module | None = None
 
 
+WEIGHTS_NAME = "weights.pt"
+
+
 def export_graph(
     graph: Graph,
     out_dir: str | os.PathLike[str],
@@ -107,6 +110,7 @@ def export_graph(
     tolerance: float,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    torch_weights: bool = False,
 ) -> ExportResult:
     """Trace ``graph`` into ``out_dir/model.onnx``, check it with ``onnx.checker``, run it in ONNX
     Runtime on the sample inputs and compare every output with the torch module (relative L2 error,
@@ -151,6 +155,9 @@ def export_graph(
                 f"{worst!r} (tolerance {tolerance:g}); nothing was written to {out}"
             )
         files = {"model": MODEL_NAME, **({"data": DATA_NAME} if large else {})}
+        if torch_weights:
+            torch.save(graph.module.state_dict(), staging / WEIGHTS_NAME)
+            files["torch_weights"] = WEIGHTS_NAME
         written = write_manifest(
             staging,
             {
@@ -190,6 +197,7 @@ def export_dinov2_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    torch_weights: bool = False,
 ) -> ExportResult:
     """Export ``model`` (its keys output) to ``out_dir`` and verify it in ONNX Runtime.
 
@@ -205,6 +213,8 @@ def export_dinov2_onnx(
         Replace an existing artefact directory (atomically: readers see the old one or the new one).
     extra
         More manifest fields (e.g. the checkpoint file's SHA-256).
+    torch_weights
+        Also save the weights for the torch backend (``weights.pt``).
 
     Raises
     ------
@@ -252,7 +262,7 @@ def export_dinov2_onnx(
         }
         return export_graph(
             graph, out_dir, manifest, precision=precision, tolerance=TOLERANCE[precision], opset=opset,
-            overwrite=overwrite,
+            overwrite=overwrite, torch_weights=torch_weights,
         )  # fmt: skip
     finally:
         model.fixed_pos_embed, model.fixed_size = saved

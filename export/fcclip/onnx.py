@@ -82,6 +82,7 @@ def export_fcclip_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    torch_weights: bool = False,
 ) -> FCCLIPExport:
     """Export ``model`` to ``out_dir/image`` and ``out_dir/text``, each verified in ONNX Runtime.
 
@@ -147,6 +148,7 @@ def export_fcclip_onnx(
         tolerance=TOLERANCE,
         opset=opset,
         overwrite=overwrite,
+        torch_weights=torch_weights,
     )
     tokens = torch.from_numpy(rng.integers(1, cfg.clip.vocab_size - 2, (3, cfg.clip.context_length)))
     tokens[:, 0] = cfg.clip.vocab_size - 2  # start of text
@@ -175,5 +177,6 @@ def export_fcclip_onnx(
         tolerance=1e-4,
         opset=opset,
         overwrite=overwrite,
+        torch_weights=torch_weights,
     )
     return FCCLIPExport(image, text)

@@ -1,0 +1,104 @@
+"""Execution backends behind one :class:`Session` interface.
+
+``open_session(artifact_dir, backend="auto", device="auto")`` reads and verifies the artefact's
+manifest, then opens the fastest backend this machine has for it: TensorRT (an engine built for
+this GPU), ONNX Runtime (CUDA or CPU providers), or torch (eager, the reference). The session's
+``repr`` and the log say which.
+
+>>> from knnclip.engine.backends import open_session          # doctest: +SKIP
+>>> with open_session("models/dinov2") as session:            # doctest: +SKIP
+...     keys = session.infer({"images": x})["keys"]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from knnclip.engine.artifact import read_manifest
+from knnclip.engine.backends.base import Session, TensorSpec
+from knnclip.engine.errors import BackendUnavailableError
+
+log = logging.getLogger("knnclip.backends")
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+__all__ = ["BACKENDS", "Session", "TensorSpec", "available_backends", "open_session"]
+
+
+def _cuda_usable() -> bool:
+    from knnclip.engine import ops
+
+    if ops.cuda_available():
+        return True
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        return False
+
+
+def available_backends() -> list[str]:
+    """The backends whose libraries import here (not whether a device is present)."""
+    found = []
+    for backend, module in (("tensorrt", "tensorrt"), ("onnxruntime", "onnxruntime"), ("torch", "torch")):
+        if importlib.util.find_spec(module) is not None:
+            found.append(backend)
+    return found
+
+
+def open_session(
+    artifact_dir: str | os.PathLike[str],
+    backend: str = "auto",
+    device: str = "auto",
+    *,
+    verify_files: bool = True,
+) -> Session:
+    """A session for the artefact in ``artifact_dir``.
+
+    Parameters
+    ----------
+    backend
+        ``"auto"`` (TensorRT, then ONNX Runtime, then torch: the first that can run here),
+        ``"tensorrt"``, ``"onnxruntime"`` or ``"torch"``.
+    device
+        ``"auto"`` (CUDA when usable, else CPU), ``"cuda"`` or ``"cpu"``.
+    verify_files
+        Re-hash the payload files against the manifest (seconds per GB; off for trusted caches).
+    """
+    directory = Path(artifact_dir)
+    manifest = read_manifest(directory, verify_files=verify_files)
+    if device == "auto":
+        device = "cuda" if _cuda_usable() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    order = [backend] if backend != "auto" else [b for b in BACKENDS if not (b == "tensorrt" and device == "cpu")]
+    reasons = []
+    for name in order:
+        try:
+            session = _open(name, directory, manifest, device)
+        except BackendUnavailableError as exc:
+            if backend != "auto":
+                raise
+            reasons.append(f"{name}: {exc}")
+            continue
+        log.info("opened %r", session)
+        return session
+    raise BackendUnavailableError(f"no backend can run {directory} on {device}: " + "; ".join(reasons))
+
+
+def _open(name: str, directory: Path, manifest: dict, device: str) -> Session:
+    if name == "onnxruntime":
+        from knnclip.engine.backends.onnxruntime import OrtSession
+
+        return OrtSession(directory, manifest, device)
+    if name == "torch":
+        from knnclip.engine.backends.torch import TorchSession
+
+        return TorchSession(directory, manifest, device)
+    from knnclip.engine.backends.tensorrt import open_tensorrt
+
+    return open_tensorrt(directory, manifest, device)

@@ -1,0 +1,48 @@
+"""Rebuild the torch module behind an exported artefact from its manifest and ``weights.pt``,
+for the torch backend (``knnclip.engine.backends.torch``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knnclip.engine.errors import ArtifactCorruptError, BackendUnavailableError
+
+
+def build_module(directory: Path, manifest: dict[str, Any]) -> torch.nn.Module:
+    """The fp32 module of artefact ``directory`` (kind ``dinov2-keys``, ``fcclip-image`` or
+    ``fcclip-text``) in eval mode, with its saved weights loaded strictly."""
+    from knnclip.export.onnx import KIND_DINOV2_KEYS
+
+    record = manifest["files"].get("torch_weights")
+    if record is None:
+        raise BackendUnavailableError(
+            f"{directory}: this artefact has no torch weights; re-export it with torch weights "
+            "(--torch-weights) to run it on the torch backend, or use onnxruntime"
+        )
+    kind = manifest["kind"]
+    config = manifest["model"]["config"]
+    with torch.device("meta"):
+        if kind == KIND_DINOV2_KEYS:
+            from knnclip.export.dinov2 import DinoV2, resolve_config
+
+            module: torch.nn.Module = DinoV2(resolve_config(config))
+        elif kind in ("fcclip-image", "fcclip-text"):
+            from knnclip.export.fcclip import FCCLIP, resolve_config
+            from knnclip.export.fcclip.onnx import ImageGraph, TextGraph
+
+            model = FCCLIP(resolve_config(config))
+            module = ImageGraph(model) if kind == "fcclip-image" else TextGraph(model.clip)
+        else:
+            raise ArtifactCorruptError(directory, f"no torch module for artefact kind {kind!r}")
+    path = directory / record["name"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ArtifactCorruptError(path, f"torch weights do not load ({exc}); re-export the artefact") from None
+    if kind == KIND_DINOV2_KEYS:
+        module.fix_input_size(*manifest["input_size"])
+    return module.eval().requires_grad_(False)
