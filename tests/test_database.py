@@ -93,6 +93,22 @@ def test_vocabulary_names_synonyms_and_ids(path: Path) -> None:
             db.remove_class("horse")
 
 
+def test_thing_flag_survives_replay_and_checkpoint(path: Path) -> None:
+    with Database.create(path, 4) as db:
+        db.add_class("cat", thing=True)
+        db.add(np.eye(4)[:2], ["cat", "sky"])
+        assert db.vocabulary.find("cat").thing and not db.vocabulary.find("sky").thing
+        db.add_class("cat", ["kitty"])  # thing not given: kept
+        assert db.vocabulary.find("kitty").thing
+    with Database.open(path, read_only=True) as db:  # from the log
+        assert db.vocabulary.find("cat").thing and not db.vocabulary.find("sky").thing
+    with Database.open(path) as db:
+        db.add_class("sky", thing=False)
+        db.checkpoint()
+    with Database.open(path, read_only=True) as db:  # from the manifest
+        assert db.vocabulary.find("cat").thing and db.vocabulary.find("cat").synonyms == ("kitty",)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [

@@ -379,11 +379,12 @@ class Database:
             self._commit(RecordKind.ADD, meta, class_ids.tobytes(), vectors.tobytes())
             return np.arange(meta["first_id"], meta["first_id"] + n, dtype=np.int64)
 
-    def add_class(self, name: str, synonyms: Sequence[str] = ()) -> ClassInfo:
-        """Register a class (or add synonyms to an existing one) without entries; return it."""
+    def add_class(self, name: str, synonyms: Sequence[str] = (), *, thing: bool | None = None) -> ClassInfo:
+        """Register a class (or add synonyms to an existing one, or set whether it is a ``thing``)
+        without entries; return it."""
         with self._mutex:
             self._check_writable()
-            info = self._vocab.plan(name, tuple(synonyms))
+            info = self._vocab.plan(name, tuple(synonyms), thing)
             if self._vocab.get(info.id) != info:
                 self._commit(RecordKind.PUT_CLASS, {"class": info.to_json()})
             return info

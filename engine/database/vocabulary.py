@@ -17,11 +17,13 @@ from knnclip.engine.errors import InvalidInputError, UnknownClassError
 
 @dataclass(frozen=True)
 class ClassInfo:
-    """One class of the vocabulary."""
+    """One class of the vocabulary. ``thing`` marks countable objects (panoptic segmentation
+    gives each instance its own segment) as opposed to stuff (one segment per class)."""
 
     id: int
     name: str
     synonyms: tuple[str, ...] = ()
+    thing: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -29,11 +31,15 @@ class ClassInfo:
         return (self.name, *self.synonyms)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "synonyms": list(self.synonyms)}
+        out: dict[str, Any] = {"id": self.id, "name": self.name, "synonyms": list(self.synonyms)}
+        if self.thing:  # written only when set, so databases from before the flag read the same
+            out["thing"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> ClassInfo:
-        return cls(int(obj["id"]), str(obj["name"]), tuple(str(s) for s in obj.get("synonyms", ())))
+        synonyms = tuple(str(s) for s in obj.get("synonyms", ()))
+        return cls(int(obj["id"]), str(obj["name"]), synonyms, bool(obj.get("thing", False)))
 
 
 def split_label(label: str, synonyms: tuple[str, ...] | list[str] = ()) -> tuple[str, tuple[str, ...]]:
@@ -88,11 +94,13 @@ class Vocabulary(Mapping[int, ClassInfo]):
         return info
 
     # Changes (the database logs them before it calls these) ------------------------------------
-    def plan(self, label: str, synonyms: tuple[str, ...] | list[str] = ()) -> ClassInfo:
+    def plan(
+        self, label: str, synonyms: tuple[str, ...] | list[str] = (), thing: bool | None = None
+    ) -> ClassInfo:
         """The ClassInfo that registering ``label`` would produce, without changing anything.
 
-        An existing class keeps its id and gains the new synonyms; a new one gets ``next_id``.
-        A synonym that already names another class is an error.
+        An existing class keeps its id and gains the new synonyms (and takes ``thing`` when it is
+        given); a new one gets ``next_id``. A synonym that already names another class is an error.
         """
         name, syns = split_label(label, synonyms)
         existing = self.find(name)
@@ -103,9 +111,9 @@ class Vocabulary(Mapping[int, ClassInfo]):
                     f"synonym {s!r} of {name!r} already names class {self._by_id[owner].name!r} (id {owner})"
                 )
         if existing is None:
-            return ClassInfo(self.next_id, name, syns)
+            return ClassInfo(self.next_id, name, syns, bool(thing))
         merged = tuple(dict.fromkeys((*existing.synonyms, *(s for s in syns if s != existing.name))))
-        return ClassInfo(existing.id, existing.name, merged)
+        return ClassInfo(existing.id, existing.name, merged, existing.thing if thing is None else bool(thing))
 
     def put(self, info: ClassInfo) -> None:
         """Insert or replace a class."""
