@@ -138,17 +138,16 @@ def fcclip_input(
 ) -> FCCLIPInput:
     """FC-CLIP's test-time input: resize the short side (bilinear, Pillow on uint8; ``short=None``
     keeps the size), normalise with the 0..255-scale ``mean``/``std``, pad bottom and right with 0
-    to a multiple of ``divisibility`` (or to ``pad_to``, the fixed size of an exported model)."""
+    to a multiple of ``divisibility``, or to ``pad_to`` (the fixed size of an exported model; an
+    image that would not fit is scaled down further into it, keeping its aspect ratio)."""
     original = (int(image.shape[0]), int(image.shape[1]))
     size = original if short is None else shortest_edge_size(*original, short, max_size)
-    resized = resize(image, size, Image.Resampling.BILINEAR)
     if pad_to is None:
         pad_to = (-(-size[0] // divisibility) * divisibility, -(-size[1] // divisibility) * divisibility)
-    if size[0] > pad_to[0] or size[1] > pad_to[1]:
-        raise InvalidInputError(
-            f"the resized image ({size[0]}x{size[1]}) does not fit the model's input size "
-            f"{pad_to[0]}x{pad_to[1]}; export the model at a larger size or lower the short side"
-        )
+    elif size[0] > pad_to[0] or size[1] > pad_to[1]:  # shrink into the fixed size, keeping the aspect
+        scale = min(pad_to[0] / size[0], pad_to[1] / size[1])
+        size = (max(1, min(pad_to[0], int(size[0] * scale + 0.5))), max(1, min(pad_to[1], int(size[1] * scale + 0.5))))
+    resized = resize(image, size, Image.Resampling.BILINEAR)
     tensor = np.zeros((1, 3, *pad_to), dtype=np.float32)
     chw = resized.transpose(2, 0, 1).astype(np.float32)
     mean_, std_ = (np.asarray(v, dtype=np.float32)[:, None, None] for v in (mean, std))

@@ -1,0 +1,63 @@
+"""The kNN-CLIP settings of the segmenter, in one place.
+
+The paper does not publish its exact constants, and no segmentation dataset can be downloaded
+here to tune them, so these defaults are provisional: chosen by reasoning about the method, not
+by a sweep. ``knnclip eval sweep`` (the evaluation issue) is where they are to be set from data,
+with the data named beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from knnclip.engine.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How database neighbours turn into class probabilities and how those are fused.
+
+    k
+        Neighbours per query mask. 10: enough votes that one mislabelled entry cannot decide a
+        class, few enough that a class with a handful of examples is not outvoted by the
+        distance-weighted tail of a large one.
+    tau
+        Softmax temperature over the neighbours' cosine similarities. 0.05: similarities of
+        DINOv2 key embeddings of the same class sit within about 0.1-0.2 of each other, so a
+        temperature near that gap lets the closest neighbours dominate without ignoring the rest.
+    T
+        Fusion happens only where the retrieval distribution's maximum reaches T. 0.5: at least
+        half of the (weighted) neighbours agree on one class.
+    lam
+        Weight of the retrieval distribution where it is fused. 0.5: retrieval and FC-CLIP count
+        equally, so a confident retrieval overturns a base prediction unless FC-CLIP is far surer.
+    mask_threshold
+        Query masks are binarised at logit > this before pooling DINOv2 keys (DESIGN: 0).
+    """
+
+    k: int = 10
+    tau: float = 0.05
+    T: float = 0.5
+    lam: float = 0.5
+    mask_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.k, int) and 1 <= self.k <= 2048):
+            problems.append(f"k must be an integer in [1, 2048], got {self.k!r}")
+        if not self.tau > 0:
+            problems.append(f"tau must be positive, got {self.tau!r}")
+        if not 0.0 <= self.T <= 1.0:
+            problems.append(f"T must be in [0, 1], got {self.T!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            problems.append(f"lam must be in [0, 1], got {self.lam!r}")
+        if problems:
+            raise InvalidInputError("invalid retrieval config: " + "; ".join(problems))
+
+    def replace(self, **changes: Any) -> RetrievalConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,87 @@
+"""The exported models a segmenter runs, found in one directory and opened as sessions.
+
+Layout (what ``knnclip export`` writes)::
+
+    MODELS/fcclip/image/   FC-CLIP image part (fcclip-image artefact)
+    MODELS/fcclip/text/    CLIP text tower (fcclip-text artefact)
+    MODELS/dinov2/         DINOv2 keys model (dinov2-keys artefact)
+    MODELS/bpe_simple_vocab_16e6.txt.gz   optional: CLIP's BPE merges (else open_clip_torch's)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from knnclip.engine.backends import Session, open_session
+from knnclip.engine.errors import ArtifactCorruptError
+from knnclip.engine.tokenizer import ClipTokenizer, find_bpe_file
+
+
+@dataclass(frozen=True)
+class FCCLIPHead:
+    """What classification needs besides the image graph's outputs (from its manifest)."""
+
+    in_vocab_logit_scale: float
+    clip_logit_scale: float
+    void_embedding: np.ndarray  # [E], normalised
+    alpha: float
+    beta: float
+    object_mask_threshold: float
+    overlap_threshold: float
+    seen_names: frozenset[str]
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    min_size: int
+    max_size: int
+
+
+class ModelSet:
+    """The three sessions (FC-CLIP image, CLIP text, DINOv2 keys), the tokenizer and FC-CLIP's
+    head constants, opened from ``models_dir``."""
+
+    def __init__(
+        self, models_dir: str | os.PathLike[str], backend: str = "auto", device: str = "auto"
+    ) -> None:
+        root = Path(models_dir)
+        self.root = root
+        self.fcclip: Session = open_session(root / "fcclip" / "image", backend, device)
+        self.text: Session = open_session(root / "fcclip" / "text", backend, device)
+        self.dinov2: Session = open_session(root / "dinov2", backend, device)
+        for session, kind in ((self.fcclip, "fcclip-image"), (self.text, "fcclip-text"), (self.dinov2, "dinov2-keys")):
+            if session.kind != kind:
+                raise ArtifactCorruptError(session.directory, f"expected a {kind} artefact here, found {session.kind}")
+        self.tokenizer = ClipTokenizer(find_bpe_file([root]))
+        m = self.fcclip.manifest
+        pre, head, inf = m["preprocessing"], m["head"], m["inference"]
+        self.head = FCCLIPHead(
+            in_vocab_logit_scale=float(head["in_vocab_logit_scale"]),
+            clip_logit_scale=float(head["clip_logit_scale"]),
+            void_embedding=np.asarray(head["void_embedding"], np.float32),
+            alpha=float(inf["alpha"]),
+            beta=float(inf["beta"]),
+            object_mask_threshold=float(inf["object_mask_threshold"]),
+            overlap_threshold=float(inf["overlap_threshold"]),
+            seen_names=frozenset(m.get("seen_names", [])),
+            pixel_mean=tuple(pre["mean"]),
+            pixel_std=tuple(pre["std"]),
+            min_size=int(pre["min_size_test"]),
+            max_size=int(pre["max_size_test"]),
+        )
+        self.fcclip_size: tuple[int, int] = tuple(m["input_size"])
+        self.dinov2_size: tuple[int, int] = tuple(self.dinov2.manifest["input_size"])
+        self.embedding_dim = int(self.dinov2.outputs[0].shape[1])
+        self.text_weights_sha256 = str(self.text.manifest["weights_sha256"])
+        self.templates: list[str] = list(self.text.manifest["templates"])
+        self.context_length = int(self.text.manifest["tokenizer"]["context_length"])
+
+    @property
+    def backends(self) -> dict[str, str]:
+        return {name: repr(s) for name, s in (("fcclip", self.fcclip), ("text", self.text), ("dinov2", self.dinov2))}
+
+    def close(self) -> None:
+        for session in (self.fcclip, self.text, self.dinov2):
+            session.close()
