@@ -18,7 +18,7 @@ import numpy as np
 
 from knnclip.engine.backends import Session, open_session
 from knnclip.engine.errors import ArtifactCorruptError
-from knnclip.engine.tokenizer import ClipTokenizer, find_bpe_file
+from knnclip.engine.tokenizer import make_tokenizer
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ModelSet:
         for session, kind in ((self.fcclip, "fcclip-image"), (self.text, "fcclip-text"), (self.dinov2, "dinov2-keys")):
             if session.kind != kind:
                 raise ArtifactCorruptError(session.directory, f"expected a {kind} artefact here, found {session.kind}")
-        self.tokenizer = ClipTokenizer(find_bpe_file([root]))
+        self.tokenizer = make_tokenizer(self.text.manifest["tokenizer"], [root])
         m = self.fcclip.manifest
         pre, head, inf = m["preprocessing"], m["head"], m["inference"]
         self.head = FCCLIPHead(

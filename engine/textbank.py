@@ -20,7 +20,7 @@ import numpy as np
 from knnclip.engine._fsutil import atomic_write_bytes
 from knnclip.engine.backends import Session
 from knnclip.engine.postprocess import text_classifier
-from knnclip.engine.tokenizer import ClipTokenizer
+from knnclip.engine.tokenizer import ByteTokenizer, ClipTokenizer
 
 log = logging.getLogger("knnclip.textbank")
 _BATCH = 256  # prompts per text-session call
@@ -36,7 +36,7 @@ class TextBank:
     def __init__(
         self,
         session: Session,
-        tokenizer: ClipTokenizer,
+        tokenizer: ClipTokenizer | ByteTokenizer,
         templates: Sequence[str],
         model_sha256: str,
         context_length: int = 77,

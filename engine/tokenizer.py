@@ -164,3 +164,31 @@ def clean_text(text: str) -> str:
         pass
     text = html.unescape(html.unescape(text)).strip()
     return " ".join(text.split()).lower()
+
+
+class ByteTokenizer:
+    """A tokenizer without a vocabulary file, for models trained (or seeded) with it: the ids of
+    a text are its cleaned UTF-8 bytes, framed and padded as CLIP's. The demo's seeded models use
+    it, so the demo needs no download; real CLIP models need :class:`ClipTokenizer`."""
+
+    def __init__(self, vocab_size: int = 49408) -> None:
+        if vocab_size < 258:
+            raise InvalidInputError(f"a byte tokenizer needs a vocabulary of at least 258 ids, got {vocab_size}")
+        self.sot = vocab_size - 2
+        self.eot = vocab_size - 1
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return list(clean_text(text).encode("utf-8"))
+
+    __call__ = ClipTokenizer.__call__
+
+
+def make_tokenizer(spec: dict, search: Sequence[str | os.PathLike[str]] = ()) -> ClipTokenizer | ByteTokenizer:
+    """The tokenizer a text artefact's manifest names (``{"kind": "clip-bpe" | "bytes", ...}``)."""
+    kind = spec.get("kind", "clip-bpe")
+    if kind == "bytes":
+        return ByteTokenizer(int(spec.get("vocab_size", 49408)))
+    if kind == "clip-bpe":
+        return ClipTokenizer(find_bpe_file(search))
+    raise ModelFileError(f"unknown tokenizer kind {kind!r} in the text model's manifest; re-export it")

@@ -67,8 +67,8 @@ def head_constants(model: FCCLIP) -> dict[str, Any]:
     the clamp at 100) and the normalised void embedding."""
     void = torch.nn.functional.normalize(model.void_embedding.weight.detach(), dim=-1)[0]
     return {
-        "in_vocab_logit_scale": float(model.sem_seg_head.predictor.logit_scale),
-        "clip_logit_scale": float(model.clip.logit_scale),
+        "in_vocab_logit_scale": model.sem_seg_head.predictor.logit_scale.item(),
+        "clip_logit_scale": model.clip.logit_scale.item(),
         "void_embedding": [float(v) for v in void],
     }
 
@@ -83,6 +83,7 @@ def export_fcclip_onnx(
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
     torch_weights: bool = False,
+    tokenizer: str = "clip-bpe",
 ) -> FCCLIPExport:
     """Export ``model`` to ``out_dir/image`` and ``out_dir/text``, each verified in ONNX Runtime.
 
@@ -96,6 +97,8 @@ def export_fcclip_onnx(
     """
     height, width = parse_size(size)
     cfg = model.config
+    if tokenizer not in ("clip-bpe", "bytes"):
+        raise InvalidInputError(f"tokenizer must be 'clip-bpe' or 'bytes', got {tokenizer!r}")
     if height % 32 or width % 32:
         raise InvalidInputError(f"FC-CLIP's input size must be a multiple of 32, got {height}x{width}")
     if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -167,7 +170,7 @@ def export_fcclip_onnx(
             "inputs": [{"name": "tokens", "shape": ["texts", cfg.clip.context_length], "dtype": "int64"}],
             "outputs": [{"name": "text_features", "shape": ["texts", e], "dtype": "float32"}],
             "tokenizer": {
-                "kind": "clip-bpe",
+                "kind": tokenizer,
                 "context_length": cfg.clip.context_length,
                 "vocab_size": cfg.clip.vocab_size,
             },
