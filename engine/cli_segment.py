@@ -95,7 +95,8 @@ def _add_class(args: argparse.Namespace) -> int:
 def _add_concept(args: argparse.Namespace) -> int:
     with _open_segmenter(args, read_only=False) as seg:
         scores = seg.add_concept(args.name, args.images, thing=args.thing, min_similarity=args.min_similarity)
-    added = sum(s >= args.min_similarity for s in scores if s == s)
+    floor = -np.inf if args.min_similarity is None else args.min_similarity
+    added = sum(s >= floor for s in scores if s == s)  # NaN: no mask in that image
     if args.json:
         print(json.dumps({"name": args.name, "similarities": scores, "added": added}))
     else:
@@ -155,7 +156,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     concept.add_argument("name")
     concept.add_argument("images", nargs="+")
     concept.add_argument("--thing", action=argparse.BooleanOptionalAction, default=None)
-    concept.add_argument("--min-similarity", type=float, default=0.0, help="skip images whose best mask scores lower")
+    concept.add_argument("--min-similarity", type=float, help="skip images whose best mask scores lower")
     _common(concept)
     concept.set_defaults(run=_add_concept)
 

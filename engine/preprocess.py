@@ -68,6 +68,11 @@ def _decode(stream: io.IOBase | io.BytesIO, label: str) -> np.ndarray:
 
 def _from_pil(img: Image.Image, label: str) -> np.ndarray:
     img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grayscale: Pillow's convert("RGB") clips at 255; scale the full range instead.
+        wide = np.asarray(img).astype(np.int64)
+        gray = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)
+        return _check_array(gray, label)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return _check_array(np.asarray(img), label)

@@ -47,7 +47,7 @@ class Evidence:
     base_class: str
     retrieved_class: str | None
     retrieval_confidence: float
-    neighbours: int
+    neighbours: tuple[tuple[str, float], ...]  # (class, cosine similarity), nearest first
     changed: bool
 
 
@@ -64,6 +64,7 @@ class PanopticSegment:
     def to_json(self) -> dict[str, Any]:
         evidence = dataclasses.asdict(self.evidence)
         evidence["retrieval_confidence"] = round(evidence["retrieval_confidence"], 6)
+        evidence["neighbours"] = [[name, round(sim, 6)] for name, sim in self.evidence.neighbours]
         return {
             "id": self.id, "class_id": self.class_id, "name": self.name, "score": round(self.score, 6),
             "area": self.area, "is_thing": self.is_thing, "evidence": evidence,
@@ -309,16 +310,16 @@ class Segmenter:
         base_top = base.classes.argmax(-1)
         ret_top = p_ret.argmax(-1)
         ret_conf = p_ret.max(-1)
-        neighbours = (index >= 0).sum(-1)
         changed = fused.argmax(-1) != base_top
+
+        def evidence(q: int) -> Evidence:
+            neighbours = tuple((names[i], float(v)) for i, v in zip(index[q], sims[q], strict=True) if i >= 0)
+            retrieved = names[ret_top[q]] if ret_conf[q] > 0 else None
+            return Evidence(names[base_top[q]], retrieved, float(ret_conf[q]), neighbours, bool(changed[q]))
+
         segments = [
-            PanopticSegment(
-                s.id, int(ids[s.category_id]), names[s.category_id], s.score, s.area, s.isthing,
-                Evidence(
-                    names[base_top[s.query]], names[ret_top[s.query]] if ret_conf[s.query] > 0 else None,
-                    float(ret_conf[s.query]), int(neighbours[s.query]), bool(changed[s.query]),
-                ),
-            )
+            PanopticSegment(s.id, int(ids[s.category_id]), names[s.category_id], s.score, s.area, s.isthing,
+                            evidence(s.query))
             for s in segs
         ]  # fmt: skip
         return Result(semantic, panoptic, segments, {c.id: c.name for c in vocab.classes})
@@ -370,11 +371,17 @@ class Segmenter:
         return ids
 
     def add_concept(
-        self, name: str, images: Sequence[ImageInput], *, thing: bool | None = None, min_similarity: float = 0.0
+        self,
+        name: str,
+        images: Sequence[ImageInput],
+        *,
+        thing: bool | None = None,
+        min_similarity: float | None = None,
     ) -> list[float]:
         """Concept customisation from unlabelled images: in each image, the FC-CLIP mask whose CLIP
         embedding is most similar to ``name``'s text embedding is labelled ``name`` and added.
-        Returns the chosen masks' similarities (images below ``min_similarity`` add nothing)."""
+        Returns the chosen masks' cosine similarities; with ``min_similarity``, an image whose best
+        mask scores lower adds nothing (an image with no non-empty mask never does: NaN)."""
         target = self.text.rows([name.split(",")[0].strip()])[0]
         vectors, scores = [], []
         for image in images:
@@ -390,7 +397,7 @@ class Segmenter:
             sims = np.where(nonempty, ov @ target, -np.inf)
             best = int(sims.argmax())
             scores.append(float(sims[best]))
-            if sims[best] < min_similarity:
+            if min_similarity is not None and sims[best] < min_similarity:
                 continue
             keys = self.models.dinov2.infer({"images": dinov2_input(pixels, self.models.dinov2_size)})["keys"][0]
             vectors.append(ops.mask_pool(np.ascontiguousarray(keys), np.ascontiguousarray(masks[best : best + 1])))

@@ -1,0 +1,274 @@
+"""The segmenter end to end on CPU with the official fixtures' models exported to ONNX: FC-CLIP's
+official outputs with an empty database, retrieval correcting classes, vocabulary growth without
+touching old entries, backends agreeing, bad images, threads, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="building the test models needs torch (pip install torch)")
+pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install onnx)")
+from PIL import Image  # noqa: E402
+
+from knnclip.engine import preprocess  # noqa: E402
+from knnclip.engine.cli import main  # noqa: E402
+from knnclip.engine.config import RetrievalConfig  # noqa: E402
+from knnclip.engine.errors import InvalidInputError  # noqa: E402
+from knnclip.engine.segmenter import Result, Segmenter  # noqa: E402
+from knnclip.export.dinov2 import load_dinov2  # noqa: E402
+from knnclip.export.fcclip.onnx import export_fcclip_onnx  # noqa: E402
+from knnclip.export.onnx import export_dinov2_onnx  # noqa: E402
+from tests.conftest import SHARED_FIXTURES  # noqa: E402
+from tests.fcclip_helpers import load_fixture  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer) -> Path:
+    """The resize fixture's FC-CLIP (288x384) and the DINOv2 fixture, exported with torch weights."""
+    fx = load_fixture("fcclip_resize")
+    root = tmp_path_factory.mktemp("models")
+    classes = fx.config["classes"]
+    seen = [
+        n for label, o in zip(classes["names_with_synonyms"], classes["category_overlapping_mask"], strict=True) if o
+        for n in label.split(",")
+    ]  # fmt: skip
+    export_fcclip_onnx(fx.model, root / "fcclip", size=fx.padded, seen_names=seen, torch_weights=True)
+    dino_dir = SHARED_FIXTURES / "dinov2"
+    dinov2 = load_dinov2(dino_dir / "checkpoint.pth", json.loads((dino_dir / "config.json").read_text()))
+    export_dinov2_onnx(dinov2, root / "dinov2", size=(224, 224), torch_weights=True)
+    return root
+
+
+def open_segmenter(models: Path, db: Path, backend: str = "onnxruntime", **kw) -> Segmenter:
+    """A segmenter whose vocabulary is the fixture's, in its order (class id = fixture index)."""
+    seg = Segmenter.from_dir(models, db, backend=backend, device="cpu", text_cache=None, **kw)
+    if len(seg.db.vocabulary) == 0:
+        fx = load_fixture("fcclip_resize")
+        for label, thing in zip(fx.class_names, fx.is_thing, strict=True):
+            name, *synonyms = label.split(",")
+            seg.add_class(name, synonyms, thing=thing)
+    return seg
+
+
+@pytest.fixture()
+def seg(models, tmp_path):
+    with open_segmenter(models, tmp_path / "db") as s:
+        yield s
+
+
+def image() -> np.ndarray:
+    return load_fixture("fcclip_resize").io["image_uint8"]
+
+
+class TestBasePrediction:
+    """Catches a pipeline that departs from FC-CLIP where the database has nothing to say."""
+
+    def test_empty_database_gives_official_fcclip(self, seg):
+        fx = load_fixture("fcclip_resize")
+        result = seg.segment(image())
+        np.testing.assert_array_equal(result.panoptic, fx.io["panoptic_seg"])
+        assert [s.class_id for s in result.segments] == fx.io["segments_category_id"].tolist()
+        assert all(not s.evidence.changed and s.evidence.retrieved_class is None for s in result.segments)
+        official = fx.io["sem_seg"]
+        agree = result.semantic == official.argmax(0)
+        top2 = np.sort(official, axis=0)[-2:]
+        assert agree.mean() > 0.999 and (top2[1] - top2[0])[~agree].max(initial=0) < 1e-4, "only near-ties differ"
+
+    def test_panoptic_is_consistent(self, seg):
+        result = seg.segment(image())
+        ids = [s.id for s in result.segments]
+        assert len(set(ids)) == len(ids) and set(np.unique(result.panoptic)) - {0} == set(ids)
+        for s in result.segments:
+            assert s.area == int((result.panoptic == s.id).sum()) and s.name == result.classes[s.class_id]
+        assert set(np.unique(result.semantic)) <= set(result.classes)
+
+    def test_timings_and_json(self, seg):
+        result = seg.segment(image(), name="fixture")
+        stages = {"decode", "preprocess", "fcclip", "dinov2", "classify", "pool", "search", "fuse", "postprocess"}
+        assert stages <= set(result.timings) and result.timings["total"] >= sum(result.timings[s] for s in stages)
+        data = json.loads(json.dumps(result.to_json()))
+        assert data["image"] == "fixture" and data["size"] == [250, 330]
+
+
+class TestRetrieval:
+    """Catches retrieval that does not reach the output, or that forgets."""
+
+    def test_new_classes_from_examples_reach_the_output(self, seg):
+        base = seg.segment(image())
+        glacier = base.panoptic == next(s.id for s in base.segments if s.name == "glacier")
+        old_ids = seg.add_examples([image()], [np.stack([glacier, ~glacier])], [["ice cave", "tarmac"]])
+        assert seg.db.classes["ice cave"] == 1 and {"ice cave", "tarmac"} <= set(seg.classes)
+        after = seg.segment(image())
+        new = {seg.class_id("ice cave"), seg.class_id("tarmac")}
+        assert np.isin(after.semantic, list(new)).mean() > 0.5, "the new classes take over the image"
+        # Random-weight queries overlap heavily, so FC-CLIP's overlap rule may keep no segment once
+        # retrieval makes them confident; those it keeps must carry consistent evidence.
+        for s in after.segments:
+            assert s.class_id in new
+            assert s.evidence.neighbours and s.evidence.retrieved_class in ("ice cave", "tarmac")
+            assert s.evidence.changed == (s.name != s.evidence.base_class)
+        vectors = seg.db.vectors(old_ids)
+        seg.add_examples([image()], [glacier[None]], [["snowfield"]])
+        np.testing.assert_array_equal(seg.db.vectors(old_ids), vectors)  # zero forgetting
+
+    def test_fusion_follows_the_definition(self, models, tmp_path):
+        """lam=0: retrieval is computed and reported but never changes a prediction."""
+        with open_segmenter(models, tmp_path / "db", config=RetrievalConfig(lam=0.0)) as seg:
+            seg.add_class("ice cave")  # the same vocabulary with and without examples
+            without = seg.segment(image())
+            seg.add_examples([image()], [np.ones((1, 250, 330), bool)], [["ice cave"]])
+            result = seg.segment(image())
+            np.testing.assert_array_equal(result.panoptic, without.panoptic)
+            np.testing.assert_array_equal(result.semantic, without.semantic)
+            assert all(s.evidence.retrieved_class == "ice cave" and not s.evidence.changed for s in result.segments)
+
+    def test_remove_class(self, seg):
+        seg.add_examples([image()], [np.ones((1, 250, 330), bool)], [["ice cave"]])
+        assert (seg.segment(image()).semantic == seg.class_id("ice cave")).all()
+        assert seg.remove_class("ice cave") == 1
+        assert "ice cave" not in seg.classes
+        np.testing.assert_array_equal(seg.segment(image()).panoptic, load_fixture("fcclip_resize").io["panoptic_seg"])
+
+    def test_add_concept_from_unlabelled_images(self, seg):
+        scores = seg.add_concept("glacier", [image(), image()[::-1]])
+        assert len(scores) == 2 and all(np.isfinite(scores))
+        assert seg.db.classes["glacier"] == 2
+
+    def test_examples_are_checked(self, seg):
+        with pytest.raises(InvalidInputError, match="masks must be"):
+            seg.add_examples([image()], [np.ones((1, 10, 10), bool)], [["x"]])
+        with pytest.raises(InvalidInputError, match="boolean"):
+            seg.add_examples([image()], [np.ones((1, 250, 330), np.uint8)], [["x"]])
+        with pytest.raises(InvalidInputError, match="1 masks but 2 labels"):
+            seg.add_examples([image()], [np.ones((1, 250, 330), bool)], [["x", "y"]])
+        assert seg.db.classes.get("x") is None
+
+
+def test_backends_agree(models, tmp_path):
+    """ONNX Runtime and torch give the same segmentation within tolerance."""
+    results = {}
+    for backend in ("onnxruntime", "torch"):
+        with open_segmenter(models, tmp_path / f"db-{backend}", backend=backend) as seg:
+            seg.add_examples([image()], [np.tri(250, 330, dtype=bool)[None]], [["triangle"]])
+            results[backend] = seg.segment(image())
+    a, b = results["onnxruntime"], results["torch"]
+    assert (a.semantic == b.semantic).mean() > 0.999
+    np.testing.assert_array_equal(a.panoptic, b.panoptic)
+
+
+def test_threads_match_serial(seg):
+    seg.add_examples([image()], [np.tri(250, 330, dtype=bool)[None]], [["triangle"]])
+    inputs = [image(), image()[:, ::-1].copy(), image()[::-1].copy(), image()[:200]]
+    serial = [seg.segment(x) for x in inputs]
+    out: dict[int, Result] = {}
+
+    def work(i: int) -> None:
+        out[i] = seg.segment(inputs[i % len(inputs)])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        np.testing.assert_array_equal(out[i].semantic, serial[i % len(inputs)].semantic)
+        np.testing.assert_array_equal(out[i].panoptic, serial[i % len(inputs)].panoptic)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _encoded(kind: str) -> bytes:
+    rgb = image()
+    if kind == "cmyk":
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG")
+        return buffer.getvalue()
+    if kind == "gray16":
+        return _png(rgb[..., 0].astype(np.uint16) * 257)  # Pillow reads it as mode I;16
+    if kind == "gray":
+        return _png(rgb[..., 1])
+    if kind == "tiny":
+        return _png(rgb[:1, :1])
+    if kind == "animated":
+        buffer = io.BytesIO()
+        frames = [Image.fromarray(rgb), Image.fromarray(rgb[::-1].copy())]
+        frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+        return buffer.getvalue()
+    raise AssertionError(kind)
+
+
+class TestImages:
+    """Catches images that crash the pipeline or are silently mangled."""
+
+    def test_16_bit_gray_keeps_its_range(self):
+        pixels = preprocess.load_image(_encoded("gray16"))
+        np.testing.assert_array_equal(pixels[..., 0], image()[..., 0])
+        assert (pixels[..., 0] == pixels[..., 2]).all()
+
+    @pytest.mark.parametrize("kind", ["cmyk", "gray16", "gray", "tiny", "animated"])
+    def test_unusual_images_are_segmented(self, seg, kind):
+        result = seg.segment(_encoded(kind))
+        h, w = preprocess.load_image(_encoded(kind)).shape[:2]
+        assert result.semantic.shape == (h, w)
+
+    @pytest.mark.parametrize(
+        "data, match",
+        [
+            (b"", "not a readable image"),
+            (b"not an image at all", "not a readable image"),
+            (None, "not a readable image"),  # truncated PNG, filled in below
+        ],
+    )
+    def test_broken_files_are_refused(self, seg, data, match):
+        if data is None:
+            data = _png(image())[:2000]
+        with pytest.raises(InvalidInputError, match=match):
+            seg.segment(data)
+
+    def test_decompression_bomb_is_refused_before_decoding(self, seg, monkeypatch):
+        monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 100 * 100)
+        with pytest.raises(InvalidInputError, match="larger than the limit"):
+            seg.segment(_png(image()))
+
+    def test_arrays_are_checked(self, seg):
+        with pytest.raises(InvalidInputError, match="uint8"):
+            seg.segment(image().astype(np.float32))
+        with pytest.raises(InvalidInputError, match=r"\[H, W, 3\]"):
+            seg.segment(np.zeros((4, 4, 4), np.uint8))
+
+    def test_a_failure_in_a_batch_loses_nothing(self, seg):
+        results = seg.segment_batch([image(), b"junk", image()[:100]])
+        assert isinstance(results[0], Result) and isinstance(results[2], Result)
+        assert isinstance(results[1], InvalidInputError)
+        np.testing.assert_array_equal(results[0].panoptic, seg.segment(image()).panoptic)
+
+
+def test_cli_segment_and_add_class(models, tmp_path, capsys):
+    db = tmp_path / "db"
+    open_segmenter(models, db).close()
+    Image.fromarray(image()).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"broken")
+    assert main(["add-class", "ice cave", "--thing", "--models", str(models), "--db", str(db)]) == 0
+    code = main([
+        "segment", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--models", str(models), "--db", str(db),
+        "--out", str(tmp_path / "out"), "--panoptic", "--overlay",
+    ])  # fmt: skip
+    assert code == 1, "one image failed"
+    assert "b.png" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "a.json").read_text())
+    semantic = np.asarray(Image.open(tmp_path / "out" / "a.semantic.png"))
+    assert semantic.shape == (250, 330)
+    assert set(np.unique(semantic).tolist()) <= {int(c) for c in report["semantic_classes"]}
+    assert (tmp_path / "out" / "a.overlay.png").is_file() and (tmp_path / "out" / "a.panoptic.png").is_file()
