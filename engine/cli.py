@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from knnclip.engine import cli_export
 
     cli_export.add_parser(commands)
+    cli_export.add_build_parser(commands)
     from knnclip.engine import cli_segment
 
     cli_segment.add_parser(commands)

@@ -70,3 +70,41 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     fc.add_argument("--overwrite", action="store_true", help="replace OUT/image and OUT/text if they exist")
     fc.add_argument("--json", action="store_true", help="print the manifests as JSON")
     fc.set_defaults(run=_run)
+
+
+def _build(args: argparse.Namespace) -> int:
+    try:
+        from knnclip.export.tensorrt import BuildSettings, build_engine, engine_key, import_tensorrt
+    except ImportError as exc:
+        raise BackendUnavailableError(f"knnclip build needs the export side ({exc})") from None
+    from pathlib import Path
+
+    from knnclip.engine.artifact import read_manifest
+    from knnclip.engine.engine_cache import EngineCache
+
+    trt = import_tensorrt()
+    onnx_dir = Path(args.onnx)
+    manifest = read_manifest(onnx_dir)
+    settings = BuildSettings(
+        precision=args.precision, max_batch=args.max_batch, workspace_bytes=args.workspace_gib << 30,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+    )  # fmt: skip
+    key = engine_key(onnx_dir, manifest, settings, trt.__version__)
+    cache = EngineCache(args.cache)
+    plan = cache.get_or_build(key, lambda: build_engine(onnx_dir, settings), {"onnx_dir": str(onnx_dir)})
+    print(f"engine for {onnx_dir} on {key.gpu_name} (sm {key.compute_capability}, TensorRT {key.tensorrt_version}, "
+          f"{settings.precision}): {len(plan) / 2**20:.1f} MiB in {cache.root}")  # fmt: skip
+    return 0
+
+
+def add_build_parser(commands: argparse._SubParsersAction) -> None:
+    build = commands.add_parser(
+        "build", help="build a TensorRT engine for this GPU from an exported ONNX artefact (needs TensorRT)"
+    )
+    build.add_argument("--onnx", required=True, help="an artefact directory written by knnclip export")
+    build.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    build.add_argument("--max-batch", type=int, default=1, help="largest batch of the optimisation profile")
+    build.add_argument("--workspace-gib", type=int, default=4, help="builder workspace limit in GiB (default 4)")
+    build.add_argument("--timing-cache", help="a timing cache file to read and update")
+    build.add_argument("--cache", help="engine cache directory (default ~/.cache/knnclip/engines)")
+    build.set_defaults(run=_build)
