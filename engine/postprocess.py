@@ -162,33 +162,31 @@ def panoptic_inference(
     scores = probs[np.arange(len(probs)), labels]
     keep = np.flatnonzero((labels != num_classes) & (scores > object_mask_threshold))
     height, width = masks.shape[-2:]
-    panoptic = np.zeros((height, width), dtype=np.int32)
     segments: list[Segment] = []
     if len(keep) == 0:
-        return panoptic, segments
-    kept_masks = 1.0 / (1.0 + np.exp(-masks[keep]))
-    owner = (scores[keep][:, None, None] * kept_masks).argmax(0)
-    stuff_ids: dict[int, int] = {}
-    next_id = 0
+        return np.zeros((height, width), dtype=np.int32), segments
+    kept = masks[keep].reshape(len(keep), -1)
+    # Each pixel goes to the query with the highest score x sigmoid(mask); sigmoid(x) >= 0.5 is x >= 0.
+    owner = (scores[keep][:, None] * (1.0 / (1.0 + np.exp(-kept)))).argmax(0)
+    own_at_owner = np.take_along_axis(kept, owner[None], 0)[0] >= 0
+    area = np.bincount(owner, minlength=len(keep))  # pixels each query won
+    original = (kept >= 0).sum(1)  # pixels of each query's own mask
+    region = np.bincount(owner, weights=own_at_owner, minlength=len(keep)).astype(np.int64)  # won and own
+    segment_of = np.zeros(len(keep) + 1, np.int32)  # kept query -> segment id (0: dropped)
+    stuff: dict[int, int] = {}  # class -> index into segments
     for k, query in enumerate(keep):
+        if area[k] == 0 or original[k] == 0 or region[k] == 0 or area[k] / original[k] < overlap_threshold:
+            continue
         cls = int(labels[query])
-        won = owner == k
-        area = int(won.sum())
-        own = kept_masks[k] >= 0.5
-        original = int(own.sum())
-        region = won & own
-        region_area = int(region.sum())
-        if area == 0 or original == 0 or region_area == 0 or area / original < overlap_threshold:
-            continue
         isthing = thing(cls)
-        if not isthing and cls in stuff_ids:  # stuff: one segment per class
-            i = stuff_ids[cls]
-            panoptic[region] = segments[i].id
-            segments[i] = replace(segments[i], area=segments[i].area + region_area)
+        if not isthing and cls in stuff:  # stuff: one segment per class
+            i = stuff[cls]
+            segment_of[k] = segments[i].id
+            segments[i] = replace(segments[i], area=segments[i].area + int(region[k]))
             continue
-        next_id += 1
         if not isthing:
-            stuff_ids[cls] = len(segments)
-        panoptic[region] = next_id
-        segments.append(Segment(next_id, cls, float(scores[query]), region_area, isthing, int(query)))
-    return panoptic, segments
+            stuff[cls] = len(segments)
+        segments.append(Segment(len(segments) + 1, cls, float(scores[query]), int(region[k]), isthing, int(query)))
+        segment_of[k] = segments[-1].id
+    panoptic = np.where(own_at_owner, segment_of[owner], 0).astype(np.int32)
+    return panoptic.reshape(height, width), segments

@@ -61,6 +61,8 @@ class OrtSession(Session):
             threads = int(os.environ.get("KNNCLIP_ORT_THREADS", "0"))  # 0: one per physical core
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Spinning workers would keep the cores busy after each run, slowing the ops that follow.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The arena keeps peak-size buffers for the next call: right for a server running one size.
         options.enable_cpu_mem_arena = True
         self._session = ort.InferenceSession(
