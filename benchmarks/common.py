@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -105,3 +107,31 @@ def write_text(name: str, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def rss_mib() -> float:
+    """The process's resident-set high-water mark in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    """``summarize`` of ``repeats`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return summarize(times)
+
+
+def spawn(script: str, case: dict[str, Any]) -> dict[str, Any]:
+    """Run ``script --worker CASE`` in a fresh process (its memory peak is its own) and return the
+    JSON it prints last, or ``{"error": ...}``."""
+    proc = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(case)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])

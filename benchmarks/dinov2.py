@@ -14,21 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from common import machine, summarize, write_json, write_text
+from common import machine, rss_mib, spawn, time_calls, write_json, write_text
 
 SIZE = 518
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _config(preset: str, depth: int | None) -> Any:
@@ -49,17 +41,6 @@ def _model(case: dict[str, Any]) -> Any:
     return DinoV2(_config(case["preset"], case["depth"])).eval().requires_grad_(False)
 
 
-def _time(fn: Any, warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return summarize(times)
-
-
 def worker(case: dict[str, Any]) -> dict[str, Any]:
     """One measurement (or the export step), in this process."""
     import numpy as np
@@ -75,16 +56,16 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
         import onnxruntime as ort
 
         providers = ["CUDAExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
-        baseline = _rss_mib()
+        baseline = rss_mib()
         session = ort.InferenceSession(str(Path(case["onnx"]) / "model.onnx"), providers=providers)
         if session.get_providers()[0] != providers[0]:
             return {"error": f"{providers[0]} unavailable (onnxruntime-gpu not installed?)"}
-        stats = _time(lambda: session.run(["keys"], {"images": images}), case["warmup"], case["repeats"])
-        return {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": _rss_mib(), "threads": "onnxruntime default"}
+        stats = time_calls(lambda: session.run(["keys"], {"images": images}), case["warmup"], case["repeats"])
+        return {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": rss_mib(), "threads": "onnxruntime default"}
     import torch
 
     device = "cuda" if backend == "torch-cuda" else "cpu"
-    baseline = _rss_mib()
+    baseline = rss_mib()
     model = _model(case).to(device)
     if case["fp16"]:
         model.half_compute_()
@@ -98,21 +79,12 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    stats = _time(run, case["warmup"], case["repeats"])
-    out = {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": _rss_mib(), "threads": torch.get_num_threads()}
+    stats = time_calls(run, case["warmup"], case["repeats"])
+    out = {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": rss_mib(), "threads": torch.get_num_threads()}
     if device == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu"] = torch.cuda.get_device_name()
     return out
-
-
-def spawn(case: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(case)], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def cases(quick: bool, cuda: bool) -> list[dict[str, Any]]:
@@ -209,9 +181,9 @@ def main() -> None:
                 key = f"{plan['preset']}-{plan['depth']}-{'fp16' if plan['fp16'] else 'fp32'}"
                 plan["onnx"] = str(Path(tmp) / key)
                 if key not in exports:
-                    exports[key] = spawn({**plan, "backend": "export"})
+                    exports[key] = spawn(__file__, {**plan, "backend": "export"})
                     print(f"export {key}: {exports[key]}", flush=True)
-            result = spawn(plan)
+            result = spawn(__file__, plan)
             print(f"{plan['label']} {plan['backend']} fp16={plan['fp16']}: {result}", flush=True)
             rows.append({k: plan[k] for k in ("label", "preset", "depth", "backend", "fp16")} | {"result": result})
     result = {
