@@ -110,7 +110,15 @@ def write_text(name: str, text: str) -> Path:
 
 
 def rss_mib() -> float:
-    """The process's resident-set high-water mark in MiB (Linux reports KiB)."""
+    """This process's resident-set high-water mark in MiB. ``/proc/self/status`` VmHWM belongs to
+    the address space and starts afresh at exec; ``getrusage``'s ru_maxrss would carry the parent's
+    peak into a spawned worker (the fallback where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -123,6 +123,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from knnclip.engine.bench import run_bench
+
+    preset = "full" if args.full else "quick" if args.quick else args.preset
+    report = run_bench(preset, Path(args.work), Path(args.out), args.name, say=(lambda _: None) if args.json else print)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    failed = [k for k, v in report["pipelines"].items() if "error" in v]
+    return 1 if failed else 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", required=True, help="models directory (fcclip/image, fcclip/text, dinov2)")
     p.add_argument("--db", required=True, help="database directory (created when missing, for commands that add)")
@@ -173,3 +184,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--dinov2-config", help="its config (JSON, file or preset); default ViT-g/14-reg4")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser(
+        "bench", help="per-stage latency, throughput and memory, engine vs a PyTorch eager reference pipeline"
+    )
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="reduced models on a CPU, under 5 minutes on 2 cores")
+    size.add_argument("--full", action="store_true", help="the real model sizes, 10^6 entries: for a GPU")
+    size.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"])
+    bench.add_argument("--work", default="knnclip-bench", help="working directory for models and the database")
+    bench.add_argument("--out", default="benchmarks/results", help="where the JSON, Markdown and PNG go")
+    bench.add_argument("--name", help="results file stem (default end_to_end-PRESET-MACHINE)")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.set_defaults(run=_bench)
