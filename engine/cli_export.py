@@ -66,6 +66,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "classes named there get the ensemble's alpha, others beta",
     )
     fc.add_argument("--out", required=True, help="directory to create (OUT/image, OUT/text)")
+    fc.add_argument("--fp16", action="store_true", help="fp16 image graph (norms, softmax, attention stay fp32)")
     fc.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     fc.add_argument("--overwrite", action="store_true", help="replace OUT/image and OUT/text if they exist")
     fc.add_argument("--json", action="store_true", help="print the manifests as JSON")

@@ -89,6 +89,49 @@ class TestParity:
             assert rel(b[1:], a) <= 1e-5
 
 
+class TestFp16:
+    """Catches an fp16 graph that loses the model: continuous outputs close, segments unchanged."""
+
+    @pytest.fixture(scope="class")
+    def half(self, exported, tmp_path_factory):
+        fx, _ = exported
+        return fx, export_fcclip_onnx(fx.model, tmp_path_factory.mktemp("fp16") / "out", size=fx.padded, fp16=True)
+
+    def test_outputs_and_segments(self, half):
+        fx, result = half
+        assert result.image.manifest["precision"] == "fp16" and result.text.manifest["precision"] == "fp32"
+        masks, class_embed, ov_embed, dense = session(result.image.model_path).run(
+            None, {"images": fx.io["input_tensor"]}
+        )
+        assert masks.dtype == np.float32 and rel(masks, fx.io["pred_masks"]) <= 1e-2
+        assert rel(dense, fx.io["feat_clip_vis_dense"]) <= 5e-3
+        head = result.image.manifest["head"]
+        in_vocab = postprocess.classification_logits(
+            class_embed[0], fx.io["text_classifier"], head["in_vocab_logit_scale"], fx.synonyms_per_class
+        )
+        ov = postprocess.classification_logits(
+            ov_embed[0], fx.io["text_classifier"], head["clip_logit_scale"], fx.synonyms_per_class
+        )
+        mask_cls = postprocess.geometric_ensemble(in_vocab, ov, fx.io["category_overlapping_mask"], 0.4, 0.8).mask_cls()
+        full = postprocess.resize_masks(masks[0], fx.padded, fx.resized, fx.original)
+        semantic = postprocess.semantic_inference(postprocess.semantic_probs(mask_cls), full)
+        assert rel(semantic, fx.io["sem_seg"]) <= 2e-2
+        panoptic, segments = postprocess.panoptic_inference(mask_cls, full, fx.is_thing)
+        assert [s.category_id for s in segments] == fx.io["segments_category_id"].tolist()
+        # Random-weight masks have logits near 0 over wide areas, so fp16 moves their edges more than
+        # trained masks' (measured 98.5% and 96.7% of pixels unchanged on the two fixtures).
+        assert (panoptic == fx.io["panoptic_seg"]).mean() > 0.95
+
+    def test_only_the_heavy_parts_are_fp16(self, half):
+        import onnx
+
+        _, result = half
+        graph = onnx.load(str(result.image.model_path)).graph
+        half_weights = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+        assert half_weights, "the trunk and pixel decoder weights are stored in fp16"
+        assert not any("predictor" in name for name in half_weights), "the transformer decoder stays fp32"
+
+
 class TestManifest:
     """Catches artefacts whose manifest does not describe them."""
 
