@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -14,6 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from knnclip.engine.info import cpu_name
+from knnclip.engine.info import peak_rss_mib as rss_mib
+
+__all__ = [
+    "RESULTS", "machine", "rss_mib", "spawn", "summarize", "time_calls", "timeit_interleaved", "write_json",
+    "write_text",
+]  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # so the scripts can import tests.reference_ops
@@ -22,14 +28,7 @@ if str(REPO) not in sys.path:  # so the scripts can import tests.reference_ops
 
 def machine() -> dict[str, Any]:
     """CPU, cores, memory, Python and library versions: recorded beside every number."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     memory_gib = None
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -107,19 +106,6 @@ def write_text(name: str, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
-
-
-def rss_mib() -> float:
-    """This process's resident-set high-water mark in MiB. ``/proc/self/status`` VmHWM belongs to
-    the address space and starts afresh at exec; ``getrusage``'s ru_maxrss would carry the parent's
-    peak into a spawned worker (the fallback where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:

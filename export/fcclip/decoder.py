@@ -123,7 +123,8 @@ class TransformerDecoder(nn.Module):
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         self.level_embed = nn.Embedding(cfg.num_feature_levels, d)
         self.mask_embed = MLP(d, d, mask_dim, 3)
-        self._mask_pooling_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+        # Mask-pooled pixel features (mask_dim wide) projected to the query width.
+        self._mask_pooling_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, d))
         self.class_embed = MLP(d, d, clip_dim, 3)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
