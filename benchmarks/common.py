@@ -17,8 +17,8 @@ from knnclip.engine.info import cpu_name
 from knnclip.engine.info import peak_rss_mib as rss_mib
 
 __all__ = [
-    "RESULTS", "machine", "rss_mib", "spawn", "summarize", "time_calls", "timeit_interleaved", "write_json",
-    "write_text",
+    "RESULTS", "machine", "rss_mib", "spawn", "summarize", "time_calls", "time_torch", "timeit_interleaved",
+    "write_json", "write_text",
 ]  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +118,27 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, fl
         fn()
         times.append(time.perf_counter() - start)
     return summarize(times)
+
+
+def time_torch(model: Any, x: Any, device: str, warmup: int, repeats: int, baseline: float) -> dict[str, Any]:
+    """Time ``model(x)`` in inference mode (synchronised on CUDA), with the memory peaks: the
+    process's over ``baseline`` (taken before the model was built) and, on CUDA, the allocator's."""
+    import torch
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stats = time_calls(run, warmup, repeats)
+    out = {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": rss_mib(), "threads": torch.get_num_threads()}
+    if device == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def spawn(script: str, case: dict[str, Any]) -> dict[str, Any]:

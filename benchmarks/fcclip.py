@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import machine, rss_mib, spawn, time_calls, write_json, write_text
+from common import machine, rss_mib, spawn, time_calls, time_torch, write_json, write_text
 
 
 def _model(case: dict[str, Any]) -> Any:
@@ -62,19 +62,7 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
     baseline = rss_mib()
     model = ImageGraph(_model(case)).to(device)
     x = torch.from_numpy(images).to(device)
-
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    stats = time_calls(run, case["warmup"], case["repeats"])
-    out = {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": rss_mib(), "threads": torch.get_num_threads()}
-    if device == "cuda":
-        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
+    return time_torch(model, x, device, case["warmup"], case["repeats"], baseline)
 
 
 def cases(quick: bool, cuda: bool) -> list[dict[str, Any]]:
