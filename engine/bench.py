@@ -325,9 +325,9 @@ def run_bench(preset_name: str, work: Path, out_dir: Path, name: str | None = No
     preset = PRESETS[preset_name]
     work.mkdir(parents=True, exist_ok=True)
     flops = build(preset, work, say)
-    from knnclip.engine.backends import _cuda_usable
+    from knnclip.engine.backends import cuda_usable
 
-    device = "cuda" if _cuda_usable() else "cpu"
+    device = "cuda" if cuda_usable() else "cpu"
     pipelines = [("engine onnxruntime", {"pipeline": "engine", "backend": "onnxruntime", "device": device})]
     if device == "cuda":
         pipelines.append(("engine tensorrt", {"pipeline": "engine", "backend": "tensorrt", "device": "cuda"}))

@@ -90,7 +90,7 @@ def _build(args: argparse.Namespace) -> int:
         precision=args.precision, max_batch=args.max_batch, workspace_bytes=args.workspace_gib << 30,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
     )  # fmt: skip
-    key = engine_key(onnx_dir, manifest, settings, trt.__version__)
+    key = engine_key(manifest, settings, trt.__version__)
     cache = EngineCache(args.cache)
     plan = cache.get_or_build(key, lambda: build_engine(onnx_dir, settings), {"onnx_dir": str(onnx_dir)})
     print(f"engine for {onnx_dir} on {key.gpu_name} (sm {key.compute_capability}, TensorRT {key.tensorrt_version}, "

@@ -11,7 +11,6 @@ on. The code follows the documented API; ``benchmarks/gpu_check.py`` is where it
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from knnclip.engine.artifact import read_manifest
 from knnclip.engine.engine_cache import EngineKey
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, KnnclipError
 
-log = logging.getLogger("knnclip.tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -80,7 +78,8 @@ def gpu_identity() -> tuple[str, str]:
     return device.name(), f"{major}.{minor}"
 
 
-def engine_key(onnx_dir: Path, manifest: dict[str, Any], settings: BuildSettings, trt_version: str) -> EngineKey:
+def engine_key(manifest: dict[str, Any], settings: BuildSettings, trt_version: str) -> EngineKey:
+    """What an engine built from the artefact ``manifest`` with ``settings`` on this GPU is valid for."""
     name, capability = gpu_identity()
     profiles = tuple((n, tuple(a), tuple(b), tuple(c)) for n, a, b, c in profiles_for(manifest, settings))
     onnx_sha = manifest["files"]["model"]["sha256"]

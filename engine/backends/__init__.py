@@ -23,10 +23,11 @@ from knnclip.engine.errors import BackendUnavailableError
 
 log = logging.getLogger("knnclip.backends")
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-__all__ = ["BACKENDS", "Session", "TensorSpec", "available_backends", "open_session"]
+__all__ = ["BACKENDS", "Session", "TensorSpec", "available_backends", "cuda_usable", "open_session"]
 
 
-def _cuda_usable() -> bool:
+def cuda_usable() -> bool:
+    """True when a CUDA device can run something here: the compiled ops or ONNX Runtime's CUDA provider."""
     from knnclip.engine import ops
 
     if ops.cuda_available():
@@ -70,7 +71,7 @@ def open_session(
     directory = Path(artifact_dir)
     manifest = read_manifest(directory, verify_files=verify_files)
     if device == "auto":
-        device = "cuda" if _cuda_usable() else "cpu"
+        device = "cuda" if cuda_usable() else "cpu"
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if backend not in ("auto", *BACKENDS):

@@ -33,7 +33,7 @@ def open_tensorrt(directory: Path, manifest: dict[str, Any], device: str) -> Ten
         raise BackendUnavailableError(f"the TensorRT backend needs the export side ({exc})") from None
     trt = import_tensorrt()
     settings = BuildSettings(precision=manifest.get("precision", "fp32"))
-    key = engine_key(directory, manifest, settings, trt.__version__)
+    key = engine_key(manifest, settings, trt.__version__)
     plan = EngineCache().get_or_build(key, lambda: build_engine(directory, settings), {"onnx_dir": str(directory)})
     return TensorRTSession(directory, manifest, plan)
 
@@ -69,10 +69,10 @@ class TensorRTSession(Session):
                 self._max_shapes[name] = tuple(largest)
             else:
                 largest = tuple(abs(d) for d in self._engine.get_tensor_shape(name))
-            self._buffers[name] = cuda.mem_alloc(int(np.prod(self._max_shape(name, largest))) * dtype.itemsize)
+            self._buffers[name] = cuda.mem_alloc(int(np.prod(self._max_shape(largest))) * dtype.itemsize)
             self._context.set_tensor_address(name, int(self._buffers[name]))
 
-    def _max_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def _max_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Outputs' dynamic (batch) axes take the inputs' largest batch."""
         batch = max((s[0] for s in self._max_shapes.values()), default=1)
         return tuple(batch if d in (0, -1) else d for d in shape)
