@@ -170,7 +170,8 @@ class TestPanopticQuality:
         metric = pq_of([(pred, {5: 0, 6: 0}, gt, {1: (0, False)})])
         assert (metric.tp[0], metric.fp[0], metric.fn[0]) == (1, 1, 0)
         assert metric.per_class()["pq"][0] == pytest.approx(0.6 / 1.5)
-        assert metric.per_class()["sq"][0] == pytest.approx(0.6) and metric.per_class()["rq"][0] == pytest.approx(1 / 1.5)
+        per = metric.per_class()
+        assert per["sq"][0] == pytest.approx(0.6) and per["rq"][0] == pytest.approx(1 / 1.5)
         half = np.array([[5] * 5 + [6] * 5])  # 5 + 5: IoU exactly 0.5 is no match
         metric = pq_of([(half, {5: 0, 6: 0}, gt, {1: (0, False)})])
         assert (metric.tp[0], metric.fp[0], metric.fn[0]) == (0, 2, 1) and metric.per_class()["pq"][0] == 0.0
