@@ -81,3 +81,8 @@ class ReadOnlyDatabaseError(DatabaseError):
 
 class DatabaseNotTrainedError(DatabaseError):
     """The index needs training (IVF, PQ, 8-bit storage) before the first add."""
+
+
+class DatasetError(KnnclipError, ValueError):
+    """A dataset directory lacks files, pairs images and annotations wrongly, or holds a malformed
+    annotation or class-name file (the message names the file and the layout expected)."""
