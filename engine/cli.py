@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from knnclip.engine import cli_db
 
-    cli_db.add_parser(commands)
+    db_actions = cli_db.add_parser(commands)
     from knnclip.engine import cli_export
 
     cli_export.add_parser(commands)
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     from knnclip.engine import cli_segment
 
     cli_segment.add_parser(commands)
+    from knnclip.engine import cli_eval
+
+    cli_eval.add_parser(commands, db_actions)
     return parser
 
 

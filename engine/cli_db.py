@@ -150,7 +150,8 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``knnclip db``; returns its sub-command parsers (``knnclip db add-dataset`` joins them)."""
     from knnclip.engine.database.indexes import INDEX_KINDS, METRICS, STORAGES
 
     db = commands.add_parser("db", help="manage an embedding database")
@@ -180,3 +181,4 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p = action("snapshot", _snapshot, "write a consistent copy to a new directory")
     p.add_argument("out", help="new directory")
     action("checkpoint", _checkpoint, "write the index and empty the log")
+    return sub

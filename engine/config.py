@@ -9,10 +9,16 @@ with the data named beside them.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from knnclip.engine._fsutil import atomic_write_bytes
 from knnclip.engine.errors import InvalidInputError
+
+CONFIG_FORMAT = "knnclip-retrieval-config/1"
 
 
 @dataclass(frozen=True)
@@ -61,3 +67,24 @@ class RetrievalConfig:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_file(self, path: str | os.PathLike[str], source: dict[str, Any] | None = None) -> None:
+        """Write the settings as JSON with ``source`` (what chose them: a sweep's data and score)."""
+        body = {"format": CONFIG_FORMAT, "retrieval": self.to_json(), "source": source or {}}
+        atomic_write_bytes(path, json.dumps(body, indent=1).encode())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> RetrievalConfig:
+        """Read settings written by ``to_file`` (``knnclip eval sweep --write-config``)."""
+        try:
+            body = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{path}: not a readable retrieval config ({exc})") from None
+        valid = isinstance(body, dict) and body.get("format") == CONFIG_FORMAT
+        if not valid or not isinstance(body.get("retrieval"), dict):
+            raise InvalidInputError(f"{path}: not a knnclip retrieval config (format {CONFIG_FORMAT!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(body["retrieval"]) - fields
+        if unknown:
+            raise InvalidInputError(f"{path}: unknown retrieval settings {sorted(unknown)}")
+        return cls(**body["retrieval"])

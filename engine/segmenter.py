@@ -15,6 +15,7 @@ examples. ``add_class`` registers a name (FC-CLIP can then predict it from text 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -114,6 +115,33 @@ class _Vocab:
         return [c.name for c in self.classes]
 
 
+@dataclass
+class _Proposal:
+    """One image's model outputs before retrieval (what a sweep over retrieval settings reuses)."""
+
+    x: FCCLIPInput
+    masks: np.ndarray  # [Q, h, w] mask logits over the padded input at stride 4
+    base: postprocess.ClassProbabilities
+    queries: np.ndarray  # [Q, D] pooled DINOv2 keys
+    vocab: _Vocab
+    _full: np.ndarray | None = None
+
+    def full_masks(self) -> np.ndarray:
+        """[Q, H, W] mask logits at the image's size (computed once)."""
+        if self._full is None:
+            self._full = postprocess.resize_masks(self.masks, self.x.padded, self.x.resized, self.x.original)
+        return self._full
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    index: np.ndarray  # [Q, k] neighbour class indices (-1: none)
+    sims: np.ndarray  # [Q, k] similarities (0 where no neighbour)
+    p_ret: np.ndarray
+    fused: np.ndarray
+    mask_cls: np.ndarray  # [Q, C + 1] with void
+
+
 class _Timer:
     def __init__(self) -> None:
         self.ms: dict[str, float] = {}
@@ -158,6 +186,7 @@ class Segmenter:
             cache_dir=text_cache,
         )  # fmt: skip
         self._owns_database = owns_database
+        self._owns_models = True
         self._vocab: _Vocab | None = None
         self._vocab_key: Any = None
         self._lock = threading.Lock()
@@ -187,10 +216,19 @@ class Segmenter:
             db = Database.create(path, models.embedding_dim)
         return cls(models, db, config, text_cache=text_cache, owns_database=True)
 
+    def with_database(self, database: Database) -> Segmenter:
+        """A segmenter over another database that shares this one's models and text embeddings
+        (closing it closes neither)."""
+        other = copy.copy(self)
+        other.db, other._owns_database, other._owns_models = database, False, False
+        other._vocab, other._vocab_key, other._lock = None, None, threading.Lock()
+        return other
+
     def close(self) -> None:
         if self._owns_database:
             self.db.close()
-        self.models.close()
+        if self._owns_models:
+            self.models.close()
 
     def __enter__(self) -> Segmenter:
         return self
@@ -266,6 +304,13 @@ class Segmenter:
         )  # fmt: skip
 
     def _segment_pixels(self, pixels: np.ndarray, timer: _Timer) -> Result:
+        proposal = self._propose(pixels, timer)
+        with timer.stage("search"):
+            sims, labels, _ = self.db.search(proposal.queries, self.config.k)
+        return self._decide(proposal, sims, labels, self.config, timer)
+
+    def _propose(self, pixels: np.ndarray, timer: _Timer) -> _Proposal:
+        """Everything before the database: masks, P_base and the query embeddings."""
         cfg, head = self.config, self.models.head
         vocab = self._vocabulary()
         with timer.stage("preprocess"):
@@ -288,26 +333,35 @@ class Segmenter:
             # The masks cover the padded input at stride 4; DINOv2 saw the unpadded image only.
             valid = masks[:, : -(-x.resized[0] // 4), : -(-x.resized[1] // 4)]
             queries = ops.mask_pool(np.ascontiguousarray(keys), np.ascontiguousarray(valid), cfg.mask_threshold)
-        with timer.stage("search"):
-            sims, labels, _ = self.db.search(queries, cfg.k)
+        return _Proposal(x, masks, base, queries, vocab)
+
+    def _decide(
+        self,
+        p: _Proposal,
+        sims: np.ndarray,
+        labels: np.ndarray,
+        cfg: RetrievalConfig,
+        timer: _Timer,
+        *,
+        panoptic: bool = True,
+    ) -> Result:
+        """Neighbours to P_ret, fusion, and FC-CLIP's semantic and panoptic inference."""
+        head, vocab = self.models.head, p.vocab
         with timer.stage("fuse"):
-            found = labels >= 0
-            index = vocab.lut[np.where(found, labels, -1) + 1]  # a class removed mid-search maps to -1
-            sims = np.where(index >= 0, sims, 0.0).astype(np.float32)
-            p_ret = ops.retrieval_probs(sims, index, len(vocab.classes), cfg.tau)
-            fused = ops.fuse(base.classes.astype(np.float32), p_ret, cfg.T, cfg.lam)
-            final = postprocess.ClassProbabilities(fused, base.void)
-            mask_cls = final.mask_cls()
+            fusion = self._fuse(p, sims, labels, cfg)
         with timer.stage("postprocess"):
-            full = postprocess.resize_masks(masks, x.padded, x.resized, x.original)
-            semantic_scores = postprocess.semantic_inference(postprocess.semantic_probs(mask_cls), full)
-            ids = np.array([c.id for c in vocab.classes], np.int32)
-            semantic = ids[semantic_scores.argmax(0)]
-            panoptic, segs = postprocess.panoptic_inference(
-                mask_cls, full, vocab.is_thing, head.object_mask_threshold, head.overlap_threshold
-            )
+            full = p.full_masks()
+            semantic = self._semantic(p, fusion.mask_cls)
+            if panoptic:
+                panoptic_map, segs = postprocess.panoptic_inference(
+                    fusion.mask_cls, full, vocab.is_thing, head.object_mask_threshold, head.overlap_threshold
+                )
+            else:
+                panoptic_map, segs = np.zeros(semantic.shape, np.int32), []
+        index, sims, p_ret, fused = fusion.index, fusion.sims, fusion.p_ret, fusion.fused
+        ids = np.array([c.id for c in vocab.classes], np.int32)
         names = vocab.names
-        base_top = base.classes.argmax(-1)
+        base_top = p.base.classes.argmax(-1)
         ret_top = p_ret.argmax(-1)
         ret_conf = p_ret.max(-1)
         changed = fused.argmax(-1) != base_top
@@ -322,7 +376,22 @@ class Segmenter:
                             evidence(s.query))
             for s in segs
         ]  # fmt: skip
-        return Result(semantic, panoptic, segments, {c.id: c.name for c in vocab.classes})
+        return Result(semantic, panoptic_map, segments, {c.id: c.name for c in vocab.classes})
+
+    def _fuse(self, p: _Proposal, sims: np.ndarray, labels: np.ndarray, cfg: RetrievalConfig) -> _Fusion:
+        vocab = p.vocab
+        index = vocab.lut[np.where(labels >= 0, labels, -1) + 1]  # a class removed mid-search maps to -1
+        sims = np.where(index >= 0, sims, 0.0).astype(np.float32)
+        p_ret = ops.retrieval_probs(sims, index, len(vocab.classes), cfg.tau)
+        fused = ops.fuse(p.base.classes.astype(np.float32), p_ret, cfg.T, cfg.lam)
+        mask_cls = postprocess.ClassProbabilities(fused, p.base.void).mask_cls()
+        return _Fusion(index, sims, p_ret, fused, mask_cls)
+
+    def _semantic(self, p: _Proposal, mask_cls: np.ndarray) -> np.ndarray:
+        """[H, W] database class ids: FC-CLIP's semantic inference on the image-sized masks."""
+        scores = postprocess.semantic_inference(postprocess.semantic_probs(mask_cls), p.full_masks())
+        ids = np.array([c.id for c in p.vocab.classes], np.int32)
+        return ids[scores.argmax(0)]
 
     # Growing the database ----------------------------------------------------------------------
     def embed_masks(self, image: ImageInput, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

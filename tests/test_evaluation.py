@@ -1,0 +1,182 @@
+"""Evaluation through the real pipeline (seeded demo models exported to ONNX, a FAISS database)
+on tiny datasets written in the real layouts: the continual protocol with zero forgetting for
+the exact index, semantic and panoptic scores equal to independent recomputations, the sweep,
+the CLI and its reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the test models are built with torch (pip install torch)")
+pytest.importorskip("onnx", reason="the test models are exported to ONNX (pip install onnx)")
+
+from knnclip.engine.config import RetrievalConfig  # noqa: E402
+from knnclip.engine.continual import ContinualSettings, class_steps, run_continual  # noqa: E402
+from knnclip.engine.data import open_dataset  # noqa: E402
+from knnclip.engine.errors import InvalidInputError  # noqa: E402
+from knnclip.engine.evaluation import add_dataset, class_lut, evaluate, register_classes  # noqa: E402
+from knnclip.engine.segmenter import Segmenter  # noqa: E402
+from knnclip.engine.sweep import SweepGrid, run_sweep, split_held_out  # noqa: E402
+from tests.dataset_writers import samples, write_panoptic, write_semantic  # noqa: E402
+from tests.test_metrics import reference_iou, reference_pq  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from knnclip.engine.demo import DemoSettings, build_models
+
+    return build_models(DemoSettings(out=tmp_path_factory.mktemp("demo")), say=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    data = samples(12, 4, size=(96, 128))
+    write_semantic(root, "ade20k-150", data)
+    write_panoptic(root, "coco-panoptic", data)
+    return root
+
+
+def segmenter(models, path, **kw):
+    return Segmenter.from_dir(models, path, text_cache=None, **kw)
+
+
+class TestContinual:
+    """Catches a database whose growth disturbs old classes, and per-step scores that do not
+    agree with an independent recomputation."""
+
+    def test_steps_split_every_class_once(self):
+        steps = class_steps(10, 3, shuffle=True, seed=1)
+        assert len(steps) == 3 and sorted(sum(steps, [])) == list(range(10))
+        assert [len(s) for s in class_steps(8, 3)] == [3, 3, 2]
+        with pytest.raises(InvalidInputError, match="steps"):
+            class_steps(3, 4)
+
+    def test_protocol_end_to_end_with_zero_forgetting(self, models, root, tmp_path):
+        train = open_dataset("ade20k-150", root, "train")
+        val = open_dataset("ade20k-150", root, "val")
+        with segmenter(models, tmp_path / "db") as seg:
+            report = run_continual(seg, train, val, ContinualSettings(steps=3))
+            steps = report["steps"]
+            assert [s["seen"] for s in steps] == [3, 6, 8]
+            assert report["zero_forgetting"] is True and report["max_forgetting"] == 0.0
+            assert all(s["forgetting"]["identical"] for s in steps[1:]) and "forgetting" not in steps[0]
+            entries = [s["database"]["entries"] for s in steps]
+            assert entries[0] > 0 and entries == sorted(entries) and entries[-1] == len(seg.db)
+            assert steps[-1]["database"]["code_bytes"] == len(seg.db) * steps[-1]["database"]["code_bytes_per_entry"]
+            # The last step scores all classes: recompute its IoU independently from the segmentations.
+            lut = class_lut(seg, val.classes)
+            preds = [lut[seg.segment(val.image(i)).semantic] for i in range(len(val))]
+            gts = [val.semantic(i) for i in range(len(val))]
+            expected = reference_iou(preds, gts, len(val.classes), val.ignore)
+            got = np.array([np.nan if v is None else v for v in steps[-1]["iou"].values()])
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+            # Classes added later are no part of earlier scores.
+            assert set(steps[0]["iou"]) == {c.name for c in val.classes[:3]}
+
+    def test_refuses_a_database_that_is_not_empty(self, models, root, tmp_path):
+        train = open_dataset("ade20k-150", root, "train")
+        with segmenter(models, tmp_path / "db") as seg:
+            seg.add_class("sky")
+            with pytest.raises(InvalidInputError, match="empty database"):
+                run_continual(seg, train, train)
+
+
+class TestEvaluate:
+    def test_panoptic_scores_match_the_pairwise_definition(self, models, root, tmp_path):
+        train = open_dataset("coco-panoptic", root, "train")
+        val = open_dataset("coco-panoptic", root, "val")
+        with segmenter(models, tmp_path / "db") as seg:
+            done = add_dataset(seg, train)
+            assert done["entries"] > 0 and done["images"] == len(train)
+            ev = evaluate(seg, val)
+            lut = class_lut(seg, val.classes)
+            pairs = []
+            preds, gts = [], []
+            for i in range(len(val)):
+                r = seg.segment(val.image(i))
+                ids, info = val.segments(i)
+                pairs.append((r.panoptic, {s.id: int(lut[s.class_id]) for s in r.segments}, ids, info))
+                preds.append(lut[r.semantic])
+                gts.append(val.semantic(i))
+        np.testing.assert_allclose(ev.panoptic.per_class()["pq"], reference_pq(pairs, len(val.classes)), atol=1e-12)
+        np.testing.assert_allclose(ev.confusion.iou(), reference_iou(preds, gts, len(val.classes), 255), atol=1e-12)
+        assert ev.panoptic.summary()["all"]["n"] > 0
+
+    def test_register_is_idempotent_and_lut_maps_names(self, models, root, tmp_path):
+        ds = open_dataset("ade20k-150", root, "val")
+        with segmenter(models, tmp_path / "db") as seg:
+            seg.add_class("unrelated")
+            assert register_classes(seg, ds.classes) == len(ds.classes)
+            assert register_classes(seg, ds.classes) == 0
+            lut = class_lut(seg, ds.classes)
+            assert lut[seg.class_id("unrelated")] == -1 and lut[seg.class_id("water")] == 3
+
+
+class TestSweep:
+    def test_held_out_split(self):
+        held, rest = split_held_out(10, 0.2, 0)
+        assert len(held) == 2 and sorted(held + rest) == list(range(10))
+        with pytest.raises(InvalidInputError):
+            split_held_out(1, 0.5, 0)
+
+    def test_grid_scores_match_the_segmenter(self, models, root, tmp_path):
+        train = open_dataset("ade20k-150", root, "train")
+        grid = SweepGrid(k=(3, 10), tau=(0.05,), T=(0.0, 0.9), lam=(0.5, 1.0))
+        with segmenter(models, tmp_path / "db") as seg:
+            report = run_sweep(seg, train, grid, held_out=0.25, seed=3)
+            assert len(report["grid"]) == 8 and report["source"]["dataset"] == "ade20k-150"
+            # Re-score one grid point by segmenting the held-out images with that config.
+            held, _ = split_held_out(len(train), 0.25, 3)
+            lut = class_lut(seg, train.classes)
+            for row in (report["grid"][1], report["best"]):
+                cfg = RetrievalConfig(**row["config"])
+                with segmenter(models, seg.db, config=cfg) as other:
+                    preds = [lut[other.segment(train.image(i)).semantic] for i in held]
+                expected = reference_iou(preds, [train.semantic(i) for i in held], len(train.classes), 255)
+                assert row["miou"] == pytest.approx(np.nanmean(expected), abs=1e-6)
+        assert report["best"]["miou"] == max(r["miou"] for r in report["grid"])
+
+
+def test_cli_eval_and_add_dataset(models, root, tmp_path):
+    env = {**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")}
+
+    def knnclip(*args):
+        done = subprocess.run([sys.executable, "-m", "knnclip.engine.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=600)  # fmt: skip
+        return done
+
+    common = ["--root", str(root), "--models", str(models)]
+    done = knnclip("db", "add-dataset", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"),
+                   "--only", "sky", "water", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["entries"] > 0
+    # The database lacks most classes: a clear error, exit 1, unless --register.
+    done = knnclip("eval", "semantic", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"),
+                   "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 1 and "--register" in done.stderr
+    done = knnclip("eval", "panoptic", "--dataset", "coco-panoptic", *common, "--out", str(tmp_path / "out"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["result"]["panoptic"]["all"]["n"] > 0 and report["database"]["entries"] == 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "panoptic-coco-panoptic-val.json" in files and "panoptic-coco-panoptic-val.md" in files
+    done = knnclip("eval", "continual", "--dataset", "ade20k-150", *common, "--steps", "2", "--train-limit", "6",
+                   "--out", str(tmp_path / "out"), "--name", "cont")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "forgetting" in done.stdout and (tmp_path / "out" / "cont.md").is_file()
+    assert json.loads((tmp_path / "out" / "cont.json").read_text())["zero_forgetting"] is True
+    config = tmp_path / "best.json"
+    done = knnclip("eval", "sweep", "--dataset", "ade20k-150", *common, "--k-values", "5", "--tau-values", "0.05",
+                   "--T-values", "0.5", "--lam-values", "0.3", "0.7", "--train-limit", "6", "--write-config",
+                   str(config), "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    cfg = RetrievalConfig.from_file(config)
+    assert cfg.k == 5 and cfg.lam in (0.3, 0.7)
+    assert json.loads(config.read_text())["source"]["dataset"] == "ade20k-150"
