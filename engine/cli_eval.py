@@ -78,6 +78,7 @@ def _segmenter(args: argparse.Namespace, db: Any, *, index: str = "flat", storag
 def _finish(args: argparse.Namespace, report: dict[str, Any], name: str) -> int:
     from knnclip.engine.eval_report import markdown, write_report
 
+    report["command"] = "knnclip " + " ".join(sys.argv[1:])
     paths = write_report(report, args.out, args.name or name)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -181,7 +182,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     from knnclip.engine.data import DATASETS
 
     p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--root", required=True, help="the datasets folder (DETECTRON2_DATASETS) or the dataset's own")
+    p.add_argument("--root", help="the datasets folder (DETECTRON2_DATASETS) or the dataset's own (not for synthetic)")
     p.add_argument("--classes", help="class-name file (default: the FC-CLIP file found beside the data)")
     p.add_argument("--models", required=True, help="models directory (fcclip/image, fcclip/text, dinov2)")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])

@@ -33,7 +33,8 @@ def _open_segmenter(args: argparse.Namespace, read_only: bool):
     from knnclip.engine.config import RetrievalConfig
     from knnclip.engine.segmenter import Segmenter
 
-    config = RetrievalConfig(**{k: v for k in ("k", "tau", "T", "lam") if (v := getattr(args, k, None)) is not None})
+    base = RetrievalConfig.from_file(args.config) if getattr(args, "config", None) else RetrievalConfig()
+    config = base.replace(**{k: v for k in ("k", "tau", "T", "lam") if (v := getattr(args, k, None)) is not None})
     return Segmenter.from_dir(
         args.models, args.db, backend=args.backend, device=args.device, config=config, read_only=read_only
     )
@@ -152,6 +153,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     for name, kind, text in (("k", int, "neighbours"), ("tau", float, "temperature"), ("T", float, "fusion threshold"),
                              ("lam", float, "fusion weight")):  # fmt: skip
         seg.add_argument(f"--{name}", type=kind, help=f"retrieval {text} (default: RetrievalConfig)")
+    seg.add_argument("--config", help="retrieval settings JSON (knnclip eval sweep --write-config)")
     seg.set_defaults(run=_segment)
 
     cls = commands.add_parser("add-class", help="add a class name (with synonyms) to the vocabulary")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from knnclip.engine.backends import Session, open_session
-from knnclip.engine.errors import ArtifactCorruptError
+from knnclip.engine.errors import ArtifactCorruptError, ModelFileError
 from knnclip.engine.tokenizer import make_tokenizer
 
 
@@ -47,6 +47,12 @@ class ModelSet:
         self, models_dir: str | os.PathLike[str], backend: str = "auto", device: str = "auto"
     ) -> None:
         root = Path(models_dir)
+        missing = [sub for sub in ("fcclip/image", "fcclip/text", "dinov2") if not (root / sub).is_dir()]
+        if missing:
+            raise ModelFileError(
+                f"{root}: not a models directory (no {', '.join(missing)}); export the models there with "
+                "knnclip export fcclip / dinov2, or run knnclip demo, which writes knnclip-demo/models"
+            )
         self.root = root
         self.fcclip: Session = open_session(root / "fcclip" / "image", backend, device)
         self.text: Session = open_session(root / "fcclip" / "text", backend, device)
@@ -81,6 +87,12 @@ class ModelSet:
     @property
     def backends(self) -> dict[str, str]:
         return {name: repr(s) for name, s in (("fcclip", self.fcclip), ("text", self.text), ("dinov2", self.dinov2))}
+
+    def identity(self) -> dict[str, str]:
+        """Which weights these are: the models directory and each artefact's weights SHA-256."""
+        sessions = (("fcclip", self.fcclip), ("text", self.text), ("dinov2", self.dinov2))
+        weights = {f"{n}_weights_sha256": str(s.manifest["weights_sha256"]) for n, s in sessions}
+        return {"dir": str(self.root), **weights}
 
     def close(self) -> None:
         for session in (self.fcclip, self.text, self.dinov2):

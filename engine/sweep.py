@@ -100,7 +100,7 @@ def run_sweep(
         "source": {
             "dataset": train.key, "split": train.split, "held_out": held_out, "seed": seed,
             "held_out_images": len(held), "database_entries": added["entries"], "miou": best["miou"],
-            "base_miou": _num(base.miou()), "models": dict(seg.models.backends),
+            "base_miou": _num(base.miou()), "models": seg.models.identity(),
         },  # fmt: skip
         "seconds": round(time.perf_counter() - start, 3),
     }

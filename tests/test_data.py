@@ -180,3 +180,16 @@ class TestPanoptic:
         spec_path.write_text('{"images": []}')
         with pytest.raises(DatasetError, match="not a COCO panoptic"):
             open_dataset("ade20k-panoptic", tmp_path, "val")
+
+
+def test_synthetic_dataset_needs_no_root():
+    ds = open_dataset("synthetic", None, "val")
+    assert len(ds) == 16 and ds.panoptic and [c.name for c in ds.classes] == [c.name for c in CLASSES]
+    ids, info = ds.segments(0)
+    masks, classes = ds.masks(0)
+    assert len(masks) == len(info) == len(classes) and not any(crowd for _, crowd in info.values())
+    semantic = ds.semantic(0)
+    for sid, (c, _) in info.items():
+        assert (semantic[ids == sid] == c).all()
+    with pytest.raises(InvalidInputError, match="--root"):
+        open_dataset("voc-21", None)

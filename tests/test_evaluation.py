@@ -152,6 +152,8 @@ def test_cli_eval_and_add_dataset(models, root, tmp_path):
                               env=env, timeout=600)  # fmt: skip
         return done
 
+    done = knnclip("eval", "semantic", "--dataset", "synthetic", "--models", str(tmp_path / "nowhere"))
+    assert done.returncode == 1 and "not a models directory" in done.stderr and "knnclip demo" in done.stderr
     common = ["--root", str(root), "--models", str(models)]
     done = knnclip("db", "add-dataset", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"),
                    "--only", "sky", "water", "--json")  # fmt: skip

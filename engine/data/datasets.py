@@ -82,7 +82,7 @@ PANOPTIC = {
     "ade20k-panoptic": PanopticLayout("ADEChallengeData2016", "images/{long}", "ade20k_panoptic_{split}",
                                       "ade20k_panoptic_{split}.json", "ade20k_150_with_prompt_eng.txt"),
 }  # fmt: skip
-DATASETS = tuple(SEMANTIC) + tuple(PANOPTIC)
+DATASETS = (*SEMANTIC, *PANOPTIC, "synthetic")
 
 
 def _dataset_dir(root: Path, folder: str, probe: str) -> Path:
@@ -314,13 +314,23 @@ class PanopticDataset(Dataset):
 
 
 def open_dataset(
-    key: str, root: str | os.PathLike[str], split: str = "val", class_file: str | os.PathLike[str] | None = None
+    key: str,
+    root: str | os.PathLike[str] | None,
+    split: str = "val",
+    class_file: str | os.PathLike[str] | None = None,
 ) -> Dataset:
-    """Open ``split`` ("train" or "val") of dataset ``key`` (one of ``DATASETS``) under ``root``."""
+    """Open ``split`` ("train" or "val") of dataset ``key`` (one of ``DATASETS``) under ``root``
+    (``"synthetic"``, the demo's generated data, needs no root)."""
     if key not in DATASETS:
         raise InvalidInputError(f"unknown dataset {key!r}; known: {', '.join(DATASETS)}")
     if split not in LONG_SPLIT:
         raise InvalidInputError(f"split must be 'train' or 'val', got {split!r}")
+    if key == "synthetic":
+        from knnclip.engine.data.synthetic import SyntheticDataset
+
+        return SyntheticDataset(split)
+    if root is None:
+        raise InvalidInputError(f"{key}: give the datasets folder (--root)")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder")
