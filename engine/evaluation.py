@@ -132,7 +132,7 @@ def evaluate(
         result.panoptic = PanopticQuality(n, [c.thing for c in ds.classes])
     lut = class_lut(seg, ds.classes)
     for i in range(len(ds)):
-        r = seg.segment(ds.image(i), name=ds.names[i])
+        r = seg.segment(ds.image(i), name=ds.names[i], panoptic=result.panoptic is not None)
         if len(lut) <= max(r.classes, default=0):  # the vocabulary grew meanwhile
             lut = class_lut(seg, ds.classes)
         gt = _restricted(ds.semantic(i), keep, ds.ignore)

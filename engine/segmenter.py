@@ -274,13 +274,14 @@ class Segmenter:
         return self.db.remove_class(name)
 
     # Segmentation ------------------------------------------------------------------------------
-    def segment(self, image: ImageInput, name: str | None = None) -> Result:
-        """Segment one image (path, bytes, PIL image or uint8 [H, W, 3] array)."""
+    def segment(self, image: ImageInput, name: str | None = None, *, panoptic: bool = True) -> Result:
+        """Segment one image (path, bytes, PIL image or uint8 [H, W, 3] array). With
+        ``panoptic=False`` the panoptic inference is skipped (``panoptic`` all void, no segments)."""
         timer = _Timer()
         with timer.stage("total"):
             with timer.stage("decode"):
                 pixels = load_image(image, name)
-            result = self._segment_pixels(pixels, timer)
+            result = self._segment_pixels(pixels, timer, panoptic)
         result.timings = timer.ms
         result.name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "")
         return result
@@ -303,11 +304,11 @@ class Segmenter:
             pad_to=self.models.fcclip_size,
         )  # fmt: skip
 
-    def _segment_pixels(self, pixels: np.ndarray, timer: _Timer) -> Result:
+    def _segment_pixels(self, pixels: np.ndarray, timer: _Timer, panoptic: bool = True) -> Result:
         proposal = self._propose(pixels, timer)
         with timer.stage("search"):
             sims, labels, _ = self.db.search(proposal.queries, self.config.k)
-        return self._decide(proposal, sims, labels, self.config, timer)
+        return self._decide(proposal, sims, labels, self.config, timer, panoptic=panoptic)
 
     def _propose(self, pixels: np.ndarray, timer: _Timer) -> _Proposal:
         """Everything before the database: masks, P_base and the query embeddings."""

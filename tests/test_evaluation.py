@@ -40,6 +40,7 @@ def root(tmp_path_factory):
     data = samples(12, 4, size=(96, 128))
     write_semantic(root, "ade20k-150", data)
     write_panoptic(root, "coco-panoptic", data)
+    write_panoptic(root, "ade20k-panoptic", data)  # beside ade20k-150 in ADEChallengeData2016, as prepared
     return root
 
 
@@ -119,6 +120,16 @@ class TestEvaluate:
             assert lut[seg.class_id("unrelated")] == -1 and lut[seg.class_id("water")] == 3
 
 
+def test_semantic_only_segmentation_skips_panoptic(models, root, tmp_path):
+    ds = open_dataset("coco-panoptic", root, "train")
+    with segmenter(models, tmp_path / "db") as seg:
+        add_dataset(seg, ds.subset([0, 1, 2]))
+        full = seg.segment(ds.image(3))
+        semantic_only = seg.segment(ds.image(3), panoptic=False)
+    np.testing.assert_array_equal(full.semantic, semantic_only.semantic)
+    assert semantic_only.segments == [] and not semantic_only.panoptic.any()
+
+
 class TestSweep:
     def test_held_out_split(self):
         held, rest = split_held_out(10, 0.2, 0)
@@ -163,12 +174,20 @@ def test_cli_eval_and_add_dataset(models, root, tmp_path):
     done = knnclip("eval", "semantic", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"),
                    "--out", str(tmp_path / "out"))  # fmt: skip
     assert done.returncode == 1 and "--register" in done.stderr
-    done = knnclip("eval", "panoptic", "--dataset", "coco-panoptic", *common, "--out", str(tmp_path / "out"), "--json")
+    done = knnclip("eval", "semantic", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"), "--register",
+                   "--out", str(tmp_path / "out"), "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["database"]["entries"] > 0 and 0 <= report["result"]["miou"] <= 1
+    assert len(report["result"]["iou"]) == 8 and "panoptic" not in report["result"]
+    out = ["--out", str(tmp_path / "out")]
+    done = knnclip("eval", "panoptic", "--dataset", "ade20k-panoptic", *common, *out, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["result"]["panoptic"]["all"]["n"] > 0 and report["database"]["entries"] == 0
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert "panoptic-coco-panoptic-val.json" in files and "panoptic-coco-panoptic-val.md" in files
+    assert "panoptic-ade20k-panoptic-val.json" in files and "panoptic-ade20k-panoptic-val.md" in files
+    assert "semantic-ade20k-150-val.md" in files
     done = knnclip("eval", "continual", "--dataset", "ade20k-150", *common, "--steps", "2", "--train-limit", "6",
                    "--out", str(tmp_path / "out"), "--name", "cont")  # fmt: skip
     assert done.returncode == 0, done.stderr

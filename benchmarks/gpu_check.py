@@ -1,0 +1,266 @@
+"""What only a GPU can show, in one run: the CUDA kernels of knnclip._C against the CPU kernels
+at the real sizes (largest difference, fp32 and fp16 inputs) with their timings, and, where
+present, the GPU paths of the engine: each model on ONNX Runtime CUDA, torch CUDA and TensorRT
+against ONNX Runtime on the CPU, and the faiss-gpu search against the CPU index. Model timings
+include the host copies of inputs and outputs (``Session.infer`` takes and returns NumPy arrays).
+
+    python benchmarks/gpu_check.py                          # the ops
+    python benchmarks/gpu_check.py --models knnclip-demo/models   # and the models on every GPU backend
+
+Writes benchmarks/results/gpu_check.{json,md}. On a machine without a usable GPU it says why and
+exits 0 without writing (so CI can call it). A check that fails is marked FAIL in the table and
+the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import RESULTS, machine, summarize
+
+from knnclip import _C
+
+MASK_HW = (200, 272)
+TOLERANCE = {"float32": 2e-4, "float16": 2e-3}  # max |GPU - CPU| relative to max |CPU|
+
+
+class HostArrays:
+    """``--dry-run``: NumPy arrays, so the CPU kernels run on both sides (exercises this script
+    where no GPU is; its numbers mean nothing)."""
+
+    name, gpu = "numpy (dry run)", "none (dry run on the CPU)"
+
+    def put(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def sync(self) -> None:
+        pass
+
+
+class DeviceArrays:
+    """Puts NumPy arrays on the GPU (CuPy or torch, whichever is installed) and synchronises."""
+
+    def __init__(self) -> None:
+        try:
+            import cupy
+
+            self.name, self.module = "cupy", cupy
+            self.gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        except ImportError:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError("torch sees no CUDA device") from None
+            self.name, self.module, self.gpu = "torch", torch, torch.cuda.get_device_name()
+
+    def put(self, array: np.ndarray) -> Any:
+        if self.name == "cupy":
+            return self.module.asarray(array)
+        return self.module.from_numpy(np.ascontiguousarray(array)).cuda()
+
+    def sync(self) -> None:
+        if self.name == "cupy":
+            self.module.cuda.Device().synchronize()
+        else:
+            self.module.cuda.synchronize()
+
+
+def _time(fn: Callable[[], Any], sync: Callable[[], None], repeats: int) -> dict[str, float]:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return summarize(times)
+
+
+def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tuple]]:
+    """(op, size, dtype, function, NumPy inputs)."""
+    cases = []
+    for dtype in ("float32", "float16"):
+        for size, shape in (("DINOv2 keys 1536x37x37", (1536, 37, 37)), ("CLIP dense 1536x25x34", (1536, 25, 34))):
+            features = rng.standard_normal(shape).astype(dtype)
+            masks = (rng.standard_normal((250, *MASK_HW)) * 3).astype(dtype)
+            cases.append(("mask_pool", f"{size}, 250 masks 200x272", dtype, _C.mask_pool, (features, masks)))
+        for classes in (150, 847):
+            probs = rng.dirichlet(np.ones(classes), 250).astype(dtype)
+            logits = (rng.standard_normal((250, *MASK_HW)) * 3).astype(dtype)
+            cases.append(("semantic_merge", f"250x{classes}, masks 200x272", dtype, _C.semantic_merge, (probs, logits)))
+    for classes in (150, 847):
+        sims = rng.uniform(-1, 1, (250, 10)).astype(np.float32)
+        labels = rng.integers(-1, classes, (250, 10)).astype(np.int64)
+        cases.append(("retrieval_probs", f"250x10, {classes} classes", "float32",
+                      lambda s, lab, c=classes: _C.retrieval_probs(s, lab, c, 0.05), (sims, labels)))  # fmt: skip
+        base = rng.dirichlet(np.ones(classes), 250).astype(np.float32)
+        ret = rng.dirichlet(np.ones(classes) * 0.05, 250).astype(np.float32)
+        cases.append(("fuse", f"250x{classes}", "float32", lambda b, r: _C.fuse(b, r, 0.5, 0.5), (base, ret)))
+    return cases
+
+
+def check_ops(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for op, size, dtype, fn, inputs in op_cases(np.random.default_rng(0)):
+        cpu = np.asarray(fn(*inputs))
+        on_device = [dev.put(x) for x in inputs]
+        result = fn(*on_device)
+        dev.sync()
+        gpu = result.numpy() if isinstance(result, _C.DeviceArray) else np.asarray(result)
+        scale = float(np.abs(cpu).max()) or 1.0
+        error = float(np.abs(gpu - cpu).max()) / scale
+        rows.append({
+            "op": op, "size": size, "dtype": dtype, "max_rel_diff": error, "ok": error <= TOLERANCE[dtype],
+            "cpu": _time(lambda fn=fn, inputs=inputs: fn(*inputs), lambda: None, max(3, repeats // 4)),
+            "gpu": _time(lambda fn=fn, d=on_device: fn(*d), dev.sync, repeats),
+        })  # fmt: skip
+        print(f"{op:16s} {size:40s} {dtype:8s} diff {error:.2e} {'ok' if rows[-1]['ok'] else 'FAIL'}", flush=True)
+    return rows
+
+
+def check_models(models: Path, repeats: int, device: str = "cuda") -> list[dict[str, Any]]:
+    """Each model on every GPU backend against ONNX Runtime on the CPU."""
+    from knnclip.engine.backends import open_session
+
+    rows = []
+    rng = np.random.default_rng(1)
+    for part in ("dinov2", "fcclip/image"):
+        reference = open_session(models / part, "onnxruntime", "cpu")
+        feed = {}
+        for spec in reference.inputs:
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        expected = reference.infer(feed)
+        cpu_time = _time(lambda s=reference, f=feed: s.infer(f), lambda: None, max(2, repeats // 5))
+        reference.close()
+        for backend in ("onnxruntime", "torch", "tensorrt"):
+            row: dict[str, Any] = {"model": part, "backend": backend, "cpu_onnxruntime": cpu_time}
+            try:
+                session = open_session(models / part, backend, device)
+                got = session.infer(feed)
+                row["max_rel_diff"] = {
+                    name: float(np.abs(got[name] - value).max() / (np.abs(value).max() or 1.0))
+                    for name, value in expected.items()
+                }
+                row["gpu"] = _time(lambda s=session, f=feed: s.infer(f), lambda: None, repeats)
+                row["session"] = repr(session)
+                session.close()
+            except Exception as exc:  # a backend missing here is a finding, not a crash
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            print(f"{part:14s} {backend:12s} {row.get('error') or row['max_rel_diff']}", flush=True)
+    return rows
+
+
+def check_faiss_gpu(repeats: int) -> dict[str, Any]:
+    """The database searched on the GPU (faiss-gpu) against the CPU index of the same entries."""
+    from knnclip.engine import Database
+
+    rng = np.random.default_rng(2)
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "db"
+        db = Database.create(path, 1536)
+        for c in range(150):
+            db.add_class(f"class{c}")
+        for _ in range(10):
+            db.add(rng.standard_normal((10000, 1536)).astype(np.float32), rng.integers(0, 150, 10000))
+        queries = rng.standard_normal((250, 1536)).astype(np.float32)
+        cpu = db.search(queries, 10)
+        cpu_time = _time(lambda: db.search(queries, 10), lambda: None, max(3, repeats // 4))
+        db.close()
+        try:
+            gpu_db = Database.open(path, device="cuda", read_only=True)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        gpu = gpu_db.search(queries, 10)
+        out = {
+            "entries": 100000,
+            "top1_agreement": float(np.mean(cpu.labels[:, 0] == gpu.labels[:, 0])),
+            "max_sim_diff": float(np.abs(cpu.sims - gpu.sims).max()),
+            "cpu": cpu_time,
+            "gpu": _time(lambda: gpu_db.search(queries, 10), lambda: None, repeats),
+        }
+        gpu_db.close()
+        return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"# GPU check: {result['gpu']}", "",
+             f"Host {m['cpu']}, {m['cores']} cores; knnclip._C archs {result['build']['cuda_archs']}, CUDA runtime "
+             f"{result['build']['cuda_runtime']}; device arrays from {result['arrays']}. Produced by "
+             f"`{result['command']}`.", "", "## knnclip._C: CUDA kernels against the CPU kernels", "",
+             "| op | size | dtype | max rel. diff | CPU median ms | GPU median ms | speed-up | |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["ops"]:
+        cpu, gpu = r["cpu"]["median_s"] * 1e3, r["gpu"]["median_s"] * 1e3
+        lines.append(f"| {r['op']} | {r['size']} | {r['dtype']} | {r['max_rel_diff']:.1e} | {cpu:.3f} | {gpu:.3f} "
+                     f"| {cpu / gpu:.1f}x | {'ok' if r['ok'] else 'FAIL'} |")  # fmt: skip
+    if result.get("models"):
+        lines += ["", "## Models: GPU backends against ONNX Runtime on the CPU", "",
+                  "| model | backend | max rel. diff per output | GPU median ms | CPU median ms |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in result["models"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['backend']} | not run: {r['error'][:120]} | - | - |")
+                continue
+            diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff"].items())
+            lines.append(f"| {r['model']} | {r['backend']} | {diffs} | {r['gpu']['median_s'] * 1e3:.2f} | "
+                         f"{r['cpu_onnxruntime']['median_s'] * 1e3:.1f} |")  # fmt: skip
+    f = result.get("faiss_gpu")
+    if f:
+        lines += ["", "## Database search on the GPU (faiss-gpu), 10^5 x 1536, 250 queries, k=10", ""]
+        lines.append(f"not run: {f['error']}" if "error" in f else
+                     f"top-1 agreement {f['top1_agreement']:.4f}, max similarity difference {f['max_sim_diff']:.1e}, "
+                     f"CPU {f['cpu']['median_s'] * 1e3:.1f} ms, GPU {f['gpu']['median_s'] * 1e3:.2f} ms")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, help="a models directory (knnclip demo writes knnclip-demo/models)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-faiss", action="store_true", help="skip the faiss-gpu check")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where gpu_check.json and .md go")
+    parser.add_argument("--dry-run", action="store_true", help="CPU on both sides: tests this script without a GPU")
+    args = parser.parse_args()
+    build = _C.build_info()
+    if not args.dry_run and not build["cuda"]:
+        print("gpu_check: knnclip._C was built without CUDA kernels (no nvcc at build time); nothing to check")
+        return 0
+    if not args.dry_run and not _C.cuda_available():
+        print("gpu_check: no usable CUDA device here; nothing to check")
+        return 0
+    dev = HostArrays() if args.dry_run else DeviceArrays()
+    result: dict[str, Any] = {"machine": machine(), "build": build, "gpu": dev.gpu, "arrays": dev.name,
+                              "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    result["ops"] = check_ops(dev, args.repeats)
+    if args.models:
+        result["models"] = check_models(args.models, args.repeats, "cpu" if args.dry_run else "cuda")
+    if not args.no_faiss and not args.dry_run:
+        try:
+            result["faiss_gpu"] = check_faiss_gpu(args.repeats)
+        except Exception:
+            result["faiss_gpu"] = {"error": traceback.format_exc(limit=2)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu_check.json", json.dumps(result, indent=2)), ("gpu_check.md", markdown(result))):
+        tmp = args.out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, args.out / name)
+    print(markdown(result))
+    return 0 if all(r["ok"] for r in result["ops"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

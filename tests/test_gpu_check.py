@@ -1,0 +1,33 @@
+"""benchmarks/gpu_check.py, the script a GPU session runs, exercised here with CPU arrays on both
+sides (--dry-run) so that a GPU session's few minutes are not lost to a bug in the harness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_dry_run_compares_every_op_and_writes_its_report(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--repeats", "1", "--no-faiss", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    ops = {(r["op"], r["dtype"]) for r in report["ops"]}
+    assert {("mask_pool", "float16"), ("semantic_merge", "float32"), ("retrieval_probs", "float32"),
+            ("fuse", "float32")} <= ops  # fmt: skip
+    assert all(r["ok"] and r["max_rel_diff"] == 0.0 for r in report["ops"])  # same kernels on both sides
+    assert "| mask_pool |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):
+    from knnclip import _C
+
+    if _C.cuda_available():
+        return  # a GPU machine runs the real check instead
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "nothing to check" in done.stdout and not list(tmp_path.iterdir())
