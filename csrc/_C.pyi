@@ -44,6 +44,19 @@ def mask_pool(features: Array, mask_logits: Array, threshold: float = 0.0, *, ch
 def retrieval_probs(sims: Array, labels: Array, num_classes: int, tau: float) -> Array: ...
 def fuse(p_base: Array, p_ret: Array, T: float, lam: float, *, check: bool = True) -> Array: ...
 def semantic_merge(class_probs: Array, mask_logits: Array, *, check: bool = True) -> Array: ...
+def semantic_argmax(
+    class_probs: npt.NDArray[Any], mask_logits: npt.NDArray[Any], *, check: bool = True
+) -> npt.NDArray[np.int32]: ...
+def resample(
+    x: npt.NDArray[Any], rows: npt.NDArray[np.float32], cols: npt.NDArray[np.float32], *, check: bool = True
+) -> npt.NDArray[np.float32]: ...
+def panoptic_owner(
+    scores: npt.NDArray[np.float32],
+    mask_logits: npt.NDArray[Any],
+    queries: npt.NDArray[np.int64],
+    *,
+    check: bool = True,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.int64]]: ...
 def crc32c(data: Any, value: int = 0, *, implementation: str = "auto") -> int:
     """CRC-32C (Castagnoli) of a C-contiguous buffer; pass the previous result as `value` to extend it."""
 

@@ -436,6 +436,99 @@ py::object semantic_merge(py::handle probs_obj, py::handle logits_obj, bool chec
   return out.object;
 }
 
+// The three post-processing ops below run on the CPU only: on a GPU, torch / CuPy do the same.
+void host_only(const std::string& op, int device) {
+  if (device >= 0)
+    fail_type(op, "runs on the CPU only (NumPy arrays); on a GPU resize and assign with torch or CuPy");
+}
+
+py::array_t<int32_t> semantic_argmax(py::handle probs_obj, py::handle logits_obj, bool check) {
+  const std::string op = "semantic_argmax";
+  Tensor p = parse(probs_obj, op, "class_probs", kFloat);
+  Tensor l = parse(logits_obj, op, "mask_logits", kFloat);
+  expect_ndim(op, "class_probs", p, {2}, "[N, C]");
+  expect_ndim(op, "mask_logits", l, {3}, "[N, H, W]");
+  host_only(op, common_device(op, {&p, &l}));
+  if (p.dim(0) != l.dim(0))
+    fail_value(op, "class_probs " + shape_str(p.shape) + " and mask_logits " + shape_str(l.shape) +
+                       " disagree on the number of masks N");
+  const int64_t N = p.dim(0), C = p.dim(1), H = l.dim(1), W = l.dim(2);
+  if (C < 1) fail_value(op, "needs at least one class");
+  if (C > INT32_MAX) fail_value(op, "more than 2^31 classes");
+  if (check) {
+    check_host_finite(op, "class_probs", p);
+    check_host_finite(op, "mask_logits", l);
+  }
+  py::array_t<int32_t> labels({H, W});
+  int32_t* out = labels.mutable_data();
+  {
+    py::gil_scoped_release release;
+    knnclip::cpu::semantic_argmax(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out);
+  }
+  return labels;
+}
+
+py::object resample(py::handle x_obj, py::handle rows_obj, py::handle cols_obj, bool check) {
+  const std::string op = "resample";
+  Tensor x = parse(x_obj, op, "x", kFloat);
+  Tensor r = parse(rows_obj, op, "rows", kFloat);
+  Tensor c = parse(cols_obj, op, "cols", kFloat);
+  expect_ndim(op, "x", x, {3}, "[N, h, w]");
+  expect_ndim(op, "rows", r, {2}, "[H, h]");
+  expect_ndim(op, "cols", c, {2}, "[W, w]");
+  host_only(op, common_device(op, {&x, &r, &c}));
+  if (r.dtype != DType::F32 || c.dtype != DType::F32) fail_type(op, "rows and cols must be float32");
+  const int64_t N = x.dim(0), h = x.dim(1), w = x.dim(2), H = r.dim(0), W = c.dim(0);
+  if (r.dim(1) != h || c.dim(1) != w)
+    fail_value(op, "rows " + shape_str(r.shape) + " and cols " + shape_str(c.shape) + " do not match x " +
+                       shape_str(x.shape) + " (need [H, h] and [W, w])");
+  if (check) {
+    check_host_finite(op, "x", x);
+    check_host_finite(op, "rows", r);
+    check_host_finite(op, "cols", c);
+  }
+  Output out = make_output({N, H, W}, -1);
+  {
+    py::gil_scoped_release release;
+    knnclip::cpu::resample(x.data, x.dtype, N, h, w, static_cast<const float*>(r.data), H,
+                           static_cast<const float*>(c.data), W, out.data);
+  }
+  return out.object;
+}
+
+py::tuple panoptic_owner(py::handle scores_obj, py::handle masks_obj, py::handle queries_obj, bool check) {
+  const std::string op = "panoptic_owner";
+  Tensor s = parse(scores_obj, op, "scores", kFloat);
+  Tensor m = parse(masks_obj, op, "mask_logits", kFloat);
+  Tensor q = parse(queries_obj, op, "queries", kInt64);
+  expect_ndim(op, "scores", s, {1}, "[K]");
+  expect_ndim(op, "mask_logits", m, {3}, "[Q, H, W]");
+  expect_ndim(op, "queries", q, {1}, "[K]");
+  host_only(op, common_device(op, {&s, &m, &q}));
+  if (s.dtype != DType::F32) fail_type(op, "scores must be float32");
+  const int64_t K = s.dim(0), Q = m.dim(0), H = m.dim(1), W = m.dim(2);
+  if (q.dim(0) != K) fail_value(op, "scores " + shape_str(s.shape) + " and queries " + shape_str(q.shape) + " differ");
+  if (K < 1) fail_value(op, "needs at least one query");
+  const auto* qi = static_cast<const int64_t*>(q.data);
+  for (int64_t k = 0; k < K; ++k)
+    if (qi[k] < 0 || qi[k] >= Q) fail_value(op, "queries must index mask_logits' " + std::to_string(Q) + " masks");
+  if (check) {
+    check_host_finite(op, "scores", s);
+    check_host_finite(op, "mask_logits", m);
+  }
+  py::array_t<int32_t> owner({H, W});
+  py::array_t<bool> own({H, W});
+  py::array_t<int64_t> mask_pixels(K);
+  int32_t* o = owner.mutable_data();
+  auto* w = reinterpret_cast<uint8_t*>(own.mutable_data());
+  int64_t* c = mask_pixels.mutable_data();
+  {
+    py::gil_scoped_release release;
+    knnclip::cpu::panoptic_owner(static_cast<const float*>(s.data), m.data, m.dtype, qi, K, H * W, o, w, c);
+  }
+  return py::make_tuple(owner, own, mask_pixels);
+}
+
 std::vector<std::string> split_csv(const std::string& s) {
   std::vector<std::string> out;
   std::string item;
@@ -544,6 +637,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("semantic_merge", &semantic_merge, py::arg("class_probs"), py::arg("mask_logits"), py::kw_only(),
         py::arg("check") = true,
         "FC-CLIP semantic inference: out[c, h, w] = sum_n class_probs[n, c] * sigmoid(mask_logits[n, h, w]).");
+
+  m.def("semantic_argmax", &semantic_argmax, py::arg("class_probs"), py::arg("mask_logits"), py::kw_only(),
+        py::arg("check") = true,
+        "semantic_merge(class_probs, mask_logits).argmax(0) as int32 [H, W] (first of equals) without storing "
+        "the [C, H, W] scores. CPU only.");
+  m.def("resample", &resample, py::arg("x"), py::arg("rows"), py::arg("cols"), py::kw_only(), py::arg("check") = true,
+        "out[n] = rows @ x[n] @ cols.T for x[N,h,w], rows[H,h], cols[W,w] (float32), visiting only each row's band "
+        "of non-zeros: a separable resize (e.g. FC-CLIP's bilinear upsample, crop and resize) in O(taps) per pixel. "
+        "CPU only.");
+  m.def("panoptic_owner", &panoptic_owner, py::arg("scores"), py::arg("mask_logits"), py::arg("queries"),
+        py::kw_only(), py::arg("check") = true,
+        "Mask2Former's pixel assignment over the kept queries: owner[h, w] = argmax_k scores[k] * "
+        "sigmoid(mask_logits[queries[k], h, w]) (first of equals, int32), own[h, w] = that mask's logit >= 0 "
+        "(bool), mask_pixels[k] = pixels where mask queries[k] is >= 0 (int64). CPU only.");
 
   m.def("crc32c", &crc32c, py::arg("data"), py::arg("value") = 0, py::kw_only(),
         py::arg("implementation") = "auto",

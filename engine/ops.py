@@ -48,6 +48,9 @@ mask_pool = _C.mask_pool
 retrieval_probs = _C.retrieval_probs
 fuse = _C.fuse
 semantic_merge = _C.semantic_merge
+semantic_argmax = _C.semantic_argmax
+resample = _C.resample
+panoptic_owner = _C.panoptic_owner
 
 __all__ = [
     "DeviceArray",
@@ -56,7 +59,10 @@ __all__ = [
     "cuda_available",
     "fuse",
     "mask_pool",
+    "panoptic_owner",
+    "resample",
     "retrieval_probs",
+    "semantic_argmax",
     "semantic_merge",
     "set_cpu_isa",
     "supported_cpu_isas",

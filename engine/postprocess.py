@@ -115,12 +115,19 @@ def resize_masks(
 ) -> np.ndarray:
     """[Q, h, w] mask logits at stride 4 -> [Q, H_out, W_out] (detectron2 ``sem_seg_postprocess``)."""
     rows, cols = resize_matrices(tuple(masks.shape[-2:]), padded, resized, output)
-    return np.matmul(np.matmul(rows, masks), cols.T)
+    # Each row of rows/cols holds a few non-zeros: the banded op costs O(taps) per output pixel
+    # where two dense products would cost O(h + w).
+    return ops.resample(np.ascontiguousarray(masks), rows.astype(np.float32), cols.astype(np.float32))
 
 
 def semantic_inference(class_probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """[Q, C] class probabilities, [Q, H, W] mask logits -> [C, H, W] = sum_q p[q, c] sigmoid(mask[q])."""
     return ops.semantic_merge(np.ascontiguousarray(class_probs, np.float32), np.ascontiguousarray(masks, np.float32))
+
+
+def semantic_labels(class_probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """[H, W] int32 ``semantic_inference(class_probs, masks).argmax(0)``, without the [C, H, W] scores."""
+    return ops.semantic_argmax(np.ascontiguousarray(class_probs, np.float32), np.ascontiguousarray(masks, np.float32))
 
 
 def semantic_probs(mask_cls: np.ndarray) -> np.ndarray:
@@ -165,12 +172,13 @@ def panoptic_inference(
     segments: list[Segment] = []
     if len(keep) == 0:
         return np.zeros((height, width), dtype=np.int32), segments
-    kept = masks[keep].reshape(len(keep), -1)
-    # Each pixel goes to the query with the highest score x sigmoid(mask); sigmoid(x) >= 0.5 is x >= 0.
-    owner = (scores[keep][:, None] * (1.0 / (1.0 + np.exp(-kept)))).argmax(0)
-    own_at_owner = np.take_along_axis(kept, owner[None], 0)[0] >= 0
+    # Each pixel goes to the query with the highest score x sigmoid(mask), and is the query's own
+    # where that mask's logit is >= 0 (sigmoid >= 0.5); one pass in the compiled op.
+    owner, own_at_owner, original = ops.panoptic_owner(
+        scores[keep].astype(np.float32), np.ascontiguousarray(masks), keep.astype(np.int64)
+    )
+    owner, own_at_owner = owner.ravel(), own_at_owner.ravel()
     area = np.bincount(owner, minlength=len(keep))  # pixels each query won
-    original = (kept >= 0).sum(1)  # pixels of each query's own mask
     region = np.bincount(owner, weights=own_at_owner, minlength=len(keep)).astype(np.int64)  # won and own
     segment_of = np.zeros(len(keep) + 1, np.int32)  # kept query -> segment id (0: dropped)
     stuff: dict[int, int] = {}  # class -> index into segments

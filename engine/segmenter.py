@@ -390,9 +390,9 @@ class Segmenter:
 
     def _semantic(self, p: _Proposal, mask_cls: np.ndarray) -> np.ndarray:
         """[H, W] database class ids: FC-CLIP's semantic inference on the image-sized masks."""
-        scores = postprocess.semantic_inference(postprocess.semantic_probs(mask_cls), p.full_masks())
+        labels = postprocess.semantic_labels(postprocess.semantic_probs(mask_cls), p.full_masks())
         ids = np.array([c.id for c in p.vocab.classes], np.int32)
-        return ids[scores.argmax(0)]
+        return ids[labels]
 
     # Growing the database ----------------------------------------------------------------------
     def embed_masks(self, image: ImageInput, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -79,3 +79,17 @@ def semantic_merge(class_probs: np.ndarray, mask_logits: np.ndarray) -> np.ndarr
     n, h, w = logits.shape
     sig = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow in exp
     return (probs.T @ sig.reshape(n, h * w)).reshape(probs.shape[1], h, w)
+
+
+def resample(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """out[n] = rows @ x[n] @ cols.T in float64."""
+    return np.matmul(np.matmul(rows.astype(np.float64), x.astype(np.float64)), cols.astype(np.float64).T)
+
+
+def panoptic_scores(scores: np.ndarray, mask_logits: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """[K, H, W] score x sigmoid(logit) in float64, sigmoid 0 where exp(-logit) overflows float32
+    (as the float32 computation FC-CLIP runs gives)."""
+    x = mask_logits[queries].astype(np.float64)
+    with np.errstate(over="ignore"):
+        sig = np.where(x < -88.72283, 0.0, 1.0 / (1.0 + np.exp(-x)))
+    return scores.astype(np.float64)[:, None, None] * sig

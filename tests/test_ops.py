@@ -230,3 +230,149 @@ class TestBuildInfo:
     def test_unknown_isa_is_refused(self):
         with pytest.raises(ValueError, match="unknown CPU instruction set"):
             _C.set_cpu_isa("sse1")
+
+
+def band_matrix(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndarray:
+    """A [rows, cols] float32 matrix: 'bilinear' (two taps per row, as a resize), 'dense', or
+    'holes' (bands with zero rows in between)."""
+    if kind == "dense":
+        return rng.standard_normal((rows, cols)).astype(np.float32)
+    m = np.zeros((rows, cols), np.float32)
+    for r in range(rows):
+        if kind == "holes" and rng.random() < 0.3:
+            continue
+        lo = int(rng.integers(cols))
+        hi = min(cols, lo + int(rng.integers(1, 4)))
+        m[r, lo:hi] = rng.random(hi - lo)
+    return m
+
+
+class TestResample:
+    """Catches band detection off by one, empty bands, vector tails and the row/column order."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        n=st.integers(0, 6),
+        hw=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+        out_hw=st.tuples(st.integers(1, 50), st.integers(1, 50)),
+        kinds=st.tuples(*[st.sampled_from(["bilinear", "dense", "holes"])] * 2),
+        dtype=FLOAT_DTYPES,
+    )
+    def test_matches_reference(self, cpu_isa, seed, n, hw, out_hw, kinds, dtype):
+        rng = np.random.default_rng(seed)
+        x = random_array(rng, (n, *hw), dtype, 4.0)
+        rows = band_matrix(rng, out_hw[0], hw[0], kinds[0])
+        cols = band_matrix(rng, out_hw[1], hw[1], kinds[1])
+        got = _C.resample(x, rows, cols)
+        want = ref.resample(x, rows, cols)
+        assert got.shape == (n, *out_hw) and got.dtype == np.float32
+        scale = np.abs(rows).sum(1).max() * np.abs(cols).sum(1).max() * 4.0 * 8
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
+
+    def test_fcclip_resize_at_real_size(self, cpu_isa):
+        from knnclip.engine.postprocess import resize_matrices
+
+        rng = np.random.default_rng(3)
+        masks = random_array(rng, (250, 160, 216), np.float32, 8.0)
+        rows, cols = resize_matrices((160, 216), (640, 864), (640, 853), (512, 683))
+        got = _C.resample(masks, rows.astype(np.float32), cols.astype(np.float32))
+        want = ref.resample(masks[:8], rows, cols)
+        np.testing.assert_allclose(got[:8], want, rtol=1e-5, atol=1e-5)
+
+    def test_bad_input(self):
+        x = np.zeros((2, 3, 4), np.float32)
+        rows, cols = np.zeros((5, 3), np.float32), np.zeros((6, 4), np.float32)
+        with pytest.raises(ValueError, match="do not match"):
+            _C.resample(x, rows.T.copy(), cols)
+        with pytest.raises(TypeError, match="float32"):
+            _C.resample(x, rows.astype(np.float16), cols)
+        with pytest.raises(ValueError, match=r"\[N, h, w\]"):
+            _C.resample(x[0], rows, cols)
+        bad = x.copy()
+        bad[1, 2, 3] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            _C.resample(bad, rows, cols)
+
+
+class TestPanopticOwner:
+    """Catches a wrong argmax (tie order, saturated sigmoid), tile tails and per-thread counts."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        q=st.integers(1, 30),
+        hw=st.tuples(st.integers(1, 40), st.integers(1, 60)),
+        scale=st.sampled_from([1.0, 10.0, 120.0]),
+        dtype=FLOAT_DTYPES,
+    )
+    def test_matches_reference(self, cpu_isa, seed, q, hw, scale, dtype):
+        rng = np.random.default_rng(seed)
+        masks = random_array(rng, (q, *hw), dtype, scale)
+        queries = rng.choice(q, int(rng.integers(1, q + 1)), replace=False).astype(np.int64)
+        scores = rng.random(len(queries)).astype(np.float32)
+        owner, own, pixels = _C.panoptic_owner(scores, masks, queries)
+        values = ref.panoptic_scores(scores, masks, queries)
+        best = values.max(0)
+        chosen = np.take_along_axis(values, owner[None].astype(np.int64), 0)[0]
+        assert owner.dtype == np.int32 and own.dtype == bool and owner.shape == hw
+        # The owner's value is the maximum up to float32 rounding; where the best is clear, it is the argmax.
+        assert (chosen >= best - 1e-6 * np.maximum(best, 1e-30)).all()
+        top2 = np.sort(values, 0)[-2:] if len(queries) > 1 else np.stack([np.full(hw, -1.0), best])
+        clear = top2[1] - top2[0] > 1e-5 * top2[1]
+        np.testing.assert_array_equal(owner[clear], values.argmax(0)[clear])
+        kept = masks[queries].astype(np.float32)
+        np.testing.assert_array_equal(own, np.take_along_axis(kept, owner[None].astype(np.int64), 0)[0] >= 0)
+        np.testing.assert_array_equal(pixels, (kept >= 0).reshape(len(queries), -1).sum(1))
+
+    def test_ties_and_saturation_go_to_the_first_query(self, cpu_isa):
+        masks = np.array([[[-200.0, 30.0, 0.0]], [[-300.0, 40.0, 0.0]]], np.float32)  # sigmoid 0, 1, 0.5
+        owner, own, pixels = _C.panoptic_owner(np.array([0.5, 0.5], np.float32), masks, np.array([0, 1]))
+        assert owner.tolist() == [[0, 0, 0]] and own.tolist() == [[False, True, True]]
+        assert pixels.tolist() == [2, 2]
+
+    def test_bad_input(self):
+        masks = np.zeros((3, 4, 5), np.float32)
+        with pytest.raises(ValueError, match="index"):
+            _C.panoptic_owner(np.ones(1, np.float32), masks, np.array([3]))
+        with pytest.raises(ValueError, match="at least one"):
+            _C.panoptic_owner(np.ones(0, np.float32), masks, np.zeros(0, np.int64))
+        with pytest.raises(ValueError, match="differ"):
+            _C.panoptic_owner(np.ones(2, np.float32), masks, np.array([0]))
+        with pytest.raises(TypeError, match="int64"):
+            _C.panoptic_owner(np.ones(1, np.float32), masks, np.array([0], np.int32))
+        with pytest.raises(ValueError, match="NaN"):
+            _C.panoptic_owner(np.array([np.nan], np.float32), masks, np.array([0]))
+
+
+class TestSemanticArgmax:
+    """Catches a running maximum that loses the first of equal classes or a class-tile tail."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        n=st.integers(0, 30),
+        c=st.integers(1, 40),
+        hw=st.tuples(st.integers(1, 30), st.integers(1, 70)),
+        dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
+        ties=st.booleans(),
+    )
+    def test_equals_argmax_of_semantic_merge(self, cpu_isa, seed, n, c, hw, dtypes, ties):
+        rng = np.random.default_rng(seed)
+        probs = rng.random((n, c)).astype(dtypes[0])
+        if ties:  # duplicated class columns: equal scores, the first must win
+            probs[:, c // 2 :] = probs[:, : c - c // 2]
+        logits = random_array(rng, (n, *hw), dtypes[1], 5.0)
+        got = _C.semantic_argmax(probs, logits)
+        want = _C.semantic_merge(probs, logits).argmax(0)  # the same float32 scores, NumPy's first-max rule
+        assert got.dtype == np.int32 and got.shape == hw
+        np.testing.assert_array_equal(got, want)
+        scores = ref.semantic_merge(probs.astype(np.float64), logits.astype(np.float64))
+        top2 = np.sort(scores, axis=0)[-2:] if c > 1 else np.stack([np.full(hw, -1.0), scores[0]])
+        clear = top2[1] - top2[0] > 1e-4 * np.abs(top2[1])
+        np.testing.assert_array_equal(got[clear], scores.argmax(0)[clear])
+
+    def test_bad_input(self):
+        with pytest.raises(ValueError, match="at least one class"):
+            _C.semantic_argmax(np.zeros((2, 0), np.float32), np.zeros((2, 3, 3), np.float32))
+        with pytest.raises(ValueError, match="disagree"):
+            _C.semantic_argmax(np.zeros((2, 4), np.float32), np.zeros((3, 3, 3), np.float32))
+        with pytest.raises(ValueError, match="NaN"):
+            _C.semantic_argmax(np.full((1, 1), np.nan, np.float32), np.zeros((1, 3, 3), np.float32))

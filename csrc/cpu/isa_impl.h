@@ -323,10 +323,13 @@ void mask_pool(const MaskPoolArgs& a) {
   }
 }
 
-// out[c, p] = sum_n probs[n, c] * sigmoid(logits[n, p]): a [C x N] x [N x P] product whose right
-// factor is made on the fly, one panel of kNR pixels at a time, so the sigmoid of every logit is
-// computed exactly once and the panel stays in cache while all class tiles pass over it.
-void semantic_merge(const SemanticMergeArgs& a) {
+namespace {
+// The [C x N] x [N x P] product of semantic inference, scores[c, p] = sum_n probs[n, c] *
+// sigmoid(logits[n, p]), whose right factor is made on the fly one panel of kNR pixels at a time,
+// so the sigmoid of every logit is computed exactly once and the panel stays in cache while all
+// class tiles pass over it. Each tile of scores goes to on_tile(thread, tile, acc, p0, valid).
+template <typename OnTile>
+void semantic_panels(const SemanticMergeArgs& a, OnTile on_tile) {
   const int64_t N = a.num_masks, C = a.num_classes, P = a.pixels;
   const int64_t tiles = (C + kMR - 1) / kMR, panels = (P + kNR - 1) / kNR;
   const int threads = thread_count();
@@ -348,7 +351,8 @@ void semantic_merge(const SemanticMergeArgs& a) {
 
 #pragma omp parallel
   {
-    float* panel = panel_buf.as<float>() + static_cast<int64_t>(thread_id()) * N * kNR;
+    const int thread = thread_id();
+    float* panel = panel_buf.as<float>() + static_cast<int64_t>(thread) * N * kNR;
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < panels; ++j) {
       const int64_t p0 = j * kNR, valid = imin(kNR, P - p0);
@@ -366,9 +370,155 @@ void semantic_merge(const SemanticMergeArgs& a) {
       for (int64_t t = 0; t < tiles; ++t) {
         vfloat acc[kMR][kNV];
         tile_product(packed + t * N * kMR, panel, nullptr, N, acc);
-        store_tile(acc, imin(kMR, C - t * kMR), valid, nullptr, a.out + t * kMR * P + p0, P);
+        on_tile(thread, t, acc, p0, valid);
       }
     }
+  }
+}
+}  // namespace
+
+void semantic_merge(const SemanticMergeArgs& a) {
+  const int64_t C = a.num_classes, P = a.pixels;
+  semantic_panels(a, [&](int, int64_t t, const vfloat(&acc)[kMR][kNV], int64_t p0, int64_t valid) {
+    store_tile(acc, imin(kMR, C - t * kMR), valid, nullptr, a.out + t * kMR * P + p0, P);
+  });
+}
+
+// labels[p] = argmax_c scores[c, p] (the first of equals) without storing the [C, P] scores:
+// each panel's running best is updated tile by tile, classes in increasing order.
+void semantic_argmax(const SemanticMergeArgs& a, int32_t* labels) {
+  const int64_t C = a.num_classes;
+  const int threads = thread_count();
+  Scratch best_buf(static_cast<size_t>(threads * kNR) * sizeof(float));
+  Scratch index_buf(static_cast<size_t>(threads * kNR) * sizeof(int32_t));
+  const int64_t tiles = (C + kMR - 1) / kMR;
+  semantic_panels(a, [&](int thread, int64_t t, const vfloat(&acc)[kMR][kNV], int64_t p0, int64_t valid) {
+    float* best = best_buf.as<float>() + static_cast<int64_t>(thread) * kNR;
+    int32_t* index = index_buf.as<int32_t>() + static_cast<int64_t>(thread) * kNR;
+    if (t == 0)
+      for (int i = 0; i < kNR; ++i) best[i] = -__builtin_inff(), index[i] = 0;
+    const int64_t rows = imin(kMR, C - t * kMR);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t c = static_cast<int32_t>(t * kMR + r);
+      for (int v = 0; v < kNV; ++v)
+        for (int l = 0; l < kVec; ++l) {
+          const int i = v * kVec + l;
+          if (acc[r][v][l] > best[i]) best[i] = acc[r][v][l], index[i] = c;
+        }
+    }
+    if (t == tiles - 1) std::memcpy(labels + p0, index, static_cast<size_t>(valid) * sizeof(int32_t));
+  });
+}
+
+// out[n] = rows @ x[n] @ cols^T with banded rows and cols (a bilinear resize composed with a
+// crop and another resize has a handful of non-zeros per row): first each used source row is
+// resampled along the width (tmp = x[n] @ cols^T, a gather of a few taps per output column),
+// then each output row is a short weighted sum of tmp rows, vectorised along the width.
+void resample(const ResampleArgs& a) {
+  const int64_t h = a.h, w = a.w, W = a.out_w;
+  const int threads = thread_count();
+  Scratch tmp_buf(static_cast<size_t>(threads) * static_cast<size_t>(h * W) * sizeof(float));
+  Scratch row_buf(static_cast<size_t>(threads) * static_cast<size_t>(w) * sizeof(float));
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t n = 0; n < a.n; ++n) {
+    float* tmp = tmp_buf.as<float>() + static_cast<int64_t>(thread_id()) * h * W;
+    float* src = row_buf.as<float>() + static_cast<int64_t>(thread_id()) * w;
+    for (int64_t j = a.used_lo; j < a.used_hi; ++j) {
+      load_f32(a.x, a.x_dtype, (n * h + j) * w, w, src);
+      float* t = tmp + j * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const float* c = a.cols + x * w;
+        float acc = 0.0f;
+        for (int64_t s = a.col_lo[x]; s < a.col_hi[x]; ++s) acc += c[s] * src[s];
+        t[x] = acc;
+      }
+    }
+    for (int64_t i = 0; i < a.out_h; ++i) {
+      float* o = a.out + (n * a.out_h + i) * W;
+      const float* r = a.rows + i * h;
+      int64_t x = 0;
+      for (; x + kVec <= W; x += kVec) {
+        vfloat acc = vfloat{};
+        for (int64_t j = a.row_lo[i]; j < a.row_hi[i]; ++j) acc += r[j] * vload(tmp + j * W + x);
+        vstore(o + x, acc);
+      }
+      for (; x < W; ++x) {
+        float acc = 0.0f;
+        for (int64_t j = a.row_lo[i]; j < a.row_hi[i]; ++j) acc += r[j] * tmp[j * W + x];
+        o[x] = acc;
+      }
+    }
+  }
+}
+
+// Mask2Former's pixel assignment: over a tile of pixels, every kept query's mask row passes once
+// (contiguous, in cache), updating the running best score x sigmoid(logit) and its query.
+// sigmoid is 0 where exp(-logit) overflows float32, as NumPy's float32 computation gives.
+void panoptic_owner(const PanopticOwnerArgs& a) {
+  constexpr int64_t kTile = 1024;
+  const int64_t K = a.k, P = a.pixels, tiles = (P + kTile - 1) / kTile;
+  const int threads = thread_count();
+  Scratch counts_buf(static_cast<size_t>(threads * K) * sizeof(int64_t));
+  Scratch row_buf(static_cast<size_t>(threads * kTile) * sizeof(float));
+  std::memset(counts_buf.as<int64_t>(), 0, static_cast<size_t>(threads * K) * sizeof(int64_t));
+  const vfloat overflow = vsplat(-88.72283f);  // exp(-x) is inf in float32 below this
+#pragma omp parallel
+  {
+    int64_t* counts = counts_buf.as<int64_t>() + static_cast<int64_t>(thread_id()) * K;
+    float* stage = row_buf.as<float>() + static_cast<int64_t>(thread_id()) * kTile;
+    alignas(64) float best[kTile];
+    alignas(64) float own_logit[kTile];
+    int32_t owner[kTile];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t p0 = t * kTile, pn = imin(kTile, P - p0);
+      for (int64_t p = 0; p < pn; ++p) best[p] = -1.0f, owner[p] = 0, own_logit[p] = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t offset = a.queries[k] * P + p0;
+        const float* m = static_cast<const float*>(a.masks) + offset;
+        if (a.masks_dtype != DType::F32) {
+          load_f32(a.masks, a.masks_dtype, offset, pn, stage);
+          m = stage;
+        }
+        const float score = a.scores[k];
+        const vfloat vscore = vsplat(score);
+        int64_t inside = 0, p = 0;
+        vint inside_v = vint{};
+        vint vk;
+        for (int l = 0; l < kVec; ++l) vk[l] = static_cast<int32_t>(k);
+        for (; p + kVec <= pn; p += kVec) {
+          const vfloat x = vload(m + p);
+          const vfloat v = vscore * (x < overflow ? vfloat{} : vsigmoid(x));
+          const vfloat b = vload(best + p);
+          const vint better = v > b;  // lanes: -1 where true
+          vint o;
+          std::memcpy(&o, owner + p, sizeof o);
+          o = better ? vk : o;
+          std::memcpy(owner + p, &o, sizeof o);
+          vstore(best + p, better ? v : b);
+          vstore(own_logit + p, better ? x : vload(own_logit + p));
+          inside_v -= (x >= vfloat{});
+        }
+        for (int l = 0; l < kVec; ++l) inside += inside_v[l];
+        for (; p < pn; ++p) {
+          const float x = m[p];
+          const float sig = x < -88.72283f ? 0.0f : 1.0f / (1.0f + vexp(vsplat(-x))[0]);
+          const float v = score * sig;
+          if (v > best[p]) best[p] = v, owner[p] = static_cast<int32_t>(k), own_logit[p] = x;
+          inside += x >= 0.0f;
+        }
+        counts[k] += inside;
+      }
+      for (int64_t p = 0; p < pn; ++p) {
+        a.owner[p0 + p] = owner[p];
+        a.own[p0 + p] = own_logit[p] >= 0.0f ? 1 : 0;
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t total = 0;
+    for (int th = 0; th < threads; ++th) total += counts_buf.as<int64_t>()[th * K + k];
+    a.mask_pixels[k] = total;
   }
 }
 

@@ -20,6 +20,9 @@ struct IsaKernels {
   const char* name;
   void (*mask_pool)(const MaskPoolArgs&);
   void (*semantic_merge)(const SemanticMergeArgs&);
+  void (*semantic_argmax)(const SemanticMergeArgs&, int32_t*);
+  void (*resample)(const ResampleArgs&);
+  void (*panoptic_owner)(const PanopticOwnerArgs&);
   bool (*usable)();
 };
 
@@ -32,10 +35,10 @@ bool has_avx512() { return has_avx2() && __builtin_cpu_supports("avx512f") && __
 // Best first.
 const IsaKernels kIsas[] = {
 #if defined(KNNCLIP_HAVE_X86_ISAS)
-    {"avx512", avx512::mask_pool, avx512::semantic_merge, has_avx512},
-    {"avx2", avx2::mask_pool, avx2::semantic_merge, has_avx2},
+    {"avx512", avx512::mask_pool, avx512::semantic_merge, avx512::semantic_argmax, avx512::resample, avx512::panoptic_owner, has_avx512},
+    {"avx2", avx2::mask_pool, avx2::semantic_merge, avx2::semantic_argmax, avx2::resample, avx2::panoptic_owner, has_avx2},
 #endif
-    {"generic", generic::mask_pool, generic::semantic_merge, always},
+    {"generic", generic::mask_pool, generic::semantic_merge, generic::semantic_argmax, generic::resample, generic::panoptic_owner, always},
 };
 
 const IsaKernels* best_isa() {
@@ -106,6 +109,47 @@ void semantic_merge(const void* probs, DType probs_dtype, const void* logits, DT
   const SemanticMergeArgs args{probs, probs_dtype, logits, logits_dtype, num_masks, num_classes,
                                pixels, out};
   active().semantic_merge(args);
+}
+
+namespace {
+// [lo, hi) of the non-zeros of each row of a [rows, cols] matrix (an empty band: lo = hi = 0).
+void bands(const float* m, int64_t rows, int64_t cols, std::vector<int64_t>& lo, std::vector<int64_t>& hi) {
+  lo.assign(rows, 0);
+  hi.assign(rows, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = m + r * cols;
+    int64_t a = 0, b = cols;
+    while (a < cols && row[a] == 0.0f) ++a;
+    while (b > a && row[b - 1] == 0.0f) --b;
+    if (a < b) lo[r] = a, hi[r] = b;
+  }
+}
+}  // namespace
+
+void resample(const void* x, DType x_dtype, int64_t n, int64_t h, int64_t w, const float* rows, int64_t out_h,
+              const float* cols, int64_t out_w, float* out) {
+  std::vector<int64_t> row_lo, row_hi, col_lo, col_hi;
+  bands(rows, out_h, h, row_lo, row_hi);
+  bands(cols, out_w, w, col_lo, col_hi);
+  int64_t used_lo = h, used_hi = 0;
+  for (int64_t i = 0; i < out_h; ++i)
+    if (row_lo[i] < row_hi[i]) used_lo = std::min(used_lo, row_lo[i]), used_hi = std::max(used_hi, row_hi[i]);
+  if (used_lo >= used_hi) used_lo = used_hi = 0;
+  const ResampleArgs args{x,    x_dtype,       n,      h,      w,      out_h,   out_w,  rows,
+                          row_lo.data(), row_hi.data(), cols, col_lo.data(), col_hi.data(), used_lo, used_hi, out};
+  active().resample(args);
+}
+
+void panoptic_owner(const float* scores, const void* masks, DType masks_dtype, const int64_t* queries, int64_t k,
+                    int64_t pixels, int32_t* owner, uint8_t* own, int64_t* mask_pixels) {
+  const PanopticOwnerArgs args{scores, masks, masks_dtype, queries, k, pixels, owner, own, mask_pixels};
+  active().panoptic_owner(args);
+}
+
+void semantic_argmax(const void* probs, DType probs_dtype, const void* logits, DType logits_dtype,
+                     int64_t num_masks, int64_t num_classes, int64_t pixels, int32_t* labels) {
+  const SemanticMergeArgs args{probs, probs_dtype, logits, logits_dtype, num_masks, num_classes, pixels, nullptr};
+  active().semantic_argmax(args, labels);
 }
 
 void retrieval_probs(const void* sims, DType sims_dtype, const int64_t* labels, int64_t rows,

@@ -38,10 +38,38 @@ struct SemanticMergeArgs {
   float* out;  // [C, P]
 };
 
-#define KNNCLIP_DECLARE_ISA(ns)                       \
-  namespace ns {                                      \
-  void mask_pool(const MaskPoolArgs& args);           \
-  void semantic_merge(const SemanticMergeArgs& args); \
+struct ResampleArgs {
+  const void* x;  // [N, h, w]
+  DType x_dtype;
+  int64_t n, h, w, out_h, out_w;
+  const float* rows;  // [out_h, h]; row i is zero outside [row_lo[i], row_hi[i])
+  const int64_t* row_lo;
+  const int64_t* row_hi;
+  const float* cols;  // [out_w, w]; row x is zero outside [col_lo[x], col_hi[x])
+  const int64_t* col_lo;
+  const int64_t* col_hi;
+  int64_t used_lo, used_hi;  // the source rows any output row reads
+  float* out;                // [N, out_h, out_w]
+};
+
+struct PanopticOwnerArgs {
+  const float* scores;    // [K]
+  const void* masks;      // [Q, P] logits
+  DType masks_dtype;
+  const int64_t* queries;  // [K] rows of masks
+  int64_t k, pixels;
+  int32_t* owner;         // [P] in [0, K)
+  uint8_t* own;           // [P]
+  int64_t* mask_pixels;   // [K]
+};
+
+#define KNNCLIP_DECLARE_ISA(ns)                        \
+  namespace ns {                                       \
+  void mask_pool(const MaskPoolArgs& args);            \
+  void semantic_merge(const SemanticMergeArgs& args);  \
+  void semantic_argmax(const SemanticMergeArgs& args, int32_t* labels); \
+  void resample(const ResampleArgs& args);             \
+  void panoptic_owner(const PanopticOwnerArgs& args);  \
   }
 KNNCLIP_DECLARE_ISA(generic)
 KNNCLIP_DECLARE_ISA(avx2)
@@ -56,6 +84,19 @@ void mask_pool(const void* features, DType features_dtype, const void* masks, DT
 
 void semantic_merge(const void* probs, DType probs_dtype, const void* logits, DType logits_dtype,
                     int64_t num_masks, int64_t num_classes, int64_t pixels, float* out);
+
+// labels[p] = argmax_c of semantic_merge's out[c, p] (first of equals), without storing out.
+void semantic_argmax(const void* probs, DType probs_dtype, const void* logits, DType logits_dtype,
+                     int64_t num_masks, int64_t num_classes, int64_t pixels, int32_t* labels);
+
+// out[n] = rows @ x[n] @ cols^T, visiting only each row's band of non-zeros (bilinear resizes).
+void resample(const void* x, DType x_dtype, int64_t n, int64_t h, int64_t w, const float* rows, int64_t out_h,
+              const float* cols, int64_t out_w, float* out);
+
+// owner[p] = argmax_k scores[k] * sigmoid(masks[queries[k], p]) (first of equals),
+// own[p] = masks[queries[owner[p]], p] >= 0, mask_pixels[k] = #{p : masks[queries[k], p] >= 0}.
+void panoptic_owner(const float* scores, const void* masks, DType masks_dtype, const int64_t* queries, int64_t k,
+                    int64_t pixels, int32_t* owner, uint8_t* own, int64_t* mask_pixels);
 
 void retrieval_probs(const void* sims, DType sims_dtype, const int64_t* labels, int64_t rows,
                      int64_t k, int64_t num_classes, float tau, float* out);
