@@ -70,6 +70,24 @@ def test_missing_neighbours_empty_database_and_zero_queries(path: Path) -> None:
     assert (labels[1] == -1).all(), "a zero query (empty mask) has no cosine neighbours"
 
 
+@pytest.mark.parametrize(("index", "storage"), [("flat", "fp32"), ("flat", "fp16"), ("flat", "sq8"), ("hnsw", "fp32")])
+def test_zero_queries_among_others_change_nothing(tmp_path: Path, index: str, storage: str) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    with Database.create(tmp_path / "db", 16, index=index, storage=storage) as db:
+        if db.index_spec.needs_training:
+            db.train(x)
+        db.add(x, [f"c{i}" for i in rng.integers(0, 5, 300)])
+        q = rng.standard_normal((6, 16)).astype(np.float32)
+        alone = db.search(q, k=4)
+        mixed = np.zeros((9, 16), np.float32)
+        mixed[[0, 2, 3, 5, 7, 8]] = q
+        got = db.search(mixed, k=4)
+    np.testing.assert_array_equal(got.ids[[0, 2, 3, 5, 7, 8]], alone.ids)
+    np.testing.assert_array_equal(got.sims[[0, 2, 3, 5, 7, 8]], alone.sims)
+    assert (got.labels[[1, 4, 6]] == -1).all() and np.isneginf(got.sims[[1, 4, 6]]).all()
+
+
 def test_vocabulary_names_synonyms_and_ids(path: Path) -> None:
     with Database.create(path, 4) as db:
         db.add(np.eye(4)[:3], ["wall,walls,brick wall", "cat", "walls"])

@@ -494,15 +494,20 @@ class Database:
             if m == 0 or len(self._ids) == 0:
                 return SearchResult(sims, labels, ids)
             params = search_parameters(self._spec, nprobe, ef_search)
-            if self._gpu is not None:
-                found_sims, found = self._gpu.search(q, k, params)
-            elif self._spec.kind == "flat" and self._spec.storage in ("fp16", "sq8"):
-                found_sims, found = flat_scan.scan(self._index, self._spec.storage, q, k)
-            else:
-                found_sims, found = self._index.search(q, k, params=params)
+            # A cosine query of zeros (an empty mask) has no direction and no neighbours: it is
+            # not searched at all (FC-CLIP leaves many of its queries empty).
+            searched = np.any(q != 0, axis=1) if self._metric == "cosine" else np.ones(m, bool)
+            found_sims = np.full((m, k), -np.inf, np.float32)
+            found = np.full((m, k), -1, np.int64)
+            if searched.any():
+                sub = q if searched.all() else np.ascontiguousarray(q[searched])
+                if self._gpu is not None:
+                    found_sims[searched], found[searched] = self._gpu.search(sub, k, params)
+                elif self._spec.kind == "flat" and self._spec.storage in ("fp16", "sq8"):
+                    found_sims[searched], found[searched] = flat_scan.scan(self._index, self._spec.storage, sub, k)
+                else:
+                    found_sims[searched], found[searched] = self._index.search(sub, k, params=params)
             hit = found >= 0
-            if self._metric == "cosine":
-                hit &= np.any(q != 0, axis=1, keepdims=True)
             pos = found[hit] if self._spec.positional else np.searchsorted(self._ids, found[hit])
             sims[hit] = found_sims[hit]
             labels[hit] = self._labels[pos]
