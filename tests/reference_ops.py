@@ -93,3 +93,18 @@ def panoptic_scores(scores: np.ndarray, mask_logits: np.ndarray, queries: np.nda
     with np.errstate(over="ignore"):
         sig = np.where(x < -88.72283, 0.0, 1.0 / (1.0 + np.exp(-x)))
     return scores.astype(np.float64)[:, None, None] * sig
+
+
+def semantic_argmax(class_probs: np.ndarray, mask_logits: np.ndarray) -> np.ndarray:
+    """argmax over classes of semantic_merge, float64."""
+    return semantic_merge(class_probs, mask_logits).argmax(0)
+
+
+def panoptic_owner(
+    scores: np.ndarray, mask_logits: np.ndarray, queries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(owner, own, mask_pixels) from the definition, float64."""
+    owner = panoptic_scores(scores, mask_logits, queries).argmax(0)
+    kept = mask_logits[queries]
+    own = np.take_along_axis(kept, owner[None], 0)[0] >= 0
+    return owner, own, (kept >= 0).reshape(len(queries), -1).sum(1)
