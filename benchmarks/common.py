@@ -17,7 +17,7 @@ from knnclip.engine.info import cpu_name
 from knnclip.engine.info import peak_rss_mib as rss_mib
 
 __all__ = [
-    "RESULTS", "machine", "rss_mib", "spawn", "summarize", "time_calls", "time_torch", "timeit_interleaved",
+    "RESULTS", "machine", "pyplot", "rss_mib", "spawn", "summarize", "time_calls", "time_torch", "timeit_interleaved",
     "write_json", "write_text",
 ]  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,6 +88,19 @@ def timeit_interleaved(
                 fn()
                 times[name].append(time.perf_counter() - start)
     return {name: summarize(t) for name, t in times.items()}
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed (the plots
+    are optional; the JSON and Markdown are not)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import machine, rss_mib, spawn, time_calls, time_torch, write_json, write_text
+from common import machine, pyplot, rss_mib, spawn, time_calls, time_torch, write_json, write_text
 
 SIZE = 518
 
@@ -124,12 +124,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in result["rows"] if "error" not in r["result"]]
     labels = [f"{r['label']}\n{r['backend']} {'fp16' if r['fp16'] else 'fp32'}" for r in rows]

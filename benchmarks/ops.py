@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, timeit_interleaved, write_json, write_text
+from common import RESULTS, machine, pyplot, timeit_interleaved, write_json, write_text
 
 from knnclip import _C
 from tests import reference_ops as ref
@@ -197,12 +197,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = result["rows"]
     labels = [f"{r['op']}\n{r['size'].split(',')[0]} {r['dtype']}" for r in rows]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, time_calls, write_json, write_text
+from common import RESULTS, machine, pyplot, time_calls, write_json, write_text
 
 DIM, CLASSES, K = 1536, 150, 10
 MASKS_HW = (160, 216)
@@ -168,12 +168,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     n_q = len(result["settings"]["queries"])
