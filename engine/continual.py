@@ -30,7 +30,7 @@ import numpy as np
 from knnclip.engine.data import Dataset
 from knnclip.engine.database import Database
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.evaluation import Progress, _num, add_dataset, evaluate, semantic_summary
+from knnclip.engine.evaluation import Progress, add_dataset, evaluate, json_score, semantic_summary
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _database_figures(db: Database) -> dict[str, Any]:
 
 def _mean(iou: np.ndarray, classes: list[int]) -> float | None:
     values = iou[classes] if classes else np.array([])
-    return _num(float(np.nanmean(values))) if np.isfinite(values).any() else None
+    return json_score(float(np.nanmean(values))) if np.isfinite(values).any() else None
 
 
 def run_continual(
@@ -106,7 +106,7 @@ def run_continual(
                 "miou_old": _mean(iou, old),
                 "miou_new": _mean(iou, group),
                 "pixel_accuracy": summary["pixel_accuracy"],
-                "iou": {names[c]: _num(iou[c]) for c in seen},
+                "iou": {names[c]: json_score(iou[c]) for c in seen},
                 "database": _database_figures(seg.db),
             }
             if settings.forgetting and previous_iou is not None:
@@ -126,8 +126,8 @@ def run_continual(
         "retrieval": seg.config.to_json(),
         "steps": steps,
         "final_miou": steps[-1]["miou"],
-        "mean_forgetting": _num(float(np.mean(drops))) if drops else None,
-        "max_forgetting": _num(float(np.max(drops))) if drops else None,
+        "mean_forgetting": json_score(float(np.mean(drops))) if drops else None,
+        "max_forgetting": json_score(float(np.max(drops))) if drops else None,
         "zero_forgetting": all(s["forgetting"]["identical"] for s in steps if "forgetting" in s) if drops else None,
     }
 
@@ -148,8 +148,8 @@ def _forgetting(
     return {
         "miou_before": _mean(previous_iou, old),
         "miou_again": _mean(again, old),
-        "miou_drop": _num(float(np.nanmean(before) - np.nanmean(now))) if both.any() else 0.0,
-        "max_class_drop": _num(float(drops.max())) if drops.size else 0.0,
+        "miou_drop": json_score(float(np.nanmean(before) - np.nanmean(now))) if both.any() else 0.0,
+        "max_class_drop": json_score(float(drops.max())) if drops.size else 0.0,
         "identical": bool(np.array_equal(before, now, equal_nan=True)),
     }
 

@@ -170,10 +170,10 @@ def semantic_summary(evaluation: Evaluation, classes: Sequence[DatasetClass]) ->
     cm = evaluation.confusion
     iou = cm.iou()
     out: dict[str, Any] = {
-        "miou": _num(cm.miou()),
-        "pixel_accuracy": _num(cm.pixel_accuracy()),
+        "miou": json_score(cm.miou()),
+        "pixel_accuracy": json_score(cm.pixel_accuracy()),
         "classes_scored": int(np.isfinite(iou).sum()),
-        "iou": {c.name: _num(v) for c, v in zip(classes, iou, strict=True)},
+        "iou": {c.name: json_score(v) for c, v in zip(classes, iou, strict=True)},
         "most_confused": [
             {"true": classes[t].name, "predicted": classes[p].name, "pixels": n} for t, p, n in cm.most_confused(10)
         ],
@@ -183,11 +183,12 @@ def semantic_summary(evaluation: Evaluation, classes: Sequence[DatasetClass]) ->
     }
     if evaluation.panoptic is not None:
         out["panoptic"] = {
-            group: {k: _num(v) if k != "n" else v for k, v in values.items()}
+            group: {k: json_score(v) if k != "n" else v for k, v in values.items()}
             for group, values in evaluation.panoptic.summary().items()
         }
     return out
 
 
-def _num(value: float) -> float | None:
+def json_score(value: float) -> float | None:
+    """A score for a JSON report: rounded to 6 places, None where it is undefined (NaN)."""
     return None if not np.isfinite(value) else round(float(value), 6)

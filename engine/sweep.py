@@ -22,7 +22,7 @@ import numpy as np
 from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.data import Dataset
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.evaluation import Progress, _num, add_dataset, class_lut
+from knnclip.engine.evaluation import Progress, add_dataset, class_lut, json_score
 from knnclip.engine.metrics import ConfusionMatrix
 
 
@@ -88,7 +88,7 @@ def run_sweep(
             cm.update(semantic_of[key], gt)
         if report_progress is not None:
             report_progress(done, len(held))
-    rows = [{"config": c.to_json(), "miou": _num(cm.miou())} for c, cm in zip(configs, scores, strict=True)]
+    rows = [{"config": c.to_json(), "miou": json_score(cm.miou())} for c, cm in zip(configs, scores, strict=True)]
     best = max(rows, key=lambda r: -1.0 if r["miou"] is None else r["miou"])  # first of equals: grid order
     return {
         "protocol": "sweep",
@@ -96,11 +96,11 @@ def run_sweep(
                     "database_images": len(rest), "classes": n},  # fmt: skip
         "grid": rows,
         "best": best,
-        "base_miou": _num(base.miou()),
+        "base_miou": json_score(base.miou()),
         "source": {
             "dataset": train.key, "split": train.split, "held_out": held_out, "seed": seed,
             "held_out_images": len(held), "database_entries": added["entries"], "miou": best["miou"],
-            "base_miou": _num(base.miou()), "models": seg.models.identity(),
+            "base_miou": json_score(base.miou()), "models": seg.models.identity(),
         },  # fmt: skip
         "seconds": round(time.perf_counter() - start, 3),
     }
