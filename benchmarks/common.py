@@ -103,18 +103,14 @@ def pyplot() -> Any:
     return plt
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+def write_json(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    return write_text(f"{name}.json", json.dumps(payload, indent=2) + "\n", directory)
 
 
-def write_text(name: str, text: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def write_text(name: str, text: str, directory: Path = RESULTS) -> Path:
+    """Write ``directory/name`` atomically (a temporary file, then a rename)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -15,8 +15,6 @@ the exit code is 1.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, summarize
+from common import RESULTS, machine, summarize, write_json, write_text
 
 from knnclip import _C
 
@@ -253,11 +251,8 @@ def main() -> int:
             result["faiss_gpu"] = check_faiss_gpu(args.repeats)
         except Exception:
             result["faiss_gpu"] = {"error": traceback.format_exc(limit=2)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("gpu_check.json", json.dumps(result, indent=2)), ("gpu_check.md", markdown(result))):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+    write_json("gpu_check", result, args.out)
+    write_text("gpu_check.md", markdown(result), args.out)
     print(markdown(result))
     return 0 if all(r["ok"] for r in result["ops"]) else 1
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, machine, pyplot, time_calls, write_json, write_text
+from common import RESULTS, machine, pyplot, spawn, time_calls, write_json, write_text
 
 DIM, CLASSES, K = 1536, 150, 10
 MASKS_HW = (160, 216)
@@ -123,11 +122,10 @@ def _rss_mib() -> float:
 
 
 def _spawn(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], capture_output=True,
-                          text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
+    result = spawn(__file__, {"kind": kind, **spec})
+    if "error" in result:
+        raise RuntimeError(f"{kind} worker failed: {result['error']}")
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -217,8 +215,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        worker = {"stages": stages_worker, "memory": memory_worker}[sys.argv[2]]
-        print(json.dumps(worker(json.loads(sys.argv[3]))))
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        case = json.loads(sys.argv[2])
+        worker = {"stages": stages_worker, "memory": memory_worker}[case.pop("kind")]
+        print(json.dumps(worker(case)))
     else:
         main()

@@ -402,8 +402,13 @@ py::object fuse(py::handle base_obj, py::handle ret_obj, double T, double lam, b
   return out.object;
 }
 
-py::object semantic_merge(py::handle probs_obj, py::handle logits_obj, bool check) {
-  const std::string op = "semantic_merge";
+// class_probs [N, C] and mask_logits [N, H, W] of semantic inference, checked for shape.
+struct MergeInputs {
+  Tensor p, l;
+  int64_t N, C, H, W;
+};
+
+MergeInputs parse_merge_inputs(const std::string& op, py::handle probs_obj, py::handle logits_obj) {
   Tensor p = parse(probs_obj, op, "class_probs", kFloat);
   Tensor l = parse(logits_obj, op, "mask_logits", kFloat);
   expect_ndim(op, "class_probs", p, {2}, "[N, C]");
@@ -412,6 +417,14 @@ py::object semantic_merge(py::handle probs_obj, py::handle logits_obj, bool chec
     fail_value(op, "class_probs " + shape_str(p.shape) + " and mask_logits " + shape_str(l.shape) +
                        " disagree on the number of masks N");
   const int64_t N = p.dim(0), C = p.dim(1), H = l.dim(1), W = l.dim(2);
+  return {std::move(p), std::move(l), N, C, H, W};
+}
+
+py::object semantic_merge(py::handle probs_obj, py::handle logits_obj, bool check) {
+  const std::string op = "semantic_merge";
+  MergeInputs in = parse_merge_inputs(op, probs_obj, logits_obj);
+  const Tensor &p = in.p, &l = in.l;
+  const int64_t N = in.N, C = in.C, H = in.H, W = in.W;
   const int device = common_device(op, {&p, &l});
   Output out = make_output({C, H, W}, device);
   if (device >= 0) {
@@ -444,15 +457,10 @@ void host_only(const std::string& op, int device) {
 
 py::array_t<int32_t> semantic_argmax(py::handle probs_obj, py::handle logits_obj, bool check) {
   const std::string op = "semantic_argmax";
-  Tensor p = parse(probs_obj, op, "class_probs", kFloat);
-  Tensor l = parse(logits_obj, op, "mask_logits", kFloat);
-  expect_ndim(op, "class_probs", p, {2}, "[N, C]");
-  expect_ndim(op, "mask_logits", l, {3}, "[N, H, W]");
+  MergeInputs in = parse_merge_inputs(op, probs_obj, logits_obj);
+  const Tensor &p = in.p, &l = in.l;
+  const int64_t N = in.N, C = in.C, H = in.H, W = in.W;
   host_only(op, common_device(op, {&p, &l}));
-  if (p.dim(0) != l.dim(0))
-    fail_value(op, "class_probs " + shape_str(p.shape) + " and mask_logits " + shape_str(l.shape) +
-                       " disagree on the number of masks N");
-  const int64_t N = p.dim(0), C = p.dim(1), H = l.dim(1), W = l.dim(2);
   if (C < 1) fail_value(op, "needs at least one class");
   if (C > INT32_MAX) fail_value(op, "more than 2^31 classes");
   if (check) {

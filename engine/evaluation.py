@@ -71,7 +71,9 @@ def add_dataset(
         nonlocal added
         if images:
             added += len(seg.add_examples(images, masks, labels))
-            images.clear(), masks.clear(), labels.clear()
+            images.clear()
+            masks.clear()
+            labels.clear()
 
     for i in range(len(ds)):
         image_masks, image_classes = ds.masks(i)
