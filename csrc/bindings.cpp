@@ -318,15 +318,14 @@ py::object mask_pool(py::handle features_obj, py::handle masks_obj, double thres
 #endif
     return out.object;
   }
-  if (check) {
-    check_host_finite(op, "features", f);
-    check_host_finite(op, "mask_logits", m);
-  }
+  if (check) check_host_finite(op, "features", f);
+  uint32_t flags;
   {
     py::gil_scoped_release release;
-    knnclip::cpu::mask_pool(f.data, f.dtype, m.data, m.dtype, B, C, H, W, N, h, w,
-                            static_cast<float>(threshold), out.data);
+    flags = knnclip::cpu::mask_pool(f.data, f.dtype, m.data, m.dtype, B, C, H, W, N, h, w,
+                                    static_cast<float>(threshold), check, out.data);
   }
+  raise_flags(op, flags, "mask_logits");
   return out.object;
 }
 
@@ -634,7 +633,9 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), py::arg("check") = true,
         "Mean of features[C,H,W] inside each mask: mask_logits[N,h,w] resized bilinearly "
         "(align_corners=False) to HxW and binarised at logit > threshold. Returns float32 [N,C] "
-        "([B,N,C] for batched inputs); an empty mask gives zeros. check=False skips the NaN/Inf scan.");
+        "([B,N,C] for batched inputs); an empty mask gives zeros. NaN/Inf raise ValueError: in features "
+        "anywhere, in mask_logits in the rows the resize reads (on the CPU the others, which cannot "
+        "change the result, are not scanned). check=False skips the NaN/Inf scan.");
   m.def("retrieval_probs", &retrieval_probs, py::arg("sims"), py::arg("labels"), py::arg("num_classes"),
         py::arg("tau"),
         "P_ret[i, c] = sum over neighbours j of row i with labels[i, j] == c of softmax_j(sims[i, j] / tau), "

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from knnclip import _C
+from tests import reference_ops as ref
 
 F = np.float32
 
@@ -30,6 +31,26 @@ class TestNonFinite:
         logits[0, 0, 0] = np.float16("inf")
         with pytest.raises(ValueError, match="mask_logits contains NaN or Inf"):
             _C.mask_pool(np.ones((3, 4, 4), F), logits)
+
+    def test_mask_pool_nan_mask_anywhere_sampled(self):
+        logits = np.zeros((2, 16, 16), F)
+        logits[1] = np.nan  # a whole mask gone bad: whichever rows the resize reads hold NaN
+        with pytest.raises(ValueError, match="mask_pool: mask_logits contains NaN or Inf"):
+            _C.mask_pool(np.ones((3, 4, 4), F), logits)
+
+    def test_mask_pool_ignores_rows_the_resize_never_reads(self):
+        # 16 -> 4 rows, align_corners=False: source row 4 * (i + 0.5) - 0.5 = 1.5, 5.5, 9.5, 13.5,
+        # so rows 1, 2, 5, 6, 9, 10, 13, 14 are read and row 0 never is. Only the rows that can
+        # change the result are scanned (a whole-array scan cost a third of the op).
+        rng = np.random.default_rng(3)
+        features = rng.standard_normal((3, 4, 4)).astype(F)
+        logits = rng.standard_normal((2, 16, 16)).astype(F)
+        want = ref.mask_pool(features.astype(np.float64), logits.astype(np.float64))
+        logits[0, 0, :] = np.nan
+        np.testing.assert_allclose(_C.mask_pool(features, logits), want, rtol=1e-5, atol=1e-6)
+        logits[0, 1, 5] = np.inf  # row 1 is read
+        with pytest.raises(ValueError, match="mask_logits contains NaN or Inf"):
+            _C.mask_pool(features, logits)
 
     def test_retrieval_sims_of_real_neighbour(self):
         with pytest.raises(ValueError, match="sims .* contains NaN or Inf"):

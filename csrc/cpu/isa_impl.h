@@ -145,6 +145,39 @@ inline vfloat vexp(vfloat x) {
 
 inline vfloat vsigmoid(vfloat x) { return 1.0f / (1.0f + vexp(-x)); }
 
+// dst[i * dst_stride + j] = src[j * src_stride + i] for a 16 x 16 block of floats.
+inline void transpose16(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+#if defined(__AVX512F__)
+  // Three rounds of interleaving: pairs of floats, pairs of doubles, then 128-bit lanes (twice).
+  __m512 r[16], t[16], u[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + k]: column k (mod 4) of rows g..g+3, per lane
+    const __m512d t0 = _mm512_castps_pd(t[g]), t1 = _mm512_castps_pd(t[g + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[g + 2]), t3 = _mm512_castps_pd(t[g + 3]);
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int k = 0; k < 4; ++k) {  // columns k, k + 4, k + 8, k + 12
+    const __m512 v0 = _mm512_shuffle_f32x4(u[k], u[k + 4], 0x88), v1 = _mm512_shuffle_f32x4(u[k], u[k + 4], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[k + 8], u[k + 12], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[k + 8], u[k + 12], 0xdd);
+    _mm512_storeu_ps(dst + k * dst_stride, _mm512_shuffle_f32x4(v0, v2, 0x88));
+    _mm512_storeu_ps(dst + (k + 8) * dst_stride, _mm512_shuffle_f32x4(v0, v2, 0xdd));
+    _mm512_storeu_ps(dst + (k + 4) * dst_stride, _mm512_shuffle_f32x4(v1, v3, 0x88));
+    _mm512_storeu_ps(dst + (k + 12) * dst_stride, _mm512_shuffle_f32x4(v1, v3, 0xdd));
+  }
+#else
+  for (int j = 0; j < 16; ++j)
+    for (int i = 0; i < 16; ++i) dst[i * dst_stride + j] = src[j * src_stride + i];
+#endif
+}
+
 // Register tile of the products below: kMR rows x kNV vectors of columns.
 #ifndef KNNCLIP_TILE_MR
 #define KNNCLIP_TILE_MR (kVec == 16 ? 6 : 4)
@@ -197,26 +230,44 @@ inline void store_tile(const vfloat (&acc)[kMR][kNV], int64_t rows, int64_t cols
 }  // namespace
 
 // Rows y_lo and y_hi of a mask as float32: straight from a float32 source, converted (and
-// cached per row) from a float16 one. Only the rows the resize samples are ever read.
+// cached per row) from a float16 one. Only the rows the resize samples are ever read; with
+// check, each is scanned for NaN/Inf when first fetched (it is in cache then), which replaces a
+// scan of the whole array: the rows never sampled cannot change the result.
 class MaskRows {
  public:
-  MaskRows(const void* masks, DType dtype, int64_t offset, int64_t width, float* buffer)
-      : masks_(masks), dtype_(dtype), offset_(offset), width_(width), buffer_(buffer) {}
+  MaskRows(const void* masks, DType dtype, int64_t offset, int64_t width, float* buffer, bool check)
+      : masks_(masks), dtype_(dtype), offset_(offset), width_(width), buffer_(buffer), check_(check) {}
   const float* row(int64_t y, int slot) {
-    if (dtype_ == DType::F32) return static_cast<const float*>(masks_) + offset_ + y * width_;
-    float* dst = buffer_ + slot * width_;
-    if (cached_[slot] != y) {
-      load_f32(masks_, dtype_, offset_ + y * width_, width_, dst);
-      cached_[slot] = y;
+    const float* src = static_cast<const float*>(masks_) + offset_ + y * width_;
+    if (cached_[slot] == y) return dtype_ == DType::F32 ? src : buffer_ + slot * width_;
+    cached_[slot] = y;
+    if (dtype_ != DType::F32) {
+      load_f32(masks_, dtype_, offset_ + y * width_, width_, buffer_ + slot * width_);
+      src = buffer_ + slot * width_;
     }
-    return dst;
+    if (check_) nonfinite_ |= any_nonfinite(src, width_);
+    return src;
   }
+  bool nonfinite() const { return nonfinite_; }
 
  private:
+  static bool any_nonfinite(const float* x, int64_t n) {
+    uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, sizeof bits);
+      bad |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad != 0;
+  }
+
   const void* masks_;
   DType dtype_;
   int64_t offset_, width_;
   float* buffer_;
+  bool check_;
+  bool nonfinite_ = false;
   int64_t cached_[2] = {-1, -1};
 };
 
@@ -239,7 +290,7 @@ void mask_pool(const MaskPoolArgs& a) {
   Scratch packed_features(static_cast<size_t>(panels * P * kNR) * sizeof(float));
   Scratch inverse_counts(static_cast<size_t>(row_tiles * kMR) * sizeof(float));
   Scratch row_buf(static_cast<size_t>(threads * 2 * mw) * sizeof(float));
-  constexpr int64_t kBlock = 256;  // pixels per transposition block
+  constexpr int64_t kBlock = 32;  // pixels per transposition block
   Scratch staging(static_cast<size_t>(threads * kNR * kBlock) * sizeof(float));
   float* am = packed_masks.as<float>();
   int32_t* active = active_pixels.as<int32_t>();
@@ -258,14 +309,24 @@ void mask_pool(const MaskPoolArgs& a) {
         float* stage = staging.as<float>() + static_cast<int64_t>(thread_id()) * kNR * kBlock;
         const int64_t c0 = j * kNR, cn = imin(kNR, C - c0);
         const int64_t p0 = blk * kBlock, pn = imin(kBlock, P - p0);
-        for (int64_t c = 0; c < cn; ++c)
-          load_f32(a.features, a.features_dtype, feature_offset + (c0 + c) * P + p0, pn, stage + c * kBlock);
-        float* dst = bf + (j * P + p0) * kNR;
-        for (int64_t p = 0; p < pn; ++p) {
-          float* d = dst + p * kNR;
-          for (int64_t c = 0; c < cn; ++c) d[c] = stage[c * kBlock + p];
-          for (int64_t c = cn; c < kNR; ++c) d[c] = 0.0f;
+        // float32 rows are read in place, float16 ones converted into the stage first; the block
+        // (kNR x kBlock floats each way) stays in L1 while it is transposed.
+        const float* src = static_cast<const float*>(a.features) + feature_offset + c0 * P + p0;
+        int64_t stride = P;
+        if (a.features_dtype != DType::F32) {
+          for (int64_t c = 0; c < cn; ++c)
+            load_f32(a.features, a.features_dtype, feature_offset + (c0 + c) * P + p0, pn, stage + c * kBlock);
+          src = stage;
+          stride = kBlock;
         }
+        float* dst = bf + (j * P + p0) * kNR;
+        const int64_t cn16 = cn / 16 * 16, pn16 = pn / 16 * 16;
+        for (int64_t c = 0; c < cn16; c += 16)
+          for (int64_t p = 0; p < pn16; p += 16) transpose16(src + c * stride + p, stride, dst + p * kNR + c, kNR);
+        for (int64_t c = 0; c < cn; ++c)  // the edges
+          for (int64_t p = c < cn16 ? pn16 : 0; p < pn; ++p) dst[p * kNR + c] = src[c * stride + p];
+        for (int64_t p = 0; p < pn; ++p)
+          for (int64_t c = cn; c < kNR; ++c) dst[p * kNR + c] = 0.0f;
       }
     }
 
@@ -281,7 +342,7 @@ void mask_pool(const MaskPoolArgs& a) {
           inv[n] = 0.0f;
           continue;
         }
-        MaskRows mask(a.masks, a.masks_dtype, mask_offset + n * mP, mw, rows);
+        MaskRows mask(a.masks, a.masks_dtype, mask_offset + n * mP, mw, rows, a.check_masks);
         int64_t count = 0;
         for (int64_t y = 0; y < H; ++y) {
           const float* r0 = mask.row(a.y_lo[y], 0);
@@ -297,6 +358,7 @@ void mask_pool(const MaskPoolArgs& a) {
           }
         }
         inv[n] = count > 0 ? 1.0f / static_cast<float>(count) : 0.0f;
+        if (mask.nonfinite()) a.nonfinite_masks[b * N + n] = 1;
       }
       float* packed = am + t * P * kMR;
       int32_t* list = active + t * P;

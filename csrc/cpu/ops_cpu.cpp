@@ -90,18 +90,20 @@ constexpr int64_t kParallelThreshold = 1 << 16;
 
 }  // namespace
 
-void mask_pool(const void* features, DType features_dtype, const void* masks, DType masks_dtype,
-               int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t num_masks,
-               int64_t mask_height, int64_t mask_width, float threshold, float* out) {
+uint32_t mask_pool(const void* features, DType features_dtype, const void* masks, DType masks_dtype,
+                   int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t num_masks,
+                   int64_t mask_height, int64_t mask_width, float threshold, bool check, float* out) {
   std::vector<int64_t> y_lo, y_hi, x_lo, x_hi;
   std::vector<float> y_w, x_w;
   bilinear_table(mask_height, height, y_lo, y_hi, y_w);
   bilinear_table(mask_width, width, x_lo, x_hi, x_w);
-  const MaskPoolArgs args{features, features_dtype, masks,       masks_dtype, batch,
-                          channels, height,         width,       num_masks,   mask_height,
-                          mask_width, threshold,    y_lo.data(), y_hi.data(), y_w.data(),
-                          x_lo.data(), x_hi.data(), x_w.data(),  out};
+  std::vector<uint8_t> nonfinite(static_cast<size_t>(batch * num_masks), 0);
+  const MaskPoolArgs args{features,    features_dtype, masks,       masks_dtype, batch,      channels,
+                          height,      width,          num_masks,   mask_height, mask_width, threshold,
+                          check,       nonfinite.data(), y_lo.data(), y_hi.data(), y_w.data(), x_lo.data(),
+                          x_hi.data(), x_w.data(),     out};
   active().mask_pool(args);
+  return std::find(nonfinite.begin(), nonfinite.end(), uint8_t{1}) != nonfinite.end() ? kNonFinite : 0u;
 }
 
 void semantic_merge(const void* probs, DType probs_dtype, const void* logits, DType logits_dtype,

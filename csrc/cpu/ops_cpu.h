@@ -18,6 +18,10 @@ struct MaskPoolArgs {
   DType masks_dtype;
   int64_t batch, channels, height, width, num_masks, mask_height, mask_width;
   float threshold;
+  // With check_masks, nonfinite_masks[b * N + n] is set to 1 when a mask row the resize reads
+  // holds NaN or Inf (the caller zeroes it).
+  bool check_masks;
+  uint8_t* nonfinite_masks;
   // Bilinear resize tables (align_corners=False), one entry per output row / column:
   // value = (1 - w) * src[lo] + w * src[hi].
   const int64_t* y_lo;
@@ -78,9 +82,11 @@ KNNCLIP_DECLARE_ISA(avx512)
 
 // ---- entry points used by the bindings --------------------------------------------------------
 
-void mask_pool(const void* features, DType features_dtype, const void* masks, DType masks_dtype,
-               int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t num_masks,
-               int64_t mask_height, int64_t mask_width, float threshold, float* out);
+// With check, returns kNonFinite when a mask row the resize samples holds NaN or Inf (the rows it
+// never reads cannot change the result and are not scanned); features are the caller's to check.
+uint32_t mask_pool(const void* features, DType features_dtype, const void* masks, DType masks_dtype,
+                   int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t num_masks,
+                   int64_t mask_height, int64_t mask_width, float threshold, bool check, float* out);
 
 void semantic_merge(const void* probs, DType probs_dtype, const void* logits, DType logits_dtype,
                     int64_t num_masks, int64_t num_classes, int64_t pixels, float* out);
