@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -286,16 +286,71 @@ class Segmenter:
         result.name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "")
         return result
 
-    def segment_batch(self, images: Sequence[ImageInput]) -> list[Result | KnnclipError]:
-        """Segment several images; an image that fails yields its error in place of a result,
-        and the others are unaffected."""
-        out: list[Result | KnnclipError] = []
+    def segment_batch(
+        self, images: Sequence[ImageInput], *, panoptic: bool = True, batch_size: int = 4
+    ) -> list[Result | KnnclipError]:
+        """Segment several images, up to ``batch_size`` at a time through each model and one
+        database search per batch. An image that fails yields its error in place of a result and
+        the others are unaffected: a batch whose models fail is retried one image at a time.
+
+        Stages run once per batch (``preprocess``, ``fcclip``, ``dinov2``, ``search``) report the
+        batch's time in every result of it, with ``timings["batch_size"]``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out: list[Result | KnnclipError | None] = [None] * len(images)
+        decoded: list[tuple[int, str, np.ndarray, _Timer]] = []
         for i, image in enumerate(images):
+            name = str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}"
+            timer = _Timer()
             try:
-                out.append(self.segment(image, str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}"))
+                with timer.stage("decode"):
+                    decoded.append((i, name, load_image(image, name), timer))
             except KnnclipError as exc:
-                out.append(exc)
-        return out
+                out[i] = exc
+        for start in range(0, len(decoded), batch_size):
+            chunk = decoded[start : start + batch_size]
+            batch = [pixels for _, _, pixels, _ in chunk]
+            try:
+                results: list[Result | KnnclipError] = list(self._segment_chunk(batch, panoptic))
+            except KnnclipError:
+                results = [self._segment_or_error(pixels, panoptic) for pixels in batch]  # find the culprit
+            for (i, name, _, decode), result in zip(chunk, results, strict=True):
+                if isinstance(result, Result):
+                    result.timings["total"] += decode.ms["decode"]
+                    result.timings["decode"] = decode.ms["decode"]
+                    result.name = name
+                out[i] = result
+        assert all(r is not None for r in out)
+        return cast("list[Result | KnnclipError]", out)
+
+    def _segment_or_error(self, pixels: np.ndarray, panoptic: bool) -> Result | KnnclipError:
+        timer = _Timer()
+        try:
+            with timer.stage("total"):
+                result = self._segment_pixels(pixels, timer, panoptic)
+        except KnnclipError as exc:
+            return exc
+        result.timings = timer.ms
+        return result
+
+    def _segment_chunk(self, batch: list[np.ndarray], panoptic: bool) -> list[Result]:
+        """One batch through the models and one search; then each image on its own."""
+        shared, own = _Timer(), [_Timer() for _ in batch]
+        proposals = self._propose_batch(batch, shared, own)
+        with shared.stage("search"):
+            sims, labels, _ = self.db.search(np.concatenate([p.queries for p in proposals]), self.config.k)
+        results, row = [], 0
+        for p, timer in zip(proposals, own, strict=True):
+            rows = slice(row, row + len(p.queries))
+            row = rows.stop
+            before = sum(timer.ms.values())  # classify and pool
+            with timer.stage("total"):
+                result = self._decide(p, sims[rows], labels[rows], self.config, timer, panoptic=panoptic)
+            result.timings = {**timer.ms, **shared.ms, "batch_size": float(len(batch))}
+            result.timings["total"] += before + sum(shared.ms.values())
+            results.append(result)
+        return results
 
     def _fcclip_input(self, pixels: np.ndarray) -> FCCLIPInput:
         head = self.models.head
@@ -312,29 +367,42 @@ class Segmenter:
 
     def _propose(self, pixels: np.ndarray, timer: _Timer) -> _Proposal:
         """Everything before the database: masks, P_base and the query embeddings."""
+        return self._propose_batch([pixels], timer)[0]
+
+    def _propose_batch(
+        self, batch: list[np.ndarray], timer: _Timer, per_image: list[_Timer] | None = None
+    ) -> list[_Proposal]:
+        """_propose for several images, each model run once on all of them (every FC-CLIP input
+        is padded to the model's input size, every DINOv2 input is its square). The per-image
+        stages (classify, pool) go to ``per_image[i]`` when given, else to ``timer``."""
         cfg, head = self.config, self.models.head
         vocab = self._vocabulary()
         with timer.stage("preprocess"):
-            x = self._fcclip_input(pixels)
-            d_in = dinov2_input(pixels, self.models.dinov2_size)
+            xs = [self._fcclip_input(pixels) for pixels in batch]
+            fcclip_in = np.concatenate([x.tensor for x in xs])
+            dinov2_in = np.concatenate([dinov2_input(pixels, self.models.dinov2_size) for pixels in batch])
         with timer.stage("fcclip"):
-            out = self.models.fcclip.infer({"images": x.tensor})
+            out = self.models.fcclip.infer({"images": fcclip_in})
         with timer.stage("dinov2"):
-            keys = self.models.dinov2.infer({"images": d_in})["keys"][0]
-        masks = out["mask_logits"][0]
-        with timer.stage("classify"):
-            in_vocab = postprocess.classification_logits(
-                out["class_embed"][0], vocab.classifier, head.in_vocab_logit_scale, vocab.synonyms_per_class
-            )
-            ov = postprocess.classification_logits(
-                out["ov_embed"][0], vocab.classifier, head.clip_logit_scale, vocab.synonyms_per_class
-            )
-            base = postprocess.geometric_ensemble(in_vocab, ov, vocab.seen, head.alpha, head.beta)
-        with timer.stage("pool"):
-            # The masks cover the padded input at stride 4; DINOv2 saw the unpadded image only.
-            valid = masks[:, : -(-x.resized[0] // 4), : -(-x.resized[1] // 4)]
-            queries = ops.mask_pool(np.ascontiguousarray(keys), np.ascontiguousarray(valid), cfg.mask_threshold)
-        return _Proposal(x, masks, base, queries, vocab)
+            keys = self.models.dinov2.infer({"images": dinov2_in})["keys"]
+        proposals = []
+        for i, x in enumerate(xs):
+            own = per_image[i] if per_image is not None else timer
+            masks = out["mask_logits"][i]
+            with own.stage("classify"):
+                in_vocab = postprocess.classification_logits(
+                    out["class_embed"][i], vocab.classifier, head.in_vocab_logit_scale, vocab.synonyms_per_class
+                )
+                ov = postprocess.classification_logits(
+                    out["ov_embed"][i], vocab.classifier, head.clip_logit_scale, vocab.synonyms_per_class
+                )
+                base = postprocess.geometric_ensemble(in_vocab, ov, vocab.seen, head.alpha, head.beta)
+            with own.stage("pool"):
+                # The masks cover the padded input at stride 4; DINOv2 saw the unpadded image only.
+                valid = masks[:, : -(-x.resized[0] // 4), : -(-x.resized[1] // 4)]
+                queries = ops.mask_pool(np.ascontiguousarray(keys[i]), np.ascontiguousarray(valid), cfg.mask_threshold)
+            proposals.append(_Proposal(x, masks, base, queries, vocab))
+        return proposals
 
     def _decide(
         self,

@@ -248,6 +248,20 @@ class TestImages:
         with pytest.raises(InvalidInputError, match=r"\[H, W, 3\]"):
             seg.segment(np.zeros((4, 4, 4), np.uint8))
 
+    def test_batched_models_give_the_per_image_results(self, seg):
+        # Three images of different sizes share one FC-CLIP, one DINOv2 run and one search.
+        images = [image(), image()[:200, 40:], np.ascontiguousarray(image()[::-1])]
+        batched = seg.segment_batch(images, batch_size=3)
+        for img, got in zip(images, batched, strict=True):
+            assert isinstance(got, Result) and got.timings["batch_size"] == 3
+            want = seg.segment(img)
+            assert got.semantic.shape == want.semantic.shape
+            assert (got.semantic == want.semantic).mean() > 0.999
+            assert [s.name for s in got.segments] == [s.name for s in want.segments]
+            assert got.timings["total"] >= got.timings["fcclip"] + got.timings["decode"]
+        with pytest.raises(ValueError, match="batch_size"):
+            seg.segment_batch(images, batch_size=0)
+
     def test_a_failure_in_a_batch_loses_nothing(self, seg):
         results = seg.segment_batch([image(), b"junk", image()[:100]])
         assert isinstance(results[0], Result) and isinstance(results[2], Result)
