@@ -238,13 +238,11 @@ class MaskRows {
   MaskRows(const void* masks, DType dtype, int64_t offset, int64_t width, float* buffer, bool check)
       : masks_(masks), dtype_(dtype), offset_(offset), width_(width), buffer_(buffer), check_(check) {}
   const float* row(int64_t y, int slot) {
-    const float* src = static_cast<const float*>(masks_) + offset_ + y * width_;
-    if (cached_[slot] == y) return dtype_ == DType::F32 ? src : buffer_ + slot * width_;
+    const float* src = dtype_ == DType::F32 ? static_cast<const float*>(masks_) + offset_ + y * width_
+                                            : buffer_ + slot * width_;
+    if (cached_[slot] == y) return src;
     cached_[slot] = y;
-    if (dtype_ != DType::F32) {
-      load_f32(masks_, dtype_, offset_ + y * width_, width_, buffer_ + slot * width_);
-      src = buffer_ + slot * width_;
-    }
+    if (dtype_ != DType::F32) load_f32(masks_, dtype_, offset_ + y * width_, width_, buffer_ + slot * width_);
     if (check_) nonfinite_ |= any_nonfinite(src, width_);
     return src;
   }
@@ -311,13 +309,14 @@ void mask_pool(const MaskPoolArgs& a) {
         const int64_t p0 = blk * kBlock, pn = imin(kBlock, P - p0);
         // float32 rows are read in place, float16 ones converted into the stage first; the block
         // (kNR x kBlock floats each way) stays in L1 while it is transposed.
-        const float* src = static_cast<const float*>(a.features) + feature_offset + c0 * P + p0;
-        int64_t stride = P;
-        if (a.features_dtype != DType::F32) {
+        const float* src = stage;
+        int64_t stride = kBlock;
+        if (a.features_dtype == DType::F32) {
+          src = static_cast<const float*>(a.features) + feature_offset + c0 * P + p0;
+          stride = P;
+        } else {
           for (int64_t c = 0; c < cn; ++c)
             load_f32(a.features, a.features_dtype, feature_offset + (c0 + c) * P + p0, pn, stage + c * kBlock);
-          src = stage;
-          stride = kBlock;
         }
         float* dst = bf + (j * P + p0) * kNR;
         const int64_t cn16 = cn / 16 * 16, pn16 = pn / 16 * 16;
