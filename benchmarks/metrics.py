@@ -15,7 +15,7 @@ import time
 import numpy as np
 from common import machine, write_json, write_text
 
-from knnclip.engine.metrics import ConfusionMatrix, PanopticQuality
+from knnclip.engine.eval.metrics import ConfusionMatrix, PanopticQuality
 
 
 def label_maps(rng: np.random.Generator, classes: int, shape=(512, 683)) -> tuple[np.ndarray, np.ndarray]:

@@ -118,7 +118,7 @@ def cases(rng: np.random.Generator) -> list[dict[str, Any]]:
             )
         out.append({"op": "semantic_argmax", "size": f"250x{classes} probs, 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
                     "dtype": "float32", "args": (p_base, masks)})  # fmt: skip
-    from knnclip.engine.postprocess import resize_matrices
+    from knnclip.engine.pipeline.postprocess import resize_matrices
 
     small = (rng.standard_normal((250, 160, 216)) * 4).astype(np.float32)
     rows, cols = resize_matrices((160, 216), (640, 864), (640, 853), (512, 683))

@@ -57,7 +57,8 @@ def _database(path: Path, n: int, storage: str, rng: np.random.Generator):
 
 def stages_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Per-stage times for each query count and each image size, over one 10^5-entry database."""
-    from knnclip.engine import Database, ops, postprocess
+    from knnclip.engine import Database, ops
+    from knnclip.engine.pipeline import postprocess
 
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="knnclip-scaling-"))

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine._fsutil import atomic_write_bytes
 from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.fsutil import atomic_write_bytes
 
 CONFIG_FORMAT = "knnclip-retrieval-config/1"
 

@@ -76,7 +76,7 @@ def evidence_panel(
 
 def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> None:
     """Write a PNG atomically."""
-    from knnclip.engine._fsutil import atomic_path
+    from knnclip.engine.fsutil import atomic_path
 
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")

@@ -1,4 +1,4 @@
-"""The work behind ``knnclip export`` (see ``knnclip.engine.cli_export`` for the arguments)."""
+"""The work behind ``knnclip export`` (see ``knnclip.engine.cli.export`` for the arguments)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from knnclip.engine._fsutil import sha256_file
 from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.fsutil import sha256_file
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +59,7 @@ def _json_arg(value: str | None) -> dict | None:
 
 
 def _fcclip(args: argparse.Namespace) -> int:
-    from knnclip.engine.prompts import class_synonyms
+    from knnclip.engine.text.prompts import class_synonyms
     from knnclip.export.fcclip import load_fcclip
     from knnclip.export.fcclip.onnx import export_fcclip_onnx
 

@@ -105,7 +105,7 @@ def fixture_io() -> dict[str, np.ndarray]:
 def tokenizer():
     """CLIP's tokenizer with the real BPE merges (from the open_clip_torch distribution)."""
     from knnclip.engine.errors import ModelFileError
-    from knnclip.engine.tokenizer import ClipTokenizer
+    from knnclip.engine.text.tokenizer import ClipTokenizer
 
     try:
         return ClipTokenizer()

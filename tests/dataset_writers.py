@@ -1,7 +1,7 @@
 """Tiny datasets in the real on-disk layouts, written from the layouts' descriptions (the
 detectron2 / FC-CLIP preparation scripts' outputs), not from knnclip's readers.
 
-Pixels come from ``knnclip.engine.synthetic`` (objects of 8 classes on textured backgrounds).
+Pixels come from ``knnclip.engine.demo.synthetic`` (objects of 8 classes on textured backgrounds).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from knnclip.engine.synthetic import CLASSES, IGNORE, Sample, make_split
+from knnclip.engine.demo.synthetic import CLASSES, IGNORE, Sample, make_split
 
 CLASS_LINES = ["sky,skies", "grass,lawn", "sand", "water,sea water", "ball", "box,crate", "tree,trees", "star"]
 

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from knnclip.engine.data import open_dataset, read_class_file
-from knnclip.engine.data.classes import DatasetClass, unique_names
+from knnclip.engine.demo.synthetic import CLASSES
 from knnclip.engine.errors import DatasetError, InvalidInputError
-from knnclip.engine.synthetic import CLASSES
+from knnclip.engine.eval.datasets import open_dataset, read_class_file
+from knnclip.engine.eval.datasets.classes import DatasetClass, unique_names
 from tests.dataset_writers import CLASS_LINES, class_file, samples, segment_ids, write_panoptic, write_semantic
 
 SEMANTIC_KEYS = ["ade20k-150", "ade20k-847", "pc-59", "pc-459", "voc-21"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from knnclip.engine.engine_cache import EngineCache, EngineKey
+from knnclip.engine.backends.tensorrt.cache import EngineCache, EngineKey
 
 KEY = EngineKey(
     onnx_sha256="ab" * 32, tensorrt_version="10.13.0", gpu_name="NVIDIA H100", compute_capability="9.0",

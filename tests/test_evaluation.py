@@ -17,19 +17,19 @@ pytest.importorskip("torch", reason="the test models are built with torch (pip i
 pytest.importorskip("onnx", reason="the test models are exported to ONNX (pip install onnx)")
 
 from knnclip.engine.config import RetrievalConfig  # noqa: E402
-from knnclip.engine.continual import ContinualSettings, class_steps, run_continual  # noqa: E402
-from knnclip.engine.data import open_dataset  # noqa: E402
 from knnclip.engine.errors import InvalidInputError  # noqa: E402
-from knnclip.engine.evaluation import add_dataset, class_lut, evaluate, register_classes  # noqa: E402
-from knnclip.engine.segmenter import Segmenter  # noqa: E402
-from knnclip.engine.sweep import SweepGrid, run_sweep, split_held_out  # noqa: E402
+from knnclip.engine.eval.continual import ContinualSettings, class_steps, run_continual  # noqa: E402
+from knnclip.engine.eval.datasets import open_dataset  # noqa: E402
+from knnclip.engine.eval.evaluate import add_dataset, class_lut, evaluate, register_classes  # noqa: E402
+from knnclip.engine.eval.sweep import SweepGrid, run_sweep, split_held_out  # noqa: E402
+from knnclip.engine.pipeline.segmenter import Segmenter  # noqa: E402
 from tests.dataset_writers import samples, write_panoptic, write_semantic  # noqa: E402
 from tests.test_metrics import reference_iou, reference_pq  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from knnclip.engine.demo import DemoSettings, build_models
+    from knnclip.engine.demo.run import DemoSettings, build_models
 
     return build_models(DemoSettings(out=tmp_path_factory.mktemp("demo")), say=lambda _: None)
 

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch", reason="the export side needs torch (pip install torch)")
 F = torch.nn.functional
 
-from knnclip.engine import postprocess  # noqa: E402
 from knnclip.engine.errors import CheckpointError, InvalidInputError  # noqa: E402
-from knnclip.engine.preprocess import fcclip_input  # noqa: E402
-from knnclip.engine.prompts import class_synonyms, prompts  # noqa: E402
+from knnclip.engine.pipeline import postprocess  # noqa: E402
+from knnclip.engine.pipeline.preprocess import fcclip_input  # noqa: E402
+from knnclip.engine.text.prompts import class_synonyms, prompts  # noqa: E402
 from knnclip.export.fcclip import FCCLIPConfig, config_from_dict, load_clip, load_fcclip  # noqa: E402
 from knnclip.export.fcclip import inference as torch_inference  # noqa: E402
 from knnclip.export.fcclip.deform_attn import bilinear_gather  # noqa: E402

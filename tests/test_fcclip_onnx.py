@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch", reason="the export side needs torch (pip in
 pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install onnx)")
 import onnxruntime as ort  # noqa: E402
 
-from knnclip.engine import postprocess  # noqa: E402
 from knnclip.engine.artifact import read_manifest  # noqa: E402
 from knnclip.engine.cli import main  # noqa: E402
 from knnclip.engine.errors import ArtifactExistsError, InvalidInputError  # noqa: E402
+from knnclip.engine.pipeline import postprocess  # noqa: E402
 from knnclip.export.fcclip.onnx import KIND_IMAGE, KIND_TEXT, ImageGraph, export_fcclip_onnx  # noqa: E402
 from knnclip.export.onnx import state_dict_sha256  # noqa: E402
 from tests.fcclip_helpers import load_fixture, rel  # noqa: E402

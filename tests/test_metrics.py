@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.metrics import ConfusionMatrix, PanopticQuality
+from knnclip.engine.eval.metrics import ConfusionMatrix, PanopticQuality
 
 
 def reference_iou(preds, gts, num_classes, ignore):

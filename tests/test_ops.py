@@ -270,7 +270,7 @@ class TestResample:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
 
     def test_fcclip_resize_at_real_size(self, cpu_isa):
-        from knnclip.engine.postprocess import resize_matrices
+        from knnclip.engine.pipeline.postprocess import resize_matrices
 
         rng = np.random.default_rng(3)
         masks = random_array(rng, (250, 160, 216), np.float32, 8.0)

@@ -16,11 +16,11 @@ torch = pytest.importorskip("torch", reason="building the test models needs torc
 pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install onnx)")
 from PIL import Image  # noqa: E402
 
-from knnclip.engine import preprocess  # noqa: E402
 from knnclip.engine.cli import main  # noqa: E402
 from knnclip.engine.config import RetrievalConfig  # noqa: E402
 from knnclip.engine.errors import InvalidInputError  # noqa: E402
-from knnclip.engine.segmenter import Result, Segmenter  # noqa: E402
+from knnclip.engine.pipeline import preprocess  # noqa: E402
+from knnclip.engine.pipeline.segmenter import Result, Segmenter  # noqa: E402
 from knnclip.export.dinov2 import load_dinov2  # noqa: E402
 from knnclip.export.fcclip.onnx import export_fcclip_onnx  # noqa: E402
 from knnclip.export.onnx import export_dinov2_onnx  # noqa: E402

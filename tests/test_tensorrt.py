@@ -15,7 +15,7 @@ needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT and pycuda are not
 
 
 def test_cpu_device_is_refused_with_a_reason(tmp_path):
-    from knnclip.engine.backends.tensorrt import open_tensorrt
+    from knnclip.engine.backends.tensorrt.session import open_tensorrt
 
     with pytest.raises(BackendUnavailableError, match="CUDA devices only"):
         open_tensorrt(tmp_path, {}, "cpu")

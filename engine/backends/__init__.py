@@ -100,6 +100,6 @@ def _open(name: str, directory: Path, manifest: dict, device: str) -> Session:
         from knnclip.engine.backends.torch import TorchSession
 
         return TorchSession(directory, manifest, device)
-    from knnclip.engine.backends.tensorrt import open_tensorrt
+    from knnclip.engine.backends.tensorrt.session import open_tensorrt
 
     return open_tensorrt(directory, manifest, device)

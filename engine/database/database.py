@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 import faiss
 import numpy as np
 
-from knnclip.engine._fsutil import atomic_path, atomic_write_bytes, fsync_dir, sha256_file
 from knnclip.engine.database import flat_scan
 from knnclip.engine.database.indexes import (
     IndexSpec,
@@ -55,6 +54,7 @@ from knnclip.engine.errors import (
     ReadOnlyDatabaseError,
     UnknownClassError,
 )
+from knnclip.engine.fsutil import atomic_path, atomic_write_bytes, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from knnclip import _C
-from knnclip.engine._fsutil import atomic_write_bytes, write_all
 from knnclip.engine.errors import DatabaseCorruptError, DatabaseError
+from knnclip.engine.fsutil import atomic_write_bytes, write_all
 
 MAGIC = b"KNNCWAL1"
 _HEADER = struct.Struct("<8s16sQ")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.prompts import TEMPLATES
+from knnclip.engine.text.prompts import TEMPLATES
 from knnclip.export.fcclip.model import FCCLIP, ClipModel
 from knnclip.export.onnx import DEFAULT_OPSET, ExportResult, Graph, export_graph, parse_size
 from knnclip.export.precision import half_compute_copy

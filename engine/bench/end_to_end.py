@@ -98,7 +98,7 @@ def build(preset: Preset, work: Path, say: Any = print) -> dict[str, Any]:
 
 
 def _models(preset: Preset) -> tuple[Any, Any]:
-    from knnclip.engine.demo import _seeded_dinov2, _seeded_fcclip
+    from knnclip.engine.demo.run import _seeded_dinov2, _seeded_fcclip
     from knnclip.export.dinov2 import PRESETS as DINO_PRESETS
     from knnclip.export.dinov2 import DinoV2
     from knnclip.export.fcclip import FCCLIP, FCCLIPConfig
@@ -137,14 +137,14 @@ def _flops(module: Any, x: Any) -> float:
 
 
 def _images(preset: Preset) -> list[np.ndarray]:
-    from knnclip.engine.synthetic import make_split
+    from knnclip.engine.demo.synthetic import make_split
 
     return [s.image for s in make_split(preset.images + WARMUP, seed=7, size=preset.image_size)]
 
 
 # The two pipelines, each run in a worker process --------------------------------------------------
 def run_engine(work: Path, preset: Preset, backend: str, device: str) -> dict[str, Any]:
-    from knnclip.engine.segmenter import Segmenter
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
     baseline = peak_rss_mib()
     images = _images(preset)
@@ -184,9 +184,9 @@ def run_reference(work: Path, preset: Preset, device: str) -> dict[str, Any]:
     from knnclip.engine.artifact import read_manifest
     from knnclip.engine.config import RetrievalConfig
     from knnclip.engine.database import Database
-    from knnclip.engine.preprocess import load_image, shortest_edge_size
-    from knnclip.engine.textbank import TextBank
-    from knnclip.engine.tokenizer import ByteTokenizer
+    from knnclip.engine.pipeline.preprocess import load_image, shortest_edge_size
+    from knnclip.engine.text.textbank import TextBank
+    from knnclip.engine.text.tokenizer import ByteTokenizer
     from knnclip.export.fcclip import inference as fc
     from knnclip.export.modules import build_module
 
@@ -308,8 +308,8 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
 
 def _spawn(args: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run([sys.executable, "-m", "knnclip.engine.bench", json.dumps(args)], capture_output=True,
-                          text=True, env=env, check=False)  # fmt: skip
+    command = [sys.executable, "-m", "knnclip.engine.bench.end_to_end", json.dumps(args)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:] or [f"exit {proc.returncode}"]
         return {"error": " | ".join(tail)}

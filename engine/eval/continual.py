@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from knnclip.engine.data import Dataset
 from knnclip.engine.database import Database
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.evaluation import Progress, add_dataset, evaluate, json_score, semantic_summary
+from knnclip.engine.eval.datasets import Dataset
+from knnclip.engine.eval.evaluate import Progress, add_dataset, evaluate, json_score, semantic_summary
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine._fsutil import atomic_write_bytes
+from knnclip.engine.fsutil import atomic_write_bytes
 
 log = logging.getLogger("knnclip.engine_cache")
 _FORMAT = "knnclip-engine-cache/1"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from knnclip.engine._fsutil import atomic_write_bytes
 from knnclip.engine.backends import Session
-from knnclip.engine.postprocess import text_classifier
-from knnclip.engine.tokenizer import ByteTokenizer, ClipTokenizer
+from knnclip.engine.fsutil import atomic_write_bytes
+from knnclip.engine.pipeline.postprocess import text_classifier
+from knnclip.engine.text.tokenizer import ByteTokenizer, ClipTokenizer
 
 log = logging.getLogger("knnclip.textbank")
 _BATCH = 256  # prompts per text-session call

@@ -1,4 +1,4 @@
-"""The demo's synthetic dataset (``knnclip.engine.synthetic``) as a ``Dataset``: ``--dataset
+"""The demo's synthetic dataset (``knnclip.engine.demo.synthetic``) as a ``Dataset``: ``--dataset
 synthetic`` runs every evaluation protocol on a fresh machine with no data. Panoptic too: each
 stuff region and object is a segment (no crowd regions)."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from knnclip.engine.data.classes import DatasetClass
-from knnclip.engine.data.datasets import Dataset
-from knnclip.engine.synthetic import CLASSES, IGNORE, class_index, make_split
+from knnclip.engine.demo.synthetic import CLASSES, IGNORE, class_index, make_split
+from knnclip.engine.eval.datasets.classes import DatasetClass
+from knnclip.engine.eval.datasets.readers import Dataset
 
 SPLITS = {"train": (48, 0), "val": (16, 1)}  # images, seed: the demo's defaults
 

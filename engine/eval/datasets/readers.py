@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from knnclip.engine.data.classes import DatasetClass, parse_names, read_class_file, unique_names
 from knnclip.engine.errors import DatasetError, InvalidInputError
-from knnclip.engine.preprocess import load_image
+from knnclip.engine.eval.datasets.classes import DatasetClass, parse_names, read_class_file, unique_names
+from knnclip.engine.pipeline.preprocess import load_image
 
 LONG_SPLIT = {"train": "training", "val": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -278,7 +278,7 @@ class PanopticDataset(Dataset):
         self._pngs = base / layout.pngs.format(**fmt)
         for folder in (self._images, self._pngs):
             if not folder.is_dir():
-                raise DatasetError(f"{folder}: missing (layout of {key}: see knnclip.engine.data.datasets)")
+                raise DatasetError(f"{folder}: missing (layout of {key}: see knnclip.engine.eval.datasets.readers)")
         self.names = [Path(a[1]).stem for a in self._annotations]
 
     def image(self, i: int) -> np.ndarray:
@@ -326,7 +326,7 @@ def open_dataset(
     if split not in LONG_SPLIT:
         raise InvalidInputError(f"split must be 'train' or 'val', got {split!r}")
     if key == "synthetic":
-        from knnclip.engine.data.synthetic import SyntheticDataset
+        from knnclip.engine.demo.dataset import SyntheticDataset
 
         return SyntheticDataset(split)
     if root is None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from knnclip.engine.backends import Session, open_session
 from knnclip.engine.errors import ArtifactCorruptError, ModelFileError
-from knnclip.engine.tokenizer import make_tokenizer
+from knnclip.engine.text.tokenizer import make_tokenizer
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,15 @@ from typing import Any, cast
 
 import numpy as np
 
-from knnclip.engine import ops, postprocess
+from knnclip.engine import ops
 from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.database import Database
 from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.errors import InvalidInputError, KnnclipError, UnknownClassError
-from knnclip.engine.models import ModelSet
-from knnclip.engine.preprocess import FCCLIPInput, ImageInput, dinov2_input, fcclip_input, load_image
-from knnclip.engine.textbank import TextBank
+from knnclip.engine.pipeline import postprocess
+from knnclip.engine.pipeline.models import ModelSet
+from knnclip.engine.pipeline.preprocess import FCCLIPInput, ImageInput, dinov2_input, fcclip_input, load_image
+from knnclip.engine.text.textbank import TextBank
 
 log = logging.getLogger("knnclip.segmenter")
 

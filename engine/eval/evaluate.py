@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from knnclip.engine.data import Dataset, DatasetClass
-from knnclip.engine.metrics import ConfusionMatrix, PanopticQuality
+from knnclip.engine.eval.datasets import Dataset, DatasetClass
+from knnclip.engine.eval.metrics import ConfusionMatrix, PanopticQuality
 
 log = logging.getLogger("knnclip.evaluation")
 

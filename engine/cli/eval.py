@@ -48,7 +48,7 @@ def _config(args: argparse.Namespace):
 
 
 def _dataset(args: argparse.Namespace, split: str, limit: int | None = None):
-    from knnclip.engine.data import open_dataset
+    from knnclip.engine.eval.datasets import open_dataset
 
     ds = open_dataset(args.dataset, args.root, split, args.classes)
     if limit is not None and limit < len(ds):
@@ -59,8 +59,8 @@ def _dataset(args: argparse.Namespace, split: str, limit: int | None = None):
 def _segmenter(args: argparse.Namespace, db: Any, *, index: str = "flat", storage: str | None = None):
     """A segmenter over ``db``: a Database, or a path (opened, or created with ``index``/``storage``)."""
     from knnclip.engine.database import Database
-    from knnclip.engine.models import ModelSet
-    from knnclip.engine.segmenter import Segmenter
+    from knnclip.engine.pipeline.models import ModelSet
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
     models = ModelSet(args.models, args.backend, args.device)
     try:
@@ -76,7 +76,7 @@ def _segmenter(args: argparse.Namespace, db: Any, *, index: str = "flat", storag
 
 
 def _finish(args: argparse.Namespace, report: dict[str, Any], name: str) -> int:
-    from knnclip.engine.eval_report import markdown, write_report
+    from knnclip.engine.eval.report import markdown, write_report
 
     report["command"] = "knnclip " + " ".join(sys.argv[1:])
     paths = write_report(report, args.out, args.name or name)
@@ -89,9 +89,9 @@ def _finish(args: argparse.Namespace, report: dict[str, Any], name: str) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from knnclip.engine.data.datasets import PANOPTIC
     from knnclip.engine.database import Database
-    from knnclip.engine.evaluation import class_lut, evaluate, register_classes, semantic_summary
+    from knnclip.engine.eval.datasets.readers import PANOPTIC
+    from knnclip.engine.eval.evaluate import class_lut, evaluate, register_classes, semantic_summary
 
     panoptic = args.eval_command == "panoptic"
     if panoptic and args.dataset not in PANOPTIC:
@@ -127,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _continual(args: argparse.Namespace) -> int:
-    from knnclip.engine.continual import ContinualSettings, run_continual
+    from knnclip.engine.eval.continual import ContinualSettings, run_continual
 
     train = _dataset(args, "train", args.train_limit)
     val = _dataset(args, "val", args.val_limit)
@@ -140,7 +140,7 @@ def _continual(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from knnclip.engine.sweep import SweepGrid, run_sweep
+    from knnclip.engine.eval.sweep import SweepGrid, run_sweep
 
     train = _dataset(args, "train", args.train_limit)
     grid = SweepGrid(tuple(args.k_values), tuple(args.tau_values), tuple(args.T_values), tuple(args.lam_values))
@@ -155,7 +155,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _add_dataset(args: argparse.Namespace) -> int:
-    from knnclip.engine.evaluation import add_dataset
+    from knnclip.engine.eval.evaluate import add_dataset
 
     ds = _dataset(args, args.split, args.limit)
     with _segmenter(args, args.db) as seg:
@@ -179,7 +179,7 @@ def _add_dataset(args: argparse.Namespace) -> int:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    from knnclip.engine.data import DATASETS
+    from knnclip.engine.eval.datasets import DATASETS
 
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", help="the datasets folder (DETECTRON2_DATASETS) or the dataset's own (not for synthetic)")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine._fsutil import atomic_write_bytes
+from knnclip.engine.fsutil import atomic_write_bytes
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, name: str) -> list[Path]:

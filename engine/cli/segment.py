@@ -31,7 +31,7 @@ def _progress(items: list, label: str, quiet: bool):
 
 def _open_segmenter(args: argparse.Namespace, read_only: bool):
     from knnclip.engine.config import RetrievalConfig
-    from knnclip.engine.segmenter import Segmenter
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
     base = RetrievalConfig.from_file(args.config) if getattr(args, "config", None) else RetrievalConfig()
     config = base.replace(**{k: v for k in ("k", "tau", "T", "lam") if (v := getattr(args, k, None)) is not None})
@@ -51,7 +51,7 @@ def _write_png16(array: np.ndarray, path: Path) -> None:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from knnclip.engine.preprocess import load_image
+    from knnclip.engine.pipeline.preprocess import load_image
     from knnclip.engine.render import overlay, save_png
 
     out = Path(args.out)
@@ -106,7 +106,7 @@ def _add_concept(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from knnclip.engine.demo import DemoSettings, run_demo
+    from knnclip.engine.demo.run import DemoSettings, run_demo
 
     def config(value: str | None):
         if value is None:
@@ -125,7 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from knnclip.engine.bench import run_bench
+    from knnclip.engine.bench.end_to_end import run_bench
 
     preset = "full" if args.full else "quick" if args.quick else args.preset
     report = run_bench(preset, Path(args.work), Path(args.out), args.name, say=(lambda _: None) if args.json else print)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.backends.base import Session
-from knnclip.engine.engine_cache import EngineCache
+from knnclip.engine.backends.tensorrt.cache import EngineCache
 from knnclip.engine.errors import ArtifactCorruptError, BackendUnavailableError, InvalidInputError
 
 
@@ -28,7 +28,7 @@ def open_tensorrt(directory: Path, manifest: dict[str, Any], device: str) -> Ten
     if device != "cuda":
         raise BackendUnavailableError("TensorRT runs on CUDA devices only")
     try:
-        from knnclip.export.tensorrt import BuildSettings, build_engine, engine_key, import_tensorrt
+        from knnclip.engine.backends.tensorrt.builder import BuildSettings, build_engine, engine_key, import_tensorrt
     except ImportError as exc:
         raise BackendUnavailableError(f"the TensorRT backend needs the export side ({exc})") from None
     trt = import_tensorrt()

@@ -32,17 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON for scripts")
     info.set_defaults(run=_info)
 
-    from knnclip.engine import cli_db
+    from knnclip.engine.cli import db as cli_db
 
     db_actions = cli_db.add_parser(commands)
-    from knnclip.engine import cli_export
+    from knnclip.engine.cli import export as cli_export
 
     cli_export.add_parser(commands)
     cli_export.add_build_parser(commands)
-    from knnclip.engine import cli_segment
+    from knnclip.engine.cli import segment as cli_segment
 
     cli_segment.add_parser(commands)
-    from knnclip.engine import cli_eval
+    from knnclip.engine.cli import eval as cli_eval
 
     cli_eval.add_parser(commands, db_actions)
     return parser
@@ -69,5 +69,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 1. Build reduced FC-CLIP and DINOv2 models with seeded random weights (or load real
    checkpoints) and export them to ONNX (verified in ONNX Runtime).
-2. Make a synthetic labelled dataset (``knnclip.engine.synthetic``): a training and a
+2. Make a synthetic labelled dataset (``knnclip.engine.demo.synthetic``): a training and a
    validation split.
 3. Build a database from the training split's masks of the base classes; segment the
    validation split.
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.config import RetrievalConfig
+from knnclip.engine.demo.synthetic import CLASSES, Sample, class_index, make_split
 from knnclip.engine.errors import BackendUnavailableError
-from knnclip.engine.metrics import ConfusionMatrix
-from knnclip.engine.synthetic import CLASSES, Sample, class_index, make_split
+from knnclip.engine.eval.metrics import ConfusionMatrix
 
 BASE_CLASSES = ("sky", "grass", "sand", "ball", "box", "tree")
 NEW_CLASSES = ("water", "star")
@@ -156,8 +156,8 @@ def _evaluate(seg: Any, samples: list[Sample]) -> tuple[ConfusionMatrix, list[An
 
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns what it printed as data (IoU per class before/after, changes, timings)."""
+    from knnclip.engine.pipeline.segmenter import Segmenter
     from knnclip.engine.render import overlay, save_png
-    from knnclip.engine.segmenter import Segmenter
 
     settings.out.mkdir(parents=True, exist_ok=True)
     if not settings.fcclip or not settings.dinov2:

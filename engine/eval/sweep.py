@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.config import RetrievalConfig
-from knnclip.engine.data import Dataset
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.evaluation import Progress, add_dataset, class_lut, json_score
-from knnclip.engine.metrics import ConfusionMatrix
+from knnclip.engine.eval.datasets import Dataset
+from knnclip.engine.eval.evaluate import Progress, add_dataset, class_lut, json_score
+from knnclip.engine.eval.metrics import ConfusionMatrix
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run the sweep with ``seg`` (whose database must start empty); returns the report with the
     best settings, their score and the data they came from."""
-    from knnclip.engine.segmenter import _Timer
+    from knnclip.engine.pipeline.segmenter import _Timer
 
     if len(seg.db):
         raise InvalidInputError(f"{seg.db.path}: the sweep builds its own database; give it an empty one")

@@ -75,13 +75,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     try:
-        from knnclip.export.tensorrt import BuildSettings, build_engine, engine_key, import_tensorrt
+        from knnclip.engine.backends.tensorrt.builder import BuildSettings, build_engine, engine_key, import_tensorrt
     except ImportError as exc:
         raise BackendUnavailableError(f"knnclip build needs the export side ({exc})") from None
     from pathlib import Path
 
     from knnclip.engine.artifact import read_manifest
-    from knnclip.engine.engine_cache import EngineCache
+    from knnclip.engine.backends.tensorrt.cache import EngineCache
 
     trt = import_tensorrt()
     onnx_dir = Path(args.onnx)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from knnclip.engine.artifact import read_manifest
-from knnclip.engine.engine_cache import EngineKey
+from knnclip.engine.backends.tensorrt.cache import EngineKey
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, KnnclipError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -124,7 +124,7 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
     if plan is None:
         raise EngineBuildError(f"{onnx_dir}: TensorRT returned no engine (see its log above for the reason)")
     if settings.timing_cache is not None:
-        from knnclip.engine._fsutil import atomic_write_bytes
+        from knnclip.engine.fsutil import atomic_write_bytes
 
         atomic_write_bytes(settings.timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
