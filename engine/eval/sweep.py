@@ -24,6 +24,8 @@ from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.eval.datasets import Dataset
 from knnclip.engine.eval.evaluate import Progress, add_dataset, class_lut, json_score
 from knnclip.engine.eval.metrics import ConfusionMatrix
+from knnclip.engine.pipeline import stages
+from knnclip.engine.pipeline.timing import Timer
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,6 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run the sweep with ``seg`` (whose database must start empty); returns the report with the
     best settings, their score and the data they came from."""
-    from knnclip.engine.pipeline.segmenter import _Timer
-
     if len(seg.db):
         raise InvalidInputError(f"{seg.db.path}: the sweep builds its own database; give it an empty one")
     start = time.perf_counter()
@@ -75,16 +75,15 @@ def run_sweep(
     k_max = max(c.k for c in configs)
     report_progress = progress("sweep")
     for done, i in enumerate(held, 1):
-        timer = _Timer()
-        proposal = seg._propose(train.image(i), timer)
-        sims, labels, _ = seg.db.search(proposal.queries, k_max)
+        (proposal,) = seg.propose([train.image(i)], Timer())
+        sims, labels = stages.retrieve(seg.db, proposal.queries, k_max)
         gt = train.semantic(i)
         semantic_of: dict[bytes, np.ndarray] = {}
         for cfg, cm in [*zip(configs, scores, strict=True), (configs[0].replace(lam=0.0), base)]:
-            fusion = seg._fuse(proposal, sims[:, : cfg.k], labels[:, : cfg.k], cfg)
+            fusion = stages.fuse(proposal, sims[:, : cfg.k], labels[:, : cfg.k], cfg)
             key = hashlib.blake2b(fusion.mask_cls.tobytes(), digest_size=16).digest()
             if key not in semantic_of:
-                semantic_of[key] = lut[seg._semantic(proposal, fusion.mask_cls)]
+                semantic_of[key] = lut[stages.semantic_map(proposal, fusion.mask_cls)]
             cm.update(semantic_of[key], gt)
         if report_progress is not None:
             report_progress(done, len(held))

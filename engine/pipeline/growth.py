@@ -1,0 +1,107 @@
+"""Growing the database: labelled masks and unlabelled concept images become DINOv2 mask
+embeddings stored with their class. Nothing is retrained; only embeddings are added."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from knnclip.engine import ops
+from knnclip.engine.database import Database
+from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.pipeline import postprocess
+from knnclip.engine.pipeline.models import ModelSet
+from knnclip.engine.pipeline.preprocess import ImageInput, load_image
+from knnclip.engine.pipeline.stages import dinov2_keys, fcclip_input_for, valid_masks
+from knnclip.engine.text.textbank import TextBank
+
+log = logging.getLogger("knnclip.growth")
+
+
+def embed_masks(models: ModelSet, image: ImageInput, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DINOv2 mask embeddings of ground-truth ``masks`` [N, H, W] (bool, the image's size):
+    (embeddings [M, D] for the masks that survive at the keys' resolution, their indices)."""
+    pixels = load_image(image)
+    masks = np.asarray(masks)
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3 or masks.shape[1:] != pixels.shape[:2]:
+        raise InvalidInputError(f"masks must be [N, H, W] with the image's size {pixels.shape[:2]}, got {masks.shape}")
+    if masks.dtype != bool:
+        raise InvalidInputError(f"masks must be boolean, got {masks.dtype}")
+    keys = dinov2_keys(models, [pixels])[0]
+    logits = np.where(masks, np.float32(1.0), np.float32(-1.0))  # bilinear to the key grid, then > 0
+    pooled = ops.mask_pool(np.ascontiguousarray(keys), logits, 0.0)
+    kept = np.flatnonzero(np.abs(pooled).sum(-1) > 0)
+    return pooled[kept], kept
+
+
+def add_examples(
+    models: ModelSet,
+    database: Database,
+    images: Sequence[ImageInput],
+    masks: Sequence[np.ndarray],
+    labels: Sequence[Sequence[str]],
+) -> np.ndarray:
+    """Add labelled masks to ``database`` in one pass: ``masks[i]`` [N_i, H, W] bool with
+    ``labels[i]`` (N_i class names, FC-CLIP's ``"name,synonym"`` format) for ``images[i]``.
+    Masks too small to cover any key-grid cell are skipped (logged). Returns the new entry ids."""
+    if not (len(images) == len(masks) == len(labels)):
+        raise InvalidInputError(
+            f"images, masks and labels must have the same length: {len(images)}, {len(masks)}, {len(labels)}"
+        )
+    vectors, names = [], []
+    for i, (image, image_masks, image_labels) in enumerate(zip(images, masks, labels, strict=True)):
+        n = 1 if np.asarray(image_masks).ndim == 2 else len(image_masks)
+        if len(image_labels) != n:
+            raise InvalidInputError(f"image {i}: {n} masks but {len(image_labels)} labels")
+        embeddings, kept = embed_masks(models, image, image_masks)
+        if len(kept) < n:
+            log.info("image %d: %d of %d masks too small for the key grid, skipped", i, n - len(kept), n)
+        vectors.append(embeddings)
+        names.extend(image_labels[k] for k in kept)
+    if not names:
+        return np.zeros(0, np.int64)
+    return database.add(np.concatenate(vectors), names)
+
+
+def add_concept(
+    models: ModelSet,
+    database: Database,
+    text: TextBank,
+    name: str,
+    images: Sequence[ImageInput],
+    *,
+    thing: bool | None = None,
+    min_similarity: float | None = None,
+) -> list[float]:
+    """Concept customisation from unlabelled images: in each image, the FC-CLIP mask whose CLIP
+    embedding is most similar to ``name``'s text embedding is labelled ``name`` and added.
+    Returns the chosen masks' cosine similarities; with ``min_similarity``, an image whose best
+    mask scores lower adds nothing (an image with no non-empty mask never does: NaN)."""
+    target = text.rows([name.split(",")[0].strip()])[0]
+    vectors, scores = [], []
+    for image in images:
+        pixels = load_image(image)
+        x = fcclip_input_for(models, pixels)
+        out = models.fcclip.infer({"images": x.tensor})
+        ov = postprocess.l2_normalize(out["ov_embed"][0])
+        masks = valid_masks(out["mask_logits"][0], x.resized)
+        nonempty = (masks > 0).any(axis=(1, 2))
+        if not nonempty.any():
+            scores.append(float("nan"))
+            continue
+        sims = np.where(nonempty, ov @ target, -np.inf)
+        best = int(sims.argmax())
+        scores.append(float(sims[best]))
+        if min_similarity is not None and sims[best] < min_similarity:
+            continue
+        keys = dinov2_keys(models, [pixels])[0]
+        vectors.append(ops.mask_pool(np.ascontiguousarray(keys), masks[best : best + 1]))
+    if vectors:
+        database.add(np.concatenate(vectors), [name] * len(vectors))
+        if thing is not None:
+            database.add_class(name, thing=thing)
+    return scores

@@ -1,0 +1,73 @@
+"""What a segmentation returns: the semantic map, the panoptic segments and, per segment, the
+retrieval evidence behind its class."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What retrieval said about one query (and the segment it made)."""
+
+    base_class: str
+    retrieved_class: str | None
+    retrieval_confidence: float
+    neighbours: tuple[tuple[str, float], ...]  # (class, cosine similarity), nearest first
+    changed: bool
+
+
+@dataclass(frozen=True)
+class PanopticSegment:
+    id: int
+    class_id: int
+    name: str
+    score: float
+    area: int
+    is_thing: bool
+    evidence: Evidence
+
+    def to_json(self) -> dict[str, Any]:
+        evidence = dataclasses.asdict(self.evidence)
+        evidence["retrieval_confidence"] = round(evidence["retrieval_confidence"], 6)
+        evidence["neighbours"] = [[name, round(sim, 6)] for name, sim in self.evidence.neighbours]
+        return {
+            "id": self.id,
+            "class_id": self.class_id,
+            "name": self.name,
+            "score": round(self.score, 6),
+            "area": self.area,
+            "is_thing": self.is_thing,
+            "evidence": evidence,
+        }
+
+
+@dataclass
+class Result:
+    """The segmentation of one image.
+
+    ``semantic`` [H, W] int32 holds database class ids (``classes`` names them); ``panoptic``
+    [H, W] int32 holds segment ids (0 = void), described by ``segments``. ``timings`` are
+    milliseconds per stage.
+    """
+
+    semantic: np.ndarray
+    panoptic: np.ndarray
+    segments: list[PanopticSegment]
+    classes: dict[int, str]
+    timings: dict[str, float] = field(default_factory=dict)
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        present = np.unique(self.semantic).tolist()
+        return {
+            "image": self.name,
+            "size": list(self.semantic.shape),
+            "semantic_classes": {str(c): self.classes[c] for c in present if c in self.classes},
+            "segments": [s.to_json() for s in self.segments],
+            "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+        }
