@@ -96,7 +96,7 @@ def stages_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Resident memory of an opened database of ``n`` entries, and its search latency."""
     from knnclip.engine import Database
-    from knnclip.engine.info import peak_rss_mib
+    from knnclip.engine.bench.harness import peak_rss_mib
 
     rng = np.random.default_rng(1)
     work = Path(tempfile.mkdtemp(prefix="knnclip-scaling-"))

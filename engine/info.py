@@ -7,9 +7,7 @@ reported as missing, never raised.
 from __future__ import annotations
 
 import importlib
-import os
 import platform
-import resource
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,25 +25,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def machine_slug() -> str:
-    """A short file-name-safe name for this machine: CPU model and core count."""
-    short = "".join(ch if ch.isalnum() else "-" for ch in cpu_name().lower()).strip("-")
-    return f"{short[:32].strip('-')}-{os.cpu_count()}c"
-
-
-def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark in MiB. ``/proc/self/status`` VmHWM belongs to
-    the address space and starts afresh at exec; ``getrusage``'s ru_maxrss would carry the parent's
-    peak into a spawned worker (the fallback where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _module_version(name: str) -> str | None:

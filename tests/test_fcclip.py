@@ -18,7 +18,7 @@ F = torch.nn.functional
 from knnclip.engine.errors import CheckpointError, InvalidInputError  # noqa: E402
 from knnclip.engine.pipeline import postprocess  # noqa: E402
 from knnclip.engine.pipeline.preprocess import fcclip_input  # noqa: E402
-from knnclip.engine.text.prompts import class_synonyms, prompts  # noqa: E402
+from knnclip.engine.text.prompts import class_synonyms, prompts, text_classifier  # noqa: E402
 from knnclip.export.fcclip import FCCLIPConfig, config_from_dict, load_clip, load_fcclip  # noqa: E402
 from knnclip.export.fcclip import inference as torch_inference  # noqa: E402
 from knnclip.export.fcclip.deform_attn import bilinear_gather  # noqa: E402
@@ -83,7 +83,7 @@ class TestTextParity:
         assert rel(ours, fx.io["text_classifier"]) <= 1e-4
 
     def test_engine_classifier_matches_official(self, fx):
-        ours = postprocess.text_classifier(fx.io["text_features_per_template"], 14)
+        ours = text_classifier(fx.io["text_features_per_template"], 14)
         assert rel(ours, fx.io["text_classifier"][:-1]) <= 1e-5
 
     def test_synonyms_per_class_from_names(self, fx):

@@ -15,6 +15,7 @@ from knnclip.engine.artifact import read_manifest  # noqa: E402
 from knnclip.engine.cli import main  # noqa: E402
 from knnclip.engine.errors import ArtifactExistsError, InvalidInputError  # noqa: E402
 from knnclip.engine.pipeline import postprocess  # noqa: E402
+from knnclip.engine.text import prompts  # noqa: E402
 from knnclip.export.fcclip.onnx import KIND_IMAGE, KIND_TEXT, ImageGraph, export_fcclip_onnx  # noqa: E402
 from knnclip.export.onnx import state_dict_sha256  # noqa: E402
 from tests.fcclip_helpers import load_fixture, rel  # noqa: E402
@@ -66,7 +67,7 @@ class TestParity:
         masks, class_embed, ov_embed, _ = session(result.image.model_path).run(None, {"images": fx.io["input_tensor"]})
         (features,) = session(result.text.model_path).run(None, {"tokens": fx.io["token_ids"]})
         head = result.image.manifest["head"]
-        classifier = np.concatenate([postprocess.text_classifier(features, 14), np.float32([head["void_embedding"]])])
+        classifier = np.concatenate([prompts.text_classifier(features, 14), np.float32([head["void_embedding"]])])
         in_vocab = postprocess.classification_logits(
             class_embed[0], classifier, head["in_vocab_logit_scale"], fx.synonyms_per_class
         )

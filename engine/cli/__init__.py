@@ -32,19 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON for scripts")
     info.set_defaults(run=_info)
 
-    from knnclip.engine.cli import db as cli_db
+    from knnclip.engine.cli import bench, db, demo, eval, export, segment
 
-    db_actions = cli_db.add_parser(commands)
-    from knnclip.engine.cli import export as cli_export
-
-    cli_export.add_parser(commands)
-    cli_export.add_build_parser(commands)
-    from knnclip.engine.cli import segment as cli_segment
-
-    cli_segment.add_parser(commands)
-    from knnclip.engine.cli import eval as cli_eval
-
-    cli_eval.add_parser(commands, db_actions)
+    for group in (db, export, segment, eval, demo, bench):
+        group.add_parser(commands)
     return parser
 
 
@@ -67,5 +58,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KnnclipError, FileNotFoundError) as exc:
         print(f"knnclip: error: {exc}", file=sys.stderr)
         return 1
-
-

@@ -1,4 +1,5 @@
-"""``knnclip db``: create, train, add to, remove from, inspect, check and snapshot a database."""
+"""``knnclip db``: create, train, add to (embeddings or a dataset split), remove from, inspect, check and
+snapshot a database."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from knnclip.engine.cli.common import dataset_options, dataset_split, progress_factory, segmenter_over
 from knnclip.engine.errors import InvalidInputError
 
 
@@ -150,8 +152,32 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add ``knnclip db``; returns its sub-command parsers (``knnclip db add-dataset`` joins them)."""
+def _add_dataset(args: argparse.Namespace) -> int:
+    from knnclip.engine.eval.evaluate import add_dataset
+
+    ds = dataset_split(args, args.split, args.limit)
+    with segmenter_over(args, args.db) as seg:
+        which = None
+        if args.only:
+            index = {c.name: i for i, c in enumerate(ds.classes)}
+            unknown = [n for n in args.only if n not in index]
+            if unknown:
+                raise InvalidInputError(f"{ds.key} has no classes named {unknown}")
+            which = {index[n] for n in args.only}
+        done = add_dataset(seg, ds, classes=which, progress=progress_factory(args.json)("add"))
+        done["database_entries"] = len(seg.db)
+    if args.json:
+        print(json.dumps(done))
+    else:
+        print(
+            f"added {done['entries']} entries from {done['images']} images of {ds.key} {ds.split} "
+            f"({done['skipped_masks']} masks too small for the key grid); {done['database_entries']} in all"
+        )
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add ``knnclip db`` and its actions."""
     from knnclip.engine.database.indexes import INDEX_KINDS, METRICS, STORAGES
 
     db = commands.add_parser("db", help="manage an embedding database")
@@ -181,4 +207,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse._SubParsersActi
     p = action("snapshot", _snapshot, "write a consistent copy to a new directory")
     p.add_argument("out", help="new directory")
     action("checkpoint", _checkpoint, "write the index and empty the log")
-    return sub
+    p = sub.add_parser("add-dataset", help="add a dataset split's ground-truth masks to a database")
+    dataset_options(p)
+    p.add_argument("--db", required=True, help="database directory (created when missing)")
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    p.add_argument("--limit", type=int, help="the first N images only")
+    p.add_argument("--only", nargs="+", metavar="CLASS", help="only these classes")
+    p.set_defaults(run=_add_dataset)

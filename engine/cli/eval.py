@@ -1,4 +1,4 @@
-"""``knnclip eval semantic|panoptic|continual|sweep`` and ``knnclip db add-dataset``.
+"""``knnclip eval semantic|panoptic|continual|sweep``.
 
 Each ``eval`` command writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` under ``--out`` and
 prints the Markdown table (or the JSON with ``--json``).
@@ -13,66 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from knnclip.engine.cli.common import dataset_options, dataset_split, progress_factory, segmenter_over
 from knnclip.engine.errors import InvalidInputError
-
-
-def _progress_factory(quiet: bool):
-    """A (done, total) callback drawing a tqdm bar when tqdm is installed and stderr is a terminal."""
-    if quiet or not sys.stderr.isatty():
-        return lambda label: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return lambda label: None
-
-    def make(label: str):
-        bar = tqdm(desc=label, unit="image")
-
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-            if done == total:
-                bar.close()
-
-        return update
-
-    return make
-
-
-def _config(args: argparse.Namespace):
-    from knnclip.engine.config import RetrievalConfig
-
-    base = RetrievalConfig.from_file(args.config) if getattr(args, "config", None) else RetrievalConfig()
-    return base.replace(**{k: v for k in ("k", "tau", "T", "lam") if (v := getattr(args, k, None)) is not None})
-
-
-def _dataset(args: argparse.Namespace, split: str, limit: int | None = None):
-    from knnclip.engine.eval.datasets import open_dataset
-
-    ds = open_dataset(args.dataset, args.root, split, args.classes)
-    if limit is not None and limit < len(ds):
-        ds = ds.subset(range(limit))
-    return ds
-
-
-def _segmenter(args: argparse.Namespace, db: Any, *, index: str = "flat", storage: str | None = None):
-    """A segmenter over ``db``: a Database, or a path (opened, or created with ``index``/``storage``)."""
-    from knnclip.engine.database import Database
-    from knnclip.engine.pipeline.models import ModelSet
-    from knnclip.engine.pipeline.segmenter import Segmenter
-
-    models = ModelSet(args.models, args.backend, args.device)
-    try:
-        if not isinstance(db, Database):
-            path = Path(db)
-            db = Database.open(path) if path.exists() else Database.create(path, models.embedding_dim, index=index,
-                                                                           storage=storage)  # fmt: skip
-            return Segmenter(models, db, _config(args), owns_database=True)
-        return Segmenter(models, db, _config(args))
-    except BaseException:
-        models.close()
-        raise
 
 
 def _finish(args: argparse.Namespace, report: dict[str, Any], name: str) -> int:
@@ -96,12 +38,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     panoptic = args.eval_command == "panoptic"
     if panoptic and args.dataset not in PANOPTIC:
         raise InvalidInputError(f"panoptic evaluation needs a panoptic dataset ({', '.join(PANOPTIC)})")
-    ds = _dataset(args, args.split, args.limit)
+    ds = dataset_split(args, args.split, args.limit)
     with tempfile.TemporaryDirectory(prefix="knnclip-eval-") as scratch:
         # Without --db, FC-CLIP alone: a throw-away database that holds the class names only.
         db: Any = Path(scratch) / "db" if args.db is None else Database.open(args.db, read_only=not args.register)
         try:
-            with _segmenter(args, db) as seg:
+            with segmenter_over(args, db) as seg:
                 if args.db is None or args.register:
                     register_classes(seg, ds.classes)
                 known = set(class_lut(seg, ds.classes).tolist())
@@ -111,7 +53,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                         f"{args.db}: {len(missing)} of the dataset's classes are not in the database's vocabulary "
                         f"(e.g. {missing[:3]}); add them with knnclip db add-dataset, or pass --register"
                     )
-                ev = evaluate(seg, ds, panoptic=panoptic, progress=_progress_factory(args.json)("eval"))
+                ev = evaluate(seg, ds, panoptic=panoptic, progress=progress_factory(args.json)("eval"))
                 report = {
                     "protocol": args.eval_command,
                     "dataset": {"key": ds.key, "split": ds.split, "images": len(ds), "classes": len(ds.classes)},
@@ -129,65 +71,29 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _continual(args: argparse.Namespace) -> int:
     from knnclip.engine.eval.continual import ContinualSettings, run_continual
 
-    train = _dataset(args, "train", args.train_limit)
-    val = _dataset(args, "val", args.val_limit)
+    train = dataset_split(args, "train", args.train_limit)
+    val = dataset_split(args, "val", args.val_limit)
     with tempfile.TemporaryDirectory(prefix="knnclip-continual-db-") as work:
-        with _segmenter(args, Path(work) / "db", index=args.index, storage=args.storage) as seg:
+        with segmenter_over(args, Path(work) / "db", index=args.index, storage=args.storage) as seg:
             settings = ContinualSettings(args.steps, args.shuffle, args.seed, not args.no_forgetting)
             report = run_continual(seg, train, val, settings, say=(lambda _: None) if args.json else print,
-                                   progress=_progress_factory(args.json))  # fmt: skip
+                                   progress=progress_factory(args.json))  # fmt: skip
     return _finish(args, report, f"continual-{train.key}-{args.steps}steps")
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from knnclip.engine.eval.sweep import SweepGrid, run_sweep
 
-    train = _dataset(args, "train", args.train_limit)
+    train = dataset_split(args, "train", args.train_limit)
     grid = SweepGrid(tuple(args.k_values), tuple(args.tau_values), tuple(args.T_values), tuple(args.lam_values))
-    with tempfile.TemporaryDirectory(prefix="knnclip-sweep-") as work, _segmenter(args, Path(work) / "db") as seg:
+    with tempfile.TemporaryDirectory(prefix="knnclip-sweep-") as work, segmenter_over(args, Path(work) / "db") as seg:
         report = run_sweep(seg, train, grid, held_out=args.held_out, seed=args.seed,
-                           progress=_progress_factory(args.json))  # fmt: skip
+                           progress=progress_factory(args.json))  # fmt: skip
     if args.write_config:
         from knnclip.engine.config import RetrievalConfig
 
         RetrievalConfig(**report["best"]["config"]).to_file(args.write_config, source=report["source"])
     return _finish(args, report, f"sweep-{train.key}")
-
-
-def _add_dataset(args: argparse.Namespace) -> int:
-    from knnclip.engine.eval.evaluate import add_dataset
-
-    ds = _dataset(args, args.split, args.limit)
-    with _segmenter(args, args.db) as seg:
-        which = None
-        if args.only:
-            index = {c.name: i for i, c in enumerate(ds.classes)}
-            unknown = [n for n in args.only if n not in index]
-            if unknown:
-                raise InvalidInputError(f"{ds.key} has no classes named {unknown}")
-            which = {index[n] for n in args.only}
-        done = add_dataset(seg, ds, classes=which, progress=_progress_factory(args.json)("add"))
-        done["database_entries"] = len(seg.db)
-    if args.json:
-        print(json.dumps(done))
-    else:
-        print(
-            f"added {done['entries']} entries from {done['images']} images of {ds.key} {ds.split} "
-            f"({done['skipped_masks']} masks too small for the key grid); {done['database_entries']} in all"
-        )
-    return 0
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    from knnclip.engine.eval.datasets import DATASETS
-
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--root", help="the datasets folder (DETECTRON2_DATASETS) or the dataset's own (not for synthetic)")
-    p.add_argument("--classes", help="class-name file (default: the FC-CLIP file found beside the data)")
-    p.add_argument("--models", required=True, help="models directory (fcclip/image, fcclip/text, dinov2)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _report_options(p: argparse.ArgumentParser) -> None:
@@ -198,14 +104,14 @@ def _report_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}", type=kind, help="override the retrieval setting")
 
 
-def add_parser(commands: argparse._SubParsersAction, db_actions: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     from knnclip.engine.database.indexes import INDEX_KINDS, STORAGES
 
     ev = commands.add_parser("eval", help="measure mIoU / PQ on a dataset, the continual protocol, sweeps")
     sub = ev.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
     for kind, text in (("semantic", "mIoU and pixel accuracy"), ("panoptic", "PQ, SQ, RQ (and mIoU)")):
         p = sub.add_parser(kind, help=f"{text} on a dataset split")
-        _model_options(p)
+        dataset_options(p)
         _report_options(p)
         p.add_argument("--db", help="database to use (default: none, FC-CLIP alone with the dataset's classes)")
         p.add_argument("--register", action="store_true", help="add the dataset's classes the database lacks")
@@ -214,7 +120,7 @@ def add_parser(commands: argparse._SubParsersAction, db_actions: argparse._SubPa
         p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("continual", help="classes join in T steps; mIoU per step, old/new, forgetting")
-    _model_options(p)
+    dataset_options(p)
     _report_options(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--shuffle", action="store_true", help="random class order (with --seed) instead of the dataset's")
@@ -227,7 +133,7 @@ def add_parser(commands: argparse._SubParsersAction, db_actions: argparse._SubPa
     p.set_defaults(run=_continual)
 
     p = sub.add_parser("sweep", help="grid over k, tau, T, lambda on a held-out part of the training split")
-    _model_options(p)
+    dataset_options(p)
     _report_options(p)
     p.add_argument("--k-values", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--tau-values", type=float, nargs="+", default=[0.02, 0.05, 0.1])
@@ -238,11 +144,3 @@ def add_parser(commands: argparse._SubParsersAction, db_actions: argparse._SubPa
     p.add_argument("--train-limit", type=int, help="use the first N training images")
     p.add_argument("--write-config", help="write the best settings as a retrieval config JSON")
     p.set_defaults(run=_sweep)
-
-    p = db_actions.add_parser("add-dataset", help="add a dataset split's ground-truth masks to a database")
-    _model_options(p)
-    p.add_argument("--db", required=True, help="database directory (created when missing)")
-    p.add_argument("--split", default="train", choices=["train", "val"])
-    p.add_argument("--limit", type=int, help="the first N images only")
-    p.add_argument("--only", nargs="+", metavar="CLASS", help="only these classes")
-    p.set_defaults(run=_add_dataset)

@@ -23,6 +23,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add ``knnclip export`` and ``knnclip build``."""
+    _add_build_parser(commands)
     export = commands.add_parser("export", help="export a model checkpoint to ONNX (needs torch, onnx)")
     models = export.add_subparsers(dest="model", metavar="MODEL", required=True)
     dino = models.add_parser(
@@ -98,7 +100,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_build_parser(commands: argparse._SubParsersAction) -> None:
+def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     build = commands.add_parser(
         "build", help="build a TensorRT engine for this GPU from an exported ONNX artefact (needs TensorRT)"
     )

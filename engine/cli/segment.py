@@ -1,4 +1,4 @@
-"""``knnclip segment``, ``knnclip add-class``, ``knnclip add-concept`` and ``knnclip demo``.
+"""``knnclip segment``, ``knnclip add-class`` and ``knnclip add-concept``.
 
 ``segment`` writes, per image, ``NAME.json`` (segments, evidence, timings), ``NAME.semantic.png``
 (16-bit class ids), ``NAME.panoptic.png`` (16-bit segment ids, 0 = void) and, with ``--overlay``,
@@ -15,29 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items
 from knnclip.engine.errors import KnnclipError
-
-
-def _progress(items: list, label: str, quiet: bool):
-    """tqdm over ``items`` when installed and wanted; the items themselves otherwise."""
-    if quiet or not sys.stderr.isatty():
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=label, unit="image")
-
-
-def _open_segmenter(args: argparse.Namespace, read_only: bool):
-    from knnclip.engine.config import RetrievalConfig
-    from knnclip.engine.pipeline.segmenter import Segmenter
-
-    base = RetrievalConfig.from_file(args.config) if getattr(args, "config", None) else RetrievalConfig()
-    config = base.replace(**{k: v for k in ("k", "tau", "T", "lam") if (v := getattr(args, k, None)) is not None})
-    return Segmenter.from_dir(
-        args.models, args.db, backend=args.backend, device=args.device, config=config, read_only=read_only
-    )
 
 
 def _write_png16(array: np.ndarray, path: Path) -> None:
@@ -58,8 +37,8 @@ def _segment(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     report = []
-    with _open_segmenter(args, read_only=True) as seg:
-        for path in _progress(args.images, "segment", args.json):
+    with open_segmenter(args, read_only=True) as seg:
+        for path in progress_items(args.images, "segment", args.json):
             stem = Path(path).stem
             try:
                 pixels = load_image(path)
@@ -87,14 +66,14 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _add_class(args: argparse.Namespace) -> int:
-    with _open_segmenter(args, read_only=False) as seg:
+    with open_segmenter(args, read_only=False) as seg:
         info = seg.add_class(args.name, args.synonym or (), thing=args.thing)
     print(json.dumps(info.to_json()) if args.json else f"class {info.name!r} (id {info.id}) is in the vocabulary")
     return 0
 
 
 def _add_concept(args: argparse.Namespace) -> int:
-    with _open_segmenter(args, read_only=False) as seg:
+    with open_segmenter(args, read_only=False) as seg:
         scores = seg.add_concept(args.name, args.images, thing=args.thing, min_similarity=args.min_similarity)
     floor = -np.inf if args.min_similarity is None else args.min_similarity
     added = sum(s >= floor for s in scores if s == s)  # NaN: no mask in that image
@@ -105,42 +84,9 @@ def _add_concept(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from knnclip.engine.demo.run import DemoSettings, run_demo
-
-    def config(value: str | None):
-        if value is None:
-            return None
-        path = Path(value)
-        return json.loads(path.read_text() if path.is_file() else value)
-
-    settings = DemoSettings(
-        out=Path(args.out), train=args.train, val=args.val, seed=args.seed, fcclip=args.fcclip,
-        fcclip_config=config(args.fcclip_config), dinov2=args.dinov2, dinov2_config=config(args.dinov2_config),
-    )  # fmt: skip
-    report = run_demo(settings, say=(lambda _: None) if args.json else print)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from knnclip.engine.bench.end_to_end import run_bench
-
-    preset = "full" if args.full else "quick" if args.quick else args.preset
-    report = run_bench(preset, Path(args.work), Path(args.out), args.name, say=(lambda _: None) if args.json else print)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    failed = [k for k, v in report["pipelines"].items() if "error" in v]
-    return 1 if failed else 0
-
-
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", required=True, help="models directory (fcclip/image, fcclip/text, dinov2)")
+    backend_options(p)
     p.add_argument("--db", required=True, help="database directory (created when missing, for commands that add)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -172,30 +118,3 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     concept.add_argument("--min-similarity", type=float, help="skip images whose best mask scores lower")
     _common(concept)
     concept.set_defaults(run=_add_concept)
-
-    demo = commands.add_parser(
-        "demo", help="the whole engine on synthetic data, CPU, no downloads (random weights unless given)"
-    )
-    demo.add_argument("--out", default="knnclip-demo", help="working directory (default ./knnclip-demo)")
-    demo.add_argument("--train", type=int, default=48, help="training images (default 48)")
-    demo.add_argument("--val", type=int, default=16, help="validation images (default 16)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--fcclip", help="a real FC-CLIP checkpoint instead of seeded weights")
-    demo.add_argument("--fcclip-config", help="its config (JSON or file); default ConvNeXt-L")
-    demo.add_argument("--dinov2", help="a real DINOv2 checkpoint instead of seeded weights")
-    demo.add_argument("--dinov2-config", help="its config (JSON, file or preset); default ViT-g/14-reg4")
-    demo.add_argument("--json", action="store_true", help="print the report as JSON")
-    demo.set_defaults(run=_demo)
-
-    bench = commands.add_parser(
-        "bench", help="per-stage latency, throughput and memory, engine vs a PyTorch eager reference pipeline"
-    )
-    size = bench.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="reduced models on a CPU, under 5 minutes on 2 cores")
-    size.add_argument("--full", action="store_true", help="the real model sizes, 10^6 entries: for a GPU")
-    size.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"])
-    bench.add_argument("--work", default="knnclip-bench", help="working directory for models and the database")
-    bench.add_argument("--out", default="benchmarks/results", help="where the JSON, Markdown and PNG go")
-    bench.add_argument("--name", help="results file stem (default end_to_end-PRESET-MACHINE)")
-    bench.add_argument("--json", action="store_true", help="print the report as JSON")
-    bench.set_defaults(run=_bench)

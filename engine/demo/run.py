@@ -51,7 +51,7 @@ class DemoSettings:
     overlays: int = 4
 
 
-def _seeded_fcclip() -> Any:
+def seeded_fcclip() -> Any:
     from knnclip.export.fcclip import FCCLIP, FCCLIPConfig
     from knnclip.export.fcclip.config import ClipConfig, DecoderConfig, InferenceConfig, PixelDecoderConfig
     from knnclip.export.random_init import seeded_init_
@@ -67,7 +67,7 @@ def _seeded_fcclip() -> Any:
     return seeded_init_(FCCLIP(cfg), seed=1).eval()
 
 
-def _seeded_dinov2() -> Any:
+def seeded_dinov2() -> Any:
     from knnclip.export.dinov2 import DinoV2, DinoV2Config
     from knnclip.export.random_init import seeded_init_
 
@@ -107,14 +107,14 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
 
         fcclip, tokenizer = load_fcclip(settings.fcclip, settings.fcclip_config), "clip-bpe"
     else:
-        fcclip, tokenizer = _seeded_fcclip(), "bytes"
+        fcclip, tokenizer = seeded_fcclip(), "bytes"
     if settings.dinov2:
         from knnclip.export.dinov2 import load_dinov2
 
         dinov2 = load_dinov2(settings.dinov2, settings.dinov2_config)
         dinov2_size = DINOV2_SIZE
     else:
-        dinov2, dinov2_size = _seeded_dinov2(), DINOV2_SIZE
+        dinov2, dinov2_size = seeded_dinov2(), DINOV2_SIZE
     export_fcclip_onnx(fcclip, models / "fcclip", size=IMAGE_SIZE, tokenizer=tokenizer)
     export_dinov2_onnx(dinov2, models / "dinov2", size=dinov2_size)
     stamp.write_text(json.dumps(signature))

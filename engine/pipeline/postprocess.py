@@ -1,5 +1,5 @@
 """From model outputs to segments, as FC-CLIP's test-time inference does it, in NumPy and the
-compiled ops: text classifier, classification logits, geometric ensemble (with the kNN fusion
+compiled ops: classification logits, geometric ensemble (with the kNN fusion
 hook), mask resizing back to the image, semantic and panoptic inference.
 
 Shapes: Q queries, C classes (void excluded), S text-classifier rows (one per synonym), E the
@@ -29,14 +29,6 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
     """As ``F.normalize``: x / max(||x||, eps)."""
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
-
-
-def text_classifier(per_prompt: np.ndarray, templates: int) -> np.ndarray:
-    """[S * templates, E] text features (synonym-major) -> [S, E]: normalise, mean over the
-    templates, normalise."""
-    x = per_prompt / np.linalg.norm(per_prompt, axis=-1, keepdims=True)
-    x = x.reshape(-1, templates, x.shape[-1]).mean(axis=1)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def classification_logits(

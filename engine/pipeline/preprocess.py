@@ -131,6 +131,31 @@ class FCCLIPInput:
         return int(self.tensor.shape[2]), int(self.tensor.shape[3])
 
 
+def fcclip_sizes(
+    original: tuple[int, int],
+    *,
+    short: int | None = 800,
+    max_size: int = 1333,
+    divisibility: int = 32,
+    pad_to: tuple[int, int] | None = None,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized, padded) (H, W) of FC-CLIP's input for an image of size ``original``: see
+    :func:`fcclip_input`.
+
+    >>> fcclip_sizes((480, 640))
+    ((800, 1067), (800, 1088))
+    >>> fcclip_sizes((480, 640), pad_to=(384, 512))
+    ((384, 512), (384, 512))
+    """
+    size = original if short is None else shortest_edge_size(*original, short, max_size)
+    if pad_to is None:
+        pad_to = (-(-size[0] // divisibility) * divisibility, -(-size[1] // divisibility) * divisibility)
+    elif size[0] > pad_to[0] or size[1] > pad_to[1]:  # shrink into the fixed size, keeping the aspect
+        scale = min(pad_to[0] / size[0], pad_to[1] / size[1])
+        size = (max(1, min(pad_to[0], int(size[0] * scale + 0.5))), max(1, min(pad_to[1], int(size[1] * scale + 0.5))))
+    return size, pad_to
+
+
 def fcclip_input(
     image: np.ndarray,
     mean: tuple[float, float, float],
@@ -146,12 +171,7 @@ def fcclip_input(
     to a multiple of ``divisibility``, or to ``pad_to`` (the fixed size of an exported model; an
     image that would not fit is scaled down further into it, keeping its aspect ratio)."""
     original = (int(image.shape[0]), int(image.shape[1]))
-    size = original if short is None else shortest_edge_size(*original, short, max_size)
-    if pad_to is None:
-        pad_to = (-(-size[0] // divisibility) * divisibility, -(-size[1] // divisibility) * divisibility)
-    elif size[0] > pad_to[0] or size[1] > pad_to[1]:  # shrink into the fixed size, keeping the aspect
-        scale = min(pad_to[0] / size[0], pad_to[1] / size[1])
-        size = (max(1, min(pad_to[0], int(size[0] * scale + 0.5))), max(1, min(pad_to[1], int(size[1] * scale + 0.5))))
+    size, pad_to = fcclip_sizes(original, short=short, max_size=max_size, divisibility=divisibility, pad_to=pad_to)
     resized = resize(image, size, Image.Resampling.BILINEAR)
     tensor = np.zeros((1, 3, *pad_to), dtype=np.float32)
     chw = resized.transpose(2, 0, 1).astype(np.float32)

@@ -67,10 +67,19 @@ def fcclip_input_for(models: ModelSet, pixels: np.ndarray) -> FCCLIPInput:
     )
 
 
+def valid_mask_extent(resized: tuple[int, int]) -> tuple[int, int]:
+    """How many rows and columns of the stride-4 mask logits cover the unpadded ``resized`` image.
+
+    >>> valid_mask_extent((381, 512))
+    (96, 128)
+    """
+    return -(-resized[0] // MASK_STRIDE), -(-resized[1] // MASK_STRIDE)
+
+
 def valid_masks(masks: np.ndarray, resized: tuple[int, int]) -> np.ndarray:
     """The part of stride-4 mask logits [..., h, w] that covers the unpadded image (DINOv2 saw
     the unpadded image only), C-contiguous."""
-    rows, cols = -(-resized[0] // MASK_STRIDE), -(-resized[1] // MASK_STRIDE)
+    rows, cols = valid_mask_extent(resized)
     return np.ascontiguousarray(masks[..., :rows, :cols])
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from knnclip.engine.errors import InvalidInputError
 
 # ViLD's prompt set, as FC-CLIP uses it at test time (fcclip/fcclip.py VILD_PROMPT).
@@ -59,3 +61,11 @@ def class_synonyms(labels: Sequence[str]) -> list[list[str]]:
 def prompts(synonyms: Sequence[str], templates: Sequence[str] = TEMPLATES) -> list[str]:
     """Every template filled with every synonym, synonym-major."""
     return [t.format(s) for s in synonyms for t in templates]
+
+
+def text_classifier(per_prompt: np.ndarray, templates: int) -> np.ndarray:
+    """[S * templates, E] text features (synonym-major) -> [S, E]: normalise, mean over the
+    templates, normalise."""
+    x = per_prompt / np.linalg.norm(per_prompt, axis=-1, keepdims=True)
+    x = x.reshape(-1, templates, x.shape[-1]).mean(axis=1)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from knnclip.engine.backends import Session
 from knnclip.engine.fsutil import atomic_write_bytes
-from knnclip.engine.pipeline.postprocess import text_classifier
+from knnclip.engine.text.prompts import text_classifier
 from knnclip.engine.text.tokenizer import ByteTokenizer, ClipTokenizer
 
 log = logging.getLogger("knnclip.textbank")

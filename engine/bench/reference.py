@@ -1,0 +1,160 @@
+"""The research-code way of running kNN-CLIP, timed per stage: torch eager models (FC-CLIP's own
+forward, auxiliary predictions included), mask pooling with ``F.interpolate`` and einsum, an
+exact fp32 ``faiss.IndexFlatIP``, retrieval probabilities and fusion in a Python loop, FC-CLIP's
+torch semantic and panoptic inference. ``knnclip bench`` runs it beside the engine on the same
+weights, images and database."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from knnclip.engine.bench.build import STAGES
+from knnclip.engine.config import RetrievalConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ReferencePipeline:
+    """The torch reference over the models in ``work/models`` and the database in ``work/db``."""
+
+    def __init__(self, work: Path, device: str) -> None:
+        import faiss
+        import torch
+
+        from knnclip.engine.artifact import read_manifest
+        from knnclip.engine.backends import open_session
+        from knnclip.engine.database import Database
+        from knnclip.engine.text.textbank import TextBank
+        from knnclip.engine.text.tokenizer import ByteTokenizer
+        from knnclip.export.modules import build_module
+
+        self.torch = torch
+        self.dev = torch.device(device)
+        models = work / "models"
+        image_manifest = read_manifest(models / "fcclip" / "image", verify_files=False)
+        self.fcclip = build_module(models / "fcclip" / "image", image_manifest).model.to(self.dev)
+        self.dinov2 = build_module(models / "dinov2", read_manifest(models / "dinov2", verify_files=False)).to(self.dev)
+        self.cfg = self.fcclip.config.inference
+        with Database.open(work / "db", read_only=True) as db:
+            entry_ids, self.labels = db.entries()  # index order: faiss position i is entry i here
+            vectors = np.ascontiguousarray(db.vectors(entry_ids), np.float32)
+            self.vocab = sorted(db.vocabulary.values(), key=lambda c: c.id)
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        text_manifest = read_manifest(models / "fcclip" / "text", verify_files=False)
+        text = TextBank(
+            open_session(models / "fcclip" / "text", "onnxruntime", "cpu"), ByteTokenizer(), text_manifest["templates"],
+            text_manifest["weights_sha256"], cache_dir=work / "text-cache",
+        )  # fmt: skip
+        rows = text.rows([c.name for c in self.vocab])
+        self.classifier = self.fcclip.classifier_with_void(torch.from_numpy(rows).to(self.dev))
+        self.id_to_index = {c.id: i for i, c in enumerate(self.vocab)}
+        self.retrieval = RetrievalConfig()
+        self.seen = torch.zeros(len(self.vocab), device=self.dev)
+        self.fixed: tuple[int, int] = tuple(image_manifest["input_size"])
+        self.dino_size = self.dinov2.config.img_size
+
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def preprocess(self, pixels: np.ndarray) -> tuple[Any, Any, tuple[int, int]]:
+        """FC-CLIP's input (the engine's sizes, torch arithmetic) and DINOv2's (torch bicubic)."""
+        import torch.nn.functional as F
+        from PIL import Image
+
+        from knnclip.engine.pipeline.preprocess import fcclip_sizes
+
+        torch, dev, cfg = self.torch, self.dev, self.cfg
+        h, w = pixels.shape[:2]
+        size, _ = fcclip_sizes((h, w), short=cfg.min_size_test, max_size=cfg.max_size_test, pad_to=self.fixed)
+        resized = np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+        mean = torch.tensor(cfg.pixel_mean, device=dev).view(3, 1, 1)
+        std = torch.tensor(cfg.pixel_std, device=dev).view(3, 1, 1)
+        x = (torch.from_numpy(resized).to(dev).permute(2, 0, 1).float() - mean) / std
+        x = F.pad(x, (0, self.fixed[1] - size[1], 0, self.fixed[0] - size[0]))[None]
+        d = torch.from_numpy(pixels).to(dev).permute(2, 0, 1)[None].float() / 255
+        d = F.interpolate(d, size=(self.dino_size, self.dino_size), mode="bicubic", align_corners=False)
+        d = (d - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(
+            IMAGENET_STD, device=dev
+        ).view(1, 3, 1, 1)
+        return x, d, size
+
+    def pool(self, masks: Any, keys: Any, size: tuple[int, int]) -> np.ndarray:
+        """Mask average pooling of the DINOv2 keys under the binarised, resized query masks."""
+        import torch.nn.functional as F
+
+        from knnclip.engine.pipeline.stages import valid_mask_extent
+
+        rows, cols = valid_mask_extent(size)
+        valid = masks[:, :rows, :cols]
+        m = F.interpolate(valid[None], size=keys.shape[-2:], mode="bilinear", align_corners=False)[0] > 0
+        m = m.float() / (m.float().sum((1, 2), keepdim=True) + 1e-8)
+        q = self.torch.einsum("qhw,chw->qc", m, keys[0])
+        return F.normalize(q, dim=-1).cpu().numpy()
+
+    def fuse(self, out: dict[str, Any], sims: np.ndarray, ids: np.ndarray) -> Any:
+        """FC-CLIP's ensemble, then retrieval probabilities and fusion one query at a time."""
+        from knnclip.export.fcclip import inference as fc
+
+        rc, cfg = self.retrieval, self.cfg
+        mask_cls = fc.ensemble(out["pred_logits"][0], out["ov_logits"][0], self.seen, cfg.alpha, cfg.beta)
+        probs = mask_cls.softmax(-1).cpu().numpy()
+        fused = probs.copy()
+        for qi in range(len(sims)):
+            p_ret = np.zeros(len(self.vocab))
+            weights = np.exp((sims[qi] - sims[qi].max()) / rc.tau)
+            weights /= weights.sum()
+            for j, entry in enumerate(ids[qi]):
+                if entry >= 0:
+                    p_ret[self.id_to_index[int(self.labels[entry])]] += weights[j]
+            if p_ret.max() >= rc.T:
+                fused[qi, :-1] = rc.lam * p_ret * (1 - probs[qi, -1]) + (1 - rc.lam) * probs[qi, :-1]
+        return self.torch.log(self.torch.from_numpy(fused).to(self.dev) + 1e-8)
+
+    def postprocess(self, mask_cls: Any, masks: Any, size: tuple[int, int], original: tuple[int, int]) -> None:
+        from knnclip.export.fcclip import inference as fc
+
+        full = fc.resize_masks(masks, self.fixed, size, original)
+        semantic = fc.semantic_inference(mask_cls, full).argmax(0)
+        thresholds = self.cfg.object_mask_threshold, self.cfg.overlap_threshold
+        fc.panoptic_inference(mask_cls, full, [False] * len(self.vocab), *thresholds)
+        semantic.cpu()
+
+    def segment(self, image: np.ndarray) -> dict[str, float]:
+        """One image through every stage; milliseconds per stage (``STAGES``)."""
+        from knnclip.engine.pipeline.preprocess import load_image
+
+        marks = [time.perf_counter()]
+
+        def mark() -> None:
+            self._sync()
+            marks.append(time.perf_counter())
+
+        pixels = load_image(image)
+        mark()
+        x, d, size = self.preprocess(pixels)
+        mark()
+        with self.torch.inference_mode():
+            out = self.fcclip.forward_image(x, self.classifier, [1] * len(self.vocab))
+            mark()
+            keys = self.dinov2(d)
+            mark()
+            masks = out["pred_masks"][0]
+            q = self.pool(masks, keys, size)
+            mark()
+            sims, ids = self.index.search(q, self.retrieval.k)
+            mark()
+            mask_cls = self.fuse(out, sims, ids)
+            mark()
+            self.postprocess(mask_cls, masks, size, pixels.shape[:2])
+            mark()
+        timed = STAGES[:-1]
+        ms = {s: (marks[i + 1] - marks[i]) * 1e3 for i, s in enumerate(timed)}
+        ms["total"] = (marks[-1] - marks[0]) * 1e3
+        return ms

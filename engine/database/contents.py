@@ -1,0 +1,121 @@
+"""What a database holds in memory: the FAISS index, the entry ids and class ids in index order,
+the vocabulary, and the log sequence number they are current to. Changes arrive as log records
+(:meth:`Contents.apply`), the same way whether they were just written or are being replayed, so
+the writer and a reopened database end in the same state. No file is touched here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faiss
+import numpy as np
+
+from knnclip.engine.database import flat_scan
+from knnclip.engine.database.indexes import IndexSpec, remove_entries
+from knnclip.engine.database.manifest import Manifest
+from knnclip.engine.database.vocabulary import ClassInfo
+from knnclip.engine.database.wal import Record, RecordKind
+
+
+class Contents:
+    """The in-memory state of a database at sequence number ``lsn``."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.spec: IndexSpec = manifest.index
+        self.dim = manifest.dim
+        self.metric = manifest.metric
+        self.vocab = manifest.vocabulary.copy()
+        self.index: faiss.Index | None = None
+        self.ids = np.zeros(0, np.int64)
+        self.labels = np.zeros(0, np.int64)
+        self.counts: dict[int, int] = {}
+        self.next_id = manifest.next_entry_id
+        self.lsn = manifest.checkpoint_lsn
+        self.gpu: Any = None  # a GpuMirror kept in step with the index
+
+    @property
+    def is_trained(self) -> bool:
+        return self.index is not None and bool(self.index.is_trained)
+
+    def set_entries(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        self.ids, self.labels = ids, labels
+        self.counts = dict(zip(*(a.tolist() for a in np.unique(labels, return_counts=True)), strict=True))
+
+    def class_counts(self) -> dict[str, int]:
+        """Class name -> number of entries, for every class in the vocabulary (in id order)."""
+        return {info.name: self.counts.get(cid, 0) for cid, info in sorted(self.vocab.items())}
+
+    def apply(self, record: Record) -> None:
+        """Apply one log record; raises ValueError (or KeyError, UnknownClassError) when it does not fit."""
+        meta = record.meta
+        if record.kind == RecordKind.ADD:
+            self._add(meta, record.body)
+        elif record.kind == RecordKind.REMOVE_CLASS:
+            self._remove_class(int(meta["class_id"]))
+        elif record.kind == RecordKind.PUT_CLASS:
+            self.vocab.put(ClassInfo.from_json(meta["class"]))
+        self.lsn = record.lsn
+
+    def _add(self, meta: dict[str, Any], body: memoryview) -> None:
+        n, dim, first = int(meta["n"]), int(meta["dim"]), int(meta["first_id"])
+        if dim != self.dim or len(body) != n * 8 + n * dim * 4 or first < self.next_id:
+            raise ValueError(f"add record of {n}x{dim} with first id {first} does not fit this database")
+        class_ids = np.frombuffer(body, np.int64, n)
+        vectors = np.frombuffer(body, np.float32, n * dim, offset=n * 8).reshape(n, dim)
+        for c in meta["classes"]:
+            self.vocab.put(ClassInfo.from_json(c))
+        if not set(np.unique(class_ids).tolist()) <= set(self.vocab):
+            raise ValueError("add record refers to unknown classes")
+        if self.index is None or not self.index.is_trained:
+            raise ValueError("add record before the index was trained")
+        new_ids = np.arange(first, first + n, dtype=np.int64)
+        if self.spec.positional:
+            self.index.add(vectors)
+        else:
+            self.index.add_with_ids(vectors, new_ids)
+        if self.gpu is not None:
+            self.gpu.add(vectors, new_ids)
+        self.ids = np.concatenate([self.ids, new_ids])
+        self.labels = np.concatenate([self.labels, class_ids])
+        for cid, count in zip(*np.unique(class_ids, return_counts=True), strict=True):
+            self.counts[int(cid)] = self.counts.get(int(cid), 0) + int(count)
+        self.next_id = first + n
+
+    def _remove_class(self, class_id: int) -> None:
+        self.vocab.remove(class_id)
+        keep = self.labels != class_id
+        if not keep.all():
+            self.index = remove_entries(self.index, self.spec, keep, self.ids)
+            self.ids, self.labels = self.ids[keep], self.labels[keep]
+            if self.gpu is not None:
+                self.gpu.rebuild(self.index)
+        self.counts.pop(class_id, None)
+
+    def search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sims, labels, ids) [M, k] of normalised queries ``q``; -inf / -1 where there is no neighbour."""
+        m = len(q)
+        sims = np.full((m, k), -np.inf, np.float32)
+        labels = np.full((m, k), -1, np.int64)
+        ids = np.full((m, k), -1, np.int64)
+        if m == 0 or len(self.ids) == 0:
+            return sims, labels, ids
+        # A cosine query of zeros (an empty mask) has no direction and no neighbours: it is
+        # not searched at all (FC-CLIP leaves many of its queries empty).
+        searched = np.any(q != 0, axis=1) if self.metric == "cosine" else np.ones(m, bool)
+        found_sims = np.full((m, k), -np.inf, np.float32)
+        found = np.full((m, k), -1, np.int64)
+        if searched.any():
+            sub = q if searched.all() else np.ascontiguousarray(q[searched])
+            if self.gpu is not None:
+                found_sims[searched], found[searched] = self.gpu.search(sub, k, params)
+            elif self.spec.kind == "flat" and self.spec.storage in ("fp16", "sq8"):
+                found_sims[searched], found[searched] = flat_scan.scan(self.index, self.spec.storage, sub, k)
+            else:
+                found_sims[searched], found[searched] = self.index.search(sub, k, params=params)
+        hit = found >= 0
+        pos = found[hit] if self.spec.positional else np.searchsorted(self.ids, found[hit])
+        sims[hit] = found_sims[hit]
+        labels[hit] = self.labels[pos]
+        ids[hit] = self.ids[pos]
+        return sims, labels, ids

@@ -1,0 +1,203 @@
+"""The on-disk format of a database directory: reading a checkpoint into :class:`Contents`,
+replaying the write-ahead log over it, and writing a checkpoint.
+
+Directory layout::
+
+    manifest.json              format, dim, metric, index spec, vocabulary, checkpoint lsn, file hashes
+    index.<generation>.faiss   the FAISS index at the last checkpoint (absent until an index is trained)
+    entries.<generation>.npy   int64 [n, 2]: entry id and class id of every stored vector, index order
+    wal.log                    changes since the checkpoint (see wal.py)
+    LOCK                       held by the one writer
+
+A checkpoint writes new index and entries files under a new generation number, then the manifest
+(the switch-over point), then an empty log, then deletes the old generation. A crash at any step
+leaves either the old or the new checkpoint complete, and log records already in a checkpoint are
+skipped on replay by their sequence numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import logging
+import os
+import shutil
+import uuid as uuid_mod
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from knnclip.engine.database.contents import Contents
+from knnclip.engine.database.indexes import IndexSpec
+from knnclip.engine.database.manifest import MANIFEST_NAME, FileRecord, Manifest
+from knnclip.engine.database.vocabulary import Vocabulary
+from knnclip.engine.database.wal import create_log, read_log
+from knnclip.engine.errors import DatabaseCorruptError, UnknownClassError
+from knnclip.engine.fsutil import atomic_path, atomic_write_bytes, fsync_dir, sha256_file
+
+log = logging.getLogger("knnclip.engine.database")
+
+WAL_NAME = "wal.log"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def empty_manifest(dim: int, metric: str, spec: IndexSpec) -> Manifest:
+    """The manifest of a new, empty database."""
+    return Manifest(
+        uuid=uuid_mod.uuid4(), dim=dim, metric=metric, index=spec, trained=False, vocabulary=Vocabulary(), entries=0,
+        next_entry_id=0, checkpoint_lsn=0, generation=0, files={}, created=now(),
+    )  # fmt: skip
+
+
+def read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def verified_file(directory: Path, rec: FileRecord) -> Path:
+    """The path of a file the manifest lists, once its size and SHA-256 match."""
+    path = directory / rec.name
+    if not path.is_file():
+        raise DatabaseCorruptError(path, "missing (listed in manifest.json)")
+    size = path.stat().st_size
+    if size != rec.bytes:
+        raise DatabaseCorruptError(path, f"{size} bytes, manifest.json says {rec.bytes} (truncated or replaced)")
+    if sha256_file(path) != rec.sha256:
+        raise DatabaseCorruptError(path, "SHA-256 does not match manifest.json (the file is damaged)")
+    return path
+
+
+def load_checkpoint(directory: Path, manifest: Manifest) -> Contents:
+    """The contents at the manifest's checkpoint, every file verified."""
+    m = manifest
+    contents = Contents(m)
+    entries_rec = m.files.get("entries")
+    if entries_rec is None:
+        raise DatabaseCorruptError(directory / MANIFEST_NAME, "lists no entries file")
+    entries_path = verified_file(directory, entries_rec)
+    try:
+        entries = np.load(entries_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatabaseCorruptError(entries_path, f"unreadable entries file ({exc})") from None
+    if entries.dtype != np.int64 or entries.ndim != 2 or entries.shape != (m.entries, 2):
+        raise DatabaseCorruptError(
+            entries_path, f"entries have shape {entries.shape} {entries.dtype}, expected ({m.entries}, 2) int64"
+        )
+    ids, labels = entries[:, 0].copy(), entries[:, 1].copy()
+    if len(ids) and (np.any(np.diff(ids) <= 0) or ids[-1] >= m.next_entry_id):
+        raise DatabaseCorruptError(entries_path, "entry ids are not increasing")
+    unknown = set(np.unique(labels).tolist()) - set(contents.vocab)
+    if unknown:
+        raise DatabaseCorruptError(entries_path, f"entries of classes {sorted(unknown)} missing from the vocabulary")
+    contents.set_entries(ids, labels)
+
+    index_rec = m.files.get("index")
+    if index_rec is None:
+        if not (contents.spec.needs_training and not m.trained and m.entries == 0):
+            raise DatabaseCorruptError(directory / MANIFEST_NAME, "lists no index file")
+        return contents
+    index_path = verified_file(directory, index_rec)
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as exc:
+        raise DatabaseCorruptError(index_path, f"FAISS cannot read the index ({exc})") from None
+    if index.d != m.dim or index.ntotal != m.entries:
+        raise DatabaseCorruptError(
+            index_path, f"index holds {index.ntotal} vectors of dim {index.d}, manifest says {m.entries} of {m.dim}"
+        )
+    contents.index = index
+    return contents
+
+
+def replay(directory: Path, manifest: Manifest, contents: Contents) -> int:
+    """Apply the log's records after the checkpoint to ``contents``; returns the offset where the
+    log's valid records end (where a writer appends)."""
+    wal_path = directory / WAL_NAME
+    log_contents = read_log(wal_path, manifest.uuid)
+    checkpoint = manifest.checkpoint_lsn
+    last = log_contents.records[-1].lsn if log_contents.records else log_contents.base_lsn
+    if log_contents.base_lsn > checkpoint or last < checkpoint:
+        raise DatabaseCorruptError(
+            wal_path, f"log covers sequence numbers {log_contents.base_lsn}..{last}, the checkpoint is at {checkpoint}"
+        )
+    for record in log_contents.records:
+        if record.lsn > checkpoint:
+            try:
+                contents.apply(record)
+            except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
+                raise DatabaseCorruptError(wal_path, f"record {record.lsn} cannot be applied ({exc})") from None
+    if log_contents.torn_bytes:
+        log.warning("%s: dropped a torn record of %d bytes at the end of the log", wal_path, log_contents.torn_bytes)
+    return log_contents.valid_end
+
+
+def remove_stale_files(directory: Path, manifest: Manifest) -> None:
+    """Delete what an interrupted checkpoint left behind (the writer alone calls this)."""
+    keep = {f.name for f in manifest.files.values()}
+    for p in directory.iterdir():
+        stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+        old_generation = p.suffix in (".faiss", ".npy") and p.name.split(".")[0] in ("index", "entries")
+        if stale_tmp or (old_generation and p.name not in keep):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def write_checkpoint(
+    directory: Path, contents: Contents, db_uuid: uuid_mod.UUID, generation: int, lsn: int, created: str
+) -> Manifest:
+    """Write ``contents`` as a checkpoint into ``directory``.
+
+    An existing directory (checkpoint) gets new generation files and then the manifest; a new
+    one (create, snapshot) is assembled under a temporary name and renamed into place whole.
+    """
+    fresh = not directory.exists()
+    workdir = directory.with_name(f".{directory.name}.{os.getpid()}.tmp") if fresh else directory
+    if fresh:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+    try:
+        files: dict[str, FileRecord] = {}
+        if contents.index is not None:
+            name = f"index.{generation:06d}.faiss"
+            with atomic_path(workdir / name) as tmp:
+                faiss.write_index(contents.index, str(tmp))
+            files["index"] = FileRecord(name, (workdir / name).stat().st_size, sha256_file(workdir / name))
+        buf = io.BytesIO()
+        np.save(buf, np.stack([contents.ids, contents.labels], axis=1).astype(np.int64), allow_pickle=False)
+        name = f"entries.{generation:06d}.npy"
+        atomic_write_bytes(workdir / name, buf.getbuffer())
+        files["entries"] = FileRecord(name, buf.getbuffer().nbytes, hashlib.sha256(buf.getbuffer()).hexdigest())
+        manifest = Manifest(
+            uuid=db_uuid,
+            dim=contents.dim,
+            metric=contents.metric,
+            index=contents.spec,
+            trained=contents.is_trained,
+            vocabulary=contents.vocab.copy(),
+            entries=len(contents.ids),
+            next_entry_id=contents.next_id,
+            checkpoint_lsn=lsn,
+            generation=generation,
+            files=files,
+            created=created,
+            extra={"updated": now(), "faiss_version": faiss.__version__, "counts": contents.class_counts()},
+        )
+        if fresh:
+            create_log(workdir / WAL_NAME, db_uuid, lsn)
+        manifest.write(workdir)
+        if fresh:
+            os.rename(workdir, directory)
+            fsync_dir(directory.parent)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return manifest
