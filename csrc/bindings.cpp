@@ -17,9 +17,9 @@
 
 #include "common.h"
 #include "cpu/ops_cpu.h"
+#include "array_args.h"
 #include "util/convert.h"
 #include "util/crc32c.h"
-#include "dlpack.h"
 #ifdef KNNCLIP_WITH_CUDA
 #include "cuda/ops_cuda.h"
 #include "device_array.h"
@@ -27,259 +27,9 @@
 
 namespace py = pybind11;
 using knnclip::DType;
+using namespace knnclip::args;
 
 namespace {
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << (shape.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-[[noreturn]] void fail_type(const std::string& op, const std::string& msg) {
-  throw py::type_error(op + ": " + msg);
-}
-[[noreturn]] void fail_value(const std::string& op, const std::string& msg) {
-  throw py::value_error(op + ": " + msg);
-}
-
-// A validated, C-contiguous view of an argument, on the host or on a CUDA device.
-struct Tensor {
-  const void* data = nullptr;
-  DType dtype = DType::F32;
-  std::vector<int64_t> shape;
-  bool on_device = false;
-  int device = -1;                         // CUDA device, -1 on the host (or empty device array)
-  py::object keepalive;                    // the host array we read from
-  std::shared_ptr<DLManagedTensor> dlpack; // a consumed DLPack tensor, released after the op
-
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
-  int64_t dim(size_t i) const { return shape[i]; }
-};
-
-enum Allowed { kFloat, kInt64 };
-
-std::string allowed_str(Allowed allowed) {
-  return allowed == kFloat ? "float32 or float16" : "int64";
-}
-
-bool dtype_allowed(DType d, Allowed allowed) {
-  return allowed == kFloat ? (d == DType::F32 || d == DType::F16) : d == DType::I64;
-}
-
-bool contiguous(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides_elems) {
-  int64_t expected = 1;
-  for (size_t i = shape.size(); i-- > 0;) {
-    if (shape[i] != 1 && strides_elems[i] != expected) return false;
-    expected *= shape[i];
-  }
-  return true;
-}
-
-Tensor from_numpy(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
-  py::array arr = py::reinterpret_borrow<py::array>(obj);
-  const py::dtype dt = arr.dtype();
-  Tensor t;
-  if (dt.equal(py::dtype::of<float>())) t.dtype = DType::F32;
-  else if (dt.equal(py::dtype("float16"))) t.dtype = DType::F16;
-  else if (dt.equal(py::dtype::of<int64_t>())) t.dtype = DType::I64;
-  else {
-    fail_type(op, std::string(name) + " has dtype " + py::str(dt).cast<std::string>() +
-                      "; expected " + allowed_str(allowed) + " (convert with .astype(...))");
-  }
-  if (!dtype_allowed(t.dtype, allowed))
-    fail_type(op, std::string(name) + " has dtype " + knnclip::dtype_name(t.dtype) + "; expected " +
-                      allowed_str(allowed) + " (convert with .astype(...))");
-  py::array c = py::array::ensure(arr, py::array::c_style);
-  if (!c) throw py::error_already_set();
-  t.data = c.data();
-  for (py::ssize_t i = 0; i < c.ndim(); ++i) t.shape.push_back(c.shape(i));
-  t.keepalive = c;
-  return t;
-}
-
-DType dtype_from_typestr(const std::string& typestr, const std::string& op, const char* name,
-                         Allowed allowed) {
-  DType d;
-  if (typestr == "<f4") d = DType::F32;
-  else if (typestr == "<f2") d = DType::F16;
-  else if (typestr == "<i8") d = DType::I64;
-  else fail_type(op, std::string(name) + " has typestr '" + typestr + "'; expected " + allowed_str(allowed));
-  if (!dtype_allowed(d, allowed))
-    fail_type(op, std::string(name) + " has dtype " + knnclip::dtype_name(d) + "; expected " + allowed_str(allowed));
-  return d;
-}
-
-DType dtype_from_dlpack(const DLDataType& dt, const std::string& op, const char* name, Allowed allowed) {
-  DType d;
-  if (dt.lanes == 1 && dt.code == kDLFloat && dt.bits == 32) d = DType::F32;
-  else if (dt.lanes == 1 && dt.code == kDLFloat && dt.bits == 16) d = DType::F16;
-  else if (dt.lanes == 1 && dt.code == kDLInt && dt.bits == 64) d = DType::I64;
-  else fail_type(op, std::string(name) + " has an unsupported DLPack dtype (code " + std::to_string(dt.code) +
-                         ", " + std::to_string(dt.bits) + " bits); expected " + allowed_str(allowed));
-  if (!dtype_allowed(d, allowed))
-    fail_type(op, std::string(name) + " has dtype " + knnclip::dtype_name(d) + "; expected " + allowed_str(allowed));
-  return d;
-}
-
-[[noreturn]] void no_cuda(const std::string& op, const char* name) {
-  fail_type(op, std::string(name) + " is a CUDA array, but knnclip._C was built without CUDA kernels "
-                "(build_info()['cuda'] is False); pass NumPy arrays, or reinstall on a machine with nvcc");
-}
-
-Tensor from_cuda_array_interface(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
-#ifndef KNNCLIP_WITH_CUDA
-  (void)obj;
-  (void)allowed;
-  no_cuda(op, name);
-#else
-  py::dict cai = obj.attr("__cuda_array_interface__").cast<py::dict>();
-  Tensor t;
-  t.on_device = true;
-  t.dtype = dtype_from_typestr(cai["typestr"].cast<std::string>(), op, name, allowed);
-  for (py::handle d : cai["shape"].cast<py::tuple>()) t.shape.push_back(d.cast<int64_t>());
-  if (cai.contains("mask") && !cai["mask"].is_none())
-    fail_value(op, std::string(name) + " is a masked CUDA array; masked arrays are not supported");
-  if (cai.contains("strides") && !cai["strides"].is_none()) {
-    const int64_t item = t.dtype == DType::F16 ? 2 : (t.dtype == DType::F32 ? 4 : 8);
-    std::vector<int64_t> strides;
-    for (py::handle s : cai["strides"].cast<py::tuple>()) {
-      const int64_t bytes = s.cast<int64_t>();
-      strides.push_back(bytes % item == 0 ? bytes / item : -1);
-    }
-    if (!contiguous(t.shape, strides))
-      fail_value(op, std::string(name) + " is a non-contiguous CUDA array; make it contiguous first "
-                     "(.contiguous() in PyTorch, cupy.ascontiguousarray in CuPy)");
-  }
-  const uintptr_t ptr = cai["data"].cast<py::tuple>()[0].cast<uintptr_t>();
-  t.data = reinterpret_cast<const void*>(ptr);
-  t.keepalive = py::reinterpret_borrow<py::object>(obj);
-  if (ptr != 0) {
-    t.device = knnclip::cuda::pointer_device(t.data);
-    if (t.device < 0)
-      fail_value(op, std::string(name) + " claims __cuda_array_interface__ but its pointer is not CUDA device memory");
-  }
-  return t;
-#endif
-}
-
-Tensor from_dlpack_cuda(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
-#ifndef KNNCLIP_WITH_CUDA
-  (void)obj;
-  (void)allowed;
-  no_cuda(op, name);
-#else
-  // No stream argument: the producer then orders its work before the legacy default stream,
-  // which is where our kernels run.
-  py::capsule capsule = obj.attr("__dlpack__")().cast<py::capsule>();
-  if (std::string(capsule.name() ? capsule.name() : "") != "dltensor")
-    fail_value(op, std::string(name) + ": __dlpack__ returned a capsule that is not an unused 'dltensor'");
-  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
-  if (managed == nullptr) throw py::error_already_set();
-  PyCapsule_SetName(capsule.ptr(), "used_dltensor");  // we own it now
-  Tensor t;
-  t.dlpack = std::shared_ptr<DLManagedTensor>(managed, [](DLManagedTensor* m) {
-    if (m->deleter != nullptr) m->deleter(m);
-  });
-  const DLTensor& dl = managed->dl_tensor;
-  t.on_device = true;
-  t.dtype = dtype_from_dlpack(dl.dtype, op, name, allowed);
-  t.shape.assign(dl.shape, dl.shape + dl.ndim);
-  if (dl.strides != nullptr && !contiguous(t.shape, std::vector<int64_t>(dl.strides, dl.strides + dl.ndim)))
-    fail_value(op, std::string(name) + " is a non-contiguous CUDA tensor; make it contiguous first");
-  t.data = static_cast<const char*>(dl.data) + dl.byte_offset;
-  t.device = dl.device.device_id;
-  return t;
-#endif
-}
-
-// Reads an argument: CUDA arrays first (by protocol), then NumPy (or any host DLPack producer).
-Tensor parse(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
-  if (py::isinstance<py::array>(obj)) return from_numpy(obj, op, name, allowed);
-  if (py::hasattr(obj, "__cuda_array_interface__")) return from_cuda_array_interface(obj, op, name, allowed);
-  if (py::hasattr(obj, "__dlpack_device__")) {
-    const py::tuple dev = obj.attr("__dlpack_device__")().cast<py::tuple>();
-    const int type = dev[0].cast<int>();
-    if (type == kDLCUDA || type == kDLCUDAManaged) return from_dlpack_cuda(obj, op, name, allowed);
-    if (type == kDLCPU) {
-      py::object arr = py::module_::import("numpy").attr("from_dlpack")(obj);
-      return from_numpy(arr, op, name, allowed);
-    }
-    fail_type(op, std::string(name) + " lives on DLPack device type " + std::to_string(type) +
-                      "; only CPU (NumPy) and CUDA arrays are supported");
-  }
-  fail_type(op, std::string(name) + " must be a NumPy array or a CUDA array (PyTorch, CuPy, ...), got " +
-                    py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
-}
-
-void expect_ndim(const std::string& op, const char* name, const Tensor& t, std::initializer_list<size_t> ndims,
-                 const char* layout) {
-  for (size_t n : ndims)
-    if (t.shape.size() == n) return;
-  fail_value(op, std::string(name) + " must be " + layout + ", got shape " + shape_str(t.shape));
-}
-
-// All arguments on the host, or all on one CUDA device; returns that device (-1 = host).
-int common_device(const std::string& op, std::initializer_list<const Tensor*> tensors) {
-  bool any_host = false, any_device = false;
-  int device = -1;
-  for (const Tensor* t : tensors) {
-    if (!t->on_device) { any_host = true; continue; }
-    any_device = true;
-    if (t->device < 0) continue;  // empty device array: no pointer, no device
-    if (device >= 0 && t->device != device)
-      fail_value(op, "arguments are on different CUDA devices (" + std::to_string(device) + " and " +
-                         std::to_string(t->device) + "); move them to one device");
-    device = t->device;
-  }
-  if (any_host && any_device)
-    fail_type(op, "some arguments are NumPy arrays and some are CUDA arrays; pass all on the host or all on one GPU");
-  if (any_device && device < 0) device = 0;
-  return any_device ? device : -1;
-}
-
-void require_finite_scalar(const std::string& op, const char* name, double v) {
-  if (!std::isfinite(v)) fail_value(op, std::string(name) + " must be finite, got " + std::to_string(v));
-}
-
-void raise_flags(const std::string& op, uint32_t flags, const char* what) {
-  if (flags & knnclip::kLabelOutOfRange)
-    fail_value(op, "labels must be -1 (no neighbour) or a class id in [0, num_classes)");
-  if (flags & knnclip::kNonFinite)
-    fail_value(op, std::string(what) + " contains NaN or Inf; check the model outputs feeding it");
-}
-
-void check_host_finite(const std::string& op, const char* name, const Tensor& t) {
-  if (knnclip::cpu::check_finite(t.data, t.dtype, t.numel()) != 0)
-    fail_value(op, std::string(name) + " contains NaN or Inf; check the model outputs feeding it");
-}
-
-// A float32 result: a NumPy array on the host or a DeviceArray on `device`.
-struct Output {
-  py::object object;
-  float* data;
-};
-
-Output make_output(const std::vector<int64_t>& shape, int device) {
-#ifdef KNNCLIP_WITH_CUDA
-  if (device >= 0) {
-    auto arr = std::make_shared<knnclip::DeviceArray>(shape, device);
-    float* data = arr->data();
-    return {py::cast(arr), data};
-  }
-#endif
-  (void)device;
-  py::array_t<float> arr(shape);
-  float* data = arr.mutable_data();
-  return {std::move(arr), data};
-}
-
 // ---- ops ---------------------------------------------------------------------------------------
 
 py::object mask_pool(py::handle features_obj, py::handle masks_obj, double threshold, bool check) {
@@ -304,28 +54,16 @@ py::object mask_pool(py::handle features_obj, py::handle masks_obj, double thres
   require_finite_scalar(op, "threshold", threshold);
   const int device = common_device(op, {&f, &m});
   std::vector<int64_t> out_shape = batched ? std::vector<int64_t>{B, N, C} : std::vector<int64_t>{N, C};
+  if (device >= 0 && B > 65535) fail_value(op, "batch larger than 65535 is not supported on the GPU");
+  // On the host, features are scanned here and mask_logits row by row inside the kernel.
+  if (device < 0 && check) check_host_finite(op, "features", f);
   Output out = make_output(out_shape, device);
-  if (device >= 0) {
-#ifdef KNNCLIP_WITH_CUDA
-    if (B > 65535) fail_value(op, "batch larger than 65535 is not supported on the GPU");
-    uint32_t flags;
-    {
-      py::gil_scoped_release release;
-      flags = knnclip::cuda::mask_pool(f.data, f.dtype, m.data, m.dtype, B, C, H, W, N, h, w,
-                                       static_cast<float>(threshold), out.data, device, check);
-    }
-    raise_flags(op, flags, "features or mask_logits");
-#endif
-    return out.object;
-  }
-  if (check) check_host_finite(op, "features", f);
-  uint32_t flags;
-  {
-    py::gil_scoped_release release;
-    flags = knnclip::cpu::mask_pool(f.data, f.dtype, m.data, m.dtype, B, C, H, W, N, h, w,
-                                    static_cast<float>(threshold), check, out.data);
-  }
-  raise_flags(op, flags, "mask_logits");
+  const float thr = static_cast<float>(threshold);
+  run_kernel(op, device, device >= 0 ? "features or mask_logits" : "mask_logits",
+             KNNCLIP_CUDA_KERNEL(knnclip::cuda::mask_pool(f.data, f.dtype, m.data, m.dtype, B, C, H, W, N, h, w, thr,
+                                                          out.data, device, check)),
+             [&] { return knnclip::cpu::mask_pool(f.data, f.dtype, m.data, m.dtype, B, C, H, W, N, h, w, thr, check,
+                                                  out.data); });
   return out.object;
 }
 
@@ -341,27 +79,20 @@ py::object retrieval_probs(py::handle sims_obj, py::handle labels_obj, int64_t n
   if (!(std::isfinite(tau) && tau > 0.0)) fail_value(op, "tau must be a finite number > 0, got " + std::to_string(tau));
   const int64_t N = s.dim(0), k = s.dim(1);
   const int device = common_device(op, {&s, &l});
+  const auto* labels = static_cast<const int64_t*>(l.data);
+  const char* checked = "sims (where labels != -1)";
+  // Always checked on the host (the device kernel checks as it goes): an out-of-range label
+  // would write outside the output.
+  if (device < 0) raise_flags(op, knnclip::cpu::check_neighbours(s.data, s.dtype, labels, N * k, num_classes), checked);
   Output out = make_output({N, num_classes}, device);
-  if (device >= 0) {
-#ifdef KNNCLIP_WITH_CUDA
-    uint32_t flags;
-    {
-      py::gil_scoped_release release;
-      flags = knnclip::cuda::retrieval_probs(s.data, s.dtype, static_cast<const int64_t*>(l.data), N, k,
-                                             num_classes, static_cast<float>(tau), out.data, device, true);
-    }
-    raise_flags(op, flags, "sims (where labels != -1)");
-#endif
-    return out.object;
-  }
-  // Always checked: an out-of-range label would write outside the output.
-  raise_flags(op, knnclip::cpu::check_neighbours(s.data, s.dtype, static_cast<const int64_t*>(l.data), N * k, num_classes),
-              "sims (where labels != -1)");
-  {
-    py::gil_scoped_release release;
-    knnclip::cpu::retrieval_probs(s.data, s.dtype, static_cast<const int64_t*>(l.data), N, k, num_classes,
-                                  static_cast<float>(tau), out.data);
-  }
+  const float t = static_cast<float>(tau);
+  run_kernel(op, device, checked,
+             KNNCLIP_CUDA_KERNEL(knnclip::cuda::retrieval_probs(s.data, s.dtype, labels, N, k, num_classes, t,
+                                                                out.data, device, true)),
+             [&] {
+               knnclip::cpu::retrieval_probs(s.data, s.dtype, labels, N, k, num_classes, t, out.data);
+               return 0u;
+             });
   return out.object;
 }
 
@@ -377,27 +108,19 @@ py::object fuse(py::handle base_obj, py::handle ret_obj, double T, double lam, b
   if (!(lam >= 0.0 && lam <= 1.0)) fail_value(op, "lam must be in [0, 1], got " + std::to_string(lam));
   const int64_t N = b.dim(0), C = b.dim(1);
   const int device = common_device(op, {&b, &r});
-  Output out = make_output({N, C}, device);
-  if (device >= 0) {
-#ifdef KNNCLIP_WITH_CUDA
-    uint32_t flags;
-    {
-      py::gil_scoped_release release;
-      flags = knnclip::cuda::fuse(b.data, b.dtype, r.data, r.dtype, N, C, static_cast<float>(T),
-                                  static_cast<float>(lam), out.data, device, check);
-    }
-    raise_flags(op, flags, "p_base or p_ret");
-#endif
-    return out.object;
-  }
-  if (check) {
+  if (device < 0 && check) {
     check_host_finite(op, "p_base", b);
     check_host_finite(op, "p_ret", r);
   }
-  {
-    py::gil_scoped_release release;
-    knnclip::cpu::fuse(b.data, b.dtype, r.data, r.dtype, N, C, static_cast<float>(T), static_cast<float>(lam), out.data);
-  }
+  Output out = make_output({N, C}, device);
+  const float t = static_cast<float>(T), l = static_cast<float>(lam);
+  run_kernel(op, device, "p_base or p_ret",
+             KNNCLIP_CUDA_KERNEL(knnclip::cuda::fuse(b.data, b.dtype, r.data, r.dtype, N, C, t, l, out.data, device,
+                                                     check)),
+             [&] {
+               knnclip::cpu::fuse(b.data, b.dtype, r.data, r.dtype, N, C, t, l, out.data);
+               return 0u;
+             });
   return out.object;
 }
 
@@ -425,26 +148,18 @@ py::object semantic_merge(py::handle probs_obj, py::handle logits_obj, bool chec
   const Tensor &p = in.p, &l = in.l;
   const int64_t N = in.N, C = in.C, H = in.H, W = in.W;
   const int device = common_device(op, {&p, &l});
-  Output out = make_output({C, H, W}, device);
-  if (device >= 0) {
-#ifdef KNNCLIP_WITH_CUDA
-    uint32_t flags;
-    {
-      py::gil_scoped_release release;
-      flags = knnclip::cuda::semantic_merge(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out.data, device, check);
-    }
-    raise_flags(op, flags, "class_probs or mask_logits");
-#endif
-    return out.object;
-  }
-  if (check) {
+  if (device < 0 && check) {
     check_host_finite(op, "class_probs", p);
     check_host_finite(op, "mask_logits", l);
   }
-  {
-    py::gil_scoped_release release;
-    knnclip::cpu::semantic_merge(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out.data);
-  }
+  Output out = make_output({C, H, W}, device);
+  run_kernel(op, device, "class_probs or mask_logits",
+             KNNCLIP_CUDA_KERNEL(knnclip::cuda::semantic_merge(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out.data,
+                                                               device, check)),
+             [&] {
+               knnclip::cpu::semantic_merge(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out.data);
+               return 0u;
+             });
   return out.object;
 }
 

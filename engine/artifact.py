@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine._version import __version__
+from knnclip.engine.version import __version__
 from knnclip.engine.errors import ArtifactCorruptError
 from knnclip.engine.fsutil import atomic_write_bytes, json_content_hash, sha256_file
 

@@ -20,7 +20,7 @@ Examples
 
 from __future__ import annotations
 
-from knnclip.engine._version import __version__
+from knnclip.engine.version import __version__
 from knnclip.engine.errors import BuildMismatchError
 
 try:

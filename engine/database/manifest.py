@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine._version import __version__
+from knnclip.engine.version import __version__
 from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.database.vocabulary import Vocabulary
 from knnclip.engine.errors import DatabaseCorruptError

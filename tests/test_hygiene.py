@@ -1,0 +1,116 @@
+"""Habits that keep the layout honest: the run time imports nothing heavy, no module reaches
+into another's private names, and every docstring example in the package runs."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = {"knnclip.engine": REPO / "engine", "knnclip.export": REPO / "export"}
+HEAVY = ("torch", "onnx", "tensorrt", "pycuda", "ray", "knnclip.export")
+
+
+def test_run_time_imports_nothing_heavy():
+    """Importing the engine, the CLI entry (with its whole parser) and the segmenter loads
+    neither torch, onnx, tensorrt, pycuda, ray nor the export side."""
+    code = (
+        "import sys, json\n"
+        "import knnclip.engine, knnclip.engine.pipeline.segmenter\n"
+        "from knnclip.engine.cli import build_parser\n"
+        "build_parser()\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == []
+
+
+def _modules(package: str, folder: Path) -> dict[str, Path]:
+    out = {}
+    for path in sorted(folder.rglob("*.py")):
+        parts = path.relative_to(folder).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join((package, *parts))] = path
+    return out
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_uses(module: str, path: Path) -> list[str]:
+    """Where ``module`` uses another knnclip module's private name: ``from knnclip.x import _y``,
+    an import path through a private module, or ``alias._y`` on an imported knnclip module.
+    (``knnclip._C`` is the compiled module's public name by the design card.)"""
+    tree = ast.parse(path.read_text(), str(path))
+    found, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("knnclip"):
+            if any(_private(p) for p in node.module.split(".")[1:] if p != "_C"):
+                found.append(f"{path.name}:{node.lineno} from {node.module}")
+            for alias in node.names:
+                if _private(alias.name) and alias.name != "_C":
+                    found.append(f"{path.name}:{node.lineno} imports {node.module}.{alias.name}")
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("knnclip"):
+                    if any(_private(p) for p in alias.name.split(".")[1:] if p != "_C"):
+                        found.append(f"{path.name}:{node.lineno} import {alias.name}")
+                    if alias.asname:
+                        aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and _private(node.attr)
+        ):
+            found.append(f"{path.name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    uses = []
+    for package, folder in PACKAGES.items():
+        for module, path in _modules(package, folder).items():
+            uses += private_uses(module, path)
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        uses += private_uses(path.stem, path)
+    assert uses == []
+
+
+def test_the_private_name_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from knnclip.engine.pipeline.segmenter import _Timer\n"
+        "import knnclip.engine.fsutil as fs\n"
+        "fs._CHUNK\n"
+    )
+    assert len(private_uses("bad", bad)) == 2
+
+
+def _package_modules() -> list[str]:
+    names = []
+    for package in PACKAGES:
+        pkg = importlib.import_module(package)
+        names.append(package)
+        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, package + ".") if not m.name.endswith("__main__")]
+    return names
+
+
+@pytest.mark.parametrize("module", _package_modules())
+def test_docstring_examples_run(module):
+    if module.startswith("knnclip.export"):
+        pytest.importorskip("torch", reason="the export side needs torch (pip install torch)")
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS, report=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {module}"
