@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine.version import __version__
 from knnclip.engine.errors import ArtifactCorruptError
 from knnclip.engine.fsutil import atomic_write_bytes, json_content_hash, sha256_file
+from knnclip.engine.version import __version__
 
 FORMAT = "knnclip-artifact"
 FORMAT_VERSION = 1

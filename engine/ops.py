@@ -20,8 +20,8 @@ Examples
 
 from __future__ import annotations
 
-from knnclip.engine.version import __version__
 from knnclip.engine.errors import BuildMismatchError
+from knnclip.engine.version import __version__
 
 try:
     from knnclip import _C

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine.version import __version__
 from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.database.vocabulary import Vocabulary
 from knnclip.engine.errors import DatabaseCorruptError
 from knnclip.engine.fsutil import atomic_write_bytes, json_content_hash
+from knnclip.engine.version import __version__
 
 FORMAT = "knnclip-database"
 FORMAT_VERSION = 1
