@@ -36,7 +36,6 @@ from tests.dinov2_reference import (  # noqa: E402
 )
 
 FIXTURE = SHARED_FIXTURES / "dinov2"
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def fixture_config() -> dict:

@@ -21,7 +21,6 @@ from knnclip.export.dinov2 import load_dinov2  # noqa: E402
 from tests.dinov2_reference import random_official_checkpoint, reference_forward, rel_l2  # noqa: E402
 from tests.test_dinov2 import ARCHITECTURES, FIXTURE, as_tokens, fixture_config, to_torch  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")

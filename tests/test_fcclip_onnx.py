@@ -20,7 +20,6 @@ from knnclip.export.fcclip.onnx import KIND_IMAGE, KIND_TEXT, ImageGraph, export
 from knnclip.export.onnx import state_dict_sha256  # noqa: E402
 from tests.fcclip_helpers import load_fixture, rel  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module", params=["fcclip", "fcclip_resize"])
@@ -90,13 +89,14 @@ class TestParity:
             assert rel(b[1:], a) <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def half(exported, tmp_path_factory):
+    fx, _ = exported
+    return fx, export_fcclip_onnx(fx.model, tmp_path_factory.mktemp("fp16") / "out", size=fx.padded, fp16=True)
+
+
 class TestFp16:
     """Catches an fp16 graph that loses the model: continuous outputs close, segments unchanged."""
-
-    @pytest.fixture(scope="class")
-    def half(self, exported, tmp_path_factory):
-        fx, _ = exported
-        return fx, export_fcclip_onnx(fx.model, tmp_path_factory.mktemp("fp16") / "out", size=fx.padded, fp16=True)
 
     def test_outputs_and_segments(self, half):
         fx, result = half

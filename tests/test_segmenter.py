@@ -27,7 +27,6 @@ from knnclip.export.onnx import export_dinov2_onnx  # noqa: E402
 from tests.conftest import SHARED_FIXTURES  # noqa: E402
 from tests.fcclip_helpers import load_fixture  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
