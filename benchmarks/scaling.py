@@ -159,8 +159,11 @@ def markdown(result: dict[str, Any]) -> str:
     for row in result["memory"]:
         lines.append(f"| {row['storage']} | {row['entries']:,} | {row['code_bytes'] / 2**20:.1f} | "
                      f"{row['rss_mib']:.1f} | {row['search']['median_s'] * 1e3:.1f} |")  # fmt: skip
-    lines += ["", "Resident memory is read in the process that built the database, so the smallest sizes read "
-              "low (the allocator reuses what building freed); at 10^5 entries it matches the codes."]
+    lines += [
+        "",
+        "Resident memory is read in the process that built the database, so the smallest sizes read "
+        "low (the allocator reuses what building freed); at 10^5 entries it matches the codes.",
+    ]
     lines += ["", "Not measured here: 10^7 entries (fp16 needs 29 GiB, more than this machine has), and the GPU "
               "paths (no GPU was available)."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -58,9 +58,7 @@ def overlay(
     return canvas
 
 
-def evidence_panel(
-    segment_name: str, neighbours: Sequence[tuple[str, float]], width: int = 320
-) -> Image.Image:
+def evidence_panel(segment_name: str, neighbours: Sequence[tuple[str, float]], width: int = 320) -> Image.Image:
     """A bar chart of a segment's nearest database entries: class and cosine similarity each."""
     rows = max(len(neighbours), 1)
     img = Image.new("RGB", (width, 20 + rows * 16), (250, 250, 250))

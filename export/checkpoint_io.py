@@ -88,5 +88,3 @@ def check_state_dict(
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{source}: NaN or Inf values in {', '.join(sorted(bad)[:12])}")
-
-

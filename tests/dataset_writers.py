@@ -92,7 +92,8 @@ def write_panoptic(root: Path, key: str, splits: dict[str, list[Sample]], crowd_
     else:
         base = root / "ADEChallengeData2016"
         paths = lambda split: (  # noqa: E731
-            "images/" + {"train": "training", "val": "validation"}[split], f"ade20k_panoptic_{split}",
+            "images/" + {"train": "training", "val": "validation"}[split],
+            f"ade20k_panoptic_{split}",
             f"ade20k_panoptic_{split}.json",
         )
     # COCO-style sparse category ids, listed out of order

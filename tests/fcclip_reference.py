@@ -150,7 +150,7 @@ def decoder(ms: list[Tensor], mask_features: Tensor, sd: dict, layers: int, head
         pooled = _lin(_ln(pooled, sd, f"{p}._mask_pooling_proj.0"), sd, f"{p}._mask_pooling_proj.1")
         embed = _mlp3(pooled + q, sd, f"{p}.class_embed")
         small = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-        attn = (small.sigmoid().flatten(2).unsqueeze(1).repeat(1, heads, 1, 1).flatten(0, 1) < 0.5)
+        attn = small.sigmoid().flatten(2).unsqueeze(1).repeat(1, heads, 1, 1).flatten(0, 1) < 0.5
         attn[torch.where(attn.sum(-1) == attn.shape[-1])] = False  # official: unmask all-masked rows
         return embed, masks, attn
 

@@ -22,7 +22,6 @@ from tests.dinov2_reference import random_official_checkpoint, reference_forward
 from tests.test_dinov2 import ARCHITECTURES, FIXTURE, as_tokens, fixture_config, to_torch  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def model(fixture_io):
     return load_dinov2(FIXTURE / "checkpoint.pth", fixture_config())

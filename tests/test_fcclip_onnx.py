@@ -21,7 +21,6 @@ from knnclip.export.onnx import state_dict_sha256  # noqa: E402
 from tests.fcclip_helpers import load_fixture, rel  # noqa: E402
 
 
-
 @pytest.fixture(scope="module", params=["fcclip", "fcclip_resize"])
 def exported(request, tmp_path_factory):
     fx = load_fixture(request.param)

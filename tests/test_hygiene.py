@@ -92,9 +92,7 @@ def test_no_module_uses_another_modules_private_names():
 def test_the_private_name_check_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text(
-        "from knnclip.engine.pipeline.segmenter import _Timer\n"
-        "import knnclip.engine.fsutil as fs\n"
-        "fs._CHUNK\n"
+        "from knnclip.engine.pipeline.segmenter import _Timer\nimport knnclip.engine.fsutil as fs\nfs._CHUNK\n"
     )
     assert len(private_uses("bad", bad)) == 2
 

@@ -28,7 +28,6 @@ from tests.conftest import SHARED_FIXTURES  # noqa: E402
 from tests.fcclip_helpers import load_fixture  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer) -> Path:
     """The resize fixture's FC-CLIP (288x384) and the DINOv2 fixture, exported with torch weights."""

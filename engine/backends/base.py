@@ -70,7 +70,8 @@ class Session(ABC):
         missing = sorted(names - set(feed))
         if unknown or missing:
             raise InvalidInputError(
-                f"{self}: inputs are {sorted(names)}; " + "; ".join(
+                f"{self}: inputs are {sorted(names)}; "
+                + "; ".join(
                     p for p in (f"unknown {unknown}" if unknown else "", f"missing {missing}" if missing else "") if p
                 )
             )

@@ -94,9 +94,7 @@ class Vocabulary(Mapping[int, ClassInfo]):
         return info
 
     # Changes (the database logs them before it calls these) ------------------------------------
-    def plan(
-        self, label: str, synonyms: tuple[str, ...] | list[str] = (), thing: bool | None = None
-    ) -> ClassInfo:
+    def plan(self, label: str, synonyms: tuple[str, ...] | list[str] = (), thing: bool | None = None) -> ClassInfo:
         """The ClassInfo that registering ``label`` would produce, without changing anything.
 
         An existing class keeps its id and gains the new synonyms (and takes ``thing`` when it is

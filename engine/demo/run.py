@@ -198,9 +198,12 @@ def _report(before: ConfusionMatrix, after: ConfusionMatrix, results: list[Any],
     segments = [s for r in results for s in r.segments]
     return {
         "classes": [
-            {"name": c.name, "new": c.name in NEW_CLASSES,
-             "iou_before": None if np.isnan(iou_b[i]) else float(iou_b[i]),
-             "iou_after": None if np.isnan(iou_a[i]) else float(iou_a[i])}
+            {
+                "name": c.name,
+                "new": c.name in NEW_CLASSES,
+                "iou_before": None if np.isnan(iou_b[i]) else float(iou_b[i]),
+                "iou_after": None if np.isnan(iou_a[i]) else float(iou_a[i]),
+            }
             for i, c in enumerate(CLASSES)
         ],  # fmt: skip
         "miou_before": before.miou(),
@@ -227,8 +230,7 @@ def _format(report: dict[str, Any], overlay_dir: Path) -> str:
         "",
         f"retrieval changed the class of {report['segments_changed_by_retrieval']} of {report['segments']} "
         "panoptic segments (after)",
-        "median latency per image (ms): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in report["latency_ms_median"].items()),
+        "median latency per image (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in report["latency_ms_median"].items()),
         f"overlays: {overlay_dir}",
     ]
     return "\n".join(lines)

@@ -120,8 +120,13 @@ def run_continual(
     drops = [s["forgetting"]["miou_drop"] for s in steps if "forgetting" in s]
     return {
         "protocol": "continual",
-        "dataset": {"train": train.key, "val": val.key, "train_images": len(train), "val_images": len(val),
-                    "classes": len(names)},  # fmt: skip
+        "dataset": {
+            "train": train.key,
+            "val": val.key,
+            "train_images": len(train),
+            "val_images": len(val),
+            "classes": len(names),
+        },  # fmt: skip
         "settings": asdict(settings),
         "retrieval": seg.config.to_json(),
         "steps": steps,

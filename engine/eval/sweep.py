@@ -91,15 +91,26 @@ def run_sweep(
     best = max(rows, key=lambda r: -1.0 if r["miou"] is None else r["miou"])  # first of equals: grid order
     return {
         "protocol": "sweep",
-        "dataset": {"key": train.key, "split": train.split, "held_out_images": len(held),
-                    "database_images": len(rest), "classes": n},  # fmt: skip
+        "dataset": {
+            "key": train.key,
+            "split": train.split,
+            "held_out_images": len(held),
+            "database_images": len(rest),
+            "classes": n,
+        },  # fmt: skip
         "grid": rows,
         "best": best,
         "base_miou": json_score(base.miou()),
         "source": {
-            "dataset": train.key, "split": train.split, "held_out": held_out, "seed": seed,
-            "held_out_images": len(held), "database_entries": added["entries"], "miou": best["miou"],
-            "base_miou": json_score(base.miou()), "models": seg.models.identity(),
+            "dataset": train.key,
+            "split": train.split,
+            "held_out": held_out,
+            "seed": seed,
+            "held_out_images": len(held),
+            "database_entries": added["entries"],
+            "miou": best["miou"],
+            "base_miou": json_score(base.miou()),
+            "models": seg.models.identity(),
         },  # fmt: skip
         "seconds": round(time.perf_counter() - start, 3),
     }

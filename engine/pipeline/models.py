@@ -43,9 +43,7 @@ class ModelSet:
     """The three sessions (FC-CLIP image, CLIP text, DINOv2 keys), the tokenizer and FC-CLIP's
     head constants, opened from ``models_dir``."""
 
-    def __init__(
-        self, models_dir: str | os.PathLike[str], backend: str = "auto", device: str = "auto"
-    ) -> None:
+    def __init__(self, models_dir: str | os.PathLike[str], backend: str = "auto", device: str = "auto") -> None:
         root = Path(models_dir)
         missing = [sub for sub in ("fcclip/image", "fcclip/text", "dinov2") if not (root / sub).is_dir()]
         if missing:

@@ -30,9 +30,7 @@ CONTEXT_LENGTH = 77
 _NUM_MERGES = 49152 - 256 - 2  # the merges CLIP's vocabulary was built from (the file holds more)
 # Words are letter runs, single digits, runs of other non-space characters, and English
 # contractions; \p{L} and \p{N} need the `regex` module.
-_WORD_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 @functools.cache

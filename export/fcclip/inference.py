@@ -21,9 +21,7 @@ def text_classifier(per_template: Tensor, templates: int = NUM_TEMPLATES) -> Ten
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def ensemble(
-    in_vocab_logits: Tensor, out_vocab_logits: Tensor, seen: Tensor, alpha: float, beta: float
-) -> Tensor:
+def ensemble(in_vocab_logits: Tensor, out_vocab_logits: Tensor, seen: Tensor, alpha: float, beta: float) -> Tensor:
     """Geometric ensemble -> log class probabilities [..., classes + 1] with void last.
 
     ``in_vocab_logits``/``out_vocab_logits`` [..., classes + 1] (void last); ``seen`` [classes]
