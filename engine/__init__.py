@@ -1,7 +1,9 @@
-"""knnclip run time: compiled ops, database, sessions, pipeline and CLI.
+"""knnclip run time: the compiled ops, the database, the pipeline, backends, evaluation,
+benchmarks and the CLI (``docs/architecture.md`` maps the folders).
 
-Imports NumPy and the compiled module eagerly; FAISS, ONNX Runtime, torch and TensorRT only
-where they are used (``Database`` imports FAISS on first access).
+Importing this package loads only the version; ``Database``, ``Segmenter`` and
+``RetrievalConfig`` are imported on first access (FAISS with the first, the models' runtimes
+with the second), so ``import knnclip.engine`` stays cheap.
 """
 
 import os
@@ -15,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from knnclip.engine.version import __version__  # noqa: E402
 
-__all__ = ["Database", "__version__"]
+__all__ = ["Database", "RetrievalConfig", "Segmenter", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +25,12 @@ def __getattr__(name: str) -> Any:
         from knnclip.engine.database import Database
 
         return Database
+    if name == "Segmenter":
+        from knnclip.engine.pipeline.segmenter import Segmenter
+
+        return Segmenter
+    if name == "RetrievalConfig":
+        from knnclip.engine.config import RetrievalConfig
+
+        return RetrievalConfig
     raise AttributeError(f"module 'knnclip.engine' has no attribute {name!r}")

@@ -3,11 +3,8 @@
 The paper does not publish its exact constants. ``knnclip eval sweep`` chooses them from data (a
 grid over k, tau, T and lambda on a held-out part of a training split) and writes the winner
 with the data it ran on (``--write-config``; load it with ``RetrievalConfig.from_file`` or the
-CLI's ``--config``). No real segmentation dataset or checkpoint can be downloaded where this
-was built, so the defaults below are still provisional, reasoned about the method: the one sweep
-run so far is on the synthetic dataset with random-weight models
-(``benchmarks/results/sweep-synthetic.md``: k=10, tau=0.1, T=0.5, lam=0.7 scored best there), and
-what wins on painted textures says nothing about real images, so it is recorded, not adopted.
+CLI's ``--config``). The defaults below are reasoned from the method (each field says why), not
+tuned on a real dataset: a sweep on synthetic data says nothing about real images.
 """
 
 from __future__ import annotations

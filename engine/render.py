@@ -1,11 +1,13 @@
 """Pictures of results: class-coloured overlays with segment outlines and a legend, and a
-retrieval-evidence panel for one segment. Pillow and NumPy only."""
+retrieval-evidence panel for one segment (Pillow and NumPy); matplotlib for the optional plots
+of reports."""
 
 from __future__ import annotations
 
 import colorsys
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,3 +80,16 @@ def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> None:
 
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed (plots are
+    optional extras beside the JSON and Markdown that every report writes)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

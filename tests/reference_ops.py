@@ -1,4 +1,4 @@
-"""NumPy float64 references of the knnclip._C ops, written from the definitions in DESIGN.md.
+"""NumPy float64 references of the knnclip._C ops, written from the definitions in docs/ops.md.
 
 Deliberately plain: whole-array NumPy, no shared code with csrc/. The one float32 step is the
 bilinear source coordinate, which the definition (PyTorch's ``F.interpolate(mode="bilinear",

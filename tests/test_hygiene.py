@@ -50,7 +50,7 @@ def _private(name: str) -> bool:
 def private_uses(module: str, path: Path) -> list[str]:
     """Where ``module`` uses another knnclip module's private name: ``from knnclip.x import _y``,
     an import path through a private module, or ``alias._y`` on an imported knnclip module.
-    (``knnclip._C`` is the compiled module's public name by the design card.)"""
+    (``knnclip._C`` is the compiled module's public name.)"""
     tree = ast.parse(path.read_text(), str(path))
     found, aliases = [], {}
     for node in ast.walk(tree):
@@ -112,3 +112,73 @@ def test_docstring_examples_run(module):
         pytest.importorskip("torch", reason="the export side needs torch (pip install torch)")
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS, report=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {module}"
+
+
+# Packaging ----------------------------------------------------------------------------------------
+# The module each distribution installs, where it is not the distribution's own name.
+PROVIDES = {
+    "onnxruntime-gpu": "onnxruntime",
+    "faiss-cpu": "faiss",
+    "faiss-gpu-cu11": "faiss",
+    "faiss-gpu-cu12": "faiss",
+    "faiss-gpu": "faiss",
+    "pillow": "PIL",
+    "huggingface_hub": "huggingface_hub",
+}
+GPU_ONLY = ("onnxruntime-gpu", "faiss-gpu", "tensorrt", "pycuda", "cupy", "nvidia-")
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def test_base_install_has_no_gpu_package_and_no_extra_duplicates_a_module():
+    project = _pyproject()["project"]
+    base = [_name(r) for r in project["dependencies"]]
+    assert not [b for b in base if b.startswith(GPU_ONLY)]
+    for extra, requirements in project["optional-dependencies"].items():
+        names = base + [_name(r) for r in requirements]
+        modules = [PROVIDES.get(n, n) for n in dict.fromkeys(names)]
+        duplicated = {m for m in modules if modules.count(m) > 1}
+        assert not duplicated, f"[{extra}] installs two distributions of {duplicated}"
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party module that engine/ or export/ imports comes from a declared distribution."""
+    project = _pyproject()["project"]
+    declared = {_name(r) for r in project["dependencies"]}
+    for requirements in project["optional-dependencies"].values():
+        declared |= {_name(r) for r in requirements}
+    provided = {PROVIDES.get(n, n) for n in declared}
+    imported = set()
+    for folder in PACKAGES.values():
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "knnclip"}
+    assert third_party - provided == set()
+
+
+def test_architecture_map_lists_every_engine_module_and_folder():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    block = text[text.index("\nengine/ ") : text.index("\nexport/ ")]
+    # entries are indented by two spaces; their continuation lines by more
+    listed = {line.split()[0].rstrip("/") for line in block.splitlines() if line[:2] == "  " and line[2] != " "}
+    present = {
+        p.name.removesuffix(".py")
+        for p in (REPO / "engine").iterdir()
+        if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))
+    }
+    assert {n.removesuffix(".py") for n in listed} == present
+    assert len([p for p in (REPO / "engine").glob("*.py")]) <= 12

@@ -21,6 +21,7 @@ import numpy as np
 
 from knnclip.engine.fsutil import atomic_write_bytes
 from knnclip.engine.info import cpu_name
+from knnclip.engine.render import pyplot
 
 __all__ = [
     "machine", "machine_slug", "percentiles", "peak_rss_mib", "pyplot", "spawn", "spawn_module", "summarize",
@@ -189,19 +190,6 @@ def spawn_module(module: str, case: dict[str, Any]) -> dict[str, Any]:
 
 
 # Result files -----------------------------------------------------------------------------------
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed (the plots
-    are optional; the JSON and Markdown are not)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def write_text(name: str, text: str, directory: Path) -> Path:
     """Write ``directory/name`` atomically (a temporary file, then a rename)."""
     directory.mkdir(parents=True, exist_ok=True)

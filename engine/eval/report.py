@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from knnclip.engine.fsutil import atomic_write_bytes
+from knnclip.engine.render import pyplot
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, name: str) -> list[Path]:
@@ -96,12 +97,8 @@ def _sweep_md(report: dict[str, Any]) -> str:
 
 
 def _plot(report: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     kind = report.get("protocol")
     if kind == "continual":

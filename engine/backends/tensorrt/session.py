@@ -1,7 +1,7 @@
 """The TensorRT backend: an engine for this GPU from the engine cache (built on first use when
 the export side is installed), run with ``execute_async_v3`` on its own CUDA stream.
 
-Buffers: pycuda (the design card's choice; cuda-python would do as well). Device buffers for
+Buffers: pycuda (cuda-python would do as well). Device buffers for
 every I/O tensor are allocated once, at the profile's largest shapes, and reused.
 
 Thread safety: one execution context and one set of buffers per session, guarded by a lock, so
