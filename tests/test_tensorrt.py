@@ -11,7 +11,9 @@ import pytest
 from knnclip.engine.errors import BackendUnavailableError
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("pycuda") is not None
-needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT and pycuda are not installed (pip install knnclip[tensorrt])")
+needs_trt = pytest.mark.skipif(
+    not HAVE_TRT, reason="TensorRT and pycuda are not installed (pip install knnclip[tensorrt])"
+)
 
 
 def test_cpu_device_is_refused_with_a_reason(tmp_path):

@@ -21,7 +21,8 @@ class GpuMirror:
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
             raise BackendUnavailableError(
                 "device='cuda' needs faiss with GPU support and a visible GPU "
-                "(faiss-gpu-cu12 in place of faiss-cpu: docs/backends.md); open the database with device='cpu' otherwise"
+                "(faiss-gpu-cu12 in place of faiss-cpu: docs/backends.md); "
+                "open the database with device='cpu' otherwise"
             )
         if spec.kind == "hnsw":
             raise BackendUnavailableError("faiss-gpu has no HNSW index; open hnsw databases with device='cpu'")
