@@ -1,5 +1,8 @@
 """Exception types of knnclip. Each message names the input at fault and the fix."""
 
+import errno
+import os
+
 
 class KnnclipError(Exception):
     """Base class of every error knnclip raises on purpose."""
@@ -77,6 +80,31 @@ class DatabaseLockedError(DatabaseError):
 
 class ReadOnlyDatabaseError(DatabaseError):
     """A change was asked of a database opened read-only (or already closed)."""
+
+
+class DatabaseWriteError(DatabaseError, OSError):
+    """Writing to the database's directory failed (disk full, I/O error, a read-only file system,
+    FAISS unable to write its index). The message names the file and the cause and says whether
+    anything changed: after this error the database in memory equals the database on disk."""
+
+    def __init__(self, path: object, action: str, cause: BaseException, changed: str = "nothing was changed") -> None:
+        self.path = str(path)
+        self.cause = cause
+        errno_ = getattr(cause, "errno", None)
+        reason = os.strerror(errno_) if isinstance(errno_, int) else str(cause)
+        fix = FIXES.get(errno_, "fix the cause and retry")
+        super().__init__(f"{self.path}: could not {action} ({reason}); {changed}; {fix}")
+        self.errno = errno_
+
+
+FIXES = {
+    errno.ENOSPC: "free disk space and retry",
+    errno.EDQUOT: "free space within the disk quota and retry",
+    errno.EROFS: "the file system is read-only: open the database with read_only=True, or remount it writable",
+    errno.EACCES: "check the permissions of the database directory",
+    errno.EPERM: "check the permissions of the database directory",
+    errno.EIO: "the disk reported an I/O error: check it, then retry",
+}
 
 
 class DatabaseNotTrainedError(DatabaseError):

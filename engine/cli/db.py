@@ -129,8 +129,16 @@ def _check(args: argparse.Namespace) -> int:
 
     with Database.open(args.db, read_only=True) as db:
         stats = db.stats()
-    _print(args, {"ok": True, **stats}, f"ok: {args.db}: {stats['entries']} entries, {stats['classes']} classes, "
-           f"log at {stats['lsn']} (checkpoint {stats['checkpoint_lsn']})")  # fmt: skip
+    text = (
+        f"ok: {args.db}: {stats['entries']} entries, {stats['classes']} classes, "
+        f"log at {stats['lsn']} (checkpoint {stats['checkpoint_lsn']})"
+    )
+    if stats["log_torn_bytes"]:
+        text += (
+            f"\nlog: a torn record of {stats['log_torn_bytes']} bytes at byte {stats['log_bytes']} (a write that a "
+            "crash cut short, never acknowledged); the next writer open keeps it aside as wal.log.torn-* and cuts it"
+        )
+    _print(args, {"ok": True, **stats}, text)
     return 0
 
 

@@ -13,6 +13,7 @@ the log (see storage.py for why a crash at any step loses nothing).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import uuid as uuid_mod
@@ -29,7 +30,15 @@ from knnclip.engine.database.lock import WriterLock
 from knnclip.engine.database.manifest import MANIFEST_NAME, Manifest
 from knnclip.engine.database.storage import WAL_NAME
 from knnclip.engine.database.vocabulary import ClassInfo, Vocabulary
-from knnclip.engine.database.wal import HEADER_BYTES, LogWriter, Record, RecordKind, create_log, encode_record
+from knnclip.engine.database.wal import (
+    HEADER_BYTES,
+    LogContents,
+    LogWriter,
+    Record,
+    RecordKind,
+    create_log,
+    encode_record,
+)
 from knnclip.engine.errors import (
     DatabaseCorruptError,
     DatabaseExistsError,
@@ -40,6 +49,8 @@ from knnclip.engine.errors import (
 )
 
 __all__ = ["WAL_NAME", "Database", "SearchResult"]
+
+log = logging.getLogger("knnclip.engine.database")
 
 _MAX_K = 1 << 16
 _READER_RETRIES = 5
@@ -86,7 +97,7 @@ class Database:
         self._c = Contents(manifest)
         self._lock: WriterLock | None = None
         self._log: LogWriter | None = None
-        self._log_valid_end = HEADER_BYTES  # set by storage.replay: where the writer appends
+        self._log_state = LogContents(manifest.checkpoint_lsn, [], HEADER_BYTES, 0)  # set by replay
         #: A log larger than this triggers a checkpoint after the change that grew it.
         self.auto_checkpoint_bytes = 256 << 20
 
@@ -149,8 +160,12 @@ class Database:
             db = cls._load(directory, read_only, retry=read_only)
             db._lock = lock
             if not read_only:
-                db._log = LogWriter(directory / WAL_NAME, db._log_valid_end)
+                db._log = LogWriter(directory / WAL_NAME, db._log_state.valid_end)
+                if db._log.tail_kept is not None:
+                    log.warning("%s: the torn tail of the log is kept in %s", directory / WAL_NAME, db._log.tail_kept)
                 disk.remove_stale_files(directory, db._manifest)
+                if db._log_state.version < 2:  # an older log format: rewrite it in the current one
+                    db.checkpoint()
             if device == "cuda":
                 from knnclip.engine.database.gpu import GpuMirror
 
@@ -169,7 +184,7 @@ class Database:
                 manifest = Manifest.read(directory)
                 db = cls(_CONSTRUCT, directory, manifest, read_only)
                 db._c = disk.load_checkpoint(directory, manifest)
-                db._log_valid_end = disk.replay(directory, manifest, db._c)
+                db._log_state = disk.replay(directory, manifest, db._c)
                 return db
             except (DatabaseCorruptError, FileNotFoundError):
                 # A reader may race a writer's checkpoint (files replaced under it): if the manifest
@@ -385,8 +400,11 @@ class Database:
     def stats(self) -> dict[str, Any]:
         """Entries, classes, index type and parameters, bytes per entry (codes and on disk), log size."""
         with self._mutex:
-            files = [self.path / f.name for f in self._manifest.files.values()] + [self.path / WAL_NAME]
-            disk = sum(p.stat().st_size for p in files if p.exists())
+            # What this handle opened: the files of its checkpoint and the log as it read it. A
+            # writer's checkpoint may replace them under a reader meanwhile; sizes come from the
+            # manifest, so nothing here races it.
+            log_bytes = self._log.size if self._log is not None else self._log_state.valid_end
+            disk = sum(f.bytes for f in self._manifest.files.values()) + log_bytes
             n = len(self._c.ids)
             return {
                 "path": str(self.path),
@@ -401,7 +419,11 @@ class Database:
                 "code_bytes_per_entry": self._c.spec.code_bytes(self._c.dim),
                 "disk_bytes": disk,
                 "disk_bytes_per_entry": disk / n if n else None,
-                "log_bytes": self._log.size if self._log is not None else (self.path / WAL_NAME).stat().st_size,
+                "log_bytes": log_bytes,
+                # bytes of a write a crash cut short after the last complete record (a writer
+                # keeps them aside and cuts them when it opens)
+                "log_torn_bytes": self._log_state.torn_bytes if self._log is None else 0,
+                "log_tail_kept": str(self._log.tail_kept) if self._log is not None and self._log.tail_kept else None,
                 "lsn": self._c.lsn,
                 "checkpoint_lsn": self._manifest.checkpoint_lsn,
                 "device": "cuda" if self._c.gpu is not None else "cpu",

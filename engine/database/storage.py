@@ -34,7 +34,7 @@ from knnclip.engine.database.contents import Contents
 from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.database.manifest import MANIFEST_NAME, FileRecord, Manifest
 from knnclip.engine.database.vocabulary import Vocabulary
-from knnclip.engine.database.wal import create_log, read_log
+from knnclip.engine.database.wal import LogContents, create_log, read_log
 from knnclip.engine.errors import DatabaseCorruptError, UnknownClassError
 from knnclip.engine.fsutil import atomic_path, atomic_write_bytes, fsync_dir, sha256_file
 
@@ -117,9 +117,9 @@ def load_checkpoint(directory: Path, manifest: Manifest) -> Contents:
     return contents
 
 
-def replay(directory: Path, manifest: Manifest, contents: Contents) -> int:
-    """Apply the log's records after the checkpoint to ``contents``; returns the offset where the
-    log's valid records end (where a writer appends)."""
+def replay(directory: Path, manifest: Manifest, contents: Contents) -> LogContents:
+    """Apply the log's records after the checkpoint to ``contents``; returns what the log held
+    (where its valid records end, which is where a writer appends; the torn tail; its format)."""
     wal_path = directory / WAL_NAME
     log_contents = read_log(wal_path, manifest.uuid)
     checkpoint = manifest.checkpoint_lsn
@@ -135,8 +135,13 @@ def replay(directory: Path, manifest: Manifest, contents: Contents) -> int:
             except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
                 raise DatabaseCorruptError(wal_path, f"record {record.lsn} cannot be applied ({exc})") from None
     if log_contents.torn_bytes:
-        log.warning("%s: dropped a torn record of %d bytes at the end of the log", wal_path, log_contents.torn_bytes)
-    return log_contents.valid_end
+        log.warning(
+            "%s: a torn record of %d bytes at byte %d ends the log (a write a crash cut short); a writer "
+            "keeps it aside and cuts it",
+            wal_path, log_contents.torn_bytes, log_contents.valid_end,
+        )  # fmt: skip
+    log_contents.records = []  # applied; the caller keeps only where the log ends
+    return log_contents
 
 
 def remove_stale_files(directory: Path, manifest: Manifest) -> None:

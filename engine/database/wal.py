@@ -2,14 +2,22 @@
 
 File layout (little-endian)::
 
-    header   magic "KNNCWAL1" (8 B) | database uuid (16 B) | base lsn u64
-    record   payload length u64 | CRC-32C of (length bytes + payload) u32 | payload
+    header   magic "KNNCWAL2" (8 B) | database uuid (16 B) | base lsn u64
+    record   payload length u64 | CRC-32C of the length u32 | CRC-32C of (length + payload) u32 | payload
     payload  lsn u64 | kind u8 | meta length u32 | meta (UTF-8 JSON) | body (raw arrays)
 
-Log sequence numbers (lsn) count up by one from ``base lsn + 1``. A record cut short by a crash
-(fewer bytes on disk than its length says, or a zero-filled tail) is a torn tail: it is dropped,
-because its write never returned. A complete record whose checksum does not match is corruption
-and is reported, never skipped: the records after it may depend on it.
+Log sequence numbers (lsn) count up by one from ``base lsn + 1``.
+
+A torn tail is what a crash leaves of the last append, whose write never returned: bytes after
+the last complete record that hold no complete record head, or only zeros after a partial one
+(what a file system shows for a size extended before the data reached the disk), or a head whose
+own checksum is right and whose length runs past the end of the file. The head checksum is what
+tells a torn write from damage: a flipped bit in a length field fails it, so a damaged record is
+reported as corruption, never taken for a tail (which would silently drop every record after
+it). Any other mismatch is corruption too: the records after it may depend on it.
+
+Logs of format 1 (``KNNCWAL1``, without the head checksum) are still read; the database
+checkpoints them into format 2 when a writer opens one.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import enum
 import json
 import os
 import struct
+import time
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +36,11 @@ from knnclip import _C
 from knnclip.engine.errors import DatabaseCorruptError, DatabaseError
 from knnclip.engine.fsutil import atomic_write_bytes, write_all
 
-MAGIC = b"KNNCWAL1"
+MAGIC = b"KNNCWAL2"
+MAGIC_V1 = b"KNNCWAL1"
 _HEADER = struct.Struct("<8s16sQ")
-_RECORD_HEAD = struct.Struct("<QI")
+_RECORD_HEAD = struct.Struct("<QII")  # length, CRC of the length, CRC of length + payload
+_RECORD_HEAD_V1 = struct.Struct("<QI")
 _PAYLOAD_HEAD = struct.Struct("<QBI")
 HEADER_BYTES = _HEADER.size
 
@@ -54,14 +65,15 @@ class LogContents:
     records: list[Record]
     valid_end: int  # bytes of header + whole records; anything after is a torn tail
     torn_bytes: int
+    version: int = 2
 
 
 def encode_record(lsn: int, kind: RecordKind, meta: dict[str, Any], *body: bytes | memoryview) -> bytes:
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
     payload = b"".join([_PAYLOAD_HEAD.pack(lsn, int(kind), len(meta_bytes)), meta_bytes, *body])
     length = struct.pack("<Q", len(payload))
-    crc = _C.crc32c(payload, _C.crc32c(length))
-    return length + struct.pack("<I", crc) + payload
+    head_crc = _C.crc32c(length)
+    return length + struct.pack("<II", head_crc, _C.crc32c(payload, head_crc)) + payload
 
 
 def create_log(path: Path, db_uuid: uuid_mod.UUID, base_lsn: int) -> None:
@@ -78,29 +90,42 @@ def read_log(path: Path, db_uuid: uuid_mod.UUID) -> LogContents:
     if len(data) < HEADER_BYTES:
         raise DatabaseCorruptError(path, f"write-ahead log header is truncated ({len(data)} of {HEADER_BYTES} bytes)")
     magic, file_uuid, base_lsn = _HEADER.unpack_from(data, 0)
-    if magic != MAGIC:
+    if magic not in (MAGIC, MAGIC_V1):
         raise DatabaseCorruptError(path, f"not a knnclip write-ahead log (starts with {bytes(magic)!r})")
     if file_uuid != db_uuid.bytes:
         raise DatabaseCorruptError(
             path, f"write-ahead log belongs to database {uuid_mod.UUID(bytes=file_uuid)}, not {db_uuid}"
         )
+    version = 2 if magic == MAGIC else 1
+    head = _RECORD_HEAD if version == 2 else _RECORD_HEAD_V1
     records: list[Record] = []
     offset = HEADER_BYTES
     expected_lsn = base_lsn + 1
     while offset < len(data):
         rest = data[offset:]
-        if len(rest) < _RECORD_HEAD.size or not any(rest[: _RECORD_HEAD.size]):
+        if len(rest) < head.size or not any(rest[: head.size]):
             # A partial record head, or the zeros a file system leaves when the size was
             # extended but the data never reached the disk.
-            if any(rest) and len(rest) >= _RECORD_HEAD.size:
+            if any(rest) and len(rest) >= head.size:
                 raise DatabaseCorruptError(path, f"record at byte {offset}: zero length followed by data")
             break
-        length, crc = _RECORD_HEAD.unpack_from(rest, 0)
-        end = _RECORD_HEAD.size + length
+        if version == 2:
+            length, head_crc, crc = head.unpack_from(rest, 0)
+            if _C.crc32c(rest[:8]) != head_crc:
+                if _partial_head_then_zeros(rest, head.size):
+                    break  # torn tail: the head itself was cut short
+                raise DatabaseCorruptError(
+                    path, f"record at byte {offset}: the record head is damaged (its checksum does not match)"
+                )
+            seed = head_crc
+        else:
+            length, crc = head.unpack_from(rest, 0)
+            seed = _C.crc32c(rest[:8])
+        end = head.size + length
         if end > len(rest):
             break  # torn tail: the write was cut short
-        payload = rest[_RECORD_HEAD.size : end]
-        if _C.crc32c(payload, _C.crc32c(rest[:8])) != crc:
+        payload = rest[head.size : end]
+        if _C.crc32c(payload, seed) != crc:
             raise DatabaseCorruptError(path, f"record at byte {offset}: checksum mismatch (the log is damaged)")
         if length < _PAYLOAD_HEAD.size:
             raise DatabaseCorruptError(path, f"record at byte {offset}: payload of {length} bytes is too short")
@@ -115,17 +140,44 @@ def read_log(path: Path, db_uuid: uuid_mod.UUID) -> LogContents:
             raise DatabaseCorruptError(path, f"record at byte {offset}: unreadable ({exc})") from None
         expected_lsn += 1
         offset += end
-    return LogContents(base_lsn, records, offset, len(data) - offset)
+    return LogContents(base_lsn, records, offset, len(data) - offset, version)
+
+
+def _partial_head_then_zeros(rest: memoryview, head_size: int) -> bool:
+    """Whether the bytes left hold less than a record head before nothing but zeros: a head cut
+    short by a crash (its bytes reached the disk only in part)."""
+    nonzero = bytes(rest).rstrip(b"\0")
+    return len(nonzero) < head_size
+
+
+def keep_tail_aside(path: Path, valid_end: int) -> Path | None:
+    """Copy the bytes of ``path`` after ``valid_end`` (a torn tail about to be cut) to a file of
+    their own beside it, ``wal.log.torn-<offset>-<utc time>``; returns it (None if there is none)."""
+    size = path.stat().st_size
+    if size <= valid_end:
+        return None
+    with open(path, "rb") as f:
+        f.seek(valid_end)
+        tail = f.read()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.torn-{valid_end}-{stamp}")
+    atomic_write_bytes(aside, tail)
+    return aside
 
 
 class LogWriter:
-    """Appends records to an existing log; each append is durable (fdatasync) when it returns."""
+    """Appends records to an existing log; each append is durable (fdatasync) when it returns.
+
+    A torn tail after ``valid_end`` is cut before the first append, its bytes kept aside first
+    (:func:`keep_tail_aside`)."""
 
     def __init__(self, path: Path, valid_end: int) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY)
+        self.tail_kept: Path | None = None
+        self._fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
         try:
             if os.fstat(self._fd).st_size != valid_end:
+                self.tail_kept = keep_tail_aside(path, valid_end)
                 os.ftruncate(self._fd, valid_end)  # drop a torn tail before appending after it
                 os.fsync(self._fd)
             self._end = valid_end
