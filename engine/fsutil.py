@@ -6,11 +6,13 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -30,29 +32,37 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
-def temp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def create_temp_beside(path: Path) -> tuple[int, Path]:
+    """Create a new, empty temporary file next to ``path`` and return (open fd, its path).
+
+    The name is unpredictable and the file is created exclusively (``O_EXCL``; an existing name,
+    symlinks included, is never opened), so a symlink planted in a shared folder cannot redirect
+    the write. Names look like ``.NAME.XXXXXXXX.tmp``, which the database's cleanup recognises."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return fd, Path(name)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
-    The caller writes the temporary file however it likes (e.g. ``faiss.write_index``). Readers
+    The caller writes the temporary file however it likes (e.g. ``faiss.write_index``): it exists
+    already, created exclusively under an unpredictable name (:func:`create_temp_beside`). Readers
     see the old file or the whole new one, never a partial file; on error the temp file is removed.
     """
     target = Path(path)
-    tmp = temp_path_for(target)
+    fd, tmp = create_temp_beside(target)
+    os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     fsync_dir(target.parent)
@@ -60,12 +70,45 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``path`` atomically and durably."""
-    with atomic_path(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    target = Path(path)
+    fd, tmp = create_temp_beside(target)
+    try:
         try:
+            os.fchmod(fd, 0o644)
             write_all(fd, data)
+            os.fsync(fd)
         finally:
             os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+
+
+def confined(directory: str | os.PathLike[str], name: str, what: str = "file") -> Path:
+    """``directory / name`` for a ``name`` read from a manifest, a cache entry or an annotation,
+    refused (ValueError) unless it stays inside ``directory``: no absolute path, no ``..``, and no
+    symlink along the way that leads out.
+
+    >>> str(confined("/data/ds", "images/a.jpg"))
+    '/data/ds/images/a.jpg'
+    >>> confined("/data/ds", "../etc/passwd")
+    Traceback (most recent call last):
+    ...
+    ValueError: '../etc/passwd' leads outside /data/ds: a file name must be relative and stay in its folder
+    """
+    root = Path(directory)
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\0" in name:
+        raise ValueError(f"{name!r} leads outside {root}: a {what} name must be relative and stay in its folder")
+    candidate = root / name
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ValueError(f"{name!r} in {root} is a symlink that leads outside it, to {real}")
+    return candidate
 
 
 def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> str:

@@ -13,6 +13,7 @@ the log (see storage.py for why a crash at any step loses nothing).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -43,6 +44,7 @@ from knnclip.engine.errors import (
     DatabaseCorruptError,
     DatabaseExistsError,
     DatabaseNotTrainedError,
+    DatabaseWriteError,
     InvalidInputError,
     ReadOnlyDatabaseError,
     UnknownClassError,
@@ -100,6 +102,7 @@ class Database:
         self._log_state = LogContents(manifest.checkpoint_lsn, [], HEADER_BYTES, 0)  # set by replay
         #: A log larger than this triggers a checkpoint after the change that grew it.
         self.auto_checkpoint_bytes = 256 << 20
+        self._checkpoint_deferred_until = 0  # log size; set when an automatic checkpoint failed
 
     @classmethod
     def create(
@@ -323,23 +326,45 @@ class Database:
             spec = self._c.spec.resolved_for(len(x), self._c.dim)
             index = build_index(spec, self._c.dim, self._c.metric)
             index.train(x)
-            self._c.spec, self._c.index = spec, index
-            self.checkpoint()
+            # The trained index becomes the database's only once its checkpoint is on disk.
+            trained = copy.copy(self._c)
+            trained.spec, trained.index = spec, index
+            self._checkpoint(trained, "write the trained index")
+            self._c = trained
             if self._c.gpu is not None:
                 self._c.gpu.rebuild(self._c.index)
 
     def checkpoint(self) -> None:
-        """Write the index and entries atomically under a new generation and empty the log."""
+        """Write the index and entries atomically under a new generation and empty the log.
+
+        Raises DatabaseWriteError when the new generation cannot be written; the database is then
+        unchanged (its last checkpoint and log still hold everything)."""
         with self._mutex:
             self._check_writable()
-            old = set(f.name for f in self._manifest.files.values())
-            self._manifest = self._write_directory(self.path, self._manifest.uuid, self._manifest.generation + 1)
-            create_log(self.path / WAL_NAME, self._manifest.uuid, self._c.lsn)
+            self._checkpoint(self._c, "write a checkpoint")
+
+    def _checkpoint(self, contents: Contents, action: str) -> None:
+        old = set(f.name for f in self._manifest.files.values())
+        generation = self._manifest.generation + 1
+        try:
+            manifest = self._write_directory(self.path, self._manifest.uuid, generation, contents=contents)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: FAISS's own write errors
+            disk.remove_generation(self.path, generation)
+            raise DatabaseWriteError(self.path, action, exc) from exc
+        # The manifest is the switch-over point: from here the checkpoint is durable.
+        self._manifest = manifest
+        try:
+            create_log(self.path / WAL_NAME, manifest.uuid, contents.lsn)
+        except OSError as exc:
+            # The old log still covers the checkpoint (its records up to it are skipped on replay),
+            # so appending to it stays correct; the next checkpoint empties it.
+            log.warning("%s: checkpoint written, but the log could not be emptied (%s)", self.path, exc)
+        else:
             self._log.close()
             self._log = LogWriter(self.path / WAL_NAME, HEADER_BYTES)
-            for name in old - {f.name for f in self._manifest.files.values()}:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.path / name).unlink()
+        for name in old - {f.name for f in manifest.files.values()}:
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink()
 
     def snapshot(self, path: str | os.PathLike[str]) -> None:
         """Write a consistent copy of the current state as a new database at ``path`` (must not exist)."""
@@ -493,23 +518,46 @@ class Database:
     def _commit(self, kind: RecordKind, meta: dict[str, Any], *body: bytes) -> None:
         """Log (durably), then apply. The caller has validated everything that could fail in apply."""
         record_bytes = encode_record(self._c.lsn + 1, kind, meta, *body)
-        self._log.append(record_bytes)
+        try:
+            self._log.append(record_bytes)
+        except OSError as exc:
+            if self._log.broken:
+                raise DatabaseWriteError(
+                    self._log.path, "append to the log", exc,
+                    "the partial record could not be cut off, so nothing more is written; nothing was applied",
+                ) from exc  # fmt: skip
+            raise DatabaseWriteError(self._log.path, "append to the log", exc) from exc
         try:
             self._c.apply(Record(self._c.lsn + 1, kind, meta, memoryview(b"".join(body))))
         except BaseException:
             # The log has the change but memory does not: refuse further use rather than diverge.
             self._read_only = True
             raise
-        if self._log.size > self.auto_checkpoint_bytes:
-            self.checkpoint()
+        if self._log.size > max(self.auto_checkpoint_bytes, self._checkpoint_deferred_until):
+            # The change is durable and applied: a checkpoint that fails now must not make the
+            # caller think it was not (a retry would store it twice). Try again once the log
+            # has grown by as much again.
+            try:
+                self.checkpoint()
+            except DatabaseWriteError as exc:
+                self._checkpoint_deferred_until = self._log.size + self.auto_checkpoint_bytes
+                log.warning("%s; the change itself is stored (in the log)", exc)
+            else:
+                self._checkpoint_deferred_until = 0
 
     def _write_directory(
-        self, directory: Path, db_uuid: uuid_mod.UUID, generation: int, lsn: int | None = None
+        self,
+        directory: Path,
+        db_uuid: uuid_mod.UUID,
+        generation: int,
+        lsn: int | None = None,
+        contents: Contents | None = None,
     ) -> Manifest:
-        """Write the current state as a checkpoint into ``directory`` (see storage.py)."""
+        """Write ``contents`` (default: the current state) as a checkpoint into ``directory``."""
+        contents = self._c if contents is None else contents
         created = self._manifest.created if directory == self.path else disk.now()
         return disk.write_checkpoint(
-            directory, self._c, db_uuid, generation, self._c.lsn if lsn is None else lsn, created
+            directory, contents, db_uuid, generation, contents.lsn if lsn is None else lsn, created
         )
 
 

@@ -8,31 +8,48 @@ from __future__ import annotations
 
 import fcntl
 import os
+import weakref
 from pathlib import Path
 
-from knnclip.engine.errors import DatabaseLockedError
+from knnclip.engine.errors import DatabaseLockedError, DatabaseWriteError
 
 LOCK_NAME = "LOCK"
 
 
 class WriterLock:
+    """The writer's lock; released by :meth:`release`, or when the object is garbage-collected
+    (a writer dropped without ``close()`` does not keep the database locked for the rest of the
+    process)."""
+
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_NAME
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise DatabaseWriteError(self.path, "open the database for writing", exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            who = (
+                "another writer in this process (another Database object) has this database open"
+                if holder == str(os.getpid())
+                else f"another writer (pid {holder}) has this database open"
+            )
             raise DatabaseLockedError(
-                f"{directory}: another writer (pid {holder}) has this database open; close it first, "
-                "or open this one with read_only=True"
+                f"{directory}: {who}; close it first, or open this one with read_only=True"
             ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)  # closing the file releases the flock
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            self.release()
+            raise DatabaseWriteError(self.path, "open the database for writing", exc) from None
 
     def release(self) -> None:
         if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
             self._fd = -1
+            self._finalizer()

@@ -8,6 +8,7 @@ content, so a flipped byte anywhere is caught.
 from __future__ import annotations
 
 import json
+import re
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,11 +113,27 @@ class Manifest:
                 next_entry_id=int(body["next_entry_id"]),
                 checkpoint_lsn=int(body["checkpoint_lsn"]),
                 generation=int(body["generation"]),
-                files={
-                    k: FileRecord(str(f["name"]), int(f["bytes"]), str(f["sha256"])) for k, f in body["files"].items()
-                },
+                files={k: _file_record(path, k, f) for k, f in body["files"].items()},
                 created=str(body["created"]),
                 extra={k: v for k, v in body.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DatabaseCorruptError(path, f"manifest field missing or malformed: {exc}") from None
+
+
+# The only files a manifest may name: this directory's checkpoint generations. A name read from
+# the file is never trusted to stay inside the directory (the checksum is no signature: anyone
+# can recompute it), so ``../outside/index.faiss`` or an absolute path is corruption.
+_FILE_NAMES = {"index": re.compile(r"index\.\d{6}\.faiss"), "entries": re.compile(r"entries\.\d{6}\.npy")}
+
+
+def _file_record(path: Path, key: str, f: Any) -> FileRecord:
+    pattern = _FILE_NAMES.get(key)
+    if pattern is None:
+        raise DatabaseCorruptError(path, f"lists an unknown file {key!r}")
+    name = str(f["name"])
+    if not pattern.fullmatch(name):
+        raise DatabaseCorruptError(
+            path, f"names the {key} file {name!r}; only {pattern.pattern} inside the database directory is allowed"
+        )
+    return FileRecord(name, int(f["bytes"]), str(f["sha256"]))

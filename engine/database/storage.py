@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import shutil
+import tempfile
 import uuid as uuid_mod
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.database.manifest import MANIFEST_NAME, FileRecord, Manifest
 from knnclip.engine.database.vocabulary import Vocabulary
 from knnclip.engine.database.wal import LogContents, create_log, read_log
-from knnclip.engine.errors import DatabaseCorruptError, UnknownClassError
+from knnclip.engine.errors import DatabaseCorruptError, DatabaseExistsError, UnknownClassError
 from knnclip.engine.fsutil import atomic_path, atomic_write_bytes, fsync_dir, sha256_file
 
 log = logging.getLogger("knnclip.engine.database")
@@ -63,8 +64,11 @@ def read_or_none(path: Path) -> bytes | None:
 
 
 def verified_file(directory: Path, rec: FileRecord) -> Path:
-    """The path of a file the manifest lists, once its size and SHA-256 match."""
+    """The path of a file the manifest lists, once its size and SHA-256 match. A symlink is refused:
+    every file of a database is a plain file inside its directory."""
     path = directory / rec.name
+    if path.is_symlink():
+        raise DatabaseCorruptError(path, "is a symlink; a database's files are plain files in its directory")
     if not path.is_file():
         raise DatabaseCorruptError(path, "missing (listed in manifest.json)")
     size = path.stat().st_size
@@ -155,6 +159,18 @@ def remove_stale_files(directory: Path, manifest: Manifest) -> None:
                 p.unlink()
 
 
+def generation_files(generation: int) -> tuple[str, str]:
+    """The names of a checkpoint generation's index and entries files."""
+    return f"index.{generation:06d}.faiss", f"entries.{generation:06d}.npy"
+
+
+def remove_generation(directory: Path, generation: int) -> None:
+    """Delete what a failed checkpoint wrote of ``generation`` (the manifest never named it)."""
+    for name in generation_files(generation):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
+
+
 def write_checkpoint(
     directory: Path, contents: Contents, db_uuid: uuid_mod.UUID, generation: int, lsn: int, created: str
 ) -> Manifest:
@@ -164,20 +180,22 @@ def write_checkpoint(
     one (create, snapshot) is assembled under a temporary name and renamed into place whole.
     """
     fresh = not directory.exists()
-    workdir = directory.with_name(f".{directory.name}.{os.getpid()}.tmp") if fresh else directory
     if fresh:
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # an unpredictable name, created exclusively: nothing planted beside it can redirect the writes
+        workdir = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    else:
+        workdir = directory
     try:
         files: dict[str, FileRecord] = {}
         if contents.index is not None:
-            name = f"index.{generation:06d}.faiss"
+            name = generation_files(generation)[0]
             with atomic_path(workdir / name) as tmp:
                 faiss.write_index(contents.index, str(tmp))
             files["index"] = FileRecord(name, (workdir / name).stat().st_size, sha256_file(workdir / name))
         buf = io.BytesIO()
         np.save(buf, np.stack([contents.ids, contents.labels], axis=1).astype(np.int64), allow_pickle=False)
-        name = f"entries.{generation:06d}.npy"
+        name = generation_files(generation)[1]
         atomic_write_bytes(workdir / name, buf.getbuffer())
         files["entries"] = FileRecord(name, buf.getbuffer().nbytes, hashlib.sha256(buf.getbuffer()).hexdigest())
         manifest = Manifest(
@@ -199,7 +217,14 @@ def write_checkpoint(
             create_log(workdir / WAL_NAME, db_uuid, lsn)
         manifest.write(workdir)
         if fresh:
-            os.rename(workdir, directory)
+            try:
+                os.rename(workdir, directory)
+            except OSError as exc:
+                if directory.exists():  # another process created it meanwhile
+                    raise DatabaseExistsError(
+                        f"{directory} was created by someone else meanwhile; open it with Database.open"
+                    ) from None
+                raise exc
             fsync_dir(directory.parent)
     except BaseException:
         if fresh:

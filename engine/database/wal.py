@@ -23,17 +23,19 @@ checkpoints them into format 2 when a writer opens one.
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import os
 import struct
 import time
 import uuid as uuid_mod
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from knnclip import _C
-from knnclip.engine.errors import DatabaseCorruptError, DatabaseError
+from knnclip.engine.errors import DatabaseCorruptError
 from knnclip.engine.fsutil import atomic_write_bytes, write_all
 
 MAGIC = b"KNNCWAL2"
@@ -185,14 +187,22 @@ class LogWriter:
             os.close(self._fd)
             raise
         self._broken = False
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
 
     @property
     def size(self) -> int:
         return self._end
 
+    @property
+    def broken(self) -> bool:
+        """An append failed and its partial record could not be cut off: nothing more is written."""
+        return self._broken
+
     def append(self, data: bytes) -> None:
         if self._broken:
-            raise DatabaseError(f"{self.path}: an earlier append failed and could not be undone; reopen the database")
+            raise OSError(
+                errno.EIO, f"an earlier append to {self.path} failed and could not be undone; reopen the database"
+            )
         try:
             os.lseek(self._fd, self._end, os.SEEK_SET)
             write_all(self._fd, data)
@@ -209,5 +219,5 @@ class LogWriter:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
             self._fd = -1
+            self._finalizer()

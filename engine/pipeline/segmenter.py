@@ -90,16 +90,24 @@ class Segmenter:
     ) -> Segmenter:
         """Open the models in ``models_dir`` and the database (a path is created when missing)."""
         models = ModelSet(models_dir, backend, device)
-        if isinstance(database, Database):
-            return cls(models, database, config, text_cache=text_cache)
-        path = Path(database)
-        if path.exists():
-            db = Database.open(path, read_only=read_only)
-        else:
-            if read_only:
-                raise InvalidInputError(f"{path}: no database there to open read-only")
-            db = Database.create(path, models.embedding_dim)
-        return cls(models, db, config, text_cache=text_cache, owns_database=True)
+        db: Database | None = None
+        try:
+            if isinstance(database, Database):
+                return cls(models, database, config, text_cache=text_cache)
+            path = Path(database)
+            if path.exists():
+                db = Database.open(path, read_only=read_only)
+            else:
+                if read_only:
+                    raise InvalidInputError(f"{path}: no database there to open read-only")
+                db = Database.create(path, models.embedding_dim)
+            return cls(models, db, config, text_cache=text_cache, owns_database=True)
+        except BaseException:
+            # Nothing half-open stays behind: the database's lock and the sessions are released.
+            if db is not None:
+                db.close(checkpoint=False)
+            models.close()
+            raise
 
     def with_database(self, database: Database) -> Segmenter:
         """A segmenter over another database that shares this one's models and text embeddings
