@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 namespace knnclip {
@@ -41,6 +42,22 @@ inline float half_bits_to_float(uint16_t h) {
 // Bit-level finiteness tests: exact, and they vectorise (no floating-point compare of NaN).
 inline bool f32_bits_finite(uint32_t bits) { return (bits & 0x7f800000u) != 0x7f800000u; }
 inline bool f16_bits_finite(uint16_t bits) { return (bits & 0x7c00u) != 0x7c00u; }
+
+#ifdef __CUDACC__
+#define KNNCLIP_HOST_DEVICE __host__ __device__
+#else
+#define KNNCLIP_HOST_DEVICE
+#endif
+
+// The softmax weight of a neighbour whose similarity is `s` in a row whose largest is `best`:
+// exp((s - best) / tau), computed as (s - best) * inv_tau so that it never overflows: the
+// difference is <= 0 and finite for finite similarities, any size; a tau so small that 1/tau is
+// Inf (or a float32 tau that underflowed to 0) leaves the nearest neighbours weight 1 and the
+// others 0 instead of NaN.
+KNNCLIP_HOST_DEVICE inline float neighbour_weight(float s, float best, float inv_tau) {
+  const float d = s - best;
+  return d == 0.0f ? 1.0f : expf(d * inv_tau);
+}
 
 // Error flags a kernel can raise; the bindings turn them into Python exceptions.
 enum ErrorFlag : uint32_t {

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from knnclip.engine.errors import ArtifactCorruptError
-from knnclip.engine.fsutil import atomic_write_bytes, json_content_hash, sha256_file
+from knnclip.engine.fsutil import atomic_write_bytes, confined, json_content_hash, sha256_file
 from knnclip.engine.version import __version__
 
 FORMAT = "knnclip-artifact"
@@ -81,8 +81,15 @@ def read_manifest(
         raise ArtifactCorruptError(path, f"manifest lacks {missing}; {fix}")
     if kind is not None and body["kind"] != kind:
         raise ArtifactCorruptError(path, f"this artefact is a {body['kind']!r}, not a {kind!r}")
+    if not isinstance(body["files"], dict):
+        raise ArtifactCorruptError(path, f"manifest 'files' is not an object; {fix}")
     for role, record in body["files"].items():
-        file = directory / record["name"]
+        if not isinstance(record, dict) or not {"name", "bytes", "sha256"} <= set(record):
+            raise ArtifactCorruptError(path, f"manifest entry of {role!r} is malformed; {fix}")
+        try:  # a name read from the manifest never leads outside the artefact's directory
+            file = confined(directory, str(record["name"]), "payload file")
+        except ValueError as exc:
+            raise ArtifactCorruptError(path, f"{exc}; {fix}") from None
         if not file.is_file():
             raise ArtifactCorruptError(file, f"missing ({role} of this artefact); {fix}")
         size = file.stat().st_size

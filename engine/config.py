@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.fsutil import atomic_write_bytes
 
 CONFIG_FORMAT = "knnclip-retrieval-config/1"
+MIN_TAU = 1e-6  # similarities are cosines in [-1, 1]: a colder softmax is an argmax already
+MAX_TAU = 1e3
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class RetrievalConfig:
         Weight of the retrieval distribution where it is fused. 0.5: retrieval and FC-CLIP count
         equally, so a confident retrieval overturns a base prediction unless FC-CLIP is far surer.
     mask_threshold
-        Query masks are binarised at logit > this before pooling DINOv2 keys (DESIGN: 0).
+        Query masks are binarised at logit > this before pooling DINOv2 keys (kNN-CLIP: 0).
     """
 
     k: int = 10
@@ -52,14 +55,20 @@ class RetrievalConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (isinstance(self.k, int) and 1 <= self.k <= 2048):
+        if not (isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= 2048):
             problems.append(f"k must be an integer in [1, 2048], got {self.k!r}")
-        if not self.tau > 0:
-            problems.append(f"tau must be positive, got {self.tau!r}")
-        if not 0.0 <= self.T <= 1.0:
-            problems.append(f"T must be in [0, 1], got {self.T!r}")
-        if not 0.0 <= self.lam <= 1.0:
-            problems.append(f"lam must be in [0, 1], got {self.lam!r}")
+        numbers = {name: getattr(self, name) for name in ("tau", "T", "lam", "mask_threshold")}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+        if not problems:
+            # float32 is what the kernels compute in: a tau below its smallest normal number is 0 there
+            if not MIN_TAU <= self.tau <= MAX_TAU:
+                problems.append(f"tau must be in [{MIN_TAU}, {MAX_TAU}], got {self.tau!r}")
+            if not 0.0 <= self.T <= 1.0:
+                problems.append(f"T must be in [0, 1], got {self.T!r}")
+            if not 0.0 <= self.lam <= 1.0:
+                problems.append(f"lam must be in [0, 1], got {self.lam!r}")
         if problems:
             raise InvalidInputError("invalid retrieval config: " + "; ".join(problems))
 
@@ -88,4 +97,7 @@ class RetrievalConfig:
         unknown = set(body["retrieval"]) - fields
         if unknown:
             raise InvalidInputError(f"{path}: unknown retrieval settings {sorted(unknown)}")
-        return cls(**body["retrieval"])
+        try:
+            return cls(**body["retrieval"])
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{path}: {exc}") from None

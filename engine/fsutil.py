@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,6 +87,40 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
             tmp.unlink()
         raise
     fsync_dir(target.parent)
+
+
+def clear_for_file(path: Path) -> bool:
+    """Remove whatever non-file sits at ``path`` (a directory, FIFO, socket or symlink) so a cache
+    file can be written there; returns whether something was removed. Only for caches: their
+    entries are disposable by definition."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(mode):
+        return False
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return True
+
+
+def read_regular_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file (not a FIFO, which would block, nor a link) of
+    at most ``limit`` bytes; None where there is nothing usable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
 
 
 def confined(directory: str | os.PathLike[str], name: str, what: str = "file") -> Path:

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from knnclip.engine.artifact import MANIFEST_NAME
 from knnclip.engine.errors import ArtifactCorruptError, BackendUnavailableError
+from knnclip.engine.fsutil import confined
 
 
 def build_module(directory: Path, manifest: dict[str, Any]) -> torch.nn.Module:
@@ -37,12 +39,17 @@ def build_module(directory: Path, manifest: dict[str, Any]) -> torch.nn.Module:
             module = ImageGraph(model) if kind == "fcclip-image" else TextGraph(model.clip)
         else:
             raise ArtifactCorruptError(directory, f"no torch module for artefact kind {kind!r}")
-    path = directory / record["name"]
+    try:
+        path = confined(directory, str(record["name"]), "weights file")
+    except ValueError as exc:
+        raise ArtifactCorruptError(directory / MANIFEST_NAME, str(exc)) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         module.load_state_dict(state, strict=True, assign=True)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise ArtifactCorruptError(path, f"torch weights do not load ({exc}); re-export the artefact") from None
+    except Exception as exc:  # torch raises pickle, zip, runtime and key errors alike for a bad file
+        raise ArtifactCorruptError(
+            path, f"torch weights do not load ({type(exc).__name__}: {exc}); re-export the artefact"
+        ) from None
     if kind == KIND_DINOV2_KEYS:
         module.fix_input_size(*manifest["input_size"])
     return module.eval().requires_grad_(False)

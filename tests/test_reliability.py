@@ -4,6 +4,7 @@ lost, nothing outside the directory touched, a named error, the other inputs int
 
 from __future__ import annotations
 
+import errno
 import struct
 import subprocess
 import sys
@@ -14,7 +15,12 @@ import pytest
 
 from knnclip.engine import Database
 from knnclip.engine.database.wal import HEADER_BYTES
-from knnclip.engine.errors import DatabaseCorruptError
+from knnclip.engine.errors import (
+    DatabaseCorruptError,
+    DatabaseExistsError,
+    DatabaseNotTrainedError,
+    DatabaseWriteError,
+)
 from tests.db_helpers import file_digests
 
 DIM = 8
@@ -119,3 +125,457 @@ def test_format_1_log_is_read_and_rewritten_in_format_2(tmp_path: Path) -> None:
     assert log.read_bytes()[:8] == b"KNNCWAL2"
     with Database.open(path, read_only=True) as db:
         assert db.classes == {"c0": 4, "c1": 4, "c2": 4}
+
+
+# 2. An operation completes durably or changes nothing -------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 4 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the file system until writes fail with ENOSPC; returns the filler (delete it to free space)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\xff" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_full_disk_train_leaves_the_database_untrained(small_disk: Path) -> None:
+    path = small_disk / "db"
+    x = np.random.default_rng(0).normal(size=(400, DIM)).astype(np.float32)
+    Database.create(path, DIM, index="ivf-flat", index_params={"nlist": 4}).close()
+    db = Database.open(path)
+    filler = fill(small_disk)
+    with pytest.raises(DatabaseWriteError, match="No space left on device.*nothing was changed"):
+        db.train(x)
+    assert not db.is_trained
+    with pytest.raises(DatabaseNotTrainedError):
+        db.add(x[:3], ["a"] * 3)
+    db.close()
+    assert [p.name for p in path.iterdir() if p.name.startswith(".")] == [], "no temporary file left"
+    filler.unlink()
+    with Database.open(path) as db:
+        assert not db.is_trained
+        db.train(x)
+        db.add(x[:3], ["a"] * 3)
+    with Database.open(path, read_only=True) as db:
+        assert db.classes == {"a": 3}
+
+
+def test_full_disk_add_is_refused_and_nothing_changes(small_disk: Path) -> None:
+    path = small_disk / "db"
+    rng = np.random.default_rng(1)
+    db = Database.create(path, DIM)
+    db.add(rng.normal(size=(5, DIM)), ["a"] * 5)
+    q = rng.normal(size=(3, DIM))
+    before = db.search(q, 4)
+    filler = fill(small_disk)
+    big = rng.normal(size=(2000, DIM))  # 72 kB: more than the few bytes left
+    with pytest.raises(DatabaseWriteError, match="could not append to the log.*nothing was changed"):
+        db.add(big, ["b"] * len(big))
+    assert len(db) == 5 and db.classes == {"a": 5}
+    np.testing.assert_array_equal(db.search(q, 4).ids, before.ids)
+    db.close(checkpoint=False)
+    filler.unlink()
+    with Database.open(path) as db:
+        assert db.classes == {"a": 5}
+        db.add(big[:2], ["b"] * 2)
+        assert db.classes == {"a": 5, "b": 2}
+
+
+def test_failed_automatic_checkpoint_does_not_fail_the_add(tmp_path: Path, monkeypatch) -> None:
+    """The add is durable before the checkpoint runs, so it is acknowledged exactly once."""
+    import faiss
+
+    path = tmp_path / "db"
+    db = Database.create(path, DIM)
+    db.auto_checkpoint_bytes = 1  # every add triggers one
+
+    def no_space(index, name):
+        raise RuntimeError("Error in faiss::FileIOWriter::operator(): fwrite failed: No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", no_space)
+    ids = db.add(np.ones((2, DIM)), ["a", "a"])
+    ids2 = db.add(np.ones((1, DIM)), ["a"])
+    assert ids.tolist() == [0, 1] and ids2.tolist() == [2]
+    monkeypatch.undo()
+    db.close(checkpoint=False)
+    with Database.open(path, read_only=True) as db:
+        assert db.classes == {"a": 3}, "stored once each, in the log"
+    assert not list(path.glob("index.000002.faiss")), "the failed generation was removed"
+
+
+# 3. Named errors ----------------------------------------------------------------------------------
+def test_read_only_file_system_is_a_named_error_and_one_cli_line(small_disk: Path) -> None:
+    path = small_disk / "db"
+    make_db(path)
+    np.save(small_disk / "x.npy", np.ones((2, DIM), np.float32))
+    (small_disk / "x.txt").write_text("a\na\n")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(DatabaseWriteError, match="Read-only file system.*read_only=True"):
+        Database.open(path)
+    with Database.open(path, read_only=True) as db:
+        assert len(db) == 12
+    done = cli("db", "add", str(path), str(small_disk / "x.npy"))
+    assert done.returncode == 5 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Read-only file system" in done.stderr
+
+
+def test_racing_creates_one_wins_the_other_gets_a_named_error(tmp_path: Path) -> None:
+    import threading
+
+    target, errors, barrier = tmp_path / "db", [], threading.Barrier(8)
+
+    def create() -> None:
+        barrier.wait()
+        try:
+            Database.create(target, DIM).close()
+        except Exception as exc:  # noqa: BLE001 - collected and checked below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 7 and all(isinstance(e, DatabaseExistsError) for e in errors), errors
+    with Database.open(target, read_only=True) as db:
+        assert len(db) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["db"], "no temporary folder left"
+
+
+# 4. Files stay inside their folder ----------------------------------------------------------------
+def test_manifest_naming_a_file_outside_is_refused_and_the_file_untouched(tmp_path: Path) -> None:
+    import json
+
+    from knnclip.engine.fsutil import json_content_hash
+
+    path, outside = tmp_path / "db", tmp_path / "outside"
+    make_db(path)
+    with Database.open(path) as db:
+        db.checkpoint()
+    outside.mkdir()
+    manifest = json.loads((path / "manifest.json").read_text())
+    index_name = manifest["files"]["index"]["name"]
+    (outside / "index.faiss").write_bytes((path / index_name).read_bytes())
+    manifest["files"]["index"]["name"] = "../outside/index.faiss"
+    manifest.pop("manifest_sha256")
+    manifest["manifest_sha256"] = json_content_hash(manifest)  # recomputed, as anyone can
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    for read_only in (True, False):
+        with pytest.raises(DatabaseCorruptError, match="only index"):
+            Database.open(path, read_only=read_only)
+    assert (outside / "index.faiss").exists()
+
+
+def test_symlinked_database_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    make_db(path)
+    entries = next(path.glob("entries.*.npy"))
+    moved = tmp_path / "elsewhere.npy"
+    entries.rename(moved)
+    entries.symlink_to(moved)
+    with pytest.raises(DatabaseCorruptError, match="symlink"):
+        Database.open(path, read_only=True)
+
+
+def test_planted_symlink_cannot_redirect_an_atomic_write(tmp_path: Path) -> None:
+    """Whatever an attacker plants beside the target, including the old predictable temporary
+    name, the write goes to a fresh exclusive file and the planted link's target is untouched."""
+    import os
+
+    from knnclip.engine.fsutil import atomic_path, atomic_write_bytes
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    target = folder / "manifest.json"
+    for name in (f".{target.name}.{os.getpid()}.tmp", f".{target.name}.tmp"):
+        (folder / name).symlink_to(victim)
+    atomic_write_bytes(target, b"new")
+    with atomic_path(folder / "index.faiss") as tmp:
+        assert not tmp.is_symlink() and tmp.stat().st_size == 0
+        tmp.write_bytes(b"index")
+    assert victim.read_text() == "precious" and target.read_bytes() == b"new"
+
+
+# 7. Locks are released ----------------------------------------------------------------------------
+def test_writer_dropped_without_close_releases_its_lock(tmp_path: Path) -> None:
+    import gc
+
+    path = tmp_path / "db"
+    make_db(path)
+    writer = Database.open(path)
+    writer.add(np.ones((1, DIM)), ["x"])
+    del writer
+    gc.collect()
+    with Database.open(path) as db:  # would raise DatabaseLockedError if the lock leaked
+        assert db.classes["x"] == 1
+
+
+# 3 and 5. Damaged caches and artefacts: named errors, or rebuilt with a warning ---------------
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory) -> Path:
+    """The demo's seeded models, exported once for this module."""
+    pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
+    from knnclip.engine.demo.run import DemoSettings, build_models
+
+    return build_models(DemoSettings(out=tmp_path_factory.mktemp("demo")), say=lambda _: None)
+
+
+def text_bank(models: Path, cache: Path):
+    from knnclip.engine.pipeline.models import ModelSet
+    from knnclip.engine.text.textbank import TextBank
+
+    m = ModelSet(models, "onnxruntime", "cpu")
+    return m, TextBank(m.text, m.tokenizer, m.templates, m.text_weights_sha256, m.context_length, cache_dir=cache)
+
+
+def _damage(kind: str, path: Path) -> None:
+    data = path.read_bytes() if path.is_file() else b""
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "flipped":
+        flipped = bytearray(data)
+        for at in range(40, len(flipped), 97):
+            flipped[at] ^= 0x20
+        path.write_bytes(bytes(flipped))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "directory":
+        path.unlink()
+        path.mkdir()
+        (path / "inside").write_text("x")
+    elif kind == "fifo":
+        import os
+
+        path.unlink()
+        os.mkfifo(path)
+    elif kind == "absurd header":  # an .npy member claiming an enormous shape
+        import io
+        import zipfile
+
+        header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (4000000000000, 64), }"
+        npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header) + 1) + header + b"\n"
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            z.writestr("names.npy", npy)
+            z.writestr("rows.npy", npy)
+        path.write_bytes(buffer.getvalue())
+
+
+@pytest.mark.parametrize("kind", ["truncated", "flipped", "empty", "directory", "fifo", "absurd header"])
+def test_damaged_text_cache_is_rebuilt_with_a_warning(demo_models: Path, tmp_path: Path, kind: str, caplog) -> None:
+    models, bank = text_bank(demo_models, tmp_path)
+    reference = bank.rows(["water", "sky"])
+    path = bank.cache_path
+    models.close()
+    _damage(kind, path)
+    models, bank = text_bank(demo_models, tmp_path)
+    with caplog.at_level("WARNING"):
+        rows = bank.rows(["water", "sky"])
+    np.testing.assert_allclose(rows, reference, atol=1e-6)
+    assert "damaged text-embedding cache" in caplog.text or kind in ("directory", "fifo")
+    models.close()
+    models, bank = text_bank(demo_models, tmp_path)  # rebuilt: a plain, readable cache again
+    assert path.is_file() and set(bank._rows) >= {"water", "sky"}  # noqa: SLF001 - the cache's content
+    models.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda names, rows: (names, rows[:, :-1]),  # another text model's width
+        lambda names, rows: (names, rows.astype(np.float64)),
+        lambda names, rows: (np.arange(len(names)), rows),
+        lambda names, rows: (names, rows * 3),
+    ],
+)
+def test_foreign_text_cache_entries_are_not_used(demo_models: Path, tmp_path: Path, change) -> None:
+    models, bank = text_bank(demo_models, tmp_path)
+    reference = bank.rows(["water"])
+    with np.load(bank.cache_path) as data:
+        names, rows = change(data["names"], data["rows"])
+    np.savez(bank.cache_path, names=names, rows=rows)
+    path = bank.cache_path
+    models.close()
+    models, bank = text_bank(demo_models, tmp_path)
+    assert bank._rows == {}  # noqa: SLF001 - nothing was taken from the foreign file
+    np.testing.assert_allclose(bank.rows(["water"]), reference, atol=1e-6)
+    models.close()
+    assert path.is_file()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda meta: {**meta, "key": ["not", "a", "dict"]},  # was an AttributeError
+        lambda meta: {**meta, "plan_bytes": 10**30},
+        lambda meta: {**meta, "plan_bytes": "many"},
+        lambda meta: [meta],
+    ],
+)
+def test_damaged_engine_cache_entry_is_rebuilt(tmp_path: Path, damage) -> None:
+    import json
+
+    from knnclip.engine.backends.tensorrt.cache import EngineCache
+    from tests.test_engine_cache import KEY
+
+    cache = EngineCache(tmp_path)
+    cache.put(KEY, b"plan")
+    (meta_path,) = tmp_path.glob("*.json")
+    meta_path.write_text(json.dumps(damage(json.loads(meta_path.read_text()))))
+    assert cache.get(KEY) is None
+    assert cache.get_or_build(KEY, lambda: b"rebuilt") == b"rebuilt"
+    assert cache.get(KEY) == b"rebuilt"
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_engine_cache_entry_replaced_by_a_directory_or_fifo_is_rebuilt(tmp_path: Path, kind: str) -> None:
+    from knnclip.engine.backends.tensorrt.cache import EngineCache
+    from tests.test_engine_cache import KEY
+
+    cache = EngineCache(tmp_path)
+    cache.put(KEY, b"plan")
+    for path in tmp_path.glob("*.plan"):
+        _damage(kind, path)
+    assert cache.get(KEY) is None  # a FIFO is never opened for reading (it would block)
+    assert cache.get_or_build(KEY, lambda: b"rebuilt") == b"rebuilt"
+
+
+def test_torch_weights_that_do_not_unpickle_are_a_named_error(demo_models: Path, tmp_path: Path) -> None:
+    """A weights.pt that torch refuses (here: a pickle with a global, refused by weights_only)."""
+    import pickle
+    import shutil
+
+    from knnclip.engine.artifact import read_manifest, write_manifest
+    from knnclip.engine.backends import open_session
+    from knnclip.engine.errors import ArtifactCorruptError
+
+    art = tmp_path / "dinov2"
+    shutil.copytree(demo_models / "dinov2", art)
+    (art / "weights.pt").write_bytes(pickle.dumps(Path("/")))
+    manifest = read_manifest(art, verify_files=False)
+    for generated in ("format", "format_version", "created", "knnclip_version"):
+        manifest.pop(generated, None)
+    manifest["files"] = {role: record["name"] for role, record in manifest["files"].items()}
+    manifest["files"]["torch_weights"] = "weights.pt"
+    write_manifest(art, manifest)
+    with pytest.raises(ArtifactCorruptError, match="weights.pt.*torch weights do not load"):
+        open_session(art, "torch", "cpu")
+
+
+# 6. One vocabulary per call under concurrency -----------------------------------------------------
+def test_segment_while_the_vocabulary_changes(demo_models: Path, tmp_path: Path) -> None:
+    import threading
+
+    from knnclip.engine import Segmenter
+    from knnclip.engine.demo.synthetic import make_split
+
+    samples = make_split(6, seed=3)
+    seg = Segmenter.from_dir(demo_models, tmp_path / "db", backend="onnxruntime", device="cpu", text_cache=None)
+    seg.add_examples([s.image for s in samples[:2]], [s.masks for s in samples[:2]], [s.names for s in samples[:2]])
+    failures, calls, stop = [], [0], threading.Event()
+
+    def segmenter_thread() -> None:
+        while not stop.is_set():
+            try:
+                results = seg.segment_batch([s.image for s in samples[2:4]], batch_size=2)
+                failures.extend(r for r in results if not hasattr(r, "semantic"))
+                seg.segment(samples[4].image)
+                calls[0] += 3
+            except Exception as exc:  # noqa: BLE001 - every failure is collected and asserted on
+                failures.append(exc)
+
+    threads = [threading.Thread(target=segmenter_thread) for _ in range(4)]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # the mutator: classes come and go under the segmenters
+        name = f"new class {i}"
+        seg.db.add(rng.normal(size=(3, seg.db.dim)), [name] * 3)
+        if i % 3 == 2:
+            seg.remove_class(f"new class {i - 1}")
+    stop.set()
+    for t in threads:
+        t.join()
+    seg.close()
+    assert failures == [] and calls[0] > 0
+
+
+# 9. Numeric edges -------------------------------------------------------------------------------
+def reference_retrieval_probs(sims: np.ndarray, labels: np.ndarray, num_classes: int, tau: float) -> np.ndarray:
+    """float64, from the definition, with the max subtracted before dividing by tau."""
+    out = np.zeros((len(sims), num_classes))
+    for i, (s, lab) in enumerate(zip(sims.astype(np.float64), labels, strict=True)):
+        real = lab >= 0
+        if not real.any():
+            continue
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            d = (s[real] - s[real].max()) / np.float64(np.float32(tau)) if np.float32(tau) > 0 else None
+        w = np.where(s[real] == s[real].max(), 1.0, 0.0) if d is None else np.where(d == 0, 1.0, np.exp(d))
+        np.add.at(out[i], lab[real], w / w.sum())
+    return out
+
+
+@pytest.mark.parametrize("tau", [1e-50, 1e-30, 1e-8, 0.05, 1e30])
+@pytest.mark.parametrize("scale", [1.0, 1e30])
+def test_retrieval_probs_are_finite_at_numeric_edges(tau: float, scale: float) -> None:
+    from knnclip.engine import ops
+
+    rng = np.random.default_rng(5)
+    sims = (rng.uniform(-1, 1, size=(40, 7)) * scale).astype(np.float32)
+    sims[:, 3] = sims[:, 2]  # ties
+    labels = rng.integers(-1, 5, size=(40, 7))
+    got = ops.retrieval_probs(sims, labels, 5, tau)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference_retrieval_probs(sims, labels, 5, tau), atol=1e-5)
+
+
+def test_retrieval_probs_refuse_infinite_tau() -> None:
+    from knnclip.engine import ops
+
+    with pytest.raises(ValueError, match="tau must be a finite number"):
+        ops.retrieval_probs(np.zeros((1, 2), np.float32), np.zeros((1, 2), np.int64), 2, float("inf"))
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"tau": float("nan")}, {"tau": float("inf")}, {"tau": 0.0}, {"tau": 1e-30}, {"tau": True},
+        {"T": float("nan")}, {"lam": float("-inf")}, {"lam": 1.5}, {"mask_threshold": float("nan")},
+        {"k": 0}, {"k": 2.0}, {"k": True},
+    ],
+)  # fmt: skip
+def test_config_rejects_non_finite_and_out_of_range_values(field: dict) -> None:
+    from knnclip.engine import RetrievalConfig
+    from knnclip.engine.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="invalid retrieval config"):
+        RetrievalConfig(**field)
+
+
+def test_config_file_with_a_bad_value_names_the_file(tmp_path: Path) -> None:
+    import json
+
+    from knnclip.engine import RetrievalConfig
+    from knnclip.engine.errors import InvalidInputError
+
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"format": "knnclip-retrieval-config/1", "retrieval": {"tau": -1}}))
+    with pytest.raises(InvalidInputError, match=f"{path}.*tau"):
+        RetrievalConfig.from_file(path)

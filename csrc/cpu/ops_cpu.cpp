@@ -163,14 +163,14 @@ void retrieval_probs(const void* sims, DType sims_dtype, const int64_t* labels, 
     const int64_t* lab = labels + i * k;
     float best = -INFINITY;
     for (int64_t j = 0; j < k; ++j)
-      if (lab[j] >= 0) best = std::max(best, load(sims, sims_dtype, i * k + j) * inv_tau);
+      if (lab[j] >= 0) best = std::max(best, load(sims, sims_dtype, i * k + j));
     if (best == -INFINITY) continue;  // no neighbour at all: no retrieval evidence
     float total = 0.0f;
     for (int64_t j = 0; j < k; ++j)
-      if (lab[j] >= 0) total += std::exp(load(sims, sims_dtype, i * k + j) * inv_tau - best);
+      if (lab[j] >= 0) total += neighbour_weight(load(sims, sims_dtype, i * k + j), best, inv_tau);
     float* row = out + i * num_classes;
     for (int64_t j = 0; j < k; ++j)
-      if (lab[j] >= 0) row[lab[j]] += std::exp(load(sims, sims_dtype, i * k + j) * inv_tau - best) / total;
+      if (lab[j] >= 0) row[lab[j]] += neighbour_weight(load(sims, sims_dtype, i * k + j), best, inv_tau) / total;
   }
 }
 

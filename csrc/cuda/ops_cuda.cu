@@ -247,14 +247,14 @@ __global__ void retrieval_kernel(const T* sims, const int64_t* labels, int64_t r
       if (flags) atomicOr(flags, static_cast<uint32_t>(kNonFinite));
       return;
     }
-    best = fmaxf(best, to_float(s[j]) * inv_tau);
+    best = fmaxf(best, to_float(s[j]));
   }
   if (best == -INFINITY) return;
   float total = 0.0f;
   for (int64_t j = 0; j < k; ++j)
-    if (lab[j] >= 0) total += expf(to_float(s[j]) * inv_tau - best);
+    if (lab[j] >= 0) total += neighbour_weight(to_float(s[j]), best, inv_tau);
   for (int64_t j = 0; j < k; ++j)
-    if (lab[j] >= 0) out[i * C + lab[j]] += expf(to_float(s[j]) * inv_tau - best) / total;
+    if (lab[j] >= 0) out[i * C + lab[j]] += neighbour_weight(to_float(s[j]), best, inv_tau) / total;
 }
 
 // One warp per row: confidence = max of the retrieval row, then the blend or the base row.

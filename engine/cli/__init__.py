@@ -1,7 +1,8 @@
 """The `knnclip` command. Sub-commands live in their own modules; this file only dispatches.
 
 Exit codes: 0 success, 1 a command failed on its input, 2 a usage error, 3 a database or artefact
-is corrupt, 4 a database is locked by another writer.
+is corrupt, 4 a database is locked by another writer, 5 a write failed (disk full, read-only file
+system, I/O error; nothing was changed), 130 interrupted. Every error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -45,16 +46,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    from knnclip.engine.errors import ArtifactCorruptError, DatabaseCorruptError, DatabaseLockedError, KnnclipError
+    from knnclip.engine.errors import (
+        ArtifactCorruptError,
+        DatabaseCorruptError,
+        DatabaseLockedError,
+        DatabaseWriteError,
+        KnnclipError,
+    )
 
     try:
         return int(args.run(args))
     except (DatabaseCorruptError, ArtifactCorruptError) as exc:
-        print(f"knnclip: corrupt: {exc}", file=sys.stderr)
-        return 3
+        return _fail("corrupt", exc, 3)
     except DatabaseLockedError as exc:
-        print(f"knnclip: locked: {exc}", file=sys.stderr)
-        return 4
-    except (KnnclipError, FileNotFoundError) as exc:
-        print(f"knnclip: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail("locked", exc, 4)
+    except DatabaseWriteError as exc:
+        return _fail("could not write", exc, 5)
+    except (KnnclipError, OSError) as exc:  # OSError: a file the command was given cannot be read
+        return _fail("error", exc, 1)
+    except KeyboardInterrupt:
+        print("knnclip: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(kind: str, exc: BaseException, code: int) -> int:
+    """One line on standard error, never a traceback, for an error the user can act on."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"knnclip: {kind}: {message}", file=sys.stderr)
+    return code

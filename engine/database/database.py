@@ -17,6 +17,7 @@ import copy
 import logging
 import os
 import threading
+import time
 import uuid as uuid_mod
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ __all__ = ["WAL_NAME", "Database", "SearchResult"]
 log = logging.getLogger("knnclip.engine.database")
 
 _MAX_K = 1 << 16
-_READER_RETRIES = 5
+_READER_RETRIES = 50  # a reader that keeps racing a writer's checkpoints retries this often
 
 
 class SearchResult(NamedTuple):
@@ -196,6 +197,7 @@ class Database:
                     attempt + 1 < (_READER_RETRIES if retry else 1)
                     and disk.read_or_none(directory / MANIFEST_NAME) != before
                 ):
+                    time.sleep(min(0.001 * attempt, 0.02))  # let the checkpoint finish
                     continue
                 raise
         raise AssertionError("unreachable")

@@ -144,7 +144,10 @@ def retrieve(database: Database, queries: np.ndarray, k: int) -> tuple[np.ndarra
 def fuse(p: Proposal, sims: np.ndarray, labels: np.ndarray, cfg: RetrievalConfig) -> Fusion:
     """Neighbours to P_ret, and its fusion with P_base where retrieval is confident."""
     classifier = p.classifier
-    index = classifier.lut[np.where(labels >= 0, labels, -1) + 1]  # a class removed mid-search maps to -1
+    # The classifier is the vocabulary this call started with: a neighbour of a class added since
+    # (an id past the table) or removed since (-1 in it) is no evidence for this call.
+    known = (labels >= 0) & (labels < len(classifier.lut) - 1)
+    index = classifier.lut[np.where(known, labels, -1) + 1]
     sims = np.where(index >= 0, sims, 0.0).astype(np.float32)
     p_ret = ops.retrieval_probs(sims, index, len(classifier.classes), cfg.tau)
     fused = ops.fuse(p.base.classes.astype(np.float32), p_ret, cfg.T, cfg.lam)

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from knnclip.engine.backends import Session
-from knnclip.engine.fsutil import atomic_write_bytes
+from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file
 from knnclip.engine.text.prompts import text_classifier
 from knnclip.engine.text.tokenizer import ByteTokenizer, ClipTokenizer
 
 log = logging.getLogger("knnclip.textbank")
 _BATCH = 256  # prompts per text-session call
+_CACHE_LIMIT = 1 << 30  # bytes; a larger cache file is not read
 
 
 def default_cache_dir() -> Path:
@@ -48,6 +49,7 @@ class TextBank:
         self.context_length = context_length
         self._lock = threading.Lock()
         self._rows: dict[str, np.ndarray] = {}
+        self._rebuild_cache = False
         if cache_dir == "default":
             cache_dir = default_cache_dir()
         self.cache_path = None if cache_dir is None else Path(cache_dir) / "text" / f"{model_sha256[:32]}.npz"
@@ -57,9 +59,11 @@ class TextBank:
         """Classifier rows [len(synonyms), E] (L2-normalised template means)."""
         with self._lock:
             missing = [s for s in dict.fromkeys(synonyms) if s not in self._rows]
-            if missing:
-                self._compute(missing)
+            if missing or self._rebuild_cache:
+                if missing:
+                    self._compute(missing)
                 self._save_cache()
+                self._rebuild_cache = False
             return np.stack([self._rows[s] for s in synonyms])
 
     def _compute(self, synonyms: list[str]) -> None:
@@ -77,21 +81,45 @@ class TextBank:
         log.info("computed text embeddings of %d names", len(synonyms))
 
     def _load_cache(self) -> None:
-        if self.cache_path is None or not self.cache_path.is_file():
+        """Rows from the disk cache. A cache is disposable: anything wrong with the file (damaged,
+        truncated, foreign, another width, not a file at all) is ignored with a warning and the
+        file is rebuilt from the text model on the next save."""
+        if self.cache_path is None:
+            return
+        raw = read_regular_file(self.cache_path, _CACHE_LIMIT)
+        if raw is None:
+            if self.cache_path.exists() or self.cache_path.is_symlink():
+                self._damaged("not a regular file of at most 1 GiB")
             return
         try:
-            with np.load(self.cache_path, allow_pickle=False) as data:
-                names = [str(n) for n in data["names"]]
-                rows = np.asarray(data["rows"], np.float32)
-            if rows.ndim != 2 or len(rows) != len(names) or not np.isfinite(rows).all():
-                raise ValueError("inconsistent arrays")
-            norms = np.linalg.norm(rows, axis=1)
-            if not np.allclose(norms, 1.0, atol=1e-3):
+            with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+                names_array, rows_array = data["names"], data["rows"]
+            if names_array.dtype.kind != "U" or names_array.ndim != 1:
+                raise ValueError(f"names are {names_array.dtype} [{names_array.ndim}-d], not strings")
+            if rows_array.dtype != np.float32 or rows_array.ndim != 2 or len(rows_array) != len(names_array):
+                raise ValueError(f"rows are {rows_array.dtype} {rows_array.shape} for {len(names_array)} names")
+            width = self._width()
+            if width is not None and rows_array.shape[1] != width:
+                raise ValueError(f"rows are {rows_array.shape[1]}-d, the text model gives {width}-d")
+            names, rows = [str(n) for n in names_array], np.asarray(rows_array)
+            if len(set(names)) != len(names) or not np.isfinite(rows).all():
+                raise ValueError("repeated names or non-finite rows")
+            if not np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3):
                 raise ValueError("rows are not unit vectors")
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            log.warning("ignoring the damaged text-embedding cache %s (%s); it will be rebuilt", self.cache_path, exc)
+        except Exception as exc:  # noqa: BLE001 - zip, npy and allocation errors alike: the cache is rebuilt
+            self._damaged(f"{type(exc).__name__}: {exc}")
             return
         self._rows.update(zip(names, rows, strict=True))
+
+    def _damaged(self, why: str) -> None:
+        log.warning("ignoring the damaged text-embedding cache %s (%s); it will be rebuilt", self.cache_path, why)
+        self._rebuild_cache = True
+
+    def _width(self) -> int | None:
+        for spec in self.session.outputs:
+            if spec.name == "text_features" and isinstance(spec.shape[-1], int):
+                return int(spec.shape[-1])
+        return None
 
     def _save_cache(self) -> None:
         if self.cache_path is None:
@@ -101,6 +129,8 @@ class TextBank:
         np.savez(buffer, names=np.asarray(names, dtype=str), rows=np.stack([self._rows[n] for n in names]))
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            if clear_for_file(self.cache_path):
+                log.warning("removed what stood at the text-embedding cache's place, %s", self.cache_path)
             atomic_write_bytes(self.cache_path, buffer.getvalue())
         except OSError as exc:  # a read-only home is no reason to fail a segmentation
             log.warning("could not write the text-embedding cache %s: %s", self.cache_path, exc)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine.fsutil import atomic_write_bytes
+from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file
 
 log = logging.getLogger("knnclip.engine_cache")
 _FORMAT = "knnclip-engine-cache/1"
@@ -55,6 +55,10 @@ def default_root() -> Path:
     return Path(os.environ.get("KNNCLIP_ENGINE_CACHE") or Path.home() / ".cache" / "knnclip" / "engines")
 
 
+_MANIFEST_LIMIT = 1 << 20  # bytes
+_PLAN_LIMIT = 1 << 36  # 64 GiB: no plausible engine is larger
+
+
 class StaleEngineError(Exception):
     """A cached engine does not match this machine or graph (the message says how)."""
 
@@ -78,26 +82,35 @@ class EngineCache:
 
     def _read(self, key: EngineKey) -> bytes | None:
         plan_path, meta_path, _ = self._paths(key)
-        if not meta_path.is_file() or not plan_path.is_file():
+        if not (meta_path.exists() or meta_path.is_symlink()) and not plan_path.exists():
             return None
+        raw = read_regular_file(meta_path, _MANIFEST_LIMIT)
+        if raw is None:
+            raise StaleEngineError(f"{meta_path}: missing, not a regular file, or absurdly large")
         try:
-            meta = json.loads(meta_path.read_text())
-        except (ValueError, OSError) as exc:
+            meta = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
             raise StaleEngineError(f"{meta_path}: unreadable engine manifest ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or not isinstance(meta.get("key"), dict):
             raise StaleEngineError(f"{meta_path}: not a knnclip engine manifest")
-        differences = key.mismatch(meta.get("key", {}))
+        size = meta.get("plan_bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= _PLAN_LIMIT:
+            raise StaleEngineError(f"{meta_path}: the engine manifest gives no plausible plan size ({size!r})")
+        differences = key.mismatch(meta["key"])
         if differences:
             raise StaleEngineError(f"{plan_path}: stale engine ({'; '.join(differences)})")
-        plan = plan_path.read_bytes()
-        if hashlib.sha256(plan).hexdigest() != meta.get("plan_sha256"):
-            raise StaleEngineError(f"{plan_path}: the engine file does not match its SHA-256 (damaged)")
+        plan = read_regular_file(plan_path, size)
+        if plan is None or len(plan) != size or hashlib.sha256(plan).hexdigest() != meta.get("plan_sha256"):
+            raise StaleEngineError(f"{plan_path}: the engine file is missing, truncated or damaged")
         return plan
 
     def put(self, key: EngineKey, plan: bytes, extra: dict[str, Any] | None = None) -> Path:
         """Store ``plan`` for ``key``: the plan first, then the manifest that validates it."""
         plan_path, meta_path, _ = self._paths(key)
         self.root.mkdir(parents=True, exist_ok=True)
+        for path in (plan_path, meta_path):
+            if clear_for_file(path):
+                log.warning("removed what stood in the place of the cache entry %s", path)
         atomic_write_bytes(plan_path, plan)
         meta = {
             "format": _FORMAT,

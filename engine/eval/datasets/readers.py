@@ -38,6 +38,7 @@ from PIL import Image
 
 from knnclip.engine.errors import DatasetError, InvalidInputError
 from knnclip.engine.eval.datasets.classes import DatasetClass, parse_names, read_class_file, unique_names
+from knnclip.engine.fsutil import confined
 from knnclip.engine.pipeline.preprocess import load_image
 
 LONG_SPLIT = {"train": "training", "val": "validation"}
@@ -248,6 +249,7 @@ class PanopticDataset(Dataset):
         json_rel = layout.json.format(**fmt)
         base = _dataset_dir(root, layout.folder, json_rel)
         self.key, self.split = key, split
+        self._json = base / json_rel
         try:
             spec = json.loads((base / json_rel).read_text())
             categories = sorted(spec["categories"], key=lambda c: c["id"])
@@ -281,13 +283,21 @@ class PanopticDataset(Dataset):
                 raise DatasetError(f"{folder}: missing (layout of {key}: see knnclip.engine.eval.datasets.readers)")
         self.names = [Path(a[1]).stem for a in self._annotations]
 
+    def _inside(self, folder: Path, name: object) -> Path:
+        """``folder / name`` for a file name read from the annotation JSON, which never leads out
+        of the dataset's folders (no absolute path, no ``..``, no symlink out)."""
+        try:
+            return confined(folder, str(name), "annotation file")
+        except ValueError as exc:
+            raise DatasetError(f"{self._json}: {exc}") from None
+
     def image(self, i: int) -> np.ndarray:
-        return load_image(self._images / self._annotations[self._check(i)][0])
+        return load_image(self._inside(self._images, self._annotations[self._check(i)][0]))
 
     def segments(self, i: int) -> tuple[np.ndarray, dict[int, tuple[int, bool]]]:
         """[H, W] int64 segment ids (0 = void) and ``{id: (class index, is_crowd)}``."""
         _, png, info = self._annotations[self._check(i)]
-        path = self._pngs / png
+        path = self._inside(self._pngs, png)
         rgb = _read_label(path)
         if rgb.ndim != 3 or rgb.shape[2] < 3:
             raise DatasetError(f"{path}: a panoptic PNG is RGB, got shape {rgb.shape}")
