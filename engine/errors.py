@@ -33,6 +33,11 @@ class ModelDownloadError(KnnclipError, OSError):
     """Weights could not be downloaded (offline, unknown repository, no access)."""
 
 
+class OutOfMemoryError(KnnclipError, MemoryError):
+    """One input needed more memory than the machine had; the others are unaffected. The message
+    names the input and its size."""
+
+
 class ArtifactCorruptError(KnnclipError):
     """An exported artefact (ONNX model, engine) is damaged, incomplete, stale or of another kind.
 

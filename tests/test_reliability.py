@@ -579,3 +579,142 @@ def test_config_file_with_a_bad_value_names_the_file(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": "knnclip-retrieval-config/1", "retrieval": {"tau": -1}}))
     with pytest.raises(InvalidInputError, match=f"{path}.*tau"):
         RetrievalConfig.from_file(path)
+
+
+# 8. Extreme images --------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (1, 1), (3, 2000)])
+def test_extreme_aspect_ratios_segment(demo_models: Path, tmp_path: Path, shape: tuple[int, int]) -> None:
+    from knnclip.engine import Segmenter
+
+    with Segmenter.from_dir(demo_models, tmp_path / "db", device="cpu", text_cache=None) as seg:
+        seg.add_class("sky")
+        image = np.full((*shape, 3), 120, np.uint8)
+        result = seg.segment(image)
+        assert result.semantic.shape == shape and result.panoptic.shape == shape
+        (batch,) = seg.segment_batch([image])
+        np.testing.assert_array_equal(batch.semantic, result.semantic)
+
+
+PEAK_SCRIPT = """
+import sys, json, numpy as np
+from pathlib import Path
+from knnclip.engine import Segmenter
+from knnclip.engine.bench.harness import peak_rss_mib
+seg = Segmenter.from_dir(sys.argv[1], sys.argv[2], device="cpu", text_cache=None)
+seg.add_class("sky"); seg.add_class("ground"); seg.add_class("cat", thing=True)
+small = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+seg.segment(small)
+image = np.random.default_rng(1).integers(0, 255, (3000, 4000, 3), dtype=np.uint8)
+before = peak_rss_mib()
+result = seg.segment(image)
+after = peak_rss_mib()
+queries = seg.models.fcclip.outputs[0].shape[1]
+print(json.dumps({"growth_mib": after - before, "queries": queries, "segments": len(result.segments)}))
+"""
+
+
+def test_post_processing_memory_does_not_scale_with_queries_times_pixels(demo_models: Path, tmp_path: Path) -> None:
+    """A 12-megapixel image with the mask budget at 32 MiB: the process's peak grows by a few
+    bytes per pixel, not by queries x pixels x 4 bytes (2.3 GiB for the demo model's 50 queries)."""
+    import json
+    import os
+
+    env = {**os.environ, "KNNCLIP_MASK_BUDGET_BYTES": str(32 << 20)}
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(demo_models), str(tmp_path / "db")],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    full_stack_mib = report["queries"] * 3000 * 4000 * 4 / 2**20
+    assert report["growth_mib"] < 0.2 * full_stack_mib, report
+
+
+# 4 (datasets), 6 (readers racing checkpoints), 7 (failed opens), 8 (one image never stops others)
+@pytest.mark.parametrize("hostile", ["/etc/passwd", "../../outside.jpg", "sub/../../outside.jpg", "link.jpg"])
+def test_annotation_file_names_cannot_leave_the_dataset(tmp_path: Path, hostile: str) -> None:
+    import json
+
+    from knnclip.engine.errors import DatasetError
+    from knnclip.engine.eval.datasets import open_dataset
+    from tests.dataset_writers import samples, write_panoptic
+
+    data = samples(2, 2, size=(32, 48))
+    base = write_panoptic(tmp_path / "data", "coco-panoptic", data)
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes((base / "val2017" / "val_00000.jpg").read_bytes())
+    (base / "val2017" / "link.jpg").symlink_to(outside)
+    spec_path = base / "annotations" / "panoptic_val2017.json"
+    spec = json.loads(spec_path.read_text())
+    spec["images"][0]["file_name"] = hostile
+    spec_path.write_text(json.dumps(spec))
+    ds = open_dataset("coco-panoptic", tmp_path / "data", "val")
+    index = next(i for i, name in enumerate(ds.names) if name == "val_00000")
+    with pytest.raises(DatasetError, match="leads outside|symlink"):
+        ds.image(index)
+    ds.image(1 - index)  # the other image is fine
+
+
+def test_readers_racing_checkpoints_never_fail(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "db"
+    make_db(path)
+    writer = Database.open(path)
+    stop, failures, reads = threading.Event(), [], [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                with Database.open(path, read_only=True) as db:
+                    for _ in range(3):
+                        db.stats()
+                    assert len(db) >= 12
+                reads[0] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is collected and asserted on
+                failures.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(2)
+    for i in range(60):
+        writer.add(rng.normal(size=(2, DIM)), [f"w{i % 4}"] * 2)
+        writer.checkpoint()
+    stop.set()
+    for t in threads:
+        t.join()
+    writer.close()
+    assert failures == [] and reads[0] > 10
+
+
+def test_failed_segmenter_open_releases_the_database(demo_models: Path, tmp_path: Path) -> None:
+    from knnclip.engine import Segmenter
+    from knnclip.engine.errors import InvalidInputError
+
+    path = tmp_path / "db"
+    Database.create(path, 7).close()  # the wrong width for the demo's DINOv2
+    with pytest.raises(InvalidInputError, match="7-d embeddings"):
+        Segmenter.from_dir(demo_models, path, device="cpu", text_cache=None)
+    Database.open(path).close()  # not left locked
+
+
+def test_cli_segment_goes_on_after_an_image_that_is_refused(demo_models: Path, tmp_path: Path) -> None:
+    """An image over the pixel limit is refused before decoding; the next one is still segmented."""
+    import os
+
+    from PIL import Image
+
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.new("RGB", (3000, 3000), (10, 20, 30)).save(big)
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(small)
+    Database.create(tmp_path / "db", 96).close()
+    with Database.open(tmp_path / "db") as db:
+        db.add_class("sky")
+    env = {**os.environ, "KNNCLIP_MAX_IMAGE_PIXELS": str(2000 * 2000)}
+    done = subprocess.run(
+        [sys.executable, "-m", "knnclip.engine.cli", "segment", str(big), str(small), "--models", str(demo_models),
+         "--db", str(tmp_path / "db"), "--out", str(tmp_path / "out"), "--device", "cpu"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1 and "larger than the limit of 4000000 pixels" in done.stderr
+    assert (tmp_path / "out" / "small.json").is_file() and not (tmp_path / "out" / "big.json").exists()

@@ -9,7 +9,8 @@ CLIP embedding width.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -112,14 +113,70 @@ def resize_masks(
     return ops.resample(np.ascontiguousarray(masks), rows.astype(np.float32), cols.astype(np.float32))
 
 
+# Post-processing never holds more than this many bytes of image-sized mask logits at once: an
+# image whose [Q, H, W] logits fit is resized whole (and the result reused by every decision on
+# it, e.g. a sweep's grid points); a larger one is resized and decided in bands of rows. Peak
+# memory is then this budget plus a few bytes per pixel, whatever the number of queries.
+FULL_MASKS_BUDGET = int(os.environ.get("KNNCLIP_MASK_BUDGET_BYTES", 512 << 20))
+
+
+class ImageMasks:
+    """Stride-4 mask logits [Q, h, w] and how they map onto the image (FC-CLIP's upsample, crop
+    and resize): the image-sized logits, whole when they fit :data:`FULL_MASKS_BUDGET`, else
+    band by band (:meth:`bands`)."""
+
+    def __init__(
+        self, masks: np.ndarray, padded: tuple[int, int], resized: tuple[int, int], output: tuple[int, int]
+    ) -> None:
+        self.masks = np.ascontiguousarray(masks)
+        self.rows, self.cols = resize_matrices(tuple(masks.shape[-2:]), padded, resized, output)
+        self.shape = (int(masks.shape[0]), int(output[0]), int(output[1]))
+        self._full: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        q, h, w = self.shape
+        return q * h * w * 4
+
+    def bands(self, budget: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """(rows of the image, their [Q, rows, W] logits), covering the image top to bottom."""
+        budget = FULL_MASKS_BUDGET if budget is None else budget
+        q, h, w = self.shape
+        if self._full is not None or self.nbytes <= budget:
+            if self._full is None:
+                self._full = ops.resample(self.masks, self.rows, self.cols)
+            yield slice(0, h), self._full
+            return
+        step = max(1, budget // max(1, q * w * 4))
+        for top in range(0, h, step):
+            rows = np.ascontiguousarray(self.rows[top : top + step])
+            yield slice(top, top + len(rows)), ops.resample(self.masks, rows, self.cols)
+
+
+def _bands(masks: np.ndarray | ImageMasks) -> Iterator[tuple[slice, np.ndarray]]:
+    if isinstance(masks, ImageMasks):
+        yield from masks.bands()
+    else:
+        yield slice(0, masks.shape[-2]), np.ascontiguousarray(masks, np.float32)
+
+
+def _image_shape(masks: np.ndarray | ImageMasks) -> tuple[int, int]:
+    return masks.shape[-2:] if isinstance(masks, np.ndarray) else masks.shape[1:]
+
+
 def semantic_inference(class_probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """[Q, C] class probabilities, [Q, H, W] mask logits -> [C, H, W] = sum_q p[q, c] sigmoid(mask[q])."""
     return ops.semantic_merge(np.ascontiguousarray(class_probs, np.float32), np.ascontiguousarray(masks, np.float32))
 
 
-def semantic_labels(class_probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """[H, W] int32 ``semantic_inference(class_probs, masks).argmax(0)``, without the [C, H, W] scores."""
-    return ops.semantic_argmax(np.ascontiguousarray(class_probs, np.float32), np.ascontiguousarray(masks, np.float32))
+def semantic_labels(class_probs: np.ndarray, masks: np.ndarray | ImageMasks) -> np.ndarray:
+    """[H, W] int32 ``semantic_inference(class_probs, masks).argmax(0)``, without the [C, H, W]
+    scores; ``masks`` image-sized logits [Q, H, W] or :class:`ImageMasks` (decided band by band)."""
+    probs = np.ascontiguousarray(class_probs, np.float32)
+    labels = np.empty(_image_shape(masks), np.int32)
+    for rows, band in _bands(masks):
+        labels[rows] = ops.semantic_argmax(probs, band)
+    return labels
 
 
 def semantic_probs(mask_cls: np.ndarray) -> np.ndarray:
@@ -143,7 +200,7 @@ class Segment:
 
 def panoptic_inference(
     mask_cls: np.ndarray,
-    masks: np.ndarray,
+    masks: np.ndarray | ImageMasks,
     is_thing: Callable[[int], bool] | Sequence[bool],
     object_mask_threshold: float = 0.0,
     overlap_threshold: float = 0.8,
@@ -153,22 +210,27 @@ def panoptic_inference(
     Queries whose best class is void, or whose score is not above ``object_mask_threshold``, are
     dropped; each pixel goes to the query with the highest score x sigmoid(mask); a query keeps the
     pixels it won where its own mask is >= 0.5 if at least ``overlap_threshold`` of its mask
-    survived; stuff classes merge into one segment per class."""
+    survived; stuff classes merge into one segment per class. ``masks``: image-sized logits
+    [Q, H, W], or :class:`ImageMasks` (assigned band by band)."""
     thing = is_thing if callable(is_thing) else (lambda c: bool(is_thing[c]))
     num_classes = mask_cls.shape[-1] - 1
     probs = softmax(mask_cls)
     labels = probs.argmax(-1)
     scores = probs[np.arange(len(probs)), labels]
     keep = np.flatnonzero((labels != num_classes) & (scores > object_mask_threshold))
-    height, width = masks.shape[-2:]
+    height, width = _image_shape(masks)
     segments: list[Segment] = []
     if len(keep) == 0:
         return np.zeros((height, width), dtype=np.int32), segments
     # Each pixel goes to the query with the highest score x sigmoid(mask), and is the query's own
-    # where that mask's logit is >= 0 (sigmoid >= 0.5); one pass in the compiled op.
-    owner, own_at_owner, original = ops.panoptic_owner(
-        scores[keep].astype(np.float32), np.ascontiguousarray(masks), keep.astype(np.int64)
-    )
+    # where that mask's logit is >= 0 (sigmoid >= 0.5); one pass of the compiled op per band.
+    owner = np.empty((height, width), np.int32)
+    own_at_owner = np.empty((height, width), bool)
+    original = np.zeros(len(keep), np.int64)  # pixels of each kept query's own mask
+    kept_scores, kept = scores[keep].astype(np.float32), keep.astype(np.int64)
+    for rows, band in _bands(masks):
+        owner[rows], own_at_owner[rows], band_pixels = ops.panoptic_owner(kept_scores, band, kept)
+        original += band_pixels
     owner, own_at_owner = owner.ravel(), own_at_owner.ravel()
     area = np.bincount(owner, minlength=len(keep))  # pixels each query won
     region = np.bincount(owner, weights=own_at_owner, minlength=len(keep)).astype(np.int64)  # won and own

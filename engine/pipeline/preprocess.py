@@ -98,13 +98,20 @@ def _check_array(array: np.ndarray, label: str) -> np.ndarray:
 
 def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
     """detectron2 ``ResizeShortestEdge``: scale the short side to ``short`` unless the long side
-    would exceed ``max_size``; round half up."""
+    would exceed ``max_size``; round half up. A side never becomes 0 (an extreme aspect ratio such
+    as 1x5000 keeps one row, where detectron2 would produce an empty image).
+
+    >>> shortest_edge_size(480, 640, 800, 1333)
+    (800, 1067)
+    >>> shortest_edge_size(1, 5000, 800, 1333)
+    (1, 1333)
+    """
     scale = short / min(height, width)
     new_h, new_w = (short, scale * width) if height < width else (scale * height, short)
     if max(new_h, new_w) > max_size:
         shrink = max_size / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def resize(image: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:

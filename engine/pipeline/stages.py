@@ -21,6 +21,7 @@ import numpy as np
 from knnclip.engine import ops
 from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.database import Database
+from knnclip.engine.errors import OutOfMemoryError
 from knnclip.engine.pipeline import postprocess
 from knnclip.engine.pipeline.classifier import Classifier
 from knnclip.engine.pipeline.models import FCCLIPHead, ModelSet
@@ -40,13 +41,14 @@ class Proposal:
     base: postprocess.ClassProbabilities
     queries: np.ndarray  # [Q, D] pooled DINOv2 keys
     classifier: Classifier
-    _full: np.ndarray | None = None
+    _image_masks: postprocess.ImageMasks | None = None
 
-    def full_masks(self) -> np.ndarray:
-        """[Q, H, W] mask logits at the image's size (computed once)."""
-        if self._full is None:
-            self._full = postprocess.resize_masks(self.masks, self.x.padded, self.x.resized, self.x.original)
-        return self._full
+    def image_masks(self) -> postprocess.ImageMasks:
+        """The mask logits at the image's size: resized once where they fit the memory budget,
+        band by band otherwise (``postprocess.FULL_MASKS_BUDGET``)."""
+        if self._image_masks is None:
+            self._image_masks = postprocess.ImageMasks(self.masks, self.x.padded, self.x.resized, self.x.original)
+        return self._image_masks
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def fuse(p: Proposal, sims: np.ndarray, labels: np.ndarray, cfg: RetrievalConfig
 # Decide -----------------------------------------------------------------------------------------
 def semantic_map(p: Proposal, mask_cls: np.ndarray) -> np.ndarray:
     """[H, W] database class ids: FC-CLIP's semantic inference on the image-sized masks."""
-    labels = postprocess.semantic_labels(postprocess.semantic_probs(mask_cls), p.full_masks())
+    labels = postprocess.semantic_labels(postprocess.semantic_probs(mask_cls), p.image_masks())
     return p.classifier.ids[labels]
 
 
@@ -173,7 +175,29 @@ def decide(
     panoptic: bool = True,
 ) -> Result:
     """Fusion, then FC-CLIP's semantic and (unless ``panoptic=False``) panoptic inference, with
-    the retrieval evidence of every segment."""
+    the retrieval evidence of every segment. Memory: the mask budget of ``postprocess`` plus
+    about 32 bytes per image pixel, whatever the number of queries; running out of it is an
+    ``OutOfMemoryError`` naming the image size, not a crash of the whole batch."""
+    try:
+        return _decide(head, p, sims, labels, cfg, timer, panoptic)
+    except MemoryError:
+        h, w = p.x.original
+        raise OutOfMemoryError(
+            f"a {w}x{h} image needs more memory than is free for its post-processing (about 32 bytes per "
+            f"pixel plus {postprocess.FULL_MASKS_BUDGET >> 20} MiB); downscale it or lower "
+            "KNNCLIP_MAX_IMAGE_PIXELS so such images are refused when decoded"
+        ) from None
+
+
+def _decide(
+    head: FCCLIPHead,
+    p: Proposal,
+    sims: np.ndarray,
+    labels: np.ndarray,
+    cfg: RetrievalConfig,
+    timer: Timer,
+    panoptic: bool,
+) -> Result:
     classifier = p.classifier
     with timer.stage("fuse"):
         fusion = fuse(p, sims, labels, cfg)
@@ -182,7 +206,7 @@ def decide(
         if panoptic:
             thresholds = head.object_mask_threshold, head.overlap_threshold
             panoptic_map, segs = postprocess.panoptic_inference(
-                fusion.mask_cls, p.full_masks(), classifier.is_thing, *thresholds
+                fusion.mask_cls, p.image_masks(), classifier.is_thing, *thresholds
             )
         else:
             panoptic_map, segs = np.zeros(semantic.shape, np.int32), []
