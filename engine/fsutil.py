@@ -72,21 +72,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``path`` atomically and durably."""
-    target = Path(path)
-    fd, tmp = create_temp_beside(target)
-    try:
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | _NOFOLLOW)
         try:
             os.fchmod(fd, 0o644)
             write_all(fd, data)
-            os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(target.parent)
 
 
 def clear_for_file(path: Path) -> bool:

@@ -13,7 +13,8 @@ input.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,8 +179,14 @@ def decide(
     the retrieval evidence of every segment. Memory: the mask budget of ``postprocess`` plus
     about 32 bytes per image pixel, whatever the number of queries; running out of it is an
     ``OutOfMemoryError`` naming the image size, not a crash of the whole batch."""
-    try:
+    with _memory_named(p):
         return _decide(head, p, sims, labels, cfg, timer, panoptic)
+
+
+@contextmanager
+def _memory_named(p: Proposal) -> Iterator[None]:
+    try:
+        yield
     except MemoryError:
         h, w = p.x.original
         raise OutOfMemoryError(
