@@ -36,10 +36,12 @@ def overlay(
     classes: Mapping[int, str],
     panoptic: np.ndarray | None = None,
     alpha: float = 0.5,
+    legend_rows: int | None = None,
 ) -> Image.Image:
     """``image`` uint8 [H, W, 3] blended with class colours of ``semantic`` [H, W] (class ids),
     outlines of ``panoptic`` segments (or of the semantic regions), and a legend of the classes
-    present underneath."""
+    present underneath: as many rows as needed, or exactly ``legend_rows`` (three classes a row,
+    the rest left out), so that every frame of a video has the same size."""
     present = [int(c) for c in np.unique(semantic) if int(c) in classes]
     lut = np.zeros((max([*present, 0]) + 1, 3), np.float32)
     for c in present:
@@ -48,7 +50,9 @@ def overlay(
     blended = image.astype(np.float32) * (1 - alpha) + colours * alpha
     blended[_outline(panoptic if panoptic is not None else semantic)] = 255
     h, w = semantic.shape
-    legend_h = _LEGEND_ROW * ((len(present) + 2) // 3) + 6
+    if legend_rows is not None:
+        present = present[: 3 * legend_rows]
+    legend_h = _LEGEND_ROW * (((len(present) + 2) // 3) if legend_rows is None else legend_rows) + 6
     canvas = Image.new("RGB", (w, h + legend_h), (24, 24, 24))
     canvas.paste(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)

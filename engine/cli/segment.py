@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items
-from knnclip.engine.errors import KnnclipError
+from knnclip.engine.errors import InvalidInputError, KnnclipError
 
 
 def _write_png16(array: np.ndarray, path: Path) -> None:
@@ -32,7 +32,13 @@ def _write_png16(array: np.ndarray, path: Path) -> None:
 def _segment(args: argparse.Namespace) -> int:
     from knnclip.engine.pipeline.preprocess import load_image
     from knnclip.engine.render import overlay, save_png
+    from knnclip.engine.video.source import is_video_source
 
+    videos = [spec for spec in args.images if is_video_source(spec)]
+    if videos:
+        if len(args.images) != 1:
+            raise InvalidInputError("segment one video (file, stream, camera or -) at a time, without images beside it")
+        return _segment_video(args, videos[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -65,6 +71,48 @@ def _segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _segment_video(args: argparse.Namespace, spec: str) -> int:
+    """A video source: the annotated video, frames.jsonl and optional PNGs into ``--out``."""
+    from knnclip.engine.video.outputs import VideoOutputs
+    from knnclip.engine.video.pipeline import segment_video
+    from knnclip.engine.video.source import VideoSource
+
+    source = VideoSource(spec, timeout=args.timeout, reconnects=args.reconnects)  # fails before anything starts
+    realtime = source.live if args.realtime is None else args.realtime
+    try:
+        seg = open_segmenter(args, read_only=True)
+    except BaseException:
+        source.close()
+        raise
+    with seg:
+        kept_fps = source.fps / args.stride if args.max_fps is None else min(source.fps / args.stride, args.max_fps)
+        outputs = VideoOutputs(
+            Path(args.out), kept_fps, source.codec, codec=args.video_codec, pngs=args.png_frames,
+            video=not args.no_video,
+        )  # fmt: skip
+        try:
+            report = segment_video(
+                seg, source, outputs, batch_size=args.batch_size, stride=args.stride, max_fps=args.max_fps,
+                realtime=realtime,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            print(f"knnclip: interrupted; {outputs.jsonl_path} and {outputs.video_path} are closed", file=sys.stderr)
+            return 130
+    data = {**report.to_json(), "video": str(outputs.video_path), "frames_jsonl": str(outputs.jsonl_path)}
+    (Path(args.out) / "report.json").write_text(json.dumps(data, indent=1))
+    if args.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print(
+            f"{spec}: {report.frames_segmented} frames segmented at {report.fps:.1f} fps "
+            f"({report.dropped} dropped, {report.skipped} skipped, {report.corrupt_frames} corrupt, "
+            f"{report.reconnects} reconnects) -> {outputs.video_path}"
+        )
+    if report.error:
+        print(f"knnclip: error: {report.error}", file=sys.stderr)
+    return 1 if report.error or report.frames_failed else 0
+
+
 def _add_class(args: argparse.Namespace) -> int:
     with open_segmenter(args, read_only=False) as seg:
         info = seg.add_class(args.name, args.synonym or (), thing=args.thing)
@@ -91,7 +139,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     seg = commands.add_parser("segment", help="segment images (semantic and panoptic) with a database")
-    seg.add_argument("images", nargs="+", help="image files")
+    seg.add_argument("images", nargs="+", help="image files, or one video source (see below)")
     _common(seg)
     seg.add_argument("--out", required=True, help="directory for the outputs")
     seg.add_argument("--panoptic", action="store_true", help="also write the panoptic segment-id PNG")
@@ -100,6 +148,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              ("lam", float, "fusion weight")):  # fmt: skip
         seg.add_argument(f"--{name}", type=kind, help=f"retrieval {text} (default: RetrievalConfig)")
     seg.add_argument("--config", help="retrieval settings JSON (knnclip eval sweep --write-config)")
+    video = seg.add_argument_group("video (VIDEO.mp4, rtsp://..., http(s)://..., /dev/videoN, or - for stdin)")
+    video.add_argument(
+        "--realtime", action=argparse.BooleanOptionalAction, default=None,
+        help="drop the oldest waiting frames when the engine falls behind (default: on for streams and cameras)",
+    )  # fmt: skip
+    video.add_argument("--stride", type=int, default=1, help="segment every N-th frame")
+    video.add_argument("--max-fps", type=float, help="segment at most this many frames per second of video")
+    video.add_argument("--batch-size", type=int, default=4, help="frames per model call")
+    video.add_argument("--png-frames", action="store_true", help="also write frames/NNNNNN.png overlays")
+    video.add_argument("--no-video", action="store_true", help="write frames.jsonl only, no annotated video")
+    video.add_argument("--video-codec", help="encoder of the annotated video (default: the source's family)")
+    video.add_argument("--timeout", type=float, default=10.0, help="seconds a stream may stall before a reconnect")
+    video.add_argument("--reconnects", type=int, default=3, help="reconnects of a stalled stream before giving up")
     seg.set_defaults(run=_segment)
 
     cls = commands.add_parser("add-class", help="add a class name (with synonyms) to the vocabulary")

@@ -1,0 +1,143 @@
+"""What segmenting a video writes into its output folder:
+
+- ``annotated.mp4`` (or ``.webm`` for VP8/VP9 sources): every segmented frame with its overlay and
+  a legend, in the source's codec family (H.264, MPEG-4, VP8/VP9; H.264 otherwise) at the rate of
+  the frames kept, or a chosen codec. Closed properly even when the run is interrupted, so the file
+  always plays.
+- ``frames.jsonl``: one line per frame, in order: frame index, timestamp, and the panoptic
+  segments with COCO RLE masks (pycocotools' encoding), or the error of a frame that failed.
+- ``frames/NNNNNN.png`` (optional): the overlay of each frame.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.pipeline.results import Result
+from knnclip.engine.render import overlay, save_png
+from knnclip.engine.video.source import Frame, import_av
+
+LEGEND_ROWS = 3  # up to 9 classes named under each frame: every frame has the same size
+ENCODERS = {"h264": "libx264", "mpeg4": "mpeg4", "vp8": "libvpx", "vp9": "libvpx-vp9"}
+
+
+def rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO run-length encoding of a boolean [H, W] mask, JSON-ready (``counts`` as text)."""
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        raise BackendUnavailableError("RLE masks need pycocotools: pip install 'knnclip[video]'") from None
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def frame_record(frame: Frame, result: Result | Exception) -> dict[str, Any]:
+    """The JSON Lines record of one frame."""
+    record: dict[str, Any] = {"frame": frame.index, "time": round(frame.time, 6)}
+    if isinstance(result, Exception):
+        record["error"] = str(result)
+        return record
+    record["size"] = list(result.semantic.shape)
+    record["segments"] = [
+        {
+            "id": s.id, "class": s.name, "class_id": s.class_id, "score": round(s.score, 6), "area": s.area,
+            "thing": s.is_thing, "mask": rle(result.panoptic == s.id),
+        }
+        for s in result.segments
+    ]  # fmt: skip
+    return record
+
+
+def encoder_for(source_codec: str, chosen: str | None, available: set[str]) -> tuple[str, str]:
+    """(encoder, file suffix): the chosen encoder, else the source's family, else H.264, else MPEG-4."""
+    if chosen:
+        if chosen not in available:
+            raise BackendUnavailableError(f"this FFmpeg has no {chosen!r} encoder; choose one of libx264, mpeg4")
+        encoder = chosen
+    else:
+        encoder = ENCODERS.get(source_codec, "libx264")
+        if encoder not in available:
+            encoder = "libx264" if "libx264" in available else "mpeg4"
+    return encoder, (".webm" if encoder.startswith("libvpx") else ".mp4")
+
+
+class VideoOutputs:
+    """The annotated video, the JSON Lines and the optional PNGs of one run; ``close()`` flushes
+    the encoder and writes the container's trailer."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        fps: float,
+        source_codec: str,
+        classes: Mapping[int, str] | None = None,
+        *,
+        codec: str | None = None,
+        pngs: bool = False,
+        video: bool = True,
+    ) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.fps, self.pngs, self.write_video = fps, pngs, video
+        self._av = import_av()
+        self.encoder, suffix = encoder_for(source_codec, codec, set(self._av.codecs_available))
+        self.video_path = out_dir / f"annotated{suffix}"
+        self.jsonl_path = out_dir / "frames.jsonl"
+        self._jsonl = self.jsonl_path.open("w")
+        self._container: Any = None
+        self._stream: Any = None
+        self._size: tuple[int, int] | None = None
+        self.frames_written = 0
+        if pngs:
+            (out_dir / "frames").mkdir(exist_ok=True)
+
+    def write(self, frame: Frame, result: Result | Exception) -> None:
+        self._jsonl.write(json.dumps(frame_record(frame, result)) + "\n")
+        self._jsonl.flush()
+        if isinstance(result, Exception):
+            return
+        if not (self.write_video or self.pngs):
+            return
+        picture = overlay(frame.image, result.semantic, result.classes, result.panoptic, legend_rows=LEGEND_ROWS)
+        if self.pngs:
+            save_png(picture, self.out_dir / "frames" / f"{frame.index:06d}.png")
+        if self.write_video:
+            self._encode(np.asarray(picture))
+
+    def _encode(self, rgb: np.ndarray) -> None:
+        av = self._av
+        if self._container is None:
+            h, w = rgb.shape[:2]
+            self._size = (h + h % 2, w + w % 2)  # 4:2:0 chroma needs even sizes
+            self._container = av.open(str(self.video_path), mode="w")
+            rate = Fraction(self.fps).limit_denominator(1001)
+            self._stream = self._container.add_stream(self.encoder, rate=rate)
+            self._stream.height, self._stream.width = self._size
+            self._stream.pix_fmt = "yuv420p"
+        h, w = self._size
+        if rgb.shape[:2] != (h, w):  # pad to the first frame's (even) size
+            padded = np.zeros((h, w, 3), np.uint8)
+            padded[: min(h, rgb.shape[0]), : min(w, rgb.shape[1])] = rgb[:h, :w]
+            rgb = padded
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        for packet in self._stream.encode(video_frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def close(self) -> None:
+        if self._container is not None:
+            try:
+                for packet in self._stream.encode():  # flush the encoder's delayed frames
+                    self._container.mux(packet)
+            finally:
+                self._container.close()
+                self._container = None
+        if not self._jsonl.closed:
+            self._jsonl.close()
