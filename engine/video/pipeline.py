@@ -163,14 +163,18 @@ def segment_video(
     try:
         if not overlap:
             batch: list[Frame] = []
+            t = time.perf_counter()
             for frame in source:
+                report.busy_seconds["decode"] += time.perf_counter() - t
                 if not sampler.keep(frame):
+                    t = time.perf_counter()
                     continue
                 batch.append(frame)
                 if len(batch) == batch_size:
                     for item in infer(batch):
                         emit(*item)
                     batch = []
+                t = time.perf_counter()
             for item in infer(batch) if batch else []:
                 emit(*item)
         else:
