@@ -21,6 +21,7 @@ from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.fsutil import atomic_write_bytes
 
 CONFIG_FORMAT = "knnclip-retrieval-config/1"
+FUSIONS = ("out_of_vocab", "final")  # where retrieval is mixed in (pipeline/postprocess.py: fuse_retrieval)
 MIN_TAU = 1e-6  # similarities are cosines in [-1, 1]: a colder softmax is an argmax already
 MAX_TAU = 1e3
 
@@ -45,6 +46,14 @@ class RetrievalConfig:
         equally, so a confident retrieval overturns a base prediction unless FC-CLIP is far surer.
     mask_threshold
         Query masks are binarised at logit > this before pooling DINOv2 keys (kNN-CLIP: 0).
+    fusion
+        Where retrieval is mixed in. ``"out_of_vocab"`` (default; the paper's Fig. 4): into
+        FC-CLIP's out-of-vocabulary (CLIP) class distribution, ``p_out' = lam * P_ret + (1 - lam)
+        * p_out``, before the geometric ensemble ``p_in^(1-w) p_out'^w`` (w = alpha for classes
+        seen in training, beta for the others): the in-vocabulary branch can still damp a
+        retrieval it disagrees with, and T and lambda mean what the paper means by them.
+        ``"final"``: into the ensembled distribution, ``lam * P_ret + (1 - lam) * P_base``
+        (the engine's placement before; retrieval then has the last word).
     """
 
     k: int = 10
@@ -52,6 +61,7 @@ class RetrievalConfig:
     T: float = 0.5
     lam: float = 0.5
     mask_threshold: float = 0.0
+    fusion: str = "out_of_vocab"
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,6 +79,8 @@ class RetrievalConfig:
                 problems.append(f"T must be in [0, 1], got {self.T!r}")
             if not 0.0 <= self.lam <= 1.0:
                 problems.append(f"lam must be in [0, 1], got {self.lam!r}")
+        if self.fusion not in FUSIONS:
+            problems.append(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if problems:
             raise InvalidInputError("invalid retrieval config: " + "; ".join(problems))
 

@@ -142,11 +142,12 @@ class TestSweep:
         grid = SweepGrid(k=(3, 10), tau=(0.05,), T=(0.0, 0.9), lam=(0.5, 1.0))
         with segmenter(models, tmp_path / "db") as seg:
             report = run_sweep(seg, train, grid, held_out=0.25, seed=3)
-            assert len(report["grid"]) == 8 and report["source"]["dataset"] == "ade20k-150"
+            assert len(report["grid"]) == 16 and report["source"]["dataset"] == "ade20k-150"
+            assert {r["config"]["fusion"] for r in report["grid"]} == {"out_of_vocab", "final"}
             # Re-score one grid point by segmenting the held-out images with that config.
             held, _ = split_held_out(len(train), 0.25, 3)
             lut = class_lut(seg, train.classes)
-            for row in (report["grid"][1], report["best"]):
+            for row in (report["grid"][1], report["grid"][-1], report["best"]):  # both placements
                 cfg = RetrievalConfig(**row["config"])
                 with segmenter(models, seg.db, config=cfg) as other:
                     preds = [lut[other.segment(train.image(i)).semantic] for i in held]

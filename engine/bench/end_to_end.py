@@ -18,17 +18,19 @@ import numpy as np
 from knnclip.engine.bench import harness
 from knnclip.engine.bench.build import PRESETS, STAGES, WARMUP, Preset, build, images
 from knnclip.engine.bench.harness import peak_rss_mib, percentiles
+from knnclip.engine.config import RetrievalConfig
 
 WORKER_MODULE = "knnclip.engine.bench.end_to_end"
 
 
 # The two pipelines, each run in a worker process --------------------------------------------------
-def run_engine(work: Path, preset: Preset, backend: str, device: str) -> dict[str, Any]:
+def run_engine(work: Path, preset: Preset, backend: str, device: str, fusion: str) -> dict[str, Any]:
     from knnclip.engine.pipeline.segmenter import Segmenter
 
     baseline = peak_rss_mib()
     images_ = images(preset)
     seg = Segmenter.from_dir(work / "models", work / "db", backend=backend, device=device, read_only=True,
+                             config=RetrievalConfig(fusion=fusion),
                              text_cache=work / "text-cache")  # fmt: skip
     for image in images_[:WARMUP]:  # warm-up: sessions, text embeddings, caches
         seg.segment(image)
@@ -54,14 +56,14 @@ def run_engine(work: Path, preset: Preset, backend: str, device: str) -> dict[st
             "backends": backends}  # fmt: skip
 
 
-def run_reference(work: Path, preset: Preset, device: str) -> dict[str, Any]:
+def run_reference(work: Path, preset: Preset, device: str, fusion: str) -> dict[str, Any]:
     """The research-code pipeline (:class:`ReferencePipeline`) over the preset's images."""
     import torch
 
     from knnclip.engine.bench.reference import ReferencePipeline
 
     baseline = peak_rss_mib()
-    pipeline = ReferencePipeline(work, device)
+    pipeline = ReferencePipeline(work, device, RetrievalConfig(fusion=fusion))
     images_ = images(preset)
     for image in images_[:WARMUP]:
         pipeline.segment(image)
@@ -82,11 +84,18 @@ def run_reference(work: Path, preset: Preset, device: str) -> dict[str, Any]:
 def _worker(args: dict[str, Any]) -> dict[str, Any]:
     preset, work = PRESETS[args["preset"]], Path(args["work"])
     if args["pipeline"] == "reference":
-        return run_reference(work, preset, args["device"])
-    return run_engine(work, preset, args["backend"], args["device"])
+        return run_reference(work, preset, args["device"], args["fusion"])
+    return run_engine(work, preset, args["backend"], args["device"], args["fusion"])
 
 
-def run_bench(preset_name: str, work: Path, out_dir: Path, name: str | None = None, say: Any = print) -> dict[str, Any]:
+def run_bench(
+    preset_name: str,
+    work: Path,
+    out_dir: Path,
+    name: str | None = None,
+    say: Any = print,
+    fusion: str = "out_of_vocab",
+) -> dict[str, Any]:
     """Build, run every pipeline available here in its own process, write JSON, Markdown and a plot."""
     preset = PRESETS[preset_name]
     work.mkdir(parents=True, exist_ok=True)
@@ -101,7 +110,9 @@ def run_bench(preset_name: str, work: Path, out_dir: Path, name: str | None = No
     results = {}
     for label, args in pipelines:
         say(f"running {label} ...")
-        results[label] = harness.spawn_module(WORKER_MODULE, {**args, "preset": preset_name, "work": str(work)})
+        results[label] = harness.spawn_module(
+            WORKER_MODULE, {**args, "preset": preset_name, "work": str(work), "fusion": fusion}
+        )
         if "error" in results[label]:
             say(f"  {label}: {results[label]['error']}")
     from knnclip.engine.database import Database
@@ -109,7 +120,9 @@ def run_bench(preset_name: str, work: Path, out_dir: Path, name: str | None = No
     with Database.open(work / "db", read_only=True) as db:
         stats = db.stats()
     report = {
-        "command": f"knnclip bench --preset {preset_name}",
+        "command": f"knnclip bench --preset {preset_name}"
+        + ("" if fusion == "out_of_vocab" else f" --fusion {fusion}"),
+        "fusion": fusion,
         "preset": dataclasses.asdict(preset),
         "machine": harness.machine(),
         "device": device,

@@ -22,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ReferencePipeline:
     """The torch reference over the models in ``work/models`` and the database in ``work/db``."""
 
-    def __init__(self, work: Path, device: str) -> None:
+    def __init__(self, work: Path, device: str, retrieval: RetrievalConfig | None = None) -> None:
         import faiss
         import torch
 
@@ -54,7 +54,7 @@ class ReferencePipeline:
         rows = text.rows([c.name for c in self.vocab])
         self.classifier = self.fcclip.classifier_with_void(torch.from_numpy(rows).to(self.dev))
         self.id_to_index = {c.id: i for i, c in enumerate(self.vocab)}
-        self.retrieval = RetrievalConfig()
+        self.retrieval = retrieval or RetrievalConfig()
         self.seen = torch.zeros(len(self.vocab), device=self.dev)
         self.fixed: tuple[int, int] = tuple(image_manifest["input_size"])
         self.dino_size = self.dinov2.config.img_size
@@ -99,23 +99,31 @@ class ReferencePipeline:
         return F.normalize(q, dim=-1).cpu().numpy()
 
     def fuse(self, out: dict[str, Any], sims: np.ndarray, ids: np.ndarray) -> Any:
-        """FC-CLIP's ensemble, then retrieval probabilities and fusion one query at a time."""
+        """Retrieval probabilities one query at a time, fused where the config says: into the
+        out-of-vocabulary distribution before FC-CLIP's ensemble (kNN-CLIP), or after it."""
         from knnclip.export.fcclip import inference as fc
 
-        rc, cfg = self.retrieval, self.cfg
-        mask_cls = fc.ensemble(out["pred_logits"][0], out["ov_logits"][0], self.seen, cfg.alpha, cfg.beta)
-        probs = mask_cls.softmax(-1).cpu().numpy()
-        fused = probs.copy()
+        torch, rc, cfg = self.torch, self.retrieval, self.cfg
+        in_logits, ov_logits = out["pred_logits"][0], out["ov_logits"][0]
+        p_ret = np.zeros((len(sims), len(self.vocab)))
         for qi in range(len(sims)):
-            p_ret = np.zeros(len(self.vocab))
             weights = np.exp((sims[qi] - sims[qi].max()) / rc.tau)
             weights /= weights.sum()
             for j, entry in enumerate(ids[qi]):
                 if entry >= 0:
-                    p_ret[self.id_to_index[int(self.labels[entry])]] += weights[j]
-            if p_ret.max() >= rc.T:
-                fused[qi, :-1] = rc.lam * p_ret * (1 - probs[qi, -1]) + (1 - rc.lam) * probs[qi, :-1]
-        return self.torch.log(self.torch.from_numpy(fused).to(self.dev) + 1e-8)
+                    p_ret[qi, self.id_to_index[int(self.labels[entry])]] += weights[j]
+        confident = p_ret.max(axis=1) >= rc.T
+        if rc.fusion == "out_of_vocab":
+            p_out = ov_logits[..., :-1].softmax(-1).cpu().numpy()
+            p_out[confident] = rc.lam * p_ret[confident] + (1 - rc.lam) * p_out[confident]
+            # the ensemble takes logits: log p_out' (with a void column it ignores) is p_out' again
+            fused_ov = torch.log(torch.from_numpy(p_out).float().to(self.dev))
+            fused_ov = torch.cat([fused_ov, ov_logits[..., -1:]], dim=-1)
+            return fc.ensemble(in_logits, fused_ov, self.seen, cfg.alpha, cfg.beta)
+        probs = fc.ensemble(in_logits, ov_logits, self.seen, cfg.alpha, cfg.beta).softmax(-1).cpu().numpy()
+        for qi in np.flatnonzero(confident):
+            probs[qi, :-1] = rc.lam * p_ret[qi] * (1 - probs[qi, -1]) + (1 - rc.lam) * probs[qi, :-1]
+        return torch.log(torch.from_numpy(probs).to(self.dev) + 1e-8)
 
     def postprocess(self, mask_cls: Any, masks: Any, size: tuple[int, int], original: tuple[int, int]) -> None:
         from knnclip.export.fcclip import inference as fc

@@ -11,7 +11,8 @@ def _bench(args: argparse.Namespace) -> int:
     from knnclip.engine.bench.end_to_end import run_bench
 
     preset = "full" if args.full else "quick" if args.quick else args.preset
-    report = run_bench(preset, Path(args.work), Path(args.out), args.name, say=(lambda _: None) if args.json else print)
+    say = (lambda _: None) if args.json else print
+    report = run_bench(preset, Path(args.work), Path(args.out), args.name, say=say, fusion=args.fusion)
     if args.json:
         print(json.dumps(report, indent=1))
     failed = [k for k, v in report["pipelines"].items() if "error" in v]
@@ -26,6 +27,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     size.add_argument("--quick", action="store_true", help="reduced models on a CPU, under 5 minutes on 2 cores")
     size.add_argument("--full", action="store_true", help="the real model sizes, 10^6 entries: for a GPU")
     size.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"])
+    bench.add_argument(
+        "--fusion", default="out_of_vocab", choices=["out_of_vocab", "final"],
+        help="where both pipelines fuse retrieval (default: the paper's, into the out-of-vocabulary branch)",
+    )  # fmt: skip
     bench.add_argument("--work", default="knnclip-bench", help="working directory for models and the database")
     bench.add_argument("--out", default="benchmarks/results", help="where the JSON, Markdown and PNG go")
     bench.add_argument("--name", help="results file stem (default end_to_end-PRESET-MACHINE)")

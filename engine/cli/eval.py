@@ -85,7 +85,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from knnclip.engine.eval.sweep import SweepGrid, run_sweep
 
     train = dataset_split(args, "train", args.train_limit)
-    grid = SweepGrid(tuple(args.k_values), tuple(args.tau_values), tuple(args.T_values), tuple(args.lam_values))
+    grid = SweepGrid(
+        tuple(args.k_values), tuple(args.tau_values), tuple(args.T_values), tuple(args.lam_values),
+        tuple(args.fusion_values),
+    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="knnclip-sweep-") as work, segmenter_over(args, Path(work) / "db") as seg:
         report = run_sweep(seg, train, grid, held_out=args.held_out, seed=args.seed,
                            progress=progress_factory(args.json))  # fmt: skip
@@ -139,6 +142,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--tau-values", type=float, nargs="+", default=[0.02, 0.05, 0.1])
     p.add_argument("--T-values", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--lam-values", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--fusion-values", nargs="+", default=["out_of_vocab", "final"], choices=["out_of_vocab", "final"])
     p.add_argument("--held-out", type=float, default=0.2, help="fraction of the training images held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, help="use the first N training images")

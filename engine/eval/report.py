@@ -87,12 +87,19 @@ def _continual_md(report: dict[str, Any]) -> str:
 def _sweep_md(report: dict[str, Any]) -> str:
     lines = _header(report, "Retrieval sweep")
     best = report["best"]
-    lines += ["Best: " + ", ".join(f"{k}={best['config'][k]}" for k in ("k", "tau", "T", "lam"))
-              + f" with mIoU {_fmt(best['miou'])} (base FC-CLIP without retrieval: {_fmt(report['base_miou'])}).",
-              "", "| k | tau | T | lam | mIoU |", "|---|---|---|---|---|"]  # fmt: skip
+    keys = ("fusion", "k", "tau", "T", "lam")
+    lines.append(
+        "Best: " + ", ".join(f"{k}={best['config'][k]}" for k in keys)
+        + f" with mIoU {_fmt(best['miou'])} (base FC-CLIP without retrieval: {_fmt(report['base_miou'])})."
+    )  # fmt: skip
+    for placement in dict.fromkeys(r["config"]["fusion"] for r in report["grid"]):
+        rows = [r for r in report["grid"] if r["config"]["fusion"] == placement]
+        best_of = max(rows, key=lambda r: -1.0 if r["miou"] is None else r["miou"])
+        lines.append(f"Best with fusion={placement}: mIoU {_fmt(best_of['miou'])}.")
+    lines += ["", "| fusion | k | tau | T | lam | mIoU |", "|---|---|---|---|---|---|"]
     for row in sorted(report["grid"], key=lambda r: -(r["miou"] or 0))[:20]:
         c = row["config"]
-        lines.append(f"| {c['k']} | {c['tau']} | {c['T']} | {c['lam']} | {_fmt(row['miou'])} |")
+        lines.append(f"| {c['fusion']} | {c['k']} | {c['tau']} | {c['T']} | {c['lam']} | {_fmt(row['miou'])} |")
     return "\n".join(lines) + "\n"
 
 

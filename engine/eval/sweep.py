@@ -34,12 +34,13 @@ class SweepGrid:
     tau: tuple[float, ...] = (0.02, 0.05, 0.1)
     T: tuple[float, ...] = (0.3, 0.5, 0.7)
     lam: tuple[float, ...] = (0.3, 0.5, 0.7)
+    fusion: tuple[str, ...] = ("out_of_vocab", "final")
 
     def configs(self, base: RetrievalConfig) -> list[RetrievalConfig]:
-        if not all((self.k, self.tau, self.T, self.lam)):
+        if not all((self.k, self.tau, self.T, self.lam, self.fusion)):
             raise InvalidInputError("every sweep axis needs at least one value")
-        return [base.replace(k=k, tau=tau, T=T, lam=lam)
-                for k, tau, T, lam in itertools.product(self.k, self.tau, self.T, self.lam)]  # fmt: skip
+        axes = itertools.product(self.fusion, self.k, self.tau, self.T, self.lam)
+        return [base.replace(fusion=f, k=k, tau=tau, T=T, lam=lam) for f, k, tau, T, lam in axes]
 
 
 def split_held_out(n: int, held_out: float, seed: int) -> tuple[list[int], list[int]]:

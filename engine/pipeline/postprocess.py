@@ -47,15 +47,27 @@ def classification_logits(
 @dataclass(frozen=True)
 class ClassProbabilities:
     """FC-CLIP's class distribution before it is logged: ``classes`` [Q, C] sums to 1 per query
-    (the geometric ensemble); ``void`` [Q, 1] is the in-vocabulary void probability."""
+    (the geometric ensemble); ``void`` [Q, 1] is the in-vocabulary void probability. The two
+    branches it was made from are kept (``p_in``, ``p_out`` [Q, C], and the ensemble weight ``w``
+    [C]), so retrieval can be fused into the out-of-vocabulary branch, as kNN-CLIP does."""
 
     classes: np.ndarray
     void: np.ndarray
+    p_in: np.ndarray | None = None
+    p_out: np.ndarray | None = None
+    w: np.ndarray | None = None
 
     def mask_cls(self) -> np.ndarray:
         """The [Q, C + 1] log-probabilities FC-CLIP passes to semantic/panoptic inference."""
         probs = np.concatenate([self.classes * (1.0 - self.void), self.void], axis=-1)
         return np.log(probs + np.float32(LOG_EPS))
+
+
+def ensemble(p_in: np.ndarray, p_out: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """FC-CLIP's geometric ensemble of two class distributions: ``softmax(log(p_in^(1-w) p_out^w))``."""
+    with np.errstate(divide="ignore"):  # a probability that underflows to 0 gives -inf, as in torch
+        logits = (1 - w) * np.log(p_in) + w * np.log(p_out)
+    return softmax(logits)
 
 
 def geometric_ensemble(
@@ -69,10 +81,28 @@ def geometric_ensemble(
     p_in = softmax(in_vocab_logits[..., :-1])
     p_out = softmax(out_vocab_logits[..., :-1])
     w = np.where(np.asarray(seen, dtype=bool), np.float32(alpha), np.float32(beta))
-    with np.errstate(divide="ignore"):  # a probability that underflows to 0 gives -inf, as in torch
-        logits = (1 - w) * np.log(p_in) + w * np.log(p_out)
     void = softmax(in_vocab_logits)[..., -1:]
-    return ClassProbabilities(softmax(logits), void)
+    return ClassProbabilities(ensemble(p_in, p_out, w), void, p_in, p_out, w)
+
+
+FUSIONS = ("out_of_vocab", "final")
+
+
+def fuse_retrieval(base: ClassProbabilities, p_ret: np.ndarray, T: float, lam: float, placement: str) -> np.ndarray:
+    """[Q, C] class probabilities with retrieval fused in where ``max_c p_ret >= T``.
+
+    ``"out_of_vocab"`` (kNN-CLIP, Fig. 4): the out-of-vocabulary distribution becomes
+    ``lam * p_ret + (1 - lam) * p_out`` before FC-CLIP's ensemble ``p_in^(1-w) p_out^w``, so the
+    in-vocabulary branch still weighs in. ``"final"``: ``lam * p_ret + (1 - lam) * p`` on the
+    ensembled distribution ``p``."""
+    if placement == "final":
+        return ops.fuse(np.ascontiguousarray(base.classes, np.float32), p_ret, T, lam)
+    if placement != "out_of_vocab":
+        raise ValueError(f"fusion placement must be one of {FUSIONS}, got {placement!r}")
+    if base.p_in is None or base.p_out is None or base.w is None:
+        raise ValueError("out-of-vocabulary fusion needs the ensemble's branches (from geometric_ensemble)")
+    p_out = ops.fuse(np.ascontiguousarray(base.p_out, np.float32), p_ret, T, lam)
+    return ensemble(base.p_in, p_out, base.w).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)

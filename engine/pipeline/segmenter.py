@@ -6,8 +6,9 @@ Per image: decode; FC-CLIP's input (resize, pad) and DINOv2's (518x518); FC-CLIP
 gives query masks, in-vocabulary class embeddings and CLIP embeddings; classification against
 the text classifier of the database's vocabulary and FC-CLIP's geometric ensemble give P_base;
 each query mask pools the DINOv2 keys into an embedding whose k nearest database entries give
-P_ret; where max P_ret >= T, P_final = lam * P_ret + (1 - lam) * P_base; FC-CLIP's semantic and
-panoptic inference run on P_final and the masks resized back to the image.
+P_ret; where max P_ret >= T, retrieval is mixed into FC-CLIP's out-of-vocabulary distribution
+before its ensemble (``RetrievalConfig.fusion``, docs/pipeline.md); FC-CLIP's semantic and
+panoptic inference run on the result and the masks resized back to the image.
 
 The vocabulary is the database's: every class there is classified, whether or not it has
 examples. ``add_class`` registers a name (FC-CLIP can then predict it from text alone);

@@ -145,7 +145,8 @@ def retrieve(database: Database, queries: np.ndarray, k: int) -> tuple[np.ndarra
 
 # Fuse -------------------------------------------------------------------------------------------
 def fuse(p: Proposal, sims: np.ndarray, labels: np.ndarray, cfg: RetrievalConfig) -> Fusion:
-    """Neighbours to P_ret, and its fusion with P_base where retrieval is confident."""
+    """Neighbours to P_ret, and its fusion where retrieval is confident (``cfg.fusion`` says where:
+    into FC-CLIP's out-of-vocabulary branch before its ensemble, or into the ensembled P_base)."""
     classifier = p.classifier
     # The classifier is the vocabulary this call started with: a neighbour of a class added since
     # (an id past the table) or removed since (-1 in it) is no evidence for this call.
@@ -153,7 +154,7 @@ def fuse(p: Proposal, sims: np.ndarray, labels: np.ndarray, cfg: RetrievalConfig
     index = classifier.lut[np.where(known, labels, -1) + 1]
     sims = np.where(index >= 0, sims, 0.0).astype(np.float32)
     p_ret = ops.retrieval_probs(sims, index, len(classifier.classes), cfg.tau)
-    fused = ops.fuse(p.base.classes.astype(np.float32), p_ret, cfg.T, cfg.lam)
+    fused = postprocess.fuse_retrieval(p.base, p_ret, cfg.T, cfg.lam, cfg.fusion)
     mask_cls = postprocess.ClassProbabilities(fused, p.base.void).mask_cls()
     return Fusion(index, sims, p_ret, fused, mask_cls)
 
