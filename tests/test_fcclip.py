@@ -283,3 +283,18 @@ class TestVocabulary:
 
 def test_fixtures_are_present():
     assert (SHARED_FIXTURES / "fcclip" / "io.npz").is_file(), "the shared FC-CLIP fixture is missing"
+
+
+@pytest.mark.parametrize("name", ["fcclip", "fcclip_resize"])
+def test_instance_inference_matches_the_official_instances(name):
+    """Scores and classes to 1e-5 and masks exactly, as sets (the official top-k is unsorted)."""
+    fx = load_fixture(name)
+    io = fx.io
+    masks = postprocess.resize_masks(io["pred_masks"][0], fx.padded, fx.resized, fx.original)
+    found = postprocess.instance_inference(io["mask_cls"], masks, fx.is_thing, topk=100)
+    order = np.argsort(-io["inst_scores"], kind="stable")
+    assert len(found) == len(order)
+    np.testing.assert_allclose([f.score for f in found], io["inst_scores"][order], rtol=1e-5, atol=1e-7)
+    assert [f.category_id for f in found] == io["inst_pred_classes"][order].tolist()
+    for f, i in zip(found, order, strict=True):
+        np.testing.assert_array_equal(f.mask, io["inst_pred_masks"][i].astype(bool))

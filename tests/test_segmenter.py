@@ -80,6 +80,20 @@ class TestBasePrediction:
         top2 = np.sort(official, axis=0)[-2:]
         assert agree.mean() > 0.999 and (top2[1] - top2[0])[~agree].max(initial=0) < 1e-4, "only near-ties differ"
 
+    def test_instances_are_the_official_ones(self, seg):
+        """Through the whole engine (ONNX Runtime, the database's vocabulary, no retrieval):
+        FC-CLIP's instance inference, scores and classes to 1e-5, masks exactly."""
+        fx = load_fixture("fcclip_resize")
+        result = seg.segment(image(), instance=True)
+        order = np.argsort(-fx.io["inst_scores"], kind="stable")
+        np.testing.assert_allclose([i.score for i in result.instances], fx.io["inst_scores"][order], rtol=1e-4)
+        assert [i.class_id for i in result.instances] == fx.io["inst_pred_classes"][order].tolist()
+        assert all(result.classes[i.class_id] == i.name for i in result.instances)
+        masks = np.stack([i.mask for i in result.instances])
+        agree = masks == fx.io["inst_pred_masks"][order].astype(bool)
+        assert agree.mean() > 0.9999, "masks differ only where a logit sits at 0 (ONNX Runtime vs torch)"
+        assert seg.segment(image()).instances == []
+
     def test_panoptic_is_consistent(self, seg):
         result = seg.segment(image())
         ids = [s.id for s in result.segments]

@@ -282,3 +282,57 @@ def panoptic_inference(
         segment_of[k] = segments[-1].id
     panoptic = np.where(own_at_owner, segment_of[owner], 0).astype(np.int32)
     return panoptic.reshape(height, width), segments
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance of FC-CLIP's instance inference: class index, score (class probability x the
+    mean mask probability inside the mask), query index, and the binary mask at the image's size."""
+
+    category_id: int
+    score: float
+    query: int
+    mask: np.ndarray
+
+
+def instance_inference(
+    mask_cls: np.ndarray,
+    masks: np.ndarray | ImageMasks,
+    is_thing: Callable[[int], bool] | Sequence[bool],
+    topk: int = 100,
+) -> list[Instance]:
+    """Mask2Former's instance inference, as FC-CLIP runs it, best first.
+
+    The ``topk`` (query, class) pairs by class probability (void excluded) over all queries;
+    those of thing classes kept (FC-CLIP's panoptic evaluation restricts instances to things); the
+    mask is the query's logits > 0 and the score the class probability times the mean sigmoid of
+    the logits inside that mask. ``masks``: image-sized logits [Q, H, W] or :class:`ImageMasks`."""
+    thing = is_thing if callable(is_thing) else (lambda c: bool(is_thing[c]))
+    probs = softmax(mask_cls)[:, :-1]
+    q, c = probs.shape
+    flat = probs.reshape(-1)
+    k = min(topk, flat.size)
+    if k == 0:
+        return []
+    # the top k by value; which of equal values make the cut is the one point torch leaves open
+    top = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+    pairs = [(int(i) // c, int(i) % c, float(flat[i])) for i in top if thing(int(i) % c)]
+    queries = sorted({query for query, _, _ in pairs})
+    if not queries:
+        return []
+    h, w = _image_shape(masks)
+    binary = np.zeros((len(queries), h, w), bool)
+    prob_sum = np.zeros(len(queries), np.float64)
+    rows_of = np.asarray(queries, np.int64)
+    for rows, band in _bands(masks):
+        logits = band[rows_of]
+        inside = logits > 0
+        binary[:, rows] = inside
+        prob_sum += np.where(inside, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), 0.0).sum(axis=(1, 2))
+    area = binary.reshape(len(queries), -1).sum(axis=1)
+    mask_score = prob_sum / (area + 1e-6)
+    slot = {query: i for i, query in enumerate(queries)}
+    found = [
+        Instance(cls, score * float(mask_score[slot[query]]), query, binary[slot[query]]) for query, cls, score in pairs
+    ]
+    return sorted(found, key=lambda inst: -inst.score)

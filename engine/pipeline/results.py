@@ -46,13 +46,38 @@ class PanopticSegment:
         }
 
 
+@dataclass(frozen=True)
+class InstanceMask:
+    """One scored instance (FC-CLIP's instance inference): database class id and name, score,
+    and the boolean mask [H, W] at the image's size."""
+
+    class_id: int
+    name: str
+    score: float
+    mask: np.ndarray
+
+    def to_json(self) -> dict[str, Any]:
+        ys, xs = np.nonzero(self.mask)
+        box = [0, 0, 0, 0]
+        if len(xs):
+            box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+        return {
+            "class_id": self.class_id,
+            "name": self.name,
+            "score": round(self.score, 6),
+            "area": int(len(xs)),
+            "bbox": box,
+        }
+
+
 @dataclass
 class Result:
     """The segmentation of one image.
 
     ``semantic`` [H, W] int32 holds database class ids (``classes`` names them); ``panoptic``
     [H, W] int32 holds segment ids (0 = void), described by ``segments``. ``timings`` are
-    milliseconds per stage.
+    milliseconds per stage. ``instances`` (with ``instance=True``) are scored instance masks,
+    best first.
     """
 
     semantic: np.ndarray
@@ -61,6 +86,7 @@ class Result:
     classes: dict[int, str]
     timings: dict[str, float] = field(default_factory=dict)
     name: str = ""
+    instances: list[InstanceMask] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         present = np.unique(self.semantic).tolist()
@@ -69,5 +95,6 @@ class Result:
             "size": list(self.semantic.shape),
             "semantic_classes": {str(c): self.classes[c] for c in present if c in self.classes},
             "segments": [s.to_json() for s in self.segments],
+            "instances": [i.to_json() for i in self.instances],
             "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
         }

@@ -156,20 +156,29 @@ class Segmenter:
         return info.id
 
     # Segmentation ------------------------------------------------------------------------------
-    def segment(self, image: ImageInput, name: str | None = None, *, panoptic: bool = True) -> Result:
+    def segment(
+        self, image: ImageInput, name: str | None = None, *, panoptic: bool = True, instance: bool = False
+    ) -> Result:
         """Segment one image (path, bytes, PIL image or uint8 [H, W, 3] array). With
-        ``panoptic=False`` the panoptic inference is skipped (``panoptic`` all void, no segments)."""
+        ``panoptic=False`` the panoptic inference is skipped (``panoptic`` all void, no segments);
+        with ``instance=True`` FC-CLIP's instance inference fills ``Result.instances``."""
+        wanted = {"panoptic": panoptic, "instance": instance}
         timer = Timer()
         with timer.stage("total"):
             with timer.stage("decode"):
                 pixels = load_image(image, name)
-            result = self._segment_pixels(pixels, timer, panoptic)
+            result = self._segment_pixels(pixels, timer, wanted)
         result.timings = timer.ms
         result.name = name or (str(image) if isinstance(image, (str, os.PathLike)) else "")
         return result
 
     def segment_batch(
-        self, images: Sequence[ImageInput], *, panoptic: bool = True, batch_size: int = 4
+        self,
+        images: Sequence[ImageInput],
+        *,
+        panoptic: bool = True,
+        instance: bool = False,
+        batch_size: int = 4,
     ) -> list[Result | KnnclipError]:
         """Segment several images, up to ``batch_size`` at a time through each model and one
         database search per batch. An image that fails yields its error in place of a result and
@@ -180,6 +189,7 @@ class Segmenter:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        wanted = {"panoptic": panoptic, "instance": instance}
         out: list[Result | KnnclipError | None] = [None] * len(images)
         decoded: list[tuple[int, str, np.ndarray, Timer]] = []
         for i, image in enumerate(images):
@@ -194,9 +204,9 @@ class Segmenter:
             chunk = decoded[start : start + batch_size]
             batch = [pixels for _, _, pixels, _ in chunk]
             try:
-                results: list[Result | KnnclipError] = list(self._segment_chunk(batch, panoptic))
+                results: list[Result | KnnclipError] = list(self._segment_chunk(batch, wanted))
             except KnnclipError:
-                results = [self._segment_or_error(pixels, panoptic) for pixels in batch]  # find the culprit
+                results = [self._segment_or_error(pixels, wanted) for pixels in batch]  # find the culprit
             for (i, name, _, decode), result in zip(chunk, results, strict=True):
                 if isinstance(result, Result):
                     result.timings["total"] += decode.ms["decode"]
@@ -212,17 +222,17 @@ class Segmenter:
         """:func:`stages.propose` with this segmenter's models, classifier and mask threshold."""
         return stages.propose(self.models, self.classifier(), images, self.config.mask_threshold, timer, per_image)
 
-    def _segment_or_error(self, pixels: np.ndarray, panoptic: bool) -> Result | KnnclipError:
+    def _segment_or_error(self, pixels: np.ndarray, wanted: dict[str, bool]) -> Result | KnnclipError:
         timer = Timer()
         try:
             with timer.stage("total"):
-                result = self._segment_pixels(pixels, timer, panoptic)
+                result = self._segment_pixels(pixels, timer, wanted)
         except KnnclipError as exc:
             return exc
         result.timings = timer.ms
         return result
 
-    def _segment_chunk(self, batch: list[np.ndarray], panoptic: bool) -> list[Result]:
+    def _segment_chunk(self, batch: list[np.ndarray], wanted: dict[str, bool]) -> list[Result]:
         """One batch through the models and one search; then each image on its own."""
         shared, own = Timer(), [Timer() for _ in batch]
         proposals = self.propose(batch, shared, own)
@@ -234,19 +244,17 @@ class Segmenter:
             row = rows.stop
             before = timer.total()  # classify and pool
             with timer.stage("total"):
-                result = stages.decide(
-                    self.models.head, p, sims[rows], labels[rows], self.config, timer, panoptic=panoptic
-                )
+                result = stages.decide(self.models.head, p, sims[rows], labels[rows], self.config, timer, **wanted)
             result.timings = {**timer.ms, **shared.ms, "batch_size": float(len(batch))}
             result.timings["total"] += before + shared.total()
             results.append(result)
         return results
 
-    def _segment_pixels(self, pixels: np.ndarray, timer: Timer, panoptic: bool = True) -> Result:
+    def _segment_pixels(self, pixels: np.ndarray, timer: Timer, wanted: dict[str, bool]) -> Result:
         (proposal,) = self.propose([pixels], timer)
         with timer.stage("search"):
             sims, labels = stages.retrieve(self.db, proposal.queries, self.config.k)
-        return stages.decide(self.models.head, proposal, sims, labels, self.config, timer, panoptic=panoptic)
+        return stages.decide(self.models.head, proposal, sims, labels, self.config, timer, **wanted)
 
     # Growing the database ----------------------------------------------------------------------
     def embed_masks(self, image: ImageInput, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

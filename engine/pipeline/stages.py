@@ -27,7 +27,7 @@ from knnclip.engine.pipeline import postprocess
 from knnclip.engine.pipeline.classifier import Classifier
 from knnclip.engine.pipeline.models import FCCLIPHead, ModelSet
 from knnclip.engine.pipeline.preprocess import FCCLIPInput, dinov2_input, fcclip_input
-from knnclip.engine.pipeline.results import Evidence, PanopticSegment, Result
+from knnclip.engine.pipeline.results import Evidence, InstanceMask, PanopticSegment, Result
 from knnclip.engine.pipeline.timing import Timer
 
 MASK_STRIDE = 4  # FC-CLIP's mask logits are at a quarter of the padded input's resolution
@@ -175,13 +175,16 @@ def decide(
     timer: Timer,
     *,
     panoptic: bool = True,
+    instance: bool = False,
 ) -> Result:
     """Fusion, then FC-CLIP's semantic and (unless ``panoptic=False``) panoptic inference, with
-    the retrieval evidence of every segment. Memory: the mask budget of ``postprocess`` plus
-    about 32 bytes per image pixel, whatever the number of queries; running out of it is an
-    ``OutOfMemoryError`` naming the image size, not a crash of the whole batch."""
+    the retrieval evidence of every segment, and (with ``instance=True``) its instance inference.
+
+    Memory: the mask budget of ``postprocess`` plus about 32 bytes per image pixel, whatever the
+    number of queries; running out of it is an ``OutOfMemoryError`` naming the image size, not a
+    crash of the whole batch."""
     with _memory_named(p):
-        return _decide(head, p, sims, labels, cfg, timer, panoptic)
+        return _decide(head, p, sims, labels, cfg, timer, panoptic, instance)
 
 
 @contextmanager
@@ -205,6 +208,7 @@ def _decide(
     cfg: RetrievalConfig,
     timer: Timer,
     panoptic: bool,
+    instance: bool,
 ) -> Result:
     classifier = p.classifier
     with timer.stage("fuse"):
@@ -218,6 +222,9 @@ def _decide(
             )
         else:
             panoptic_map, segs = np.zeros(semantic.shape, np.int32), []
+        found = (
+            postprocess.instance_inference(fusion.mask_cls, p.image_masks(), classifier.is_thing) if instance else []
+        )
     ids, names = classifier.ids, classifier.names
     base_top = p.base.classes.argmax(-1)
     ret_top = fusion.p_ret.argmax(-1)
@@ -235,4 +242,6 @@ def _decide(
         )
         for s in segs
     ]
-    return Result(semantic, panoptic_map, segments, {c.id: c.name for c in classifier.classes})
+    instances = [InstanceMask(int(ids[i.category_id]), names[i.category_id], i.score, i.mask) for i in found]
+    classes = {c.id: c.name for c in classifier.classes}
+    return Result(semantic, panoptic_map, segments, classes, instances=instances)
