@@ -92,6 +92,8 @@ def _add(args: argparse.Namespace) -> int:
     pairs = embedding_files(args.inputs)
     added = 0
     with Database.open(args.db) as db:
+        for name in args.thing or ():
+            db.add_class(name, thing=True)
         for embeddings, labels in pairs:
             added += len(db.add(_load_npy(embeddings), _read_labels(labels)))
         classes = db.classes
@@ -208,6 +210,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("samples", help=".npy float array [N, D]")
     p = action("add", _add, "add embeddings: .npy files [N, D] with NAME.txt (class names) or NAME.labels.npy beside")
     p.add_argument("inputs", nargs="+", help=".npy files or folders of them")
+    p.add_argument(
+        "--thing", action="append", metavar="CLASS",
+        help="this class is a thing (countable, one panoptic segment per instance); classes are stuff unless named",
+    )  # fmt: skip
     p = action("remove", _remove, "remove classes and all their entries")
     p.add_argument("classes", nargs="+", help="class names")
     action("stats", _stats, "entries, classes, index, bytes per entry")

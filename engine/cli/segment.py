@@ -1,8 +1,9 @@
 """``knnclip segment``, ``knnclip add-class`` and ``knnclip add-concept``.
 
 ``segment`` writes, per image, ``NAME.json`` (segments, evidence, timings), ``NAME.semantic.png``
-(16-bit class ids), ``NAME.panoptic.png`` (16-bit segment ids, 0 = void) and, with ``--overlay``,
-``NAME.overlay.png``. A failed image is reported and the others go on; the exit code is 1 if
+(class ids; 8-bit, 16-bit past 255), ``NAME.panoptic.png`` (segment ids, 0 = void) and, with
+``--overlay``, ``NAME.overlay.png``; ``--format`` adds COCO instance results and COCO panoptic
+(``knnclip.engine.formats``). A failed image is reported and the others go on; the exit code is 1 if
 any image failed.
 """
 
@@ -19,17 +20,10 @@ from knnclip.engine.cli.common import backend_options, open_segmenter, progress_
 from knnclip.engine.errors import InvalidInputError, KnnclipError
 
 
-def _write_png16(array: np.ndarray, path: Path) -> None:
+def _segment(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from knnclip.engine.render import save_png
-
-    if array.max(initial=0) > 65535 or array.min(initial=0) < 0:
-        raise KnnclipError(f"{path}: ids outside 0..65535 cannot be written as a 16-bit PNG")
-    save_png(Image.fromarray(array.astype(np.uint16)), path)
-
-
-def _segment(args: argparse.Namespace) -> int:
+    from knnclip.engine import formats as formats_
     from knnclip.engine.pipeline.preprocess import load_image
     from knnclip.engine.render import overlay, save_png
     from knnclip.engine.video.source import is_video_source
@@ -41,24 +35,37 @@ def _segment(args: argparse.Namespace) -> int:
         return _segment_video(args, videos[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    formats = set(args.format)
     failures = 0
     report = []
+    coco = {"images": [], "instances": [], "panoptic": []}
     with open_segmenter(args, read_only=True) as seg:
-        for path in progress_items(args.images, "segment", args.json):
+        for image_id, path in enumerate(progress_items(args.images, "segment", args.json), 1):
             stem = Path(path).stem
             try:
                 pixels = load_image(path)
-                result = seg.segment(pixels, name=path)
+                result = seg.segment(pixels, name=path, instance="coco-instances" in formats)
             except KnnclipError as exc:
                 failures += 1
                 report.append({"image": path, "error": str(exc)})
                 print(f"knnclip: {exc}", file=sys.stderr)  # the message names the image
                 continue
             data = result.to_json()
-            (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
-            _write_png16(result.semantic, out / f"{stem}.semantic.png")
-            if args.panoptic:
-                _write_png16(result.panoptic, out / f"{stem}.panoptic.png")
+            if "json" in formats:
+                (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+            if "label-png" in formats:
+                formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
+                if args.panoptic:
+                    formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
+            h, w = result.semantic.shape
+            coco["images"].append({"id": image_id, "file_name": Path(path).name, "height": h, "width": w})
+            if "coco-instances" in formats:
+                coco["instances"] += formats_.coco_instances(result, image_id)
+            if "coco-panoptic" in formats:
+                rgb, annotation = formats_.coco_panoptic(result, image_id, f"{stem}.png")
+                (out / "panoptic").mkdir(exist_ok=True)
+                save_png(Image.fromarray(rgb), out / "panoptic" / f"{stem}.png")
+                coco["panoptic"].append(annotation)
             if args.overlay:
                 picture = overlay(pixels, result.semantic, result.classes, result.panoptic if args.panoptic else None)
                 save_png(picture, out / f"{stem}.overlay.png")
@@ -66,6 +73,13 @@ def _segment(args: argparse.Namespace) -> int:
             if not args.json:
                 names = ", ".join(sorted({s.name for s in result.segments})) or "no segments"
                 print(f"{path}: {names} ({result.timings['total']:.0f} ms)")
+        cats = formats_.categories(seg.db.vocabulary.values())
+    if "coco-instances" in formats:
+        (out / "coco_instances.json").write_text(json.dumps(coco["instances"]))
+        (out / "coco_images.json").write_text(json.dumps({"images": coco["images"], "categories": cats}))
+    if "coco-panoptic" in formats:
+        body = {"images": coco["images"], "annotations": coco["panoptic"], "categories": cats}
+        (out / "panoptic.json").write_text(json.dumps(body))
     if args.json:
         print(json.dumps(report, indent=1))
     return 1 if failures else 0
@@ -143,6 +157,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     _common(seg)
     seg.add_argument("--out", required=True, help="directory for the outputs")
     seg.add_argument("--panoptic", action="store_true", help="also write the panoptic segment-id PNG")
+    seg.add_argument(
+        "--format", nargs="+", default=["json", "label-png"], choices=["json", "label-png", "coco-instances",
+        "coco-panoptic"], help="what to write: NAME.json, label PNGs (8-bit, 16-bit past 255 classes), COCO "
+        "instance results (coco_instances.json, RLE; with coco_images.json), COCO panoptic (panoptic/*.png with "
+        "panoptic.json); default json label-png",
+    )  # fmt: skip
     seg.add_argument("--overlay", action="store_true", help="also write an overlay PNG per image")
     for name, kind, text in (("k", int, "neighbours"), ("tau", float, "temperature"), ("T", float, "fusion threshold"),
                              ("lam", float, "fusion weight")):  # fmt: skip

@@ -4,7 +4,7 @@ embeddings stored with their class. Nothing is retrained; only embeddings are ad
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -44,10 +44,16 @@ def add_examples(
     images: Sequence[ImageInput],
     masks: Sequence[np.ndarray],
     labels: Sequence[Sequence[str]],
+    things: Mapping[str, bool] | None = None,
 ) -> np.ndarray:
     """Add labelled masks to ``database`` in one pass: ``masks[i]`` [N_i, H, W] bool with
     ``labels[i]`` (N_i class names, FC-CLIP's ``"name,synonym"`` format) for ``images[i]``.
-    Masks too small to cover any key-grid cell are skipped (logged). Returns the new entry ids."""
+    Masks too small to cover any key-grid cell are skipped (logged). Returns the new entry ids.
+
+    ``things`` says which classes are things (countable objects, one panoptic segment each) and
+    which are stuff; a class it does not name keeps what the database says, and a new one is
+    stuff. A class with several masks in one image (instances) that ends up stuff is warned
+    about: its instances would merge into one panoptic segment."""
     if not (len(images) == len(masks) == len(labels)):
         raise InvalidInputError(
             f"images, masks and labels must have the same length: {len(images)}, {len(masks)}, {len(labels)}"
@@ -64,7 +70,23 @@ def add_examples(
         names.extend(image_labels[k] for k in kept)
     if not names:
         return np.zeros(0, np.int64)
-    return database.add(np.concatenate(vectors), names)
+    for name, thing in (things or {}).items():
+        database.add_class(name, thing=thing)
+    ids = database.add(np.concatenate(vectors), names)
+    _warn_instances_left_stuff(database, labels)
+    return ids
+
+
+def _warn_instances_left_stuff(database: Database, labels: Sequence[Sequence[str]]) -> None:
+    repeated = {name for image_labels in labels for name in image_labels if list(image_labels).count(name) > 1}
+    vocabulary = database.vocabulary
+    stuff = sorted({info.name for name in repeated if (info := vocabulary.find(name)) is not None and not info.thing})
+    if stuff:
+        log.warning(
+            "classes %s were added from several masks per image (instances) but are stuff, so their instances "
+            "merge into one panoptic segment; mark them as things (things={name: True}, add_class(..., thing=True))",
+            stuff,
+        )
 
 
 def add_concept(

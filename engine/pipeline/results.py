@@ -46,6 +46,18 @@ class PanopticSegment:
         }
 
 
+def bbox(mask: np.ndarray) -> list[int]:
+    """COCO ``[x, y, width, height]`` of a boolean mask ([0, 0, 0, 0] when empty).
+
+    >>> bbox(np.array([[0, 0, 0], [0, 1, 1]], bool))
+    [1, 1, 2, 1]
+    """
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return [0, 0, 0, 0]
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
 @dataclass(frozen=True)
 class InstanceMask:
     """One scored instance (FC-CLIP's instance inference): database class id and name, score,
@@ -57,17 +69,9 @@ class InstanceMask:
     mask: np.ndarray
 
     def to_json(self) -> dict[str, Any]:
-        ys, xs = np.nonzero(self.mask)
-        box = [0, 0, 0, 0]
-        if len(xs):
-            box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-        return {
-            "class_id": self.class_id,
-            "name": self.name,
-            "score": round(self.score, 6),
-            "area": int(len(xs)),
-            "bbox": box,
-        }
+        area = int(self.mask.sum())
+        return {"class_id": self.class_id, "name": self.name, "score": round(self.score, 6), "area": area,
+                "bbox": bbox(self.mask)}  # fmt: skip
 
 
 @dataclass

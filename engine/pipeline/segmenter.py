@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -262,11 +262,16 @@ class Segmenter:
         return growth.embed_masks(self.models, image, masks)
 
     def add_examples(
-        self, images: Sequence[ImageInput], masks: Sequence[np.ndarray], labels: Sequence[Sequence[str]]
+        self,
+        images: Sequence[ImageInput],
+        masks: Sequence[np.ndarray],
+        labels: Sequence[Sequence[str]],
+        *,
+        things: Mapping[str, bool] | None = None,
     ) -> np.ndarray:
-        """:func:`growth.add_examples` into this segmenter's database; the text rows of new
-        classes are computed now, not in the first segment call."""
-        ids = growth.add_examples(self.models, self.db, images, masks, labels)
+        """:func:`growth.add_examples` into this segmenter's database (``things``: which classes
+        are things); the text rows of new classes are computed now, not in the first segment call."""
+        ids = growth.add_examples(self.models, self.db, images, masks, labels, things)
         if len(ids):
             self.classifier()
         return ids

@@ -20,22 +20,13 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.formats import rle
 from knnclip.engine.pipeline.results import Result
 from knnclip.engine.render import overlay, save_png
 from knnclip.engine.video.source import Frame, import_av
 
 LEGEND_ROWS = 3  # up to 9 classes named under each frame: every frame has the same size
 ENCODERS = {"h264": "libx264", "mpeg4": "mpeg4", "vp8": "libvpx", "vp9": "libvpx-vp9"}
-
-
-def rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO run-length encoding of a boolean [H, W] mask, JSON-ready (``counts`` as text)."""
-    try:
-        from pycocotools import mask as coco_mask
-    except ImportError:
-        raise BackendUnavailableError("RLE masks need pycocotools: pip install 'knnclip[video]'") from None
-    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 def frame_record(frame: Frame, result: Result | Exception) -> dict[str, Any]:
