@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from knnclip.engine.errors import InvalidInputError
@@ -67,6 +68,13 @@ def _fcclip(args: argparse.Namespace) -> int:
     if args.seen_names:
         lines = [line for line in Path(args.seen_names).read_text().splitlines() if line.strip()]
         seen = [name for names in class_synonyms(lines) for name in names]
+    elif "coco" not in Path(args.checkpoint).name.lower():
+        print(
+            f"knnclip: warning: {args.checkpoint}: no --seen-names, so COCO panoptic's 133 classes are taken as the "
+            "training vocabulary (the official FC-CLIP checkpoints', e.g. fcclip_cocopan.pth); pass --seen-names "
+            "for a checkpoint trained on something else, or classes get the wrong ensemble weight",
+            file=sys.stderr,
+        )
     model = load_fcclip(args.checkpoint, _json_arg(args.config))
     result = export_fcclip_onnx(
         model, args.out, size=args.size, seen_names=seen, opset=args.opset, overwrite=args.overwrite,

@@ -171,3 +171,20 @@ def test_cli_export(tmp_path, capsys):
     manifest = read_manifest(tmp_path / "out" / "image", KIND_IMAGE)
     assert manifest["seen_names"] == ["cat", "wall", "walls"]
     assert manifest["checkpoint"]["name"] == "checkpoint.pth"
+
+
+def test_training_vocabulary_defaults_to_coco_panoptic(tmp_path):
+    """Without seen_names the manifest records COCO panoptic's 133 classes with every synonym."""
+    from knnclip.engine.artifact import read_manifest
+    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.export.fcclip.vocabularies import coco_panoptic_classes
+
+    result = export_fcclip_onnx(seeded_fcclip(), tmp_path / "fc", size=(64, 96), tokenizer="bytes")
+    manifest = read_manifest(result.image.model_path.parent)
+    assert manifest["seen_vocabulary"] == "coco-panoptic"
+    names = set(manifest["seen_names"])
+    assert {"person", "people", "sky", "wall"} <= names and len(coco_panoptic_classes()) == 133
+    assert all(set(c["names"]) <= names for c in coco_panoptic_classes())
+    given = export_fcclip_onnx(seeded_fcclip(), tmp_path / "fc2", size=(64, 96), tokenizer="bytes", seen_names=["cat"])
+    manifest = read_manifest(given.image.model_path.parent)
+    assert manifest["seen_names"] == ["cat"] and manifest["seen_vocabulary"] == "given"

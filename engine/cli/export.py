@@ -65,7 +65,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     fc.add_argument(
         "--seen-names",
         help="text file of FC-CLIP's training class names (one class per line, synonyms comma-separated); "
-        "classes named there get the ensemble's alpha, others beta",
+        "classes named there get the ensemble's alpha, others beta (default: COCO panoptic's 133 classes, "
+        "the official checkpoints' training set)",
     )
     fc.add_argument("--out", required=True, help="directory to create (OUT/image, OUT/text)")
     fc.add_argument("--fp16", action="store_true", help="fp16 image graph (norms, softmax, attention stay fp32)")

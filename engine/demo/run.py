@@ -35,7 +35,7 @@ BASE_CLASSES = ("sky", "grass", "sand", "ball", "box", "tree")
 NEW_CLASSES = ("water", "star")
 IMAGE_SIZE = (192, 256)  # synthetic images and the FC-CLIP export size
 DINOV2_SIZE = 224
-_MODELS_VERSION = 1  # bump when the seeded demo models change
+_MODELS_VERSION = 2  # bump when the seeded demo models change
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,10 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
         dinov2_size = DINOV2_SIZE
     else:
         dinov2, dinov2_size = seeded_dinov2(), DINOV2_SIZE
-    export_fcclip_onnx(fcclip, models / "fcclip", size=IMAGE_SIZE, tokenizer=tokenizer)
+    # A real checkpoint was trained on COCO panoptic (the exporter's default); the seeded model's
+    # "training vocabulary" is the demo's base classes.
+    seen = None if settings.fcclip else list(BASE_CLASSES)
+    export_fcclip_onnx(fcclip, models / "fcclip", size=IMAGE_SIZE, tokenizer=tokenizer, seen_names=seen)
     export_dinov2_onnx(dinov2, models / "dinov2", size=dinov2_size)
     stamp.write_text(json.dumps(signature))
     say(f"models: exported FC-CLIP and DINOv2 to ONNX in {time.perf_counter() - start:.1f} s ({models})")

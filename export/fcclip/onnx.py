@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.text.prompts import TEMPLATES
 from knnclip.export.fcclip.model import FCCLIP, ClipModel
+from knnclip.export.fcclip.vocabularies import COCO_PANOPTIC, coco_panoptic_seen_names
 from knnclip.export.onnx import DEFAULT_OPSET, ExportResult, Graph, export_graph, parse_size
 from knnclip.export.precision import half_compute_copy
 
@@ -103,7 +104,9 @@ def export_fcclip_onnx(
         The fixed input size (H, W), multiples of 32; images are resized to fit and padded to it.
     seen_names
         The class names (all synonyms) of FC-CLIP's training vocabulary: a class whose name is
-        among them gets the geometric ensemble's ``alpha``, others ``beta``. Stored in the manifest.
+        among them gets the geometric ensemble's ``alpha``, others ``beta``. Stored in the manifest
+        with where it came from. ``None``: COCO panoptic's 133 classes, what the official
+        checkpoints are trained on (``knnclip.export.fcclip.vocabularies``).
     """
     height, width = parse_size(size)
     cfg = model.config
@@ -156,7 +159,8 @@ def export_fcclip_onnx(
                 "object_mask_threshold": cfg.inference.object_mask_threshold,
                 "overlap_threshold": cfg.inference.overlap_threshold,
             },
-            "seen_names": sorted(set(seen_names or [])),
+            "seen_names": sorted(set(coco_panoptic_seen_names() if seen_names is None else seen_names)),
+            "seen_vocabulary": COCO_PANOPTIC if seen_names is None else "given",
         },
         precision="fp16" if fp16 else "fp32",
         tolerance=TOLERANCE_FP16 if fp16 else TOLERANCE,
