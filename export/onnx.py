@@ -111,12 +111,14 @@ def export_graph(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     torch_weights: bool = False,
+    extra_files: dict[str, Path] | None = None,
 ) -> ExportResult:
     """Trace ``graph`` into ``out_dir/model.onnx``, check it with ``onnx.checker``, run it in ONNX
     Runtime on the sample inputs and compare every output with the torch module (relative L2 error
     at most ``tolerance``: one figure for all outputs, or one per output), then write the manifest
     (``manifest`` plus the files, opset, precision, weights hash and verification) and publish the
-    directory atomically.
+    directory atomically. ``extra_files`` (role -> a file) are copied in beside the graph and listed
+    in the manifest with their SHA-256, like every payload file.
 
     Raises
     ------
@@ -161,6 +163,9 @@ def export_graph(
         if torch_weights:
             torch.save(graph.module.state_dict(), staging / WEIGHTS_NAME)
             files["torch_weights"] = WEIGHTS_NAME
+        for role, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging / source.name)
+            files[role] = source.name
         written = write_manifest(
             staging,
             {

@@ -188,3 +188,28 @@ def test_training_vocabulary_defaults_to_coco_panoptic(tmp_path):
     given = export_fcclip_onnx(seeded_fcclip(), tmp_path / "fc2", size=(64, 96), tokenizer="bytes", seen_names=["cat"])
     manifest = read_manifest(given.image.model_path.parent)
     assert manifest["seen_names"] == ["cat"] and manifest["seen_vocabulary"] == "given"
+
+
+def test_text_artefact_carries_the_bpe_vocabulary(tmp_path):
+    """The clip-bpe text artefact holds CLIP's BPE merges, listed with their SHA-256, and the run
+    time's tokenizer reads that copy first."""
+    import hashlib
+
+    from knnclip.engine.artifact import read_manifest
+    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.engine.text.tokenizer import BPE_FILENAME, find_bpe_file, make_tokenizer
+
+    result = export_fcclip_onnx(seeded_fcclip(), tmp_path / "fc", size=(64, 96), seen_names=[])
+    text_dir = result.text.model_path.parent
+    manifest = read_manifest(text_dir)
+    record = manifest["files"]["bpe_vocab"]
+    copy = text_dir / BPE_FILENAME
+    assert record["name"] == BPE_FILENAME and record["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert find_bpe_file([text_dir]) == copy
+    tokenizer = make_tokenizer(manifest["tokenizer"], [text_dir])
+    assert tokenizer(["a photo of a cat"], 77).shape == (1, 77)
+    copy.write_bytes(copy.read_bytes()[:-10])  # damaged: the artefact no longer verifies
+    from knnclip.engine.errors import ArtifactCorruptError
+
+    with pytest.raises(ArtifactCorruptError, match=BPE_FILENAME):
+        read_manifest(text_dir)

@@ -58,7 +58,8 @@ class ModelSet:
         for session, kind in ((self.fcclip, "fcclip-image"), (self.text, "fcclip-text"), (self.dinov2, "dinov2-keys")):
             if session.kind != kind:
                 raise ArtifactCorruptError(session.directory, f"expected a {kind} artefact here, found {session.kind}")
-        self.tokenizer = make_tokenizer(self.text.manifest["tokenizer"], [root])
+        # the BPE merges the text artefact carries, else a copy in the models directory
+        self.tokenizer = make_tokenizer(self.text.manifest["tokenizer"], [self.text.directory, root])
         m = self.fcclip.manifest
         pre, head, inf = m["preprocessing"], m["head"], m["inference"]
         self.head = FCCLIPHead(

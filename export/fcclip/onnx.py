@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.text.prompts import TEMPLATES
+from knnclip.engine.text.tokenizer import find_bpe_file
 from knnclip.export.fcclip.model import FCCLIP, ClipModel
 from knnclip.export.fcclip.vocabularies import COCO_PANOPTIC, coco_panoptic_seen_names
 from knnclip.export.onnx import DEFAULT_OPSET, ExportResult, Graph, export_graph, parse_size
@@ -171,6 +172,9 @@ def export_fcclip_onnx(
     tokens = torch.from_numpy(rng.integers(1, cfg.clip.vocab_size - 2, (3, cfg.clip.context_length)))
     tokens[:, 0] = cfg.clip.vocab_size - 2  # start of text
     tokens[np.arange(3), [5, 9, cfg.clip.context_length - 1]] = cfg.clip.vocab_size - 1  # end of text: the max id
+    # The text artefact carries CLIP's BPE merges itself, so a machine that only runs models needs
+    # nothing else (no open_clip_torch).
+    bpe = find_bpe_file() if tokenizer == "clip-bpe" else None
     text = export_graph(
         Graph(
             module=TextGraph(model.clip).eval(),
@@ -188,6 +192,7 @@ def export_fcclip_onnx(
                 "kind": tokenizer,
                 "context_length": cfg.clip.context_length,
                 "vocab_size": cfg.clip.vocab_size,
+                **({"file": bpe.name} if bpe is not None else {}),
             },
             "templates": list(TEMPLATES),
         },
@@ -196,5 +201,6 @@ def export_fcclip_onnx(
         opset=opset,
         overwrite=overwrite,
         torch_weights=torch_weights,
+        extra_files={"bpe_vocab": bpe} if bpe is not None else None,
     )
     return FCCLIPExport(image, text)
