@@ -54,6 +54,11 @@ class RetrievalConfig:
         retrieval it disagrees with, and T and lambda mean what the paper means by them.
         ``"final"``: into the ensembled distribution, ``lam * P_ret + (1 - lam) * P_base``
         (the engine's placement before; retrieval then has the last word).
+    concept_mask_confidence, concept_class_confidence
+        Concept customisation (``add_concept``) adds every proposal whose mean mask probability
+        reaches the first and whose probability of being the concept reaches the second. 0.7:
+        a mask FC-CLIP is fairly sure of (its instance inference's mask score); 0.5: the concept
+        is the most likely class of that mask against the whole vocabulary.
     """
 
     k: int = 10
@@ -62,12 +67,17 @@ class RetrievalConfig:
     lam: float = 0.5
     mask_threshold: float = 0.0
     fusion: str = "out_of_vocab"
+    concept_mask_confidence: float = 0.7
+    concept_class_confidence: float = 0.5
 
     def __post_init__(self) -> None:
         problems = []
         if not (isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= 2048):
             problems.append(f"k must be an integer in [1, 2048], got {self.k!r}")
-        numbers = {name: getattr(self, name) for name in ("tau", "T", "lam", "mask_threshold")}
+        numbers = {
+            name: getattr(self, name)
+            for name in ("tau", "T", "lam", "mask_threshold", "concept_mask_confidence", "concept_class_confidence")
+        }
         for name, value in numbers.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 problems.append(f"{name} must be a finite number, got {value!r}")
@@ -79,6 +89,9 @@ class RetrievalConfig:
                 problems.append(f"T must be in [0, 1], got {self.T!r}")
             if not 0.0 <= self.lam <= 1.0:
                 problems.append(f"lam must be in [0, 1], got {self.lam!r}")
+            for name in ("concept_mask_confidence", "concept_class_confidence"):
+                if not 0.0 <= getattr(self, name) <= 1.0:
+                    problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.fusion not in FUSIONS:
             problems.append(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if problems:

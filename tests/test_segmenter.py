@@ -149,10 +149,23 @@ class TestRetrieval:
         assert "ice cave" not in seg.classes
         np.testing.assert_array_equal(seg.segment(image()).panoptic, load_fixture("fcclip_resize").io["panoptic_seg"])
 
-    def test_add_concept_from_unlabelled_images(self, seg):
-        scores = seg.add_concept("glacier", [image(), image()[::-1]])
-        assert len(scores) == 2 and all(np.isfinite(scores))
-        assert seg.db.classes["glacier"] == 2
+    def test_add_concept_adds_every_proposal_that_passes_both_thresholds(self, seg):
+        from knnclip.engine.pipeline.stages import fcclip_input_for, valid_masks
+
+        images = [image(), np.ascontiguousarray(image()[::-1])]
+        nonempty = []
+        for pixels in images:  # what passes at thresholds 0: every non-empty proposal
+            x = fcclip_input_for(seg.models, pixels)
+            masks = valid_masks(seg.models.fcclip.infer({"images": x.tensor})["mask_logits"][0], x.resized)
+            nonempty.append(int((masks > 0).any(axis=(1, 2)).sum()))
+        assert seg.add_concept("snowfield", images, mask_confidence=1.0, class_confidence=1.0) == []
+        assert "snowfield" not in seg.db.classes
+        added = seg.add_concept("snowfield", images, mask_confidence=0.0, class_confidence=0.0, thing=False)
+        assert [sum(a.image == i for a in added) for i in range(2)] == nonempty and min(nonempty) > 1
+        assert all(0 < a.mask_confidence <= 1 and 0 < a.class_confidence <= 1 for a in added)
+        assert seg.db.classes["snowfield"] == len(added)
+        strict = seg.add_concept("snowfield", images, mask_confidence=0.0, class_confidence=0.5)
+        assert all(a.class_confidence >= 0.5 for a in strict) and len(strict) < len(added)
 
     def test_examples_are_checked(self, seg):
         with pytest.raises(InvalidInputError, match="masks must be"):

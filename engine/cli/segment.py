@@ -14,8 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items
 from knnclip.engine.errors import InvalidInputError, KnnclipError
 
@@ -136,13 +134,15 @@ def _add_class(args: argparse.Namespace) -> int:
 
 def _add_concept(args: argparse.Namespace) -> int:
     with open_segmenter(args, read_only=False) as seg:
-        scores = seg.add_concept(args.name, args.images, thing=args.thing, min_similarity=args.min_similarity)
-    floor = -np.inf if args.min_similarity is None else args.min_similarity
-    added = sum(s >= floor for s in scores if s == s)  # NaN: no mask in that image
+        added = seg.add_concept(
+            args.name, args.images, thing=args.thing, mask_confidence=args.mask_confidence,
+            class_confidence=args.class_confidence,
+        )  # fmt: skip
+    images = len({a.image for a in added})
     if args.json:
-        print(json.dumps({"name": args.name, "similarities": scores, "added": added}))
+        print(json.dumps({"name": args.name, "added": [vars(a) for a in added]}))
     else:
-        print(f"{args.name!r}: added {added} of {len(scores)} images' best-matching masks")
+        print(f"{args.name!r}: added {len(added)} masks from {images} of {len(args.images)} images")
     return 0
 
 
@@ -196,6 +196,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     concept.add_argument("name")
     concept.add_argument("images", nargs="+")
     concept.add_argument("--thing", action=argparse.BooleanOptionalAction, default=None)
-    concept.add_argument("--min-similarity", type=float, help="skip images whose best mask scores lower")
+    concept.add_argument("--mask-confidence", type=float, help="minimum mean mask probability (config default 0.7)")
+    concept.add_argument(
+        "--class-confidence", type=float, help="minimum probability of being the concept (config default 0.5)"
+    )
     _common(concept)
     concept.set_defaults(run=_add_concept)

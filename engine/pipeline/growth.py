@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from knnclip.engine import ops
 from knnclip.engine.database import Database
+from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.pipeline import postprocess
+from knnclip.engine.pipeline.classifier import build_classifier
 from knnclip.engine.pipeline.models import ModelSet
 from knnclip.engine.pipeline.preprocess import ImageInput, load_image
-from knnclip.engine.pipeline.stages import dinov2_keys, fcclip_input_for, valid_masks
+from knnclip.engine.pipeline.stages import classify, dinov2_keys, fcclip_input_for, valid_masks
 from knnclip.engine.text.textbank import TextBank
 
 log = logging.getLogger("knnclip.growth")
@@ -89,6 +91,27 @@ def _warn_instances_left_stuff(database: Database, labels: Sequence[Sequence[str
         )
 
 
+@dataclass(frozen=True)
+class ConceptMask:
+    """A proposal that was labelled with the concept and added: which image and query, its mask
+    confidence (mean mask probability inside the mask) and class confidence (the concept's
+    probability in FC-CLIP's ensemble over the vocabulary and the concept)."""
+
+    image: int
+    query: int
+    mask_confidence: float
+    class_confidence: float
+
+
+def mask_confidences(masks: np.ndarray) -> np.ndarray:
+    """[Q] mean sigmoid of each mask's logits where they are > 0 (0 for an empty mask), the
+    mask score of FC-CLIP's instance inference."""
+    inside = masks > 0
+    probs = 1.0 / (1.0 + np.exp(-masks.astype(np.float64)))
+    area = inside.reshape(len(masks), -1).sum(axis=1)
+    return np.where(area > 0, (probs * inside).reshape(len(masks), -1).sum(axis=1) / np.maximum(area, 1), 0.0)
+
+
 def add_concept(
     models: ModelSet,
     database: Database,
@@ -96,34 +119,42 @@ def add_concept(
     name: str,
     images: Sequence[ImageInput],
     *,
+    mask_confidence: float,
+    class_confidence: float,
     thing: bool | None = None,
-    min_similarity: float | None = None,
-) -> list[float]:
-    """Concept customisation from unlabelled images: in each image, the FC-CLIP mask whose CLIP
-    embedding is most similar to ``name``'s text embedding is labelled ``name`` and added.
-    Returns the chosen masks' cosine similarities; with ``min_similarity``, an image whose best
-    mask scores lower adds nothing (an image with no non-empty mask never does: NaN)."""
-    target = text.rows([name.split(",")[0].strip()])[0]
-    vectors, scores = [], []
-    for image in images:
+) -> list[ConceptMask]:
+    """Concept customisation from unlabelled images: FC-CLIP's class-agnostic proposals (its
+    query masks) whose mask confidence reaches ``mask_confidence`` and whose probability of being
+    ``name`` (FC-CLIP's classification over the database's vocabulary plus ``name``) reaches
+    ``class_confidence`` are labelled ``name`` and added, as many per image as pass. Returns what
+    was added."""
+    concept = name.split(",")[0].strip()
+    classes = sorted(database.vocabulary.values(), key=lambda c: c.id)
+    existing = next((i for i, c in enumerate(classes) if concept in c.names), None)
+    if existing is None:
+        classes.append(ClassInfo(classes[-1].id + 1 if classes else 0, concept, tuple(_names(name)[1:])))
+        existing = len(classes) - 1
+    classifier = build_classifier(classes, text, models.head)
+    vectors, added = [], []
+    for index, image in enumerate(images):
         pixels = load_image(image)
         x = fcclip_input_for(models, pixels)
         out = models.fcclip.infer({"images": x.tensor})
-        ov = postprocess.l2_normalize(out["ov_embed"][0])
         masks = valid_masks(out["mask_logits"][0], x.resized)
-        nonempty = (masks > 0).any(axis=(1, 2))
-        if not nonempty.any():
-            scores.append(float("nan"))
-            continue
-        sims = np.where(nonempty, ov @ target, -np.inf)
-        best = int(sims.argmax())
-        scores.append(float(sims[best]))
-        if min_similarity is not None and sims[best] < min_similarity:
+        p_concept = classify(models.head, classifier, out["class_embed"][0], out["ov_embed"][0]).classes[:, existing]
+        m_conf = mask_confidences(masks)
+        chosen = np.flatnonzero((m_conf >= mask_confidence) & (p_concept >= class_confidence) & (m_conf > 0))
+        if not len(chosen):
             continue
         keys = dinov2_keys(models, [pixels])[0]
-        vectors.append(ops.mask_pool(np.ascontiguousarray(keys), masks[best : best + 1]))
+        vectors.append(ops.mask_pool(np.ascontiguousarray(keys), np.ascontiguousarray(masks[chosen])))
+        added += [ConceptMask(index, int(q), float(m_conf[q]), float(p_concept[q])) for q in chosen]
     if vectors:
-        database.add(np.concatenate(vectors), [name] * len(vectors))
+        database.add(np.concatenate(vectors), [name] * len(added))
         if thing is not None:
             database.add_class(name, thing=thing)
-    return scores
+    return added
+
+
+def _names(label: str) -> list[str]:
+    return [n.strip() for n in label.split(",") if n.strip()]

@@ -282,9 +282,14 @@ class Segmenter:
         images: Sequence[ImageInput],
         *,
         thing: bool | None = None,
-        min_similarity: float | None = None,
-    ) -> list[float]:
-        """:func:`growth.add_concept` into this segmenter's database."""
+        mask_confidence: float | None = None,
+        class_confidence: float | None = None,
+    ) -> list[growth.ConceptMask]:
+        """:func:`growth.add_concept` into this segmenter's database; the thresholds default to
+        the config's ``concept_mask_confidence`` and ``concept_class_confidence``."""
+        cfg = self.config
         return growth.add_concept(
-            self.models, self.db, self.text, name, images, thing=thing, min_similarity=min_similarity
-        )
+            self.models, self.db, self.text, name, images, thing=thing,
+            mask_confidence=cfg.concept_mask_confidence if mask_confidence is None else mask_confidence,
+            class_confidence=cfg.concept_class_confidence if class_confidence is None else class_confidence,
+        )  # fmt: skip
