@@ -27,7 +27,7 @@ def _dinov2(args: argparse.Namespace) -> int:
     model = load_dinov2(args.checkpoint, args.config)
     result = export_dinov2_onnx(
         model, args.out, size=size, fp16=args.fp16, opset=args.opset, overwrite=args.overwrite,
-        extra=_checkpoint_record(args.checkpoint),
+        extra=_checkpoint_record(args.checkpoint), torch_weights=args.torch_weights,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result.manifest, indent=1))
@@ -78,7 +78,7 @@ def _fcclip(args: argparse.Namespace) -> int:
     model = load_fcclip(args.checkpoint, _json_arg(args.config))
     result = export_fcclip_onnx(
         model, args.out, size=args.size, seen_names=seen, opset=args.opset, overwrite=args.overwrite,
-        extra=_checkpoint_record(args.checkpoint), fp16=args.fp16,
+        extra=_checkpoint_record(args.checkpoint), fp16=args.fp16, torch_weights=args.torch_weights,
     )  # fmt: skip
     if args.json:
         print(json.dumps({"image": result.image.manifest, "text": result.text.manifest}, indent=1))

@@ -213,3 +213,53 @@ def test_text_artefact_carries_the_bpe_vocabulary(tmp_path):
 
     with pytest.raises(ArtifactCorruptError, match=BPE_FILENAME):
         read_manifest(text_dir)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    import onnxruntime as ort
+
+    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.export.fcclip.onnx import ImageGraph, image_comparison
+
+    model = seeded_fcclip()
+    result = export_fcclip_onnx(model, tmp_path_factory.mktemp("check") / "fc", size=(64, 96), seen_names=[],
+                                tokenizer="bytes")  # fmt: skip
+    assert "ov_embed_mask_flips" in result.image.manifest["verification"]
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, 64, 96), dtype=np.float32))
+    session = ort.InferenceSession(str(result.image.model_path), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        reference = ImageGraph(model).eval()(x)
+    return image_comparison(model), actual, list(reference)
+
+
+class TestImageCheck:
+    """The export check never refuses a correct graph for mask pixels that flip at logit ~0, and
+    still catches a wrong one."""
+
+    def test_a_correct_graph_passes(self, outputs):
+        compare, actual, reference = outputs
+        errors, details = compare(actual, reference)
+        assert errors["ov_embed"] <= 1e-3 and errors["mask_flips_beyond_noise"] == 0
+
+    def test_flips_at_zero_are_counted_not_refused(self, outputs):
+        compare, actual, reference = outputs
+        actual, reference = [a.copy() for a in actual], [r.clone() for r in reference]
+        reference[0][0, 0] = 1e-9  # a whole mask sits at 0 ...
+        actual[0][0, 0] = -1e-9  # ... and lands on the other side in ONNX Runtime
+        errors, details = compare(actual, reference)
+        assert details["ov_embed_mask_flips"] > 0 and errors["mask_flips_beyond_noise"] == 0
+
+    def test_a_wrong_graph_is_caught(self, outputs):
+        compare, actual, reference = outputs
+        wrong_ov = [a.copy() for a in actual]
+        wrong_ov[2] = wrong_ov[2] * 1.01
+        assert compare(wrong_ov, reference)[0]["ov_embed"] > 1e-3
+        wrong_mask = [a.copy() for a in actual]
+        wrong_mask[0][0, 1] = -wrong_mask[0][0, 1]  # a mask inverted
+        errors = compare(wrong_mask, reference)[0]
+        assert errors["mask_logits"] > 1e-3 and errors["mask_flips_beyond_noise"] > 0
+        few = [a.copy() for a in actual]  # one CLIP-map cell of one mask flipped: wrong where it is pooled
+        few[0][0, 2, :8, :8] *= -1  # stride-4 logits under the first 32x32-pixel cell
+        assert compare(few, reference)[0]["mask_flips_beyond_noise"] > 0

@@ -48,6 +48,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     dino.add_argument("--out", required=True, help="artefact directory to create")
     dino.add_argument("--fp16", action="store_true", help="fp16 graph (LayerNorm, softmax, residuals stay fp32)")
     dino.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    dino.add_argument(
+        "--torch-weights", action="store_true", help="also save the weights for the torch backend (weights.pt)"
+    )
     dino.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     dino.add_argument("--json", action="store_true", help="print the manifest as JSON")
     dino.set_defaults(run=_run)
@@ -71,6 +74,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     fc.add_argument("--out", required=True, help="directory to create (OUT/image, OUT/text)")
     fc.add_argument("--fp16", action="store_true", help="fp16 image graph (norms, softmax, attention stay fp32)")
     fc.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    fc.add_argument(
+        "--torch-weights", action="store_true", help="also save the weights for the torch backend (weights.pt)"
+    )
     fc.add_argument("--overwrite", action="store_true", help="replace OUT/image and OUT/text if they exist")
     fc.add_argument("--json", action="store_true", help="print the manifests as JSON")
     fc.set_defaults(run=_run)
