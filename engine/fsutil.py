@@ -41,6 +41,12 @@ def create_temp_beside(path: Path) -> tuple[int, Path]:
     symlinks included, is never opened), so a symlink planted in a shared folder cannot redirect
     the write. Names look like ``.NAME.XXXXXXXX.tmp``, which the database's cleanup recognises."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the final file from other readers
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
     return fd, Path(name)
 
 
@@ -75,7 +81,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
     with atomic_path(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | _NOFOLLOW)
         try:
-            os.fchmod(fd, 0o644)
             write_all(fd, data)
         finally:
             os.close(fd)

@@ -718,3 +718,15 @@ def test_cli_segment_goes_on_after_an_image_that_is_refused(demo_models: Path, t
     )  # fmt: skip
     assert done.returncode == 1 and "larger than the limit of 4000000 pixels" in done.stderr
     assert (tmp_path / "out" / "small.json").is_file() and not (tmp_path / "out" / "big.json").exists()
+
+
+def test_atomic_writes_are_readable_by_others(tmp_path: Path) -> None:
+    import stat
+
+    from knnclip.engine.fsutil import atomic_path, atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "a", b"x")
+    with atomic_path(tmp_path / "b") as tmp:
+        tmp.write_bytes(b"y")
+    for name in ("a", "b"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644

@@ -47,13 +47,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     dino.add_argument("--size", default="518", help="input size H or HxW in pixels, multiples of 14 (default 518)")
     dino.add_argument("--out", required=True, help="artefact directory to create")
     dino.add_argument("--fp16", action="store_true", help="fp16 graph (LayerNorm, softmax, residuals stay fp32)")
-    dino.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
-    dino.add_argument(
-        "--torch-weights", action="store_true", help="also save the weights for the torch backend (weights.pt)"
-    )
-    dino.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    dino.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    dino.set_defaults(run=_run)
+    _artefact_options(dino, "replace OUT if it exists")
     fc = models.add_parser(
         "fcclip",
         help="FC-CLIP: the vocabulary-free image part and the CLIP text tower",
@@ -73,13 +67,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     fc.add_argument("--out", required=True, help="directory to create (OUT/image, OUT/text)")
     fc.add_argument("--fp16", action="store_true", help="fp16 image graph (norms, softmax, attention stay fp32)")
-    fc.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
-    fc.add_argument(
+    _artefact_options(fc, "replace OUT/image and OUT/text if they exist")
+
+
+def _artefact_options(p: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """What every export takes: opset, torch weights, overwrite, JSON output."""
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    p.add_argument(
         "--torch-weights", action="store_true", help="also save the weights for the torch backend (weights.pt)"
     )
-    fc.add_argument("--overwrite", action="store_true", help="replace OUT/image and OUT/text if they exist")
-    fc.add_argument("--json", action="store_true", help="print the manifests as JSON")
-    fc.set_defaults(run=_run)
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--json", action="store_true", help="print the manifest(s) as JSON")
+    p.set_defaults(run=_run)
 
 
 def _build(args: argparse.Namespace) -> int:
