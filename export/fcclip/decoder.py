@@ -149,7 +149,7 @@ class TransformerDecoder(nn.Module):
         """-> (class embeddings [B, Q, E], mask logits [B, Q, H/4, W/4], the same of every earlier
         layer (auxiliary predictions)). :meth:`logits` scores embeddings against text."""
         levels = self.cfg.num_feature_levels
-        sizes = [tuple(int(s) for s in m.shape[-2:]) for m in multi_scale]
+        sizes = [m.shape[-2:] for m in multi_scale]  # traced by an export, not baked in (see the pixel decoder)
         pos = [sine_position_embedding(m, self.cfg.hidden_dim // 2).flatten(2).transpose(1, 2) for m in multi_scale]
         src = [
             m.flatten(2).transpose(1, 2) + self.level_embed.weight[i][None, None, :] for i, m in enumerate(multi_scale)

@@ -73,7 +73,9 @@ class DeformableTransformer(nn.Module):
         return torch.cat(refs, 0)[None, :, None, :].expand(1, -1, len(shapes), 2)
 
     def forward(self, srcs: list[Tensor], pos: list[Tensor]) -> Tensor:
-        shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
+        # sizes read from the tensors, not turned into Python ints: an export traces them, so the
+        # graph takes any input size (a Python int would be baked in as a constant)
+        shapes = [(s.shape[2], s.shape[3]) for s in srcs]
         x = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         lvl_pos = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1) for i, p in enumerate(pos)], 1
