@@ -28,17 +28,19 @@ from tests.conftest import SHARED_FIXTURES  # noqa: E402
 from tests.fcclip_helpers import load_fixture  # noqa: E402
 
 
+def seen_names(fx) -> list[str]:
+    """The fixture's training vocabulary: every synonym of its classes marked as overlapping."""
+    classes = fx.config["classes"]
+    pairs = zip(classes["names_with_synonyms"], classes["category_overlapping_mask"], strict=True)
+    return [n for label, seen in pairs if seen for n in label.split(",")]
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer) -> Path:
     """The resize fixture's FC-CLIP (288x384) and the DINOv2 fixture, exported with torch weights."""
     fx = load_fixture("fcclip_resize")
     root = tmp_path_factory.mktemp("models")
-    classes = fx.config["classes"]
-    seen = [
-        n for label, o in zip(classes["names_with_synonyms"], classes["category_overlapping_mask"], strict=True) if o
-        for n in label.split(",")
-    ]  # fmt: skip
-    export_fcclip_onnx(fx.model, root / "fcclip", size=fx.padded, seen_names=seen, torch_weights=True)
+    export_fcclip_onnx(fx.model, root / "fcclip", size=fx.padded, seen_names=seen_names(fx), torch_weights=True)
     dino_dir = SHARED_FIXTURES / "dinov2"
     dinov2 = load_dinov2(dino_dir / "checkpoint.pth", json.loads((dino_dir / "config.json").read_text()))
     export_dinov2_onnx(dinov2, root / "dinov2", size=(224, 224), torch_weights=True)
@@ -311,3 +313,45 @@ def test_cli_segment_and_add_class(models, tmp_path, capsys):
     assert semantic.shape == (250, 330)
     assert set(np.unique(semantic).tolist()) <= {int(c) for c in report["semantic_classes"]}
     assert (tmp_path / "out" / "a.overlay.png").is_file() and (tmp_path / "out" / "a.panoptic.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def dynamic_models(tmp_path_factory, models) -> Path:
+    """The same models with FC-CLIP exported with dynamic spatial axes."""
+    import shutil
+
+    fx = load_fixture("fcclip_resize")
+    root = tmp_path_factory.mktemp("dynamic-models")
+    shutil.copytree(models / "dinov2", root / "dinov2")
+    export_fcclip_onnx(fx.model, root / "fcclip", size=None, seen_names=seen_names(fx), torch_weights=True)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("image_hw", "fed_hw"),
+    [((300, 400), (288, 384)), ((400, 300), (384, 288)), ((350, 350), (288, 288)), ((250, 330), (288, 384))],
+    ids=["landscape", "portrait", "square", "fixture"],
+)  # fmt: skip
+def test_each_image_reaches_fcclip_at_its_official_size(dynamic_models, tmp_path, image_hw, fed_hw):
+    """FC-CLIP's test size: short side to min_size_test (288 here), padded to 32, whatever the aspect."""
+    with open_segmenter(dynamic_models, tmp_path / "db") as seg:
+        fed = []
+        infer = seg.models.fcclip.infer
+        seg.models.fcclip.infer = lambda feed: (fed.append(feed["images"].shape), infer(feed))[1]
+        pixels = np.random.default_rng(0).integers(0, 255, (*image_hw, 3), dtype=np.uint8)
+        result = seg.segment(pixels)
+        assert fed == [(1, 3, *fed_hw)] and result.semantic.shape == image_hw
+        fed.clear()
+        other = np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+        batch = seg.segment_batch([pixels, other, pixels], batch_size=3)
+        assert sorted(fed) == sorted(
+            [(2, 3, *fed_hw), (1, 3, 288, 288)] if fed_hw != (288, 288) else [(3, 3, 288, 288)]
+        )
+        np.testing.assert_array_equal(batch[0].semantic, result.semantic)
+
+
+def test_dynamic_graph_gives_the_official_fcclip_output(dynamic_models, tmp_path):
+    fx = load_fixture("fcclip_resize")
+    with open_segmenter(dynamic_models, tmp_path / "db") as seg:
+        result = seg.segment(image())
+    np.testing.assert_array_equal(result.panoptic, fx.io["panoptic_seg"])

@@ -56,7 +56,8 @@ class ReferencePipeline:
         self.id_to_index = {c.id: i for i, c in enumerate(self.vocab)}
         self.retrieval = retrieval or RetrievalConfig()
         self.seen = torch.zeros(len(self.vocab), device=self.dev)
-        self.fixed: tuple[int, int] = tuple(image_manifest["input_size"])
+        size = image_manifest.get("input_size")
+        self.fixed: tuple[int, int] | None = tuple(size) if size else None  # None: each image its own size
         self.dino_size = self.dinov2.config.img_size
 
     def _sync(self) -> None:
@@ -72,12 +73,12 @@ class ReferencePipeline:
 
         torch, dev, cfg = self.torch, self.dev, self.cfg
         h, w = pixels.shape[:2]
-        size, _ = fcclip_sizes((h, w), short=cfg.min_size_test, max_size=cfg.max_size_test, pad_to=self.fixed)
+        size, padded = fcclip_sizes((h, w), short=cfg.min_size_test, max_size=cfg.max_size_test, pad_to=self.fixed)
         resized = np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BILINEAR))
         mean = torch.tensor(cfg.pixel_mean, device=dev).view(3, 1, 1)
         std = torch.tensor(cfg.pixel_std, device=dev).view(3, 1, 1)
         x = (torch.from_numpy(resized).to(dev).permute(2, 0, 1).float() - mean) / std
-        x = F.pad(x, (0, self.fixed[1] - size[1], 0, self.fixed[0] - size[0]))[None]
+        x = F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]))[None]
         d = torch.from_numpy(pixels).to(dev).permute(2, 0, 1)[None].float() / 255
         d = F.interpolate(d, size=(self.dino_size, self.dino_size), mode="bicubic", align_corners=False)
         d = (d - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(
@@ -128,7 +129,8 @@ class ReferencePipeline:
     def postprocess(self, mask_cls: Any, masks: Any, size: tuple[int, int], original: tuple[int, int]) -> None:
         from knnclip.export.fcclip import inference as fc
 
-        full = fc.resize_masks(masks, self.fixed, size, original)
+        padded = (int(masks.shape[-2]) * 4, int(masks.shape[-1]) * 4)  # the masks are at stride 4 of the input
+        full = fc.resize_masks(masks, padded, size, original)
         semantic = fc.semantic_inference(mask_cls, full).argmax(0)
         thresholds = self.cfg.object_mask_threshold, self.cfg.overlap_threshold
         fc.panoptic_inference(mask_cls, full, [False] * len(self.vocab), *thresholds)

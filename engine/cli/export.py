@@ -58,7 +58,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     fc.add_argument(
         "--config", help="a JSON object or file: our FCCLIPConfig JSON or the official settings; default ConvNeXt-L"
     )
-    fc.add_argument("--size", default="800x1088", help="fixed input size HxW, multiples of 32 (default 800x1088)")
+    fc.add_argument(
+        "--size", help="a fixed input size HxW, multiples of 32; default: dynamic spatial axes, so every image runs "
+        "at FC-CLIP's own test size (short side 800, long side at most 1333, padded to 32)",
+    )  # fmt: skip
     fc.add_argument(
         "--seen-names",
         help="text file of FC-CLIP's training class names (one class per line, synonyms comma-separated); "

@@ -76,7 +76,8 @@ class ModelSet:
             min_size=int(pre["min_size_test"]),
             max_size=int(pre["max_size_test"]),
         )
-        self.fcclip_size: tuple[int, int] = tuple(m["input_size"])
+        # None: a graph with dynamic spatial axes, fed each image at FC-CLIP's own test size
+        self.fcclip_size: tuple[int, int] | None = tuple(m["input_size"]) if m.get("input_size") else None
         self.dinov2_size: tuple[int, int] = tuple(self.dinov2.manifest["input_size"])
         self.embedding_dim = int(self.dinov2.outputs[0].shape[1])
         self.text_weights_sha256 = str(self.text.manifest["weights_sha256"])

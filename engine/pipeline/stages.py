@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,8 @@ class Fusion:
 
 # Preprocess -------------------------------------------------------------------------------------
 def fcclip_input_for(models: ModelSet, pixels: np.ndarray) -> FCCLIPInput:
-    """FC-CLIP's test-time input for ``pixels`` (uint8 [H, W, 3]) at the exported graph's size."""
+    """FC-CLIP's test-time input for ``pixels`` (uint8 [H, W, 3]): resized to its official test size
+    and padded to 32 for a graph with dynamic spatial axes, fitted into a fixed graph's size."""
     head = models.head
     return fcclip_input(
         pixels, head.pixel_mean, head.pixel_std, short=head.min_size, max_size=head.max_size, pad_to=models.fcclip_size
@@ -104,6 +106,22 @@ def classify(
 
 
 # Propose ----------------------------------------------------------------------------------------
+def _fcclip_by_shape(models: ModelSet, tensors: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """FC-CLIP's outputs per image, one model call per group of equally sized inputs (a graph
+    with dynamic spatial axes gets images of several sizes in one batch)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.shape, []).append(i)
+    out: dict[str, list[Any]] = {}
+    for members in groups.values():
+        result = models.fcclip.infer({"images": np.concatenate([tensors[i] for i in members])})
+        for name, value in result.items():
+            slots = out.setdefault(name, [None] * len(tensors))
+            for row, i in enumerate(members):
+                slots[i] = value[row]
+    return out
+
+
 def propose(
     models: ModelSet,
     classifier: Classifier,
@@ -118,9 +136,8 @@ def propose(
     when given, else to ``timer``."""
     with timer.stage("preprocess"):
         xs = [fcclip_input_for(models, pixels) for pixels in images]
-        fcclip_in = np.concatenate([x.tensor for x in xs])
     with timer.stage("fcclip"):
-        out = models.fcclip.infer({"images": fcclip_in})
+        out = _fcclip_by_shape(models, [x.tensor for x in xs])
     with timer.stage("dinov2"):
         keys = dinov2_keys(models, images)
     proposals = []

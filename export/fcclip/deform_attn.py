@@ -62,9 +62,9 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).reshape(batch, lq, h, lv, p, 2)
         weights = F.softmax(self.attention_weights(query).reshape(batch, lq, h, lv * p), dim=-1)
         weights = weights.reshape(batch, lq, h, lv, p)
-        normaliser = torch.stack(
-            [torch.stack([torch.as_tensor(w), torch.as_tensor(hh)]) for hh, w in shapes]
-        ).to(dtype=query.dtype, device=query.device)
+        normaliser = torch.stack([torch.stack([torch.as_tensor(w), torch.as_tensor(hh)]) for hh, w in shapes]).to(
+            dtype=query.dtype, device=query.device
+        )
         locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         out = torch.zeros(batch, h, lq, head_dim, dtype=query.dtype, device=query.device)
         start = 0

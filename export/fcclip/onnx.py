@@ -92,6 +92,29 @@ def head_constants(model: FCCLIP) -> dict[str, Any]:
     }
 
 
+def image_axes(dynamic: bool) -> dict[str, dict[int, str]]:
+    """The dynamic axes of the image graph: the batch, and with ``dynamic`` the spatial ones."""
+    if not dynamic:
+        return {name: {0: "batch"} for name in ("images", *IMAGE_OUTPUTS)}
+    return {
+        "images": {0: "batch", 2: "height", 3: "width"},
+        "mask_logits": {0: "batch", 2: "height/4", 3: "width/4"},
+        "class_embed": {0: "batch"},
+        "ov_embed": {0: "batch"},
+        "clip_dense": {0: "batch", 2: "height/32", 3: "width/32"},
+    }
+
+
+def cfg_min_size(model: FCCLIP) -> int:
+    return int(model.config.inference.min_size_test)
+
+
+def input_range(model: FCCLIP) -> dict[str, Any]:
+    """The input sizes a dynamic image graph takes: FC-CLIP's test sizes, padded to 32."""
+    longest = -(-int(model.config.inference.max_size_test) // 32) * 32
+    return {"min": [32, 32], "max": [longest, longest], "divisibility": 32}
+
+
 def image_comparison(model: FCCLIP) -> Comparison:
     """The export check of the image graph (see ``FLIP_NOISE``): continuous outputs element by
     element; ``ov_embed`` against torch's pooling and projection under ONNX Runtime's own binary
@@ -127,7 +150,7 @@ def export_fcclip_onnx(
     model: FCCLIP,
     out_dir: str | os.PathLike[str],
     *,
-    size: int | str | tuple[int, int] = (800, 1088),
+    size: int | str | tuple[int, int] | None = (800, 1088),
     seen_names: list[str] | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
@@ -141,14 +164,22 @@ def export_fcclip_onnx(
     Parameters
     ----------
     size
-        The fixed input size (H, W), multiples of 32; images are resized to fit and padded to it.
+        The fixed input size (H, W), multiples of 32 (images are resized to fit and padded to it),
+        or ``None`` for a graph with dynamic spatial axes: each image then runs at FC-CLIP's own
+        test size (short side ``min_size_test``, long side at most ``max_size_test``, padded to 32).
+        A dynamic graph is checked against torch at its traced size and at the transposed one.
     seen_names
         The class names (all synonyms) of FC-CLIP's training vocabulary: a class whose name is
         among them gets the geometric ensemble's ``alpha``, others ``beta``. Stored in the manifest
         with where it came from. ``None``: COCO panoptic's 133 classes, what the official
         checkpoints are trained on (``knnclip.export.fcclip.vocabularies``).
     """
-    height, width = parse_size(size)
+    dynamic = size is None
+    if dynamic:  # traced at FC-CLIP's test size of a 4:3 landscape image, checked at its portrait too
+        short = -(-cfg_min_size(model) // 32) * 32
+        height, width = short, -(-round(short * 4 / 3) // 32) * 32
+    else:
+        height, width = parse_size(size)
     cfg = model.config
     if tokenizer not in ("clip-bpe", "bytes"):
         raise InvalidInputError(f"tokenizer must be 'clip-bpe' or 'bytes', got {tokenizer!r}")
@@ -164,26 +195,33 @@ def export_fcclip_onnx(
         "model": {"architecture": "fcclip", "config": cfg.to_json()},
         **(extra or {}),
     }
+
+    def spatial(stride: int) -> list[int | str]:
+        if dynamic:
+            return ["height", "width"] if stride == 1 else [f"height/{stride}", f"width/{stride}"]
+        return [height // stride, width // stride]
+
     image = export_graph(
         Graph(
             module=ImageGraph(model).eval(),
             inputs={"images": images},
             outputs=IMAGE_OUTPUTS,
-            dynamic_axes={name: {0: "batch"} for name in ("images", *IMAGE_OUTPUTS)},
+            dynamic_axes=image_axes(dynamic),
             export_module=half_compute_copy(ImageGraph(model).eval(), FP16_PARTS) if fp16 else None,
         ),
         out / "image",
         {
             **common,
             "kind": KIND_IMAGE,
-            "inputs": [{"name": "images", "shape": ["batch", 3, height, width], "dtype": "float32"}],
+            "inputs": [{"name": "images", "shape": ["batch", 3, *spatial(1)], "dtype": "float32"}],
             "outputs": [
-                {"name": "mask_logits", "shape": ["batch", q, height // 4, width // 4], "dtype": "float32"},
+                {"name": "mask_logits", "shape": ["batch", q, *spatial(4)], "dtype": "float32"},
                 {"name": "class_embed", "shape": ["batch", q, e], "dtype": "float32"},
                 {"name": "ov_embed", "shape": ["batch", q, e], "dtype": "float32"},
-                {"name": "clip_dense", "shape": ["batch", c5, height // 32, width // 32], "dtype": "float32"},
+                {"name": "clip_dense", "shape": ["batch", c5, *spatial(32)], "dtype": "float32"},
             ],
-            "input_size": [height, width],
+            "input_size": None if dynamic else [height, width],
+            **({"input_range": {**input_range(model), "opt": [height, width]}} if dynamic else {}),
             "preprocessing": {
                 "layout": "NCHW RGB in 0..255, resized (short side, bilinear), then",
                 "mean": list(cfg.inference.pixel_mean),
@@ -211,6 +249,8 @@ def export_fcclip_onnx(
         opset=opset,
         overwrite=overwrite,
         torch_weights=torch_weights,
+        # a dynamic graph must also be right at a size it was not traced at
+        extra_feeds=[{"images": images.transpose(2, 3).contiguous()}] if dynamic else (),
     )
     tokens = torch.from_numpy(rng.integers(1, cfg.clip.vocab_size - 2, (3, cfg.clip.context_length)))
     tokens[:, 0] = cfg.clip.vocab_size - 2  # start of text

@@ -52,7 +52,11 @@ def import_tensorrt() -> Any:
 
 
 def profiles_for(manifest: dict[str, Any], settings: BuildSettings) -> list[tuple[str, tuple, tuple, tuple]]:
-    """(name, min, opt, max) per input: named (dynamic) axes run 1..max_batch, fixed ones as they are."""
+    """(name, min, opt, max) per input: the batch axis runs 1..max_batch; ``height``/``width`` axes
+    (an image graph with dynamic spatial axes) cover the manifest's ``input_range``, tuned for its
+    ``opt`` size; fixed axes are as they are."""
+    spatial = manifest.get("input_range") or {}
+    axis = {"height": 0, "width": 1}
     out = []
     for spec in manifest["inputs"]:
         name = spec["name"]
@@ -60,9 +64,16 @@ def profiles_for(manifest: dict[str, Any], settings: BuildSettings) -> list[tupl
             lo, opt, hi = settings.extra_profiles[name]
             out.append((name, tuple(lo), tuple(opt), tuple(hi)))
             continue
-        lo = tuple(1 if isinstance(d, str) else int(d) for d in spec["shape"])
-        hi = tuple(settings.max_batch if isinstance(d, str) else int(d) for d in spec["shape"])
-        out.append((name, lo, hi, hi))
+
+        def bound(d: int | str, which: str) -> int:
+            if not isinstance(d, str):
+                return int(d)
+            if d in axis and spatial:
+                return int(spatial[which][axis[d]])
+            return {"min": 1, "opt": settings.max_batch, "max": settings.max_batch}[which]
+
+        lo, opt, hi = (tuple(bound(d, which) for d in spec["shape"]) for which in ("min", "opt", "max"))
+        out.append((name, lo, opt, hi))
     return out
 
 
