@@ -99,3 +99,22 @@ def test_two_processes_build_once(tmp_path: Path):
     got = {line.split(" got ")[1] for line in lines if " got " in line}
     assert len(builds) == 1, lines
     assert got == {f"plan from {builds[0].split()[0]}"}, "both processes use the one engine built"
+
+
+def test_profiles_cover_a_dynamic_image_graphs_input_range():
+    """TensorRT's optimisation profile of an image graph with dynamic spatial axes spans its
+    manifest's input_range (batch 1..max_batch); fixed axes stay as they are."""
+    from knnclip.engine.backends.tensorrt.builder import BuildSettings, profiles_for
+
+    manifest = {
+        "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
+        "input_range": {"min": [32, 32], "opt": [800, 1088], "max": [1344, 1344], "divisibility": 32},
+    }
+    ((name, lo, opt, hi),) = profiles_for(manifest, BuildSettings(max_batch=4))
+    assert name == "images" and lo == (1, 3, 32, 32) and opt == (4, 3, 800, 1088) and hi == (4, 3, 1344, 1344)
+    fixed = {"inputs": [{"name": "images", "shape": ["batch", 3, 512, 704], "dtype": "float32"}]}
+    assert profiles_for(fixed, BuildSettings(max_batch=2))[0][1:] == (
+        (1, 3, 512, 704),
+        (2, 3, 512, 704),
+        (2, 3, 512, 704),
+    )
