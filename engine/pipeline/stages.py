@@ -130,8 +130,8 @@ def propose(
     timer: Timer,
     per_image: Sequence[Timer] | None = None,
 ) -> list[Proposal]:
-    """Everything before the database, for several images, each model run once on all of them
-    (every FC-CLIP input is padded to the model's input size, every DINOv2 input is its square).
+    """Everything before the database, for several images: FC-CLIP once per group of equally
+    sized inputs (one group for a fixed-size graph), DINOv2 once (every input is its square).
     The batch stages go to ``timer``; the per-image ones (classify, pool) to ``per_image[i]``
     when given, else to ``timer``."""
     with timer.stage("preprocess"):
