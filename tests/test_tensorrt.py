@@ -39,3 +39,152 @@ def test_engine_matches_onnxruntime(tmp_path, monkeypatch):
     trt = open_session(tmp_path / "fc" / "image", "tensorrt", "cuda").infer(feed)
     for name, value in ref.items():
         assert np.linalg.norm(trt[name] - value) / np.linalg.norm(value) <= 1e-3, name
+
+
+class _Buffer:
+    allocations: list[int] = []
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes, self.freed = nbytes, False
+        _Buffer.allocations.append(nbytes)
+
+    def __int__(self) -> int:
+        return id(self)
+
+    def free(self) -> None:
+        self.freed = True
+
+
+class _Context:
+    """TensorRT's execution context for a graph images [batch, 3, H, W] -> masks [batch, 5, H/4, W/4]."""
+
+    def __init__(self) -> None:
+        self.shapes: dict = {}
+        self.addresses: dict = {}
+
+    def set_input_shape(self, name, shape) -> bool:
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        b, _, h, w = self.shapes["images"]
+        return (b, 3, h, w) if name == "images" else (b, 5, h // 4, w // 4)
+
+    def set_tensor_address(self, name, address) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream) -> bool:
+        return True
+
+
+class _Engine:
+    num_io_tensors = 2
+
+    def __init__(self) -> None:
+        self.context = _Context()
+
+    def get_tensor_name(self, i):
+        return ("images", "masks")[i]
+
+    def get_tensor_dtype(self, name):
+        return "float32"
+
+    def get_tensor_mode(self, name):
+        return "input" if name == "images" else "output"
+
+    def get_tensor_profile_shape(self, name, profile):
+        return (1, 3, 32, 32), (4, 3, 800, 1088), (4, 3, 1344, 1344)
+
+    def create_execution_context(self):
+        return self.context
+
+
+def fake_tensorrt_modules(monkeypatch, engine: _Engine, pushes: list) -> None:
+    """Stand-ins for the parts of tensorrt and pycuda the session uses, recording what it asks."""
+    import sys
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
+                                       "deserialize_cuda_engine": lambda self, plan: engine})  # fmt: skip
+    trt.nptype = lambda dtype: np.float32
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input")
+    context = types.SimpleNamespace(push=lambda: pushes.append("push"), pop=lambda: pushes.append("pop"))
+    cuda = types.ModuleType("pycuda.driver")
+    cuda.init = lambda: None
+    cuda.Device = lambda i: types.SimpleNamespace(retain_primary_context=lambda: context)
+    cuda.Stream = lambda: types.SimpleNamespace(handle=0, synchronize=lambda: None)
+    cuda.mem_alloc = _Buffer
+    cuda.memcpy_htod_async = lambda dst, src, stream: None
+    cuda.memcpy_dtoh_async = lambda dst, src, stream: None
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = cuda
+    for name, module in (("tensorrt", trt), ("pycuda", pycuda), ("pycuda.driver", cuda)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_output_buffers_follow_the_shapes_tensorrt_resolves(monkeypatch, tmp_path):
+    """A dynamic batch and spatial size: each call's output buffer holds what the context reports
+    for that call (the old sizing turned the dynamic axes into 1), grown only when needed, and the
+    primary context is pushed and popped around every call."""
+    from knnclip.engine.backends.tensorrt.session import TensorRTSession
+    from knnclip.engine.errors import InvalidInputError
+
+    engine, pushes = _Engine(), []
+    fake_tensorrt_modules(monkeypatch, engine, pushes)
+    manifest = {
+        "kind": "fcclip-image",
+        "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
+        "outputs": [{"name": "masks", "shape": ["batch", 5, "height/4", "width/4"], "dtype": "float32"}],
+    }
+    _Buffer.allocations = []
+    session = TensorRTSession(tmp_path, manifest, b"plan")
+    out = session.infer({"images": np.zeros((2, 3, 64, 96), np.float32)})
+    assert out["masks"].shape == (2, 5, 16, 24)
+    assert _Buffer.allocations == [2 * 3 * 64 * 96 * 4, 2 * 5 * 16 * 24 * 4]
+    session.infer({"images": np.zeros((1, 3, 32, 32), np.float32)})  # smaller: the buffers are reused
+    assert len(_Buffer.allocations) == 2
+    out = session.infer({"images": np.zeros((4, 3, 128, 160), np.float32)})  # larger: grown
+    assert out["masks"].shape == (4, 5, 32, 40) and _Buffer.allocations[-1] == 4 * 5 * 32 * 40 * 4
+    assert pushes == ["push", "pop"] * 4, "constructed and called in the primary context"
+    with pytest.raises(InvalidInputError, match="outside the engine's profile"):
+        session.infer({"images": np.zeros((5, 3, 64, 96), np.float32)})
+    engine.context.set_input_shape = lambda name, shape: False
+    with pytest.raises(InvalidInputError, match="refused the shape"):
+        session.infer({"images": np.zeros((1, 3, 64, 96), np.float32)})
+    session.close()
+
+
+def test_onnxruntime_tensorrt_provider_caches_its_engines(tmp_path):
+    from knnclip.engine.backends.onnxruntime import providers_for
+
+    (name, options), *rest = providers_for("tensorrt", tmp_path / "cache")
+    assert name == "TensorrtExecutionProvider" and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == str(tmp_path / "cache")
+    assert options["trt_timing_cache_enable"] == "True"
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+
+
+def test_auto_backend_falls_back_when_a_runtime_fails_to_open(monkeypatch, tmp_path, caplog):
+    """A provider or driver failure while creating a session moves 'auto' on to the next backend
+    with a warning; naming the backend still raises it."""
+    pytest.importorskip("torch", reason="the fallback here is the torch backend")
+    from knnclip.engine import backends
+    from knnclip.engine.backends import onnxruntime as ort_backend
+    from knnclip.engine.demo.run import seeded_dinov2
+    from knnclip.export.onnx import export_dinov2_onnx
+
+    export_dinov2_onnx(seeded_dinov2(), tmp_path / "dinov2", size=56, torch_weights=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(ort_backend, "OrtSession", broken)
+    with caplog.at_level("WARNING"):
+        session = backends.open_session(tmp_path / "dinov2", "auto", "cpu")
+    assert session.backend == "torch" and "onnxruntime could not open" in caplog.text
+    session.close()
+    with pytest.raises(RuntimeError, match="insufficient"):
+        backends.open_session(tmp_path / "dinov2", "onnxruntime", "cpu")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from knnclip.engine.artifact import read_manifest
 from knnclip.engine.backends.base import Session, TensorSpec
-from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.errors import BackendUnavailableError, KnnclipError
 
 log = logging.getLogger("knnclip.backends")
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
@@ -85,6 +85,15 @@ def open_session(
             if backend != "auto":
                 raise
             reasons.append(f"{name}: {exc}")
+            continue
+        except KnnclipError:
+            raise  # the artefact or the input is at fault, not the backend
+        except Exception as exc:  # a runtime that fails to create its session (a provider, a driver)
+            if backend != "auto":
+                raise
+            log.warning("%s could not open %s (%s: %s); trying the next backend", name, directory,
+                        type(exc).__name__, exc)  # fmt: skip
+            reasons.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         log.info("opened %r", session)
         return session

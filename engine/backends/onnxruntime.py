@@ -26,6 +26,24 @@ _PROVIDERS = {
 }
 
 
+def providers_for(device: str, cache_dir: Path | None = None) -> list[Any]:
+    """ONNX Runtime's providers for ``device``; the TensorRT provider keeps its engines and timing
+    cache in ``cache_dir`` (inside the engine cache), so it does not rebuild on every session."""
+    wanted = _PROVIDERS.get(device)
+    if wanted is None:
+        raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
+    if wanted[0] != "TensorrtExecutionProvider":
+        return list(wanted)
+    from knnclip.engine.backends.tensorrt.cache import default_root
+
+    cache = str(cache_dir or default_root() / "onnxruntime-tensorrt")
+    options = {
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
+    }  # fmt: skip
+    return [("TensorrtExecutionProvider", options), *wanted[1:]]
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -47,12 +65,11 @@ class OrtSession(Session):
         super().__init__(directory, manifest, device)
         import onnxruntime as ort
 
-        wanted = _PROVIDERS.get(device)
-        if wanted is None:
-            raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
-        if wanted[0] not in ort.get_available_providers():
+        wanted = providers_for(device)
+        first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
+        if first not in ort.get_available_providers():
             raise BackendUnavailableError(
-                f"ONNX Runtime here has no {wanted[0]} (available: {ort.get_available_providers()}); "
+                f"ONNX Runtime here has no {first} (available: {ort.get_available_providers()}); "
                 "install onnxruntime-gpu for CUDA/TensorRT, or use device='cpu'"
             )
         options = ort.SessionOptions()

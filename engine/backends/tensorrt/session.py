@@ -1,8 +1,11 @@
 """The TensorRT backend: an engine for this GPU from the engine cache (built on first use when
 the export side is installed), run with ``execute_async_v3`` on its own CUDA stream.
 
-Buffers: pycuda (cuda-python would do as well). Device buffers for
-every I/O tensor are allocated once, at the profile's largest shapes, and reused.
+Buffers: pycuda (cuda-python would do as well), in the device's primary context (shared with
+torch and ONNX Runtime, pushed around every call, so any thread can call). Each call sets the
+input shapes, reads the output shapes TensorRT resolves from them, and (re)allocates a tensor's
+device buffer only when it needs more than the last one held; every TensorRT call that can fail
+is checked.
 
 Thread safety: one execution context and one set of buffers per session, guarded by a lock, so
 concurrent ``infer`` calls run one after another; open one session per thread for parallel work.
@@ -43,68 +46,99 @@ class TensorRTSession(Session):
 
     def __init__(self, directory: Path, manifest: dict[str, Any], plan: bytes) -> None:
         super().__init__(directory, manifest, "cuda")
-        import pycuda.autoinit  # noqa: F401 - creates the CUDA context
         import pycuda.driver as cuda
         import tensorrt as trt
 
         self._cuda = cuda
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(plan)
-        if self._engine is None:
-            raise ArtifactCorruptError(
-                directory, "TensorRT could not deserialise the cached engine (another TensorRT version or GPU?); "
-                "delete ~/.cache/knnclip/engines or run `knnclip build` again"
-            )  # fmt: skip
-        self._context = self._engine.create_execution_context()
-        self._stream = cuda.Stream()
+        # The device's primary context, shared with torch and ONNX Runtime (pycuda.autoinit would
+        # make a private one, current on the importing thread only); pushed around every call.
+        cuda.init()
+        self._ctx = cuda.Device(0).retain_primary_context()
+        self._ctx.push()
+        try:
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(plan)
+            if self._engine is None:
+                raise ArtifactCorruptError(
+                    directory, "TensorRT could not deserialise the cached engine (another TensorRT version or "
+                    "GPU?); delete ~/.cache/knnclip/engines or run `knnclip build` again",
+                )  # fmt: skip
+            self._context = self._engine.create_execution_context()
+            self._stream = cuda.Stream()
+        finally:
+            self._ctx.pop()
         self._lock = threading.Lock()
-        self._buffers: dict[str, Any] = {}
-        self._max_shapes: dict[str, tuple[int, ...]] = {}
+        self._buffers: dict[str, Any] = {}  # device buffers, grown to the largest size a call needed
+        self._capacity: dict[str, int] = {}
+        self._profiles: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # input -> (min, max)
+        self._dtypes: dict[str, np.dtype] = {}
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
-            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            self._dtypes[name] = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                _, _, largest = self._engine.get_tensor_profile_shape(name, 0)
-                self._max_shapes[name] = tuple(largest)
-            else:
-                largest = tuple(abs(d) for d in self._engine.get_tensor_shape(name))
-            self._buffers[name] = cuda.mem_alloc(int(np.prod(self._max_shape(largest))) * dtype.itemsize)
-            self._context.set_tensor_address(name, int(self._buffers[name]))
+                smallest, _, largest = self._engine.get_tensor_profile_shape(name, 0)
+                self._profiles[name] = (tuple(smallest), tuple(largest))
 
-    def _max_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Outputs' dynamic (batch) axes take the inputs' largest batch."""
-        batch = max((s[0] for s in self._max_shapes.values()), default=1)
-        return tuple(batch if d in (0, -1) else d for d in shape)
+    def _buffer(self, name: str, nbytes: int) -> int:
+        """The device address of ``name``'s buffer, (re)allocated when ``nbytes`` do not fit. Output
+        sizes come from the context once the input shapes are set: an engine with dynamic axes
+        (batch, or an image graph's height and width) has no fixed output size to allocate once."""
+        if self._capacity.get(name, -1) < nbytes:
+            old = self._buffers.pop(name, None)
+            if old is not None:
+                old.free()
+            self._buffers[name] = self._cuda.mem_alloc(max(nbytes, 1))
+            self._capacity[name] = nbytes
+        address = int(self._buffers[name])
+        if not self._context.set_tensor_address(name, address):
+            raise BackendUnavailableError(f"{self}: TensorRT refused the address of tensor {name!r}")
+        return address
 
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         cuda = self._cuda
         with self._lock:
-            for spec in self.inputs:
-                array = np.ascontiguousarray(feed[spec.name])
-                largest = self._max_shapes.get(spec.name)
-                if largest is not None and any(a > b for a, b in zip(array.shape, largest, strict=True)):
-                    raise InvalidInputError(
-                        f"{self}: input {spec.name!r} of shape {list(array.shape)} is outside the engine's "
-                        f"profile (at most {list(largest)}); rebuild the engine with a larger max batch"
-                    )
-                self._context.set_input_shape(spec.name, array.shape)
-                cuda.memcpy_htod_async(self._buffers[spec.name], array, self._stream)
-            if not self._context.execute_async_v3(self._stream.handle):
-                raise BackendUnavailableError(f"{self}: TensorRT failed to run the engine")
-            out = {}
-            for spec in self.outputs:
-                shape = tuple(self._context.get_tensor_shape(spec.name))
-                host = np.empty(shape, spec.dtype)
-                cuda.memcpy_dtoh_async(host, self._buffers[spec.name], self._stream)
-                out[spec.name] = host
-            self._stream.synchronize()
-            return out
+            self._ctx.push()
+            try:
+                for spec in self.inputs:
+                    array = np.ascontiguousarray(feed[spec.name])
+                    smallest, largest = self._profiles[spec.name]
+                    outside = any(a < lo or a > hi for a, lo, hi in zip(array.shape, smallest, largest, strict=True))
+                    if outside:
+                        raise InvalidInputError(
+                            f"{self}: input {spec.name!r} of shape {list(array.shape)} is outside the engine's "
+                            f"profile ({list(smallest)} to {list(largest)}); rebuild the engine for it"
+                        )
+                    if not self._context.set_input_shape(spec.name, array.shape):
+                        raise InvalidInputError(
+                            f"{self}: TensorRT refused the shape {list(array.shape)} of {spec.name!r}"
+                        )
+                    self._buffer(spec.name, array.nbytes)
+                    cuda.memcpy_htod_async(self._buffers[spec.name], array, self._stream)
+                shapes = {}
+                for spec in self.outputs:
+                    shape = tuple(int(d) for d in self._context.get_tensor_shape(spec.name))
+                    if any(d < 0 for d in shape):
+                        raise BackendUnavailableError(f"{self}: TensorRT left the shape of {spec.name!r} unresolved")
+                    shapes[spec.name] = shape
+                    self._buffer(spec.name, int(np.prod(shape)) * self._dtypes[spec.name].itemsize)
+                if not self._context.execute_async_v3(self._stream.handle):
+                    raise BackendUnavailableError(f"{self}: TensorRT failed to run the engine")
+                out = {}
+                for spec in self.outputs:
+                    host = np.empty(shapes[spec.name], self._dtypes[spec.name])
+                    cuda.memcpy_dtoh_async(host, self._buffers[spec.name], self._stream)
+                    out[spec.name] = host
+                self._stream.synchronize()
+                return out
+            finally:
+                self._ctx.pop()
 
     def close(self) -> None:
         with self._lock:
             for buffer in self._buffers.values():
                 buffer.free()
             self._buffers.clear()
+            self._capacity.clear()
             self._context = None
             self._engine = None
