@@ -183,6 +183,19 @@ def semantic_map(p: Proposal, mask_cls: np.ndarray) -> np.ndarray:
     return p.classifier.ids[labels]
 
 
+@contextmanager
+def _memory_named(p: Proposal) -> Iterator[None]:
+    try:
+        yield
+    except MemoryError:
+        h, w = p.x.original
+        raise OutOfMemoryError(
+            f"a {w}x{h} image needs more memory than is free for its post-processing (about 32 bytes per "
+            f"pixel plus {postprocess.FULL_MASKS_BUDGET >> 20} MiB); downscale it or lower "
+            "KNNCLIP_MAX_IMAGE_PIXELS so such images are refused when decoded"
+        ) from None
+
+
 def decide(
     head: FCCLIPHead,
     p: Proposal,
@@ -200,37 +213,10 @@ def decide(
     Memory: the mask budget of ``postprocess`` plus about 32 bytes per image pixel, whatever the
     number of queries; running out of it is an ``OutOfMemoryError`` naming the image size, not a
     crash of the whole batch."""
-    with _memory_named(p):
-        return _decide(head, p, sims, labels, cfg, timer, panoptic, instance)
-
-
-@contextmanager
-def _memory_named(p: Proposal) -> Iterator[None]:
-    try:
-        yield
-    except MemoryError:
-        h, w = p.x.original
-        raise OutOfMemoryError(
-            f"a {w}x{h} image needs more memory than is free for its post-processing (about 32 bytes per "
-            f"pixel plus {postprocess.FULL_MASKS_BUDGET >> 20} MiB); downscale it or lower "
-            "KNNCLIP_MAX_IMAGE_PIXELS so such images are refused when decoded"
-        ) from None
-
-
-def _decide(
-    head: FCCLIPHead,
-    p: Proposal,
-    sims: np.ndarray,
-    labels: np.ndarray,
-    cfg: RetrievalConfig,
-    timer: Timer,
-    panoptic: bool,
-    instance: bool,
-) -> Result:
     classifier = p.classifier
     with timer.stage("fuse"):
         fusion = fuse(p, sims, labels, cfg)
-    with timer.stage("postprocess"):
+    with timer.stage("postprocess"), _memory_named(p):
         semantic = semantic_map(p, fusion.mask_cls)
         if panoptic:
             thresholds = head.object_mask_threshold, head.overlap_threshold
