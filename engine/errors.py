@@ -119,3 +119,15 @@ class DatabaseNotTrainedError(DatabaseError):
 class DatasetError(KnnclipError, ValueError):
     """A dataset directory lacks files, pairs images and annotations wrongly, or holds a malformed
     annotation or class-name file (the message names the file and the layout expected)."""
+
+
+class ServiceError(KnnclipError):
+    """A knnclip server refused or failed a request (``knnclip.engine.serve.client``).
+
+    ``status`` is the HTTP status, ``kind`` the server's error type, ``retry_after`` the seconds
+    the server asked to wait (503), or None.
+    """
+
+    def __init__(self, status: int, kind: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{kind} ({status}): {message}")
+        self.status, self.kind, self.retry_after = status, kind, retry_after

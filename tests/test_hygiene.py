@@ -123,6 +123,7 @@ PROVIDES = {
     "faiss-gpu-cu12": "faiss",
     "faiss-gpu": "faiss",
     "pillow": "PIL",
+    "prometheus-client": "prometheus_client",
     "huggingface_hub": "huggingface_hub",
 }
 GPU_ONLY = ("onnxruntime-gpu", "faiss-gpu", "tensorrt", "pycuda", "cupy", "nvidia-")

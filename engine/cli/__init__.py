@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON for scripts")
     info.set_defaults(run=_info)
 
-    from knnclip.engine.cli import bench, db, demo, eval, export, segment
+    from knnclip.engine.cli import bench, db, demo, eval, export, segment, serve
 
-    for group in (db, export, segment, eval, demo, bench):
+    for group in (db, export, segment, serve, eval, demo, bench):
         group.add_parser(commands)
     return parser
 

@@ -26,6 +26,10 @@ def _segment(args: argparse.Namespace) -> int:
     from knnclip.engine.render import overlay, save_png
     from knnclip.engine.video.source import is_video_source
 
+    if args.server:
+        return _segment_remote(args)
+    if args.models is None or args.db is None:
+        raise InvalidInputError("segment needs --models and --db, or --server URL")
     videos = [spec for spec in args.images if is_video_source(spec)]
     if videos:
         if len(args.images) != 1:
@@ -80,6 +84,40 @@ def _segment(args: argparse.Namespace) -> int:
         (out / "panoptic.json").write_text(json.dumps(body))
     if args.json:
         print(json.dumps(report, indent=1))
+    return 1 if failures else 0
+
+
+def _segment_remote(args: argparse.Namespace) -> int:
+    """``--server URL``: each image through a knnclip server; NAME.json and the label PNGs."""
+    import os
+
+    from knnclip.engine import formats as formats_
+    from knnclip.engine.serve.client import Client
+
+    unsupported = set(args.format) - {"json", "label-png"}
+    if unsupported or args.overlay:
+        raise InvalidInputError("with --server, segment writes json and label-png (no COCO files or overlays)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with Client(args.server, os.environ.get("KNNCLIP_SERVE_TOKEN") or None, retries=3) as client:
+        for path in progress_items(args.images, "segment", args.json):
+            stem = Path(path).stem
+            try:
+                result = client.segment(Path(path), panoptic=True)
+            except (KnnclipError, OSError) as exc:
+                failures += 1
+                print(f"knnclip: {path}: {exc}", file=sys.stderr)
+                continue
+            if "json" in args.format:
+                (out / f"{stem}.json").write_text(json.dumps({"image": path, **result.raw}, indent=1))
+            if "label-png" in args.format:
+                formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
+                if args.panoptic:
+                    formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
+            if not args.json:
+                names = ", ".join(sorted({s["class"] for s in result.segments})) or "no segments"
+                print(f"{path}: {names} ({result.timings.get('total', 0.0):.0f} ms on the server)")
     return 1 if failures else 0
 
 
@@ -146,15 +184,16 @@ def _add_concept(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    backend_options(p)
-    p.add_argument("--db", required=True, help="database directory (created when missing, for commands that add)")
+def _common(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    backend_options(p, models_required=required)
+    p.add_argument("--db", required=required, help="database directory (created when missing, for commands that add)")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     seg = commands.add_parser("segment", help="segment images (semantic and panoptic) with a database")
     seg.add_argument("images", nargs="+", help="image files, or one video source (see below)")
-    _common(seg)
+    _common(seg, required=False)
+    seg.add_argument("--server", help="segment through a knnclip server at this URL (instead of --models/--db)")
     seg.add_argument("--out", required=True, help="directory for the outputs")
     seg.add_argument("--panoptic", action="store_true", help="also write the panoptic segment-id PNG")
     seg.add_argument(

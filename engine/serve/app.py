@@ -1,0 +1,374 @@
+"""The HTTP application (FastAPI), the same for the embedded server and Ray Serve.
+
+Routes call a :class:`Service` (``LocalService`` in one process, ``ray_app.RayService`` over Ray
+deployments) found at ``app.state.service``. Limits come before work: a body over
+``max_body_bytes`` is refused before it is read (``BodyLimit``), an image over ``max_pixels``
+before it is decoded, a full queue at once (503 + ``Retry-After``). Library errors keep their type
+in the reply (``{"error": {"type", "message", "status"}}``, docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal, Protocol
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from knnclip.engine.errors import InvalidInputError, KnnclipError
+from knnclip.engine.serve import encoding
+from knnclip.engine.serve.auth import AuthError, TokenAuth
+from knnclip.engine.serve.batcher import DeadlineExceeded, Overloaded, ShuttingDown
+from knnclip.engine.serve.metrics import ServiceMetrics
+from knnclip.engine.serve.service import NotReady, SegmentRequest
+
+log = logging.getLogger("knnclip.serve")
+
+API_VERSION = "1"
+_IMAGE_TYPES = {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"}},
+        },  # fmt: skip
+    },
+}
+_EXAMPLE_FORM = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["image", "masks", "classes"],
+            "properties": {
+                "image": {"type": "string", "format": "binary", "description": "the image"},
+                "masks": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "a PNG of class indices, or an .npz of 'masks' [N, H, W] or 'labels' [H, W]",
+                },
+                "classes": {"type": "string", "description": "JSON: the name of each index (list or object)"},
+                "things": {"type": "string", "description": "JSON object: class name -> is a thing"},
+            },
+        }  # fmt: skip
+    }
+}
+
+
+class Service(Protocol):
+    """What the routes need of the engine behind them."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def load_error(self) -> BaseException | None: ...
+    def queue_depth(self) -> int: ...
+    def entries(self) -> int: ...
+    async def segment(self, request: SegmentRequest) -> dict[str, Any]: ...
+    async def classes(self) -> list[dict[str, Any]]: ...
+    async def add_class(self, name: str, synonyms: Sequence[str], thing: bool | None) -> dict[str, Any]: ...
+    async def add_examples(
+        self, image: bytes, masks: np.ndarray, names: list[str], things: dict[str, bool] | None
+    ) -> dict[str, Any]: ...
+    async def remove_class(self, name: str) -> dict[str, Any]: ...
+    async def snapshot(self) -> dict[str, Any]: ...
+
+
+class NewClass(BaseModel):
+    """The body of ``POST /v1/classes``."""
+
+    name: str = Field(min_length=1, max_length=256, description="the class name ('name,synonym' allowed)")
+    synonyms: list[str] = Field(default_factory=list, max_length=64)
+    thing: bool | None = Field(None, description="a countable object (true) or stuff (false)")
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, by its Content-Length before
+    reading, or while reading a chunked one."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _send_json(send, 413, _too_large(self.limit))
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise PayloadTooLarge
+            return message
+
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracking_send)
+        except PayloadTooLarge:
+            if not started:
+                await _send_json(send, 413, _too_large(self.limit))
+
+
+class RequestMetrics:
+    """ASGI middleware: requests by route and status, and their latency."""
+
+    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def recording_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def _too_large(limit: int) -> dict[str, Any]:
+    message = f"the request body is larger than this server's limit of {limit} bytes"
+    return {"error": {"type": "PayloadTooLarge", "message": message, "status": 413}}
+
+
+async def _send_json(send: Callable, status: int, body: dict[str, Any]) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(
+    service: Service | None,
+    *,
+    auth: TokenAuth,
+    max_body_bytes: int,
+    max_pixels: int,
+    lifespan: Callable[[Any], Any] | None = None,
+) -> Any:
+    """The FastAPI application over ``service`` (or over whatever is put at ``app.state.service``
+    later, as the Ray ingress does); ``lifespan(app)`` is an async context manager factory run
+    around the server's life."""
+    from knnclip.engine import __version__
+
+    bearer = HTTPBearer(auto_error=False, description="the token of --token-file")
+
+    @asynccontextmanager
+    async def no_lifespan(app: Any) -> Any:
+        yield
+
+    app = FastAPI(
+        title="knnclip", version=__version__, lifespan=lifespan or no_lifespan,
+        description="Open-vocabulary segmentation with a growing database (kNN-CLIP). docs/serving.md is the contract.",
+    )  # fmt: skip
+    app.state.service = service
+
+    def svc(request: Request) -> Service:
+        current = request.app.state.service
+        if current is None:
+            raise NotReady("the service is starting")
+        return current
+
+    metrics = ServiceMetrics(
+        lambda: float(app.state.service.queue_depth()) if app.state.service else 0.0,
+        lambda: float(app.state.service.entries()) if app.state.service else 0.0,
+    )
+    app.state.metrics = metrics
+
+    def header(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+        return f"{credentials.scheme} {credentials.credentials}" if credentials else None
+
+    Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+    def read_access(credentials: Credentials) -> None:
+        auth.check(header(credentials), mutation=False)
+
+    def write_access(credentials: Credentials) -> None:
+        auth.check(header(credentials), mutation=True)
+
+    # Errors ------------------------------------------------------------------------------------
+    def error(status: int, exc: BaseException, headers: dict[str, str] | None = None) -> Any:
+        return JSONResponse(encoding.error_body(exc, status), status, headers=headers)
+
+    @app.exception_handler(AuthError)
+    async def _auth(request: Request, exc: AuthError) -> Any:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error(exc.status, exc, headers)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> Any:
+        return error(503, exc, {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(NotReady)
+    @app.exception_handler(ShuttingDown)
+    async def _unavailable(request: Request, exc: Exception) -> Any:
+        metrics.rejections.labels("unavailable").inc()
+        return error(503, exc, {"Retry-After": "5"})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded) -> Any:
+        metrics.rejections.labels("deadline").inc()
+        return error(504, exc)
+
+    @app.exception_handler(KnnclipError)
+    async def _library(request: Request, exc: KnnclipError) -> Any:
+        status = encoding.error_status(exc)
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        return error(status, exc)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def _too_large_body(request: Request, exc: PayloadTooLarge) -> Any:
+        return JSONResponse(_too_large(max_body_bytes), 413)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Any:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error(500, RuntimeError("internal error; the server's log has the details"))
+
+    # Health ------------------------------------------------------------------------------------
+    @app.get("/healthz", dependencies=[Depends(read_access)], tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive (it answers while models load)."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", dependencies=[Depends(read_access)], tags=["health"],
+             responses={503: {"description": "loading, failed to load, or draining"}})  # fmt: skip
+    async def readyz(request: Request) -> Any:
+        """Models loaded and the database open."""
+        current = request.app.state.service
+        if current is not None and current.ready:
+            return {"status": "ready", "entries": current.entries()}
+        problem = current.load_error if current is not None else None
+        body = {"status": "failed" if problem else "loading", "error": str(problem) if problem else None}
+        return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics", dependencies=[Depends(read_access)], tags=["health"],
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
+    async def prometheus() -> Any:
+        """Prometheus metrics."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # Segmentation ------------------------------------------------------------------------------
+    @app.post("/v1/segment", dependencies=[Depends(read_access)], tags=["segment"],
+              openapi_extra={"requestBody": {"required": True, "content": _IMAGE_TYPES}})  # fmt: skip
+    async def segment(
+        request: Request,
+        panoptic: bool = Query(True, description="run the panoptic inference"),
+        instance: bool = Query(False, description="run FC-CLIP's instance inference"),
+        format: Literal["json", "png", "coco"] = Query("json", description="how label maps are encoded"),
+    ) -> Any:
+        """Segment one image: the body is the image file, or multipart/form-data with a part `image`."""
+        data = await _image_bytes(request, "image")
+        encoding.image_size(data, max_pixels)
+        payload = await svc(request).segment(SegmentRequest(data, panoptic, instance, format))
+        metrics.observe_stages(payload.get("timings", {}))
+        return payload
+
+    # Vocabulary --------------------------------------------------------------------------------
+    @app.get("/v1/classes", dependencies=[Depends(read_access)], tags=["vocabulary"])
+    async def get_classes(request: Request) -> dict[str, Any]:
+        """Every class: id, name, synonyms, thing, number of examples."""
+        return {"classes": await svc(request).classes()}
+
+    @app.post("/v1/classes", dependencies=[Depends(write_access)], tags=["vocabulary"], status_code=201)
+    async def post_class(request: Request, body: NewClass) -> dict[str, Any]:
+        """Add a class by name (classified from its text embedding alone), or synonyms to one."""
+        return await svc(request).add_class(body.name, body.synonyms, body.thing)
+
+    @app.delete("/v1/classes/{name}", dependencies=[Depends(write_access)], tags=["vocabulary"])
+    async def delete_class(request: Request, name: str) -> dict[str, Any]:
+        """Delete a class and its examples."""
+        return await svc(request).remove_class(name)
+
+    @app.post("/v1/examples", dependencies=[Depends(write_access)], tags=["vocabulary"], status_code=201,
+              openapi_extra={"requestBody": {"required": True, "content": _EXAMPLE_FORM}})  # fmt: skip
+    async def post_examples(request: Request) -> dict[str, Any]:
+        """Add labelled examples: an image, its masks and the names of the masks' values."""
+        form = await _form(request)
+        image = await _part(form, "image")
+        masks = await _part(form, "masks")
+        size = encoding.image_size(image, max_pixels)
+        names = encoding.parse_names(_field(form, "classes"), "classes")
+        things = encoding.parse_names(_field(form, "things"), "things")
+        if things is not None and not (isinstance(things, dict) and all(isinstance(v, bool) for v in things.values())):
+            raise InvalidInputError("'things' must be a JSON object of class name -> true/false")
+        filename = getattr(form.get("masks"), "filename", "") or ""
+        masks_array, labels = encoding.example_masks(masks, filename, names, size)
+        return await svc(request).add_examples(image, masks_array, labels, things)
+
+    @app.post("/v1/snapshot", dependencies=[Depends(write_access)], tags=["vocabulary"])
+    async def snapshot(request: Request) -> dict[str, Any]:
+        """Checkpoint the database (and copy it into --snapshot-dir when configured)."""
+        return await svc(request).snapshot()
+
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)  # outermost: before anything reads the body
+    return app
+
+
+async def _form(request: Any) -> Any:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidInputError("this endpoint takes multipart/form-data")
+    try:
+        return await request.form(max_files=4, max_fields=8, max_part_size=1 << 20)
+    except Exception as exc:  # starlette's MultiPartException and the parser's own errors
+        raise InvalidInputError(f"the multipart body is malformed ({exc})") from None
+
+
+async def _part(form: Any, name: str) -> bytes:
+    part = form.get(name)
+    if part is None or isinstance(part, str):
+        raise InvalidInputError(f"the multipart body needs a file part {name!r}")
+    data = await part.read()
+    if not data:
+        raise InvalidInputError(f"the part {name!r} is empty")
+    return data
+
+
+def _field(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"the part {name!r} must be a text field")
+    return value
+
+
+async def _image_bytes(request: Any, part: str) -> bytes:
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _part(await _form(request), part)
+    data = await request.body()
+    if not data:
+        raise InvalidInputError("the request body is empty: send the image's bytes, or multipart with a part 'image'")
+    return data

@@ -1,0 +1,201 @@
+"""``Client``: the knnclip service from Python (``knnclip segment --server URL`` uses it).
+
+Errors come back as the library's own exception types where the server names one that takes a
+message (``InvalidInputError``, ``UnknownClassError``, ...), else as ``ServiceError`` with the
+HTTP status and, for 503, ``retry_after``.
+
+>>> with Client("http://127.0.0.1:8080", token="...") as c:         # doctest: +SKIP
+...     c.add_class("zebra", thing=True)
+...     r = c.segment("photo.jpg")
+...     r.semantic.shape, [s["class"] for s in r.segments]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from knnclip.engine import errors
+from knnclip.engine.serve.encoding import label_map
+
+
+@dataclass
+class Segmentation:
+    """A ``POST /v1/segment`` reply with its label maps decoded."""
+
+    semantic: np.ndarray
+    panoptic: np.ndarray
+    classes: list[str | None]
+    segments: list[dict[str, Any]]
+    instances: list[dict[str, Any]]
+    timings: dict[str, float]
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Segmentation:
+        return cls(
+            label_map(data["semantic"]), label_map(data["panoptic"]), data["classes"], data["segments"],
+            data.get("instances", []), data.get("timings", {}), data,
+        )  # fmt: skip
+
+
+def _image_bytes(image: Any) -> bytes:
+    """A path, encoded bytes, a PIL image or a uint8 array, as the bytes of an image file."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    kind = type(image).__name__
+    raise errors.InvalidInputError(f"an image is a path, bytes, a PIL image or a uint8 array, got {kind}")
+
+
+class Client:
+    """A client of one knnclip server. ``retries`` 503 answers are retried after the server's
+    ``Retry-After`` (at most ``max_retry_wait_s`` each); the default is none."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 120.0,
+        retries: int = 0,
+        max_retry_wait_s: float = 10.0,
+    ) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries, self.max_retry_wait_s = retries, max_retry_wait_s
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Requests ----------------------------------------------------------------------------------
+    def segment(
+        self, image: Any, *, panoptic: bool = True, instance: bool = False, format: str = "json"
+    ) -> Segmentation:
+        params = {"panoptic": str(panoptic).lower(), "instance": str(instance).lower(), "format": format}
+        body = _image_bytes(image)
+        headers = {"Content-Type": "application/octet-stream"}
+        return Segmentation.from_json(self._call("POST", "/v1/segment", params=params, content=body, headers=headers))
+
+    def classes(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/classes")["classes"]
+
+    def add_class(self, name: str, synonyms: list[str] | tuple[str, ...] = (), *, thing: bool | None = None) -> dict:
+        return self._call("POST", "/v1/classes", json={"name": name, "synonyms": list(synonyms), "thing": thing})
+
+    def add_examples(
+        self,
+        image: Any,
+        masks: np.ndarray,
+        classes: list[str | None] | dict[int, str],
+        *,
+        things: dict[str, bool] | None = None,
+    ) -> dict[str, Any]:
+        """Add the labelled masks of one image: ``masks`` is a label map [H, W] whose value ``v``
+        is class ``classes[v]``, or boolean masks [N, H, W] with one name each."""
+        masks = np.asarray(masks)
+        buf = io.BytesIO()
+        arrays = {"masks": masks.astype(bool)} if masks.ndim == 3 else {"labels": masks.astype(np.int32)}
+        np.savez_compressed(buf, **arrays)
+        names = {str(k): v for k, v in classes.items()} if isinstance(classes, dict) else list(classes)
+        files = {"image": ("image", _image_bytes(image), "application/octet-stream"),
+                 "masks": ("masks.npz", buf.getvalue(), "application/octet-stream")}  # fmt: skip
+        data = {"classes": json.dumps(names)}
+        if things is not None:
+            data["things"] = json.dumps(things)
+        return self._call("POST", "/v1/examples", files=files, data=data)
+
+    def remove_class(self, name: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        return self._call("DELETE", f"/v1/classes/{quote(name, safe='')}")
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._call("POST", "/v1/snapshot")
+
+    def ready(self) -> bool:
+        return self._http.get("/readyz").status_code == 200
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until ``/readyz`` says ready (or raise ServiceError with the server's reason)."""
+        import httpx
+
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                response = self._http.get("/readyz")
+                if response.status_code == 200:
+                    return
+                body = response.json()
+                if body.get("status") == "failed":
+                    raise errors.ServiceError(503, "LoadError", body.get("error") or "the server failed to load")
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > end:
+                raise errors.ServiceError(503, "NotReady", f"the server was not ready within {timeout:g} s")
+            time.sleep(0.1)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            response = self._http.request(method, path, **kw)
+            if response.status_code == 503 and attempt < self.retries:
+                wait = float(response.headers.get("Retry-After", "1"))
+                time.sleep(min(wait, self.max_retry_wait_s))
+                continue
+            break
+        if response.status_code < 400:
+            return response.json()
+        raise _error(response)
+
+
+_MESSAGE_ONLY = {
+    name: getattr(errors, name)
+    for name in (
+        "InvalidInputError",
+        "UnknownClassError",
+        "OutOfMemoryError",
+        "ReadOnlyDatabaseError",
+        "DatabaseLockedError",
+        "DatasetError",
+        "BackendUnavailableError",
+    )  # fmt: skip
+}
+
+
+def _error(response: Any) -> Exception:
+    try:
+        body = response.json()
+        detail = body["error"]
+        kind, message = str(detail["type"]), str(detail["message"])
+    except (ValueError, KeyError, TypeError):
+        kind, message = "HTTPError", response.text[:500] or response.reason_phrase
+        if response.status_code == 422:
+            kind = "ValidationError"
+    retry = response.headers.get("Retry-After")
+    if kind in _MESSAGE_ONLY and response.status_code < 500:
+        return _MESSAGE_ONLY[kind](message)
+    return errors.ServiceError(response.status_code, kind, message, float(retry) if retry else None)
