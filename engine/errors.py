@@ -130,4 +130,4 @@ class ServiceError(KnnclipError):
 
     def __init__(self, status: int, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{kind} ({status}): {message}")
-        self.status, self.kind, self.retry_after = status, kind, retry_after
+        self.status, self.kind, self.message, self.retry_after = status, kind, message, retry_after

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -435,3 +436,53 @@ def test_segment_cli_through_the_server(server, images, tmp_path):
     assert [s["class"] for s in data["segments"]] == [s["class"] for s in direct["segments"]]
     semantic = np.asarray(Image.open(out / "a.semantic.png"))
     np.testing.assert_array_equal(semantic, label_map(direct["semantic"]))
+
+
+@pytest.mark.slow
+def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded_db, tmp_path, images):
+    """Two Ray Serve replicas on a local Ray instance: a class added by one request is in the
+    vocabulary of the next requests on every replica; SIGTERM shuts Ray down."""
+    pytest.importorskip("ray.serve", reason="the Ray test needs the ray extra (pip install 'knnclip[ray]')")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = fresh_db(seeded_db, tmp_path)
+    log = (tmp_path / "ray.log").open("wb")
+    command = [sys.executable, "-m", "knnclip.engine.cli", "serve", "--ray", "--replicas", "2", "--models", str(models),
+               "--db", str(db), "--device", "cpu", "--port", str(port), "--token-file", str(token_file(tmp_path)),
+               "--max-wait-ms", "20"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with Client(url, TOKEN, timeout=120) as client:
+            client.wait_ready(timeout=180)
+            assert client.add_class("unicorn", thing=True)["name"] == "unicorn"
+            replies: list = []
+
+            def call(i):
+                replies.append(client.segment(images[i % len(images)]))
+
+            for _ in range(3):  # Ray routes by queue length: enough rounds to reach both replicas
+                threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            assert all("unicorn" in r.classes for r in replies)
+            assert len({r.raw["replica"] for r in replies}) == 2
+            labels = np.zeros(SIZE, np.uint8)
+            labels[10:60, 10:60] = 1
+            assert client.add_examples(images[0], labels, [None, "unicorn"])["added"] == 1
+            assert {c["name"]: c["entries"] for c in client.classes()}["unicorn"] == 1
+            with pytest.raises(InvalidInputError):
+                client.segment(b"not an image")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    with Database.open(db) as reopened:  # the owner closed it: the writer lock is free
+        assert reopened.classes["unicorn"] == 1

@@ -202,6 +202,20 @@ class Database:
                 raise
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def disk_state(path: str | os.PathLike[str]) -> tuple[int, ...]:
+        """A value that changes whenever a writer changes the database at ``path`` (a logged
+        change grows the log; a checkpoint replaces the manifest). Readers, which see the state
+        of the moment they opened, compare it to know when to open again."""
+        state: list[int] = []
+        for name in (MANIFEST_NAME, WAL_NAME):
+            try:
+                st = (Path(path) / name).stat()
+                state += [st.st_ino, st.st_size, st.st_mtime_ns]
+            except FileNotFoundError:
+                state += [-1, -1, -1]
+        return tuple(state)
+
     # Read-only views -------------------------------------------------------------------------
     @property
     def dim(self) -> int:

@@ -8,6 +8,7 @@ the class it meant then.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ def split_label(label: str, synonyms: tuple[str, ...] | list[str] = ()) -> tuple
     if not isinstance(label, str):
         raise InvalidInputError(f"class names are strings, got {type(label).__name__} {label!r}")
     parts = [p.strip() for p in label.split(",")] + [str(s).strip() for s in synonyms]
+    if any(unicodedata.category(ch) == "Cc" for part in parts for ch in part):
+        raise InvalidInputError(f"class names may not hold control characters: {label!r}")
     if not parts[0]:
         raise InvalidInputError(f"empty class name in label {label!r}")
     names = list(dict.fromkeys(p for p in parts if p))

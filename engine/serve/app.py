@@ -1,7 +1,7 @@
 """The HTTP application (FastAPI), the same for the embedded server and Ray Serve.
 
 Routes call a :class:`Service` (``LocalService`` in one process, ``ray_app.RayService`` over Ray
-deployments) found at ``app.state.service``. Limits come before work: a body over
+deployments): ``app.state.service``, or the one :func:`attach_service` registered. Limits come before work: a body over
 ``max_body_bytes`` is refused before it is read (``BodyLimit``), an image over ``max_pixels``
 before it is decoded, a full queue at once (503 + ``Retry-After``). Library errors keep their type
 in the reply (``{"error": {"type", "message", "status"}}``, docs/serving.md).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, Protocol
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from knnclip.engine.errors import InvalidInputError, KnnclipError
+from knnclip.engine.errors import InvalidInputError, KnnclipError, ServiceError
 from knnclip.engine.serve import encoding
 from knnclip.engine.serve.auth import AuthError, TokenAuth
 from knnclip.engine.serve.batcher import DeadlineExceeded, Overloaded, ShuttingDown
@@ -79,6 +80,26 @@ class Service(Protocol):
     ) -> dict[str, Any]: ...
     async def remove_class(self, name: str) -> dict[str, Any]: ...
     async def snapshot(self) -> dict[str, Any]: ...
+
+
+# Module level: FastAPI (and Ray Serve's ingress, which re-reads the routes) resolve annotations
+# in the module's namespace.
+Credentials = Annotated[
+    HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False, description="the token of --token-file"))
+]
+
+
+_ATTACHED: dict[str, Service] = {}
+
+
+def attach_service(app: Any, service: Service) -> None:
+    """Give ``app`` (or a copy of it, as Ray Serve's ingress makes) its service later: the
+    copies share ``app.state.service_key``, and this process's registry holds the service."""
+    _ATTACHED[app.state.service_key] = service
+
+
+def service_of(app: Any) -> Service | None:
+    return app.state.service or _ATTACHED.get(app.state.service_key)
 
 
 class NewClass(BaseModel):
@@ -177,12 +198,10 @@ def create_app(
     max_pixels: int,
     lifespan: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """The FastAPI application over ``service`` (or over whatever is put at ``app.state.service``
+    """The FastAPI application over ``service`` (or over the one :func:`attach_service` gives it
     later, as the Ray ingress does); ``lifespan(app)`` is an async context manager factory run
     around the server's life."""
     from knnclip.engine import __version__
-
-    bearer = HTTPBearer(auto_error=False, description="the token of --token-file")
 
     @asynccontextmanager
     async def no_lifespan(app: Any) -> Any:
@@ -193,23 +212,22 @@ def create_app(
         description="Open-vocabulary segmentation with a growing database (kNN-CLIP). docs/serving.md is the contract.",
     )  # fmt: skip
     app.state.service = service
+    app.state.service_key = uuid.uuid4().hex
 
     def svc(request: Request) -> Service:
-        current = request.app.state.service
+        current = service_of(request.app)
         if current is None:
             raise NotReady("the service is starting")
         return current
 
     metrics = ServiceMetrics(
-        lambda: float(app.state.service.queue_depth()) if app.state.service else 0.0,
-        lambda: float(app.state.service.entries()) if app.state.service else 0.0,
+        lambda: float(current.queue_depth()) if (current := service_of(app)) else 0.0,
+        lambda: float(current.entries()) if (current := service_of(app)) else 0.0,
     )
     app.state.metrics = metrics
 
     def header(credentials: HTTPAuthorizationCredentials | None) -> str | None:
         return f"{credentials.scheme} {credentials.credentials}" if credentials else None
-
-    Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
     def read_access(credentials: Credentials) -> None:
         auth.check(header(credentials), mutation=False)
@@ -241,6 +259,12 @@ def create_app(
         metrics.rejections.labels("deadline").inc()
         return error(504, exc)
 
+    @app.exception_handler(ServiceError)
+    async def _remote(request: Request, exc: ServiceError) -> Any:
+        """An error a Ray replica reported, passed on as it was."""
+        body = {"error": {"type": exc.kind, "message": exc.message, "status": exc.status}}
+        return JSONResponse(body, exc.status)
+
     @app.exception_handler(KnnclipError)
     async def _library(request: Request, exc: KnnclipError) -> Any:
         status = encoding.error_status(exc)
@@ -267,7 +291,7 @@ def create_app(
              responses={503: {"description": "loading, failed to load, or draining"}})  # fmt: skip
     async def readyz(request: Request) -> Any:
         """Models loaded and the database open."""
-        current = request.app.state.service
+        current = service_of(request.app)
         if current is not None and current.ready:
             return {"status": "ready", "entries": current.entries()}
         problem = current.load_error if current is not None else None

@@ -150,10 +150,10 @@ class Client:
                 response = self._http.get("/readyz")
                 if response.status_code == 200:
                     return
-                body = response.json()
+                body = response.json() if response.headers.get("content-type") == "application/json" else {}
                 if body.get("status") == "failed":
                     raise errors.ServiceError(503, "LoadError", body.get("error") or "the server failed to load")
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):  # not listening yet; a proxy's own answer
                 pass
             if time.monotonic() > end:
                 raise errors.ServiceError(503, "NotReady", f"the server was not ready within {timeout:g} s")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,18 @@ def class_list(db: Any) -> list[dict[str, Any]]:
         {"id": c.id, "name": c.name, "synonyms": list(c.synonyms), "thing": c.thing, "entries": counts.get(c.name, 0)}
         for c in sorted(db.vocabulary.values(), key=lambda c: c.id)
     ]
+
+
+def snapshot_database(db: Any, snapshot_dir: Path | None) -> dict[str, Any]:
+    """``POST /v1/snapshot``: checkpoint ``db`` and, with a ``snapshot_dir``, copy it there as
+    ``snapshot-<UTC time>``."""
+    db.checkpoint()
+    name = None
+    if snapshot_dir is not None:
+        name = f"snapshot-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
+        Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
+        db.snapshot(Path(snapshot_dir) / name)
+    return {"checkpointed": True, "snapshot": name, "entries": len(db)}
 
 
 def segment_requests(segmenter: Any, requests: Sequence[SegmentRequest], max_batch: int) -> list[Any]:
@@ -241,18 +253,7 @@ class LocalService:
         return {"removed": name, "entries_removed": removed, "entries": self.entries()}
 
     async def snapshot(self) -> dict[str, Any]:
-        def run(seg: Any) -> str | None:
-            seg.db.checkpoint()
-            if self.settings.snapshot_dir is None:
-                return None
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            target = Path(self.settings.snapshot_dir) / f"snapshot-{stamp}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            seg.db.snapshot(target)
-            return target.name
-
-        name = await self._mutate(run)
-        return {"checkpointed": True, "snapshot": name, "entries": self.entries()}
+        return await self._mutate(lambda seg: snapshot_database(seg.db, self.settings.snapshot_dir))
 
     async def _mutate(self, change: Callable[[Any], Any]) -> Any:
         def run() -> Any:

@@ -124,7 +124,8 @@ class TextBank:
     def _save_cache(self) -> None:
         if self.cache_path is None:
             return
-        names = list(self._rows)
+        # NumPy's unicode arrays drop trailing NULs, so such a name would come back as another one.
+        names = [n for n in self._rows if not n.endswith("\x00")]
         buffer = io.BytesIO()
         np.savez(buffer, names=np.asarray(names, dtype=str), rows=np.stack([self._rows[n] for n in names]))
         try:

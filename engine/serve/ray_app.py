@@ -1,0 +1,297 @@
+"""The same HTTP application on Ray Serve: ``knnclip serve --ray [--replicas N]``.
+
+Three deployments:
+
+- ``Segmenters`` (``--replicas``, one GPU each where the cluster has GPUs): each opens the models and
+  the database *read-only* and gathers requests with ``@serve.batch`` into ``segment_batch``.
+  Before each batch a replica compares ``Database.disk_state`` with the state it opened and
+  opens the database again when a writer changed it, so a class added through any request is
+  used by the next batch of every replica. Backpressure is Ray's: ``max_ongoing_requests`` per
+  replica and ``max_queued_requests`` (``--max-queue``) in front of them; past those the ingress
+  answers 503 with ``Retry-After``.
+- ``DatabaseOwner`` (one replica): the only writer; applies every mutation and returns after the
+  database made it durable.
+- ``Api``: the FastAPI application of :mod:`knnclip.engine.serve.app` behind ``@serve.ingress``,
+  its routes calling the two others through a :class:`RayService`.
+
+Ray is imported only here (``pip install 'knnclip[ray]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from knnclip.engine.errors import KnnclipError, ServiceError
+from knnclip.engine.serve import encoding
+from knnclip.engine.serve.service import (
+    SegmentRequest,
+    ServeSettings,
+    class_list,
+    segment_requests,
+    snapshot_database,
+)
+
+log = logging.getLogger("knnclip.serve")
+
+
+def _error_marker(exc: BaseException) -> dict[str, Any]:
+    """Errors cross Ray as data: library exceptions with their own constructors do not all pickle."""
+    return encoding.error_body(exc)
+
+
+def _raise_marked(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"error"}:
+        e = value["error"]
+        raise ServiceError(int(e["status"]), str(e["type"]), str(e["message"]))
+    return value
+
+
+class SegmenterReplica:
+    """One segmenter over the database opened read-only, reopened when a writer changed it."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from ray import serve
+
+        from knnclip.engine.database import Database
+        from knnclip.engine.pipeline.segmenter import Segmenter
+
+        self.settings = settings
+        self._state = Database.disk_state(settings.db)
+        self._base = Segmenter.from_dir(
+            settings.models, settings.db, backend=settings.backend, device=settings.device, config=settings.config,
+            read_only=True, text_cache=settings.text_cache,
+        )  # fmt: skip
+        self._current = self._base
+        self._lock = threading.Lock()
+        context = serve.get_replica_context()
+        self.name = str(getattr(context.replica_id, "unique_id", context.replica_id))
+
+    def __del__(self) -> None:  # Ray Serve's hook when a replica shuts down
+        self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._current is not self._base:
+                self._current.db.close()
+            self._base.close()
+
+    def _fresh(self) -> Any:
+        """The segmenter over the database as it is now on disk."""
+        from knnclip.engine.database import Database
+
+        state = Database.disk_state(self.settings.db)
+        if state != self._state:
+            db = Database.open(self.settings.db, read_only=True)
+            previous = self._current
+            self._current, self._state = self._base.with_database(db), state
+            if previous is not self._base:
+                previous.db.close()
+        return self._current
+
+    def _run(self, requests: list[SegmentRequest]) -> list[Any]:
+        with self._lock:
+            try:
+                out = segment_requests(self._fresh(), requests, self.settings.max_batch)
+            except KnnclipError as exc:
+                out = [exc] * len(requests)
+        payloads = []
+        for item in out:
+            if isinstance(item, BaseException):
+                payloads.append(_error_marker(item))
+            else:
+                item["replica"] = self.name
+                payloads.append(item)
+        return payloads
+
+    async def segment(self, requests: list[SegmentRequest]) -> list[Any]:
+        return await asyncio.to_thread(self._run, requests)
+
+
+class DatabaseOwner:
+    """The one writer: mutations, in order, acknowledged once durable."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from knnclip.engine.pipeline.segmenter import Segmenter
+
+        self.settings = settings
+        self._seg = Segmenter.from_dir(
+            settings.models, settings.db, backend=settings.backend, device="cpu", config=settings.config,
+            text_cache=settings.text_cache,
+        )  # fmt: skip
+        self._lock = threading.Lock()
+
+    def __del__(self) -> None:  # Ray Serve's hook when a replica shuts down: close the database cleanly
+        with self._lock:
+            self._seg.close()
+
+    def _locked(self, change: Any) -> Any:
+        with self._lock:
+            try:
+                return change()
+            except KnnclipError as exc:
+                return _error_marker(exc)
+
+    def classes(self) -> Any:
+        return self._locked(lambda: {"classes": class_list(self._seg.db), "entries": len(self._seg.db)})
+
+    def add_class(self, name: str, synonyms: Sequence[str], thing: bool | None) -> Any:
+        def change() -> dict[str, Any]:
+            info = self._seg.add_class(name, synonyms, thing=thing)
+            return {"id": info.id, "name": info.name, "synonyms": list(info.synonyms), "thing": info.thing}
+
+        return self._locked(change)
+
+    def add_examples(self, image: bytes, masks: np.ndarray, names: list[str], things: dict | None) -> Any:
+        def change() -> dict[str, Any]:
+            ids = self._seg.add_examples([image], [masks], [names], things=things)
+            return {"added": len(ids), "skipped": len(names) - len(ids), "classes": sorted(set(names)),
+                    "entries": len(self._seg.db)}  # fmt: skip
+
+        return self._locked(change)
+
+    def remove_class(self, name: str) -> Any:
+        def change() -> dict[str, Any]:
+            removed = self._seg.remove_class(name)
+            return {"removed": name, "entries_removed": removed, "entries": len(self._seg.db)}
+
+        return self._locked(change)
+
+    def snapshot(self) -> Any:
+        return self._locked(lambda: snapshot_database(self._seg.db, self.settings.snapshot_dir))
+
+
+class RayService:
+    """The routes' :class:`~knnclip.engine.serve.app.Service` over the two deployments' handles."""
+
+    def __init__(self, segmenters: Any, owner: Any) -> None:
+        self._segmenters, self._owner = segmenters, owner
+        self._entries = 0
+
+    ready = True
+    load_error = None
+
+    def queue_depth(self) -> int:
+        return 0  # Ray Serve exports its own queue metrics
+
+    def entries(self) -> int:
+        return self._entries
+
+    async def segment(self, request: SegmentRequest) -> dict[str, Any]:
+        from ray.serve.exceptions import BackPressureError
+
+        from knnclip.engine.serve.batcher import Overloaded
+
+        try:
+            payload = await self._segmenters.segment.remote(request)
+        except BackPressureError:
+            raise Overloaded(-1, 1) from None
+        return _raise_marked(payload)
+
+    async def _owner_call(self, method: str, *args: Any) -> Any:
+        reply = _raise_marked(await getattr(self._owner, method).remote(*args))
+        if isinstance(reply, dict) and "entries" in reply:
+            self._entries = int(reply["entries"])
+        return reply
+
+    async def classes(self) -> list[dict[str, Any]]:
+        return (await self._owner_call("classes"))["classes"]
+
+    async def add_class(self, name: str, synonyms: Sequence[str], thing: bool | None) -> dict[str, Any]:
+        return await self._owner_call("add_class", name, list(synonyms), thing)
+
+    async def add_examples(self, image: bytes, masks: np.ndarray, names: list[str], things: dict | None) -> Any:
+        return await self._owner_call("add_examples", image, masks, names, things)
+
+    async def remove_class(self, name: str) -> dict[str, Any]:
+        return await self._owner_call("remove_class", name)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self._owner_call("snapshot")
+
+
+def build_application(settings: ServeSettings, *, replicas: int = 1, replica_gpus: float | None = None) -> Any:
+    """The Ray Serve application (``serve.run`` it). ``replica_gpus`` defaults to one GPU per
+    replica where the cluster has GPUs and the device is not ``cpu``."""
+    import ray
+    from ray import serve
+
+    from knnclip.engine.serve.app import attach_service, create_app
+    from knnclip.engine.serve.auth import TokenAuth, load_token
+
+    if replica_gpus is None:
+        has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+        replica_gpus = 1.0 if has_gpus and settings.device != "cpu" else 0.0
+    auth = TokenAuth(load_token(settings.token_file), auth_reads=settings.auth_reads)
+    app = create_app(None, auth=auth, max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
+
+    shutdown = {"graceful_shutdown_timeout_s": 10.0, "graceful_shutdown_wait_loop_s": 0.5}
+    segmenters = serve.deployment(
+        name="Segmenters", num_replicas=replicas, max_ongoing_requests=2 * settings.max_batch,
+        max_queued_requests=settings.max_queue,
+        ray_actor_options={"num_cpus": 0 if replica_gpus else 1, "num_gpus": replica_gpus}, **shutdown,
+    )(_batched(SegmenterReplica, settings))  # fmt: skip
+    owner = serve.deployment(name="DatabaseOwner", num_replicas=1, ray_actor_options={"num_cpus": 0}, **shutdown)(
+        DatabaseOwner
+    )
+
+    @serve.deployment(name="Api", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}, **shutdown)
+    @serve.ingress(app)
+    class Api:
+        def __init__(self, segmenters_handle: Any, owner_handle: Any) -> None:
+            attach_service(app, RayService(segmenters_handle, owner_handle))
+
+    return Api.bind(segmenters.bind(settings), owner.bind(settings))
+
+
+def _batched(replica_class: type, settings: ServeSettings) -> type:
+    """``replica_class`` with ``segment`` gathered by ``@serve.batch`` at the settings' sizes."""
+    from ray import serve
+
+    class Batched(replica_class):  # type: ignore[misc, valid-type]
+        @serve.batch(max_batch_size=settings.max_batch, batch_wait_timeout_s=settings.max_wait_ms / 1000.0)
+        async def segment(self, requests: list[SegmentRequest]) -> list[Any]:
+            return await replica_class.segment(self, requests)
+
+    Batched.__name__ = Batched.__qualname__ = "SegmenterReplica"
+    return Batched
+
+
+def serve_on_ray(settings: ServeSettings, *, replicas: int = 1, address: str | None = None) -> None:
+    """Deploy on Ray Serve (a local Ray instance unless ``address``) and serve until SIGTERM/SIGINT."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        from knnclip.engine.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("knnclip serve --ray needs Ray Serve: pip install 'knnclip[ray]'") from None
+    _ensure_database(settings)
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_application(settings, replicas=replicas), name="knnclip", route_prefix="/")
+        print(f"knnclip serve: listening on http://{settings.host}:{settings.port} (Ray Serve)", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _ensure_database(settings: ServeSettings) -> None:
+    """Create the database before the replicas open it read-only."""
+    if os.path.exists(settings.db):
+        return
+    from knnclip.engine.pipeline.segmenter import Segmenter
+
+    Segmenter.from_dir(settings.models, settings.db, backend=settings.backend, device="cpu", text_cache=None).close()
