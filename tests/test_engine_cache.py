@@ -14,7 +14,7 @@ import pytest
 from knnclip.engine.backends.tensorrt.cache import EngineCache, EngineKey
 
 KEY = EngineKey(
-    onnx_sha256="ab" * 32, tensorrt_version="10.13.0", gpu_name="NVIDIA H100", compute_capability="9.0",
+    artifact_sha256="ab" * 32, tensorrt_version="10.13.0", gpu_name="NVIDIA H100", compute_capability="9.0",
     precision="fp16", profiles=(("images", (1, 3, 518, 518), (4, 3, 518, 518), (4, 3, 518, 518)),),
 )  # fmt: skip
 
@@ -33,7 +33,7 @@ class TestLookup:
         [
             {"tensorrt_version": "11.0.0"},
             {"gpu_name": "NVIDIA A100", "compute_capability": "8.0"},
-            {"onnx_sha256": "cd" * 32},
+            {"artifact_sha256": "cd" * 32},
             {"precision": "fp32"},
         ],
     )
@@ -118,3 +118,140 @@ def test_profiles_cover_a_dynamic_image_graphs_input_range():
         (2, 3, 512, 704),
         (2, 3, 512, 704),
     )
+
+
+MANIFEST = {
+    "precision": "fp32",
+    "files": {"model": {"name": "model.onnx", "sha256": "11" * 32}, "data": {"name": "model.onnx.data",
+              "sha256": "22" * 32}},
+    "inputs": [{"name": "images", "shape": ["batch", 3, 64, 64], "dtype": "float32"}],
+}  # fmt: skip
+
+
+def test_engine_key_covers_every_file_of_the_artifact(monkeypatch):
+    """New external weights (model.onnx.data) with the same graph file mean another engine."""
+    from knnclip.engine.backends.tensorrt import builder
+
+    monkeypatch.setattr(builder, "gpu_identity", lambda: ("NVIDIA H200", "9.0"))
+    settings = builder.BuildSettings()
+    key = builder.engine_key(MANIFEST, settings, "10.13.0")
+    reweighted = {**MANIFEST, "files": {**MANIFEST["files"], "data": {"name": "model.onnx.data", "sha256": "33" * 32}}}
+    assert builder.engine_key(reweighted, settings, "10.13.0").digest() != key.digest()
+    assert builder.engine_key(dict(MANIFEST), settings, "10.13.0") == key
+    assert key.precision == "fp32", "precision=None is the artefact's own"
+    tf32 = builder.engine_key(MANIFEST, builder.BuildSettings(allow_tf32=True), "10.13.0")
+    assert tf32.precision == "fp32+tf32" and tf32.digest() != key.digest()
+
+
+def test_the_run_time_uses_what_knnclip_build_recorded(monkeypatch, tmp_path, caplog):
+    from knnclip.engine.backends.tensorrt import builder
+
+    monkeypatch.setattr(builder, "gpu_identity", lambda: ("NVIDIA H200", "9.0"))
+    default = builder.settings_for(tmp_path, MANIFEST)
+    assert (default.precision, default.max_batch, default.timing_cache) == ("fp32", 1, tmp_path / "timing.cache")
+    built = builder.BuildSettings(precision="fp16", max_batch=8).for_artifact(MANIFEST)
+    builder.record_build(tmp_path, MANIFEST, built)
+    found = builder.settings_for(tmp_path, MANIFEST)
+    assert (found.precision, found.max_batch) == ("fp16", 8)
+    assert builder.engine_key(MANIFEST, found, "10.13.0") == builder.engine_key(MANIFEST, built, "10.13.0")
+    (record,) = (tmp_path / "builds").iterdir()
+    record.write_text("{ damaged")
+    with caplog.at_level("WARNING", logger="knnclip.tensorrt"):
+        assert builder.settings_for(tmp_path, MANIFEST).precision == "fp32"
+    assert "unreadable build record" in caplog.text
+
+
+class _FakeConfig:
+    def __init__(self, log):
+        self.log = log
+
+    def set_memory_pool_limit(self, pool, size):
+        self.log.append(("workspace", size))
+
+    def clear_flag(self, flag):
+        self.log.append(("clear", flag))
+
+    def set_flag(self, flag):
+        self.log.append(("set", flag))
+
+    def add_optimization_profile(self, profile):
+        pass
+
+    def create_timing_cache(self, data):
+        self.log.append(("timing-in", data))
+        return object()
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        return self.log.count("refuse-timing") == 0
+
+    def get_timing_cache(self):
+        import types
+
+        return types.SimpleNamespace(serialize=lambda: b"timing v2")
+
+
+def _fake_tensorrt(monkeypatch, log, version="10.13.0"):
+    import sys
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    profile = types.SimpleNamespace(set_shape=lambda *a: log.append(("profile", a[0])))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return object()
+
+        def create_builder_config(self):
+            return _FakeConfig(log)
+
+        def create_optimization_profile(self):
+            return profile
+
+        def build_serialized_network(self, network, config):
+            return b"plan"
+
+    trt.Builder = Builder
+    trt.OnnxParser = lambda network, logger: types.SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+
+
+def test_build_engine_keeps_fp32_exact_and_its_timing_cache(monkeypatch, tmp_path):
+    """An fp32 build turns TensorRT's default TF32 off (unless asked), reads and rewrites the
+    timing cache beside the engines, and a refused timing cache is an error, not ignored."""
+    from knnclip.engine.backends.tensorrt import builder
+
+    log: list = []
+    _fake_tensorrt(monkeypatch, log)
+    monkeypatch.setattr(builder, "read_manifest", lambda directory: MANIFEST)
+    timing = tmp_path / "engines" / "timing.cache"
+    assert builder.build_engine(tmp_path, builder.BuildSettings(timing_cache=timing)) == b"plan"
+    assert ("clear", "TF32") in log and not any(op == "set" for op, _ in log)
+    assert timing.read_bytes() == b"timing v2"
+    log.clear()
+    builder.build_engine(tmp_path, builder.BuildSettings(allow_tf32=True, timing_cache=timing))
+    assert ("clear", "TF32") not in log and ("timing-in", b"timing v2") in log
+    log.clear()
+    builder.build_engine(tmp_path, builder.BuildSettings(precision="fp16"))
+    assert ("set", "FP16") in log and ("clear", "TF32") not in log
+    log[:] = ["refuse-timing"]
+    with pytest.raises(builder.EngineBuildError, match="timing cache"):
+        builder.build_engine(tmp_path, builder.BuildSettings(timing_cache=timing))
+
+
+def test_tensorrt_11_builds_the_artifacts_precision_by_default(monkeypatch, tmp_path):
+    from knnclip.engine.backends.tensorrt import builder
+
+    log: list = []
+    _fake_tensorrt(monkeypatch, log, version="11.0.0")
+    monkeypatch.setattr(builder, "read_manifest", lambda directory: MANIFEST)
+    assert builder.build_engine(tmp_path, builder.BuildSettings()) == b"plan"  # fp32 artefact, fp32 engine
+    with pytest.raises(builder.EngineBuildError, match="export an fp16 ONNX graph"):
+        builder.build_engine(tmp_path, builder.BuildSettings(precision="fp16"))

@@ -86,7 +86,13 @@ def _artefact_options(p: argparse.ArgumentParser, overwrite_help: str) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     try:
-        from knnclip.engine.backends.tensorrt.builder import BuildSettings, build_engine, engine_key, import_tensorrt
+        from knnclip.engine.backends.tensorrt.builder import (
+            BuildSettings,
+            build_engine,
+            engine_key,
+            import_tensorrt,
+            record_build,
+        )
     except ImportError as exc:
         raise BackendUnavailableError(f"knnclip build needs the export side ({exc})") from None
     from pathlib import Path
@@ -97,13 +103,15 @@ def _build(args: argparse.Namespace) -> int:
     trt = import_tensorrt()
     onnx_dir = Path(args.onnx)
     manifest = read_manifest(onnx_dir)
+    cache = EngineCache(args.cache)
     settings = BuildSettings(
         precision=args.precision, max_batch=args.max_batch, workspace_bytes=args.workspace_gib << 30,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-    )  # fmt: skip
+        allow_tf32=args.allow_tf32,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else cache.root / "timing.cache",
+    ).for_artifact(manifest)  # fmt: skip
     key = engine_key(manifest, settings, trt.__version__)
-    cache = EngineCache(args.cache)
     plan = cache.get_or_build(key, lambda: build_engine(onnx_dir, settings), {"onnx_dir": str(onnx_dir)})
+    record_build(cache.root, manifest, settings)  # the run time builds (and so finds) this same engine
     print(f"engine for {onnx_dir} on {key.gpu_name} (sm {key.compute_capability}, TensorRT {key.tensorrt_version}, "
           f"{settings.precision}): {len(plan) / 2**20:.1f} MiB in {cache.root}")  # fmt: skip
     return 0
@@ -114,9 +122,13 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
         "build", help="build a TensorRT engine for this GPU from an exported ONNX artefact (needs TensorRT)"
     )
     build.add_argument("--onnx", required=True, help="an artefact directory written by knnclip export")
-    build.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    build.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16"],
+        help="engine precision (default: the artefact's own; TensorRT 11 builds only that)",
+    )  # fmt: skip
+    build.add_argument("--allow-tf32", action="store_true", help="let an fp32 engine use TF32 matrix products")
     build.add_argument("--max-batch", type=int, default=1, help="largest batch of the optimisation profile")
     build.add_argument("--workspace-gib", type=int, default=4, help="builder workspace limit in GiB (default 4)")
-    build.add_argument("--timing-cache", help="a timing cache file to read and update")
+    build.add_argument("--timing-cache", help="a timing cache file to read and update (default: beside the engines)")
     build.add_argument("--cache", help="engine cache directory (default ~/.cache/knnclip/engines)")
     build.set_defaults(run=_build)

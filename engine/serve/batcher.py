@@ -2,11 +2,13 @@
 
 Requests wait in an ``asyncio.Queue`` of at most ``max_queue`` items; a full queue refuses the
 next one at once (:class:`Overloaded`, answered 503 with ``Retry-After``) instead of growing a
-backlog. Each worker takes the oldest request, gathers more for at most ``max_wait_s`` or until
-``max_batch``, and runs the batch function in its own thread, so the event loop keeps answering
-health checks while a batch runs. A request whose deadline passes while it waits is dropped
-before it costs any work; one whose batch item failed gets its own exception, the others their
-results.
+backlog. Each worker takes the oldest request and the others already waiting, up to
+``max_batch``. While another batch is running it waits up to ``max_wait_s`` for the batch to fill;
+an idle server starts at once, so a lone request pays no batching delay (under load, requests
+gather in the queue while the previous batch runs). The batch function runs in its own thread,
+so the event loop keeps answering health checks while a batch runs. A request whose deadline
+passes while it waits is dropped before it costs any work; one whose batch item failed gets its
+own exception, the others their results.
 """
 
 from __future__ import annotations
@@ -143,6 +145,10 @@ class Batcher(Generic[Item]):
     async def _gather(self) -> list[_Pending[Item]]:
         assert self._queue is not None
         batch = [await self._queue.get()]
+        while len(batch) < self.max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        if self.in_flight == 0:  # idle: nothing else is coming sooner than this batch could finish
+            return batch
         end = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
             remaining = end - time.monotonic()

@@ -2,8 +2,15 @@
 
 Precision: on TensorRT 10, fp16/bf16 are builder flags over a weakly typed network; TensorRT 11
 builds strongly typed networks only, so there the precision is the ONNX graph's own (export an
-fp16 graph, which keeps LayerNorm and softmax in fp32) and the flags are not set. Optimisation
-profiles cover the dynamic axes (batch); a timing cache speeds up rebuilds.
+fp16 graph, which keeps LayerNorm and softmax in fp32) and the flags are not set. An "fp32" engine
+is fp32: TensorRT's default TF32 for matrix products is turned off unless ``allow_tf32``.
+The precision defaults to the artefact's own. Optimisation profiles cover the dynamic axes
+(batch, an image graph's height and width); a timing cache beside the engines speeds up rebuilds.
+
+``knnclip build`` records the settings it built with (:func:`record_build`), and the run time
+builds, or finds, the engine with those (:func:`settings_for`), so a prebuilt engine is the one
+the run time uses. Engines are keyed by every file of the artefact (:func:`artifact_digest`):
+graphs over 2 GiB keep their weights in ``model.onnx.data``, and new weights mean a new engine.
 
 Nothing here has run on a GPU yet: TensorRT cannot be installed on the machines this was written
 on. The code follows the documented API; ``benchmarks/gpu_check.py`` is where it gets exercised.
@@ -11,13 +18,19 @@ on. The code follows the documented API; ``benchmarks/gpu_check.py`` is where it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from knnclip.engine.artifact import read_manifest
 from knnclip.engine.backends.tensorrt.cache import EngineKey
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, KnnclipError
+from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file
+
+log = logging.getLogger("knnclip.tensorrt")
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -28,17 +41,60 @@ class EngineBuildError(KnnclipError):
 
 @dataclass(frozen=True)
 class BuildSettings:
-    precision: str = "fp16"
+    """How an engine is built. ``precision=None`` is the artefact's own (:meth:`for_artifact`)."""
+
+    precision: str | None = None
     max_batch: int = 1
     workspace_bytes: int = 4 << 30
+    allow_tf32: bool = False
     timing_cache: Path | None = None
     extra_profiles: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise InvalidInputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_batch < 1:
             raise InvalidInputError(f"max_batch must be at least 1, got {self.max_batch}")
+
+    def for_artifact(self, manifest: dict[str, Any]) -> BuildSettings:
+        """These settings with the precision resolved against the artefact's."""
+        return self if self.precision is not None else replace(self, precision=manifest.get("precision", "fp32"))
+
+
+_RECORDED = ("precision", "max_batch", "workspace_bytes", "allow_tf32")
+
+
+def artifact_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 over every file of the artefact (each name with its content's SHA-256): the graph
+    and its external weights alike."""
+    files = sorted((str(rec["name"]), str(rec["sha256"])) for rec in manifest["files"].values())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def _record_path(cache_root: Path, manifest: dict[str, Any]) -> Path:
+    return Path(cache_root) / "builds" / f"{artifact_digest(manifest)[:32]}.json"
+
+
+def record_build(cache_root: Path, manifest: dict[str, Any], settings: BuildSettings) -> None:
+    """Remember how ``knnclip build`` built this artefact's engine, for the run time to use."""
+    record = {k: v for k, v in asdict(settings.for_artifact(manifest)).items() if k in _RECORDED}
+    path = _record_path(cache_root, manifest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def settings_for(cache_root: Path, manifest: dict[str, Any]) -> BuildSettings:
+    """The settings ``knnclip build`` recorded for this artefact, else its precision at batch 1;
+    the timing cache beside the engines either way."""
+    timing = Path(cache_root) / "timing.cache"
+    raw = read_regular_file(_record_path(cache_root, manifest), 1 << 16)
+    if raw is not None:
+        try:
+            record = json.loads(raw)
+            return BuildSettings(**{k: record[k] for k in _RECORDED}, timing_cache=timing).for_artifact(manifest)
+        except (ValueError, KeyError, TypeError, InvalidInputError) as exc:
+            log.warning("ignoring the unreadable build record %s (%s)", _record_path(cache_root, manifest), exc)
+    return BuildSettings(timing_cache=timing).for_artifact(manifest)
 
 
 def import_tensorrt() -> Any:
@@ -92,9 +148,12 @@ def gpu_identity() -> tuple[str, str]:
 def engine_key(manifest: dict[str, Any], settings: BuildSettings, trt_version: str) -> EngineKey:
     """What an engine built from the artefact ``manifest`` with ``settings`` on this GPU is valid for."""
     name, capability = gpu_identity()
+    settings = settings.for_artifact(manifest)
     profiles = tuple((n, tuple(a), tuple(b), tuple(c)) for n, a, b, c in profiles_for(manifest, settings))
-    onnx_sha = manifest["files"]["model"]["sha256"]
-    return EngineKey(onnx_sha, trt_version, name, capability, settings.precision, profiles)
+    precision = (
+        f"{settings.precision}+tf32" if settings.precision == "fp32" and settings.allow_tf32 else settings.precision
+    )
+    return EngineKey(artifact_digest(manifest), trt_version, name, capability, precision, profiles)
 
 
 def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
@@ -102,6 +161,7 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
     trt = import_tensorrt()
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir)
+    settings = settings.for_artifact(manifest)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
@@ -116,6 +176,8 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
         raise EngineBuildError(f"{onnx_dir}: TensorRT could not parse the ONNX graph: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    if settings.precision == "fp32" and not settings.allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: an "fp32" engine would round to 10 bits
     if major < 11 and settings.precision in ("fp16", "bf16"):
         config.set_flag(trt.BuilderFlag.FP16 if settings.precision == "fp16" else trt.BuilderFlag.BF16)
     elif major >= 11 and settings.precision != manifest.get("precision", "fp32"):
@@ -130,12 +192,12 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
     timing = settings.timing_cache
     cache_bytes = timing.read_bytes() if timing is not None and timing.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineBuildError(f"{timing}: TensorRT refused the timing cache (another version or GPU?); delete it")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"{onnx_dir}: TensorRT returned no engine (see its log above for the reason)")
     if settings.timing_cache is not None:
-        from knnclip.engine.fsutil import atomic_write_bytes
-
+        settings.timing_cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(settings.timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)

@@ -27,18 +27,18 @@ from typing import Any
 from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file
 
 log = logging.getLogger("knnclip.engine_cache")
-_FORMAT = "knnclip-engine-cache/1"
+_FORMAT = "knnclip-engine-cache/2"  # 2: keyed by every file of the artefact
 
 
 @dataclass(frozen=True)
 class EngineKey:
     """What an engine was built from and for."""
 
-    onnx_sha256: str
+    artifact_sha256: str  # builder.artifact_digest: every file of the artefact
     tensorrt_version: str
     gpu_name: str
     compute_capability: str  # "9.0"
-    precision: str  # "fp32", "fp16", "bf16"
+    precision: str  # "fp32", "fp32+tf32", "fp16", "bf16"
     profiles: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = ()  # name, min, opt, max
 
     def digest(self) -> str:

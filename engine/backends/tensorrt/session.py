@@ -31,13 +31,14 @@ def open_tensorrt(directory: Path, manifest: dict[str, Any], device: str) -> Ten
     if device != "cuda":
         raise BackendUnavailableError("TensorRT runs on CUDA devices only")
     try:
-        from knnclip.engine.backends.tensorrt.builder import BuildSettings, build_engine, engine_key, import_tensorrt
+        from knnclip.engine.backends.tensorrt.builder import build_engine, engine_key, import_tensorrt, settings_for
     except ImportError as exc:
         raise BackendUnavailableError(f"the TensorRT backend needs the export side ({exc})") from None
     trt = import_tensorrt()
-    settings = BuildSettings(precision=manifest.get("precision", "fp32"))
+    cache = EngineCache()
+    settings = settings_for(cache.root, manifest)  # what `knnclip build` used, so its engine is found
     key = engine_key(manifest, settings, trt.__version__)
-    plan = EngineCache().get_or_build(key, lambda: build_engine(directory, settings), {"onnx_dir": str(directory)})
+    plan = cache.get_or_build(key, lambda: build_engine(directory, settings), {"onnx_dir": str(directory)})
     return TensorRTSession(directory, manifest, plan)
 
 
