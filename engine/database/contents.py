@@ -32,7 +32,7 @@ class Contents:
         self.counts: dict[int, int] = {}
         self.next_id = manifest.next_entry_id
         self.lsn = manifest.checkpoint_lsn
-        self.gpu: Any = None  # a GpuMirror kept in step with the index
+        self.gpu: Any = None  # a GPU mirror (database/gpu.py) kept in step with the index
 
     @property
     def is_trained(self) -> bool:
@@ -107,7 +107,7 @@ class Contents:
         found = np.full((m, k), -1, np.int64)
         if searched.any():
             sub = q if searched.all() else np.ascontiguousarray(q[searched])
-            if self.gpu is not None:
+            if self.gpu is not None and self.gpu.can_search(k, params):
                 found_sims[searched], found[searched] = self.gpu.search(sub, k, params)
             elif self.spec.kind == "flat" and self.spec.storage in ("fp16", "sq8"):
                 found_sims[searched], found[searched] = flat_scan.scan(self.index, self.spec.storage, sub, k)

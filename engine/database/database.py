@@ -171,9 +171,9 @@ class Database:
                 if db._log_state.version < 2:  # an older log format: rewrite it in the current one
                     db.checkpoint()
             if device == "cuda":
-                from knnclip.engine.database.gpu import GpuMirror
+                from knnclip.engine.database.gpu import open_gpu_mirror
 
-                db._c.gpu = GpuMirror(db._c.spec, db._c.dim, db._c.index)
+                db._c.gpu = open_gpu_mirror(db._c.spec, db._c.dim, db._c.index)
             return db
         except BaseException:
             if lock is not None:

@@ -1,12 +1,20 @@
-"""A GPU copy of the database's index for search, through faiss-gpu.
+"""A GPU copy of the database's index for search: through faiss-gpu, or, where faiss-gpu is not
+installed but torch or CuPy can reach a CUDA device, an exact search of a flat index as one
+matrix product and a top-k on the device.
 
 The CPU index stays the source of truth (it is what is checkpointed, and GPU indexes cannot
 ``remove_ids``). Appends are queued and reach the GPU in one ``add`` before the next search,
 because every GPU add reallocates; a removal rebuilds the copy.
+
+faiss-gpu's limits are checked before anything moves (:func:`faiss_gpu_problems`): IVF-PQ codes of
+at most 96 bytes, in the sizes its kernels have (56, 64 and 96 with float16 lookup tables), 8 bits
+per sub-quantiser, no HNSW; a search asking for more than 2048 neighbours or probes runs on the
+CPU index instead, with a warning (:meth:`FaissGpuMirror.can_search`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import faiss
@@ -15,17 +23,77 @@ import numpy as np
 from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.errors import BackendUnavailableError
 
+log = logging.getLogger("knnclip.database")
 
-class GpuMirror:
-    def __init__(self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, device: int = 0) -> None:
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-            raise BackendUnavailableError(
-                "device='cuda' needs faiss with GPU support and a visible GPU "
-                "(faiss-gpu-cu12 in place of faiss-cpu: docs/backends.md); "
-                "open the database with device='cpu' otherwise"
+# faiss/gpu/GpuIndexIVFPQ: the code sizes (bytes per vector) its kernels are compiled for, the
+# ones that need float16 lookup tables to fit shared memory, and the most k / nprobe it selects.
+GPU_PQ_CODE_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+GPU_PQ_FLOAT16_TABLES = (56, 64, 96)
+GPU_MAX_SELECTION = 2048
+
+
+def faiss_gpu_problems(spec: IndexSpec) -> list[str]:
+    """Why faiss-gpu cannot hold an index of ``spec`` (empty when it can)."""
+    if spec.kind == "hnsw":
+        return ["faiss-gpu has no HNSW index"]
+    problems = []
+    if spec.kind == "ivf-pq":
+        m, nbits = spec.params.get("m"), spec.params.get("nbits", 8)
+        if nbits != 8:
+            problems.append(f"faiss-gpu's IVF-PQ takes 8 bits per sub-quantiser, this index has {nbits}")
+        if m is not None and m * nbits // 8 not in GPU_PQ_CODE_BYTES:
+            problems.append(
+                f"faiss-gpu's IVF-PQ takes codes of {', '.join(map(str, GPU_PQ_CODE_BYTES))} bytes, this index's are "
+                f"{m * nbits // 8} (m={m}); create the database with index_params={{'m': 96}} (or another listed size)"
             )
-        if spec.kind == "hnsw":
-            raise BackendUnavailableError("faiss-gpu has no HNSW index; open hnsw databases with device='cpu'")
+    for name in ("nprobe",):
+        value = spec.params.get(name)
+        if value is not None and value > GPU_MAX_SELECTION:
+            problems.append(f"{name}={value} is above faiss-gpu's limit of {GPU_MAX_SELECTION}")
+    return problems
+
+
+def open_gpu_mirror(spec: IndexSpec, dim: int, cpu_index: faiss.Index | None) -> Any:
+    """The best GPU search this installation has for ``spec``: faiss-gpu, else torch or CuPy
+    (flat indexes), else BackendUnavailableError saying what to install or how to open."""
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() >= 1:
+        return FaissGpuMirror(spec, dim, cpu_index)
+    module = _cuda_array_module()
+    if module is not None and spec.kind == "flat":
+        log.info("faiss-gpu is not installed: exact search on the GPU through %s", module)
+        return ArrayGpuMirror(spec, dim, cpu_index, module=module, device="cuda")
+    reason = "a flat index (exact search through torch or CuPy)" if module else "torch or CuPy on CUDA for flat indexes"
+    raise BackendUnavailableError(
+        "device='cuda' needs faiss with GPU support and a visible GPU (faiss-gpu-cu12 in place of faiss-cpu: "
+        f"docs/backends.md), or {reason}; open the database with device='cpu' otherwise"
+    )
+
+
+def _cuda_array_module() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return "cupy"
+    except Exception:  # ImportError, or CuPy without a driver (CUDARuntimeError)
+        pass
+    return None
+
+
+class FaissGpuMirror:
+    def __init__(self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, device: int = 0) -> None:
+        problems = faiss_gpu_problems(spec)
+        if problems:
+            raise BackendUnavailableError(
+                f"this database's index cannot move to the GPU: {'; '.join(problems)}; open it with device='cpu'"
+            )
         self._spec, self._dim, self._device = spec, dim, device
         self._res = faiss.StandardGpuResources()
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -48,10 +116,23 @@ class GpuMirror:
         else:
             options = faiss.GpuClonerOptions()
             options.useFloat16 = self._spec.storage == "fp16"
+            m = self._spec.params.get("m") or 0
+            if self._spec.kind == "ivf-pq" and m * self._spec.params.get("nbits", 8) // 8 in GPU_PQ_FLOAT16_TABLES:
+                options.useFloat16LookupTables = True  # these code sizes do not fit shared memory in fp32
             self._gpu = faiss.index_cpu_to_gpu(self._res, self._device, cpu_index, options)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self._pending.append((vectors, ids))
+
+    def can_search(self, k: int, params: Any) -> bool:
+        """False (with a warning) when the search exceeds faiss-gpu's selection limit: the caller
+        searches the CPU index instead."""
+        nprobe = getattr(params, "nprobe", 0) if params is not None else 0
+        if k <= GPU_MAX_SELECTION and nprobe <= GPU_MAX_SELECTION:
+            return True
+        log.warning("k=%d, nprobe=%d exceed faiss-gpu's limit of %d: searching on the CPU", k, nprobe,
+                    GPU_MAX_SELECTION)  # fmt: skip
+        return False
 
     def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         if self._pending:
@@ -65,3 +146,84 @@ class GpuMirror:
         if params is not None and hasattr(params, "nprobe"):
             self._gpu.nprobe = params.nprobe  # GPU IVF indexes take nprobe as an attribute
         return self._gpu.search(queries, k)
+
+
+class ArrayGpuMirror:
+    """Exact inner-product search of a flat index with torch or CuPy: the stored vectors on the
+    device (fp16 where the index stores fp16 or sq8, as faiss-gpu does), one matrix product with
+    the queries and a top-k. ``device="cpu"`` (torch only) runs the same code on the CPU, for tests."""
+
+    def __init__(
+        self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, *, module: str, device: str = "cuda"
+    ) -> None:
+        if spec.kind != "flat":
+            raise BackendUnavailableError(f"exact GPU search without faiss-gpu is for flat indexes, not {spec.kind}")
+        if module not in ("torch", "cupy") or (module == "cupy" and device != "cuda"):
+            raise ValueError(f"module must be 'torch' or 'cupy' (CuPy on CUDA only), got {module!r} on {device!r}")
+        self._module, self._device, self._dim = module, device, dim
+        self._half = spec.storage != "fp32"
+        self._pending: list[np.ndarray] = []
+        self._vectors: Any = None
+        self.rebuild(cpu_index)
+
+    def rebuild(self, cpu_index: faiss.Index | None) -> None:
+        self._pending.clear()
+        stored = np.zeros((0, self._dim), np.float32)
+        if cpu_index is not None and cpu_index.ntotal:
+            stored = cpu_index.reconstruct_n(0, cpu_index.ntotal)
+        self._vectors = self._to_device(stored)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self._pending.append(np.ascontiguousarray(vectors, np.float32))
+
+    def can_search(self, k: int, params: Any) -> bool:
+        return True
+
+    def _to_device(self, a: np.ndarray) -> Any:
+        if self._module == "torch":
+            import torch
+
+            t = torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(self._device)
+            return t.half() if self._half else t
+        import cupy
+
+        return cupy.asarray(a, cupy.float16 if self._half else cupy.float32)
+
+    def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self._pending:
+            extra = self._to_device(np.concatenate(self._pending))
+            self._pending.clear()
+            self._vectors = self._concat(self._vectors, extra)
+        n = int(self._vectors.shape[0])
+        sims = np.full((len(queries), k), -np.inf, np.float32)
+        positions = np.full((len(queries), k), -1, np.int64)
+        top = min(k, n)
+        if top == 0 or len(queries) == 0:
+            return sims, positions
+        q = self._to_device(queries)
+        if self._module == "torch":
+            import torch
+
+            # fp16 products accumulate in fp32 on the GPU; the CPU path (tests) computes in fp32.
+            scores = (q.float() @ self._vectors.float().T) if self._device == "cpu" else (q @ self._vectors.T).float()
+            values, index = torch.topk(scores, top, dim=1)
+            found_sims, found = values.cpu().numpy(), index.cpu().numpy()
+        else:
+            import cupy
+
+            scores = (q @ self._vectors.T).astype(cupy.float32)
+            index = cupy.argpartition(-scores, top - 1, axis=1)[:, :top]
+            part = cupy.take_along_axis(scores, index, axis=1)
+            order = cupy.argsort(-part, axis=1)
+            found, found_sims = cupy.take_along_axis(index, order, 1).get(), cupy.take_along_axis(part, order, 1).get()
+        sims[:, :top], positions[:, :top] = found_sims.astype(np.float32), found.astype(np.int64)
+        return sims, positions
+
+    def _concat(self, a: Any, b: Any) -> Any:
+        if self._module == "torch":
+            import torch
+
+            return torch.cat([a, b])
+        import cupy
+
+        return cupy.concatenate([a, b])
