@@ -268,6 +268,15 @@ bool cuda_available() {
 #endif
 }
 
+std::string cuda_status() {
+#ifdef KNNCLIP_WITH_CUDA
+  return knnclip::cuda::device_problem();
+#else
+  return "knnclip._C was built without CUDA kernels (no CUDA compiler was found at build time): rebuild it "
+         "with nvcc on the PATH (docs/ops.md, building without network)";
+#endif
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = KNNCLIP_VERSION;
@@ -339,6 +348,9 @@ PYBIND11_MODULE(_C, m) {
         "How this module was built: version, cuda, cuda_archs, cuda_runtime, openmp, threads, "
         "cpu_isas (compiled), cpu_isa (in use), compiler.");
   m.def("cuda_available", &cuda_available, "True when CUDA kernels are compiled in and a CUDA device is usable now.");
+  m.def("cuda_status", &cuda_status,
+        "Why no CUDA device is usable by the kernels (built without CUDA, no driver, a driver older than the "
+        "runtime, no device), or '' when one is.");
   m.def("cpu_isa", &knnclip::cpu::active_isa, "The CPU instruction set the kernels use now.");
   m.def("supported_cpu_isas", &knnclip::cpu::supported_isas, "Compiled instruction sets this CPU can run, best first.");
   m.def("set_cpu_isa", &knnclip::cpu::set_isa, py::arg("name"),

@@ -94,7 +94,7 @@ def collect() -> dict[str, Any]:
             "tensorrt": {"installed": _module_version("tensorrt") is not None, "version": _module_version("tensorrt")},
             "pycuda": {"installed": _module_version("pycuda") is not None},
         },
-        "devices": {"cuda_available": ops.cuda_available(), "gpus": _gpus()},
+        "devices": {"cuda_available": ops.cuda_available(), "cuda_status": ops.cuda_status(), "gpus": _gpus()},
     }
 
 
@@ -125,7 +125,8 @@ def format_text(info: dict[str, Any]) -> str:
         lines.append(f"  {name:<12} {b.get('version') or ''}{extra}")
     devices = info["devices"]
     lines.append("devices:")
-    lines.append(f"  cuda usable by knnclip._C: {devices['cuda_available']}")
+    usable = "yes" if devices["cuda_available"] else f"no: {devices['cuda_status']}"
+    lines.append(f"  cuda usable by knnclip._C: {usable}")
     for gpu in devices["gpus"] or ["(no NVIDIA GPU found)"]:
         lines.append(f"  {gpu}")
     return "\n".join(lines)

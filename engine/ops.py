@@ -41,6 +41,7 @@ if _built != __version__:  # pragma: no cover - only with a stale build on the p
 DeviceArray = getattr(_C, "DeviceArray", None)
 build_info = _C.build_info
 cuda_available = _C.cuda_available
+cuda_status = _C.cuda_status
 cpu_isa = _C.cpu_isa
 supported_cpu_isas = _C.supported_cpu_isas
 set_cpu_isa = _C.set_cpu_isa
@@ -57,6 +58,7 @@ __all__ = [
     "build_info",
     "cpu_isa",
     "cuda_available",
+    "cuda_status",
     "fuse",
     "mask_pool",
     "panoptic_owner",

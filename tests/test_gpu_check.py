@@ -23,11 +23,15 @@ def test_dry_run_compares_every_op_and_writes_its_report(tmp_path):
     assert "| mask_pool |" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):
+def test_without_a_gpu_it_fails_with_the_reason_and_writes_nothing(tmp_path):
     from knnclip import _C
 
     if _C.cuda_available():
         return  # a GPU machine runs the real check instead
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
-    assert done.returncode == 0 and "nothing to check" in done.stdout and not list(tmp_path.iterdir())
+    assert done.returncode == 3 and _C.cuda_status() in done.stdout and not list(tmp_path.iterdir())
+    assert _C.cuda_status(), "the reason is never empty where no device is usable"
+    skipped = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--skip-without-gpu"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert skipped.returncode == 0 and not list(tmp_path.iterdir())

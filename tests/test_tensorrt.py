@@ -100,6 +100,14 @@ class _Engine:
         return self.context
 
 
+_PINNED: list[int] = []
+
+
+def _pinned(shape, dtype) -> np.ndarray:
+    _PINNED.append(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return np.zeros(shape, dtype)
+
+
 def fake_tensorrt_modules(monkeypatch, engine: _Engine, pushes: list) -> None:
     """Stand-ins for the parts of tensorrt and pycuda the session uses, recording what it asks."""
     import sys
@@ -117,8 +125,18 @@ def fake_tensorrt_modules(monkeypatch, engine: _Engine, pushes: list) -> None:
     cuda.Device = lambda i: types.SimpleNamespace(retain_primary_context=lambda: context)
     cuda.Stream = lambda: types.SimpleNamespace(handle=0, synchronize=lambda: None)
     cuda.mem_alloc = _Buffer
-    cuda.memcpy_htod_async = lambda dst, src, stream: None
-    cuda.memcpy_dtoh_async = lambda dst, src, stream: None
+    device_memory: dict[int, bytes] = {}
+
+    def htod(dst, src, stream):  # records what reached the device
+        device_memory[int(dst)] = bytes(src)
+
+    def dtoh(dst, src, stream):  # the "device" answers with a recognisable byte pattern
+        dst[:] = np.frombuffer(bytes([int(src) % 251]) * dst.nbytes, np.uint8)
+
+    cuda.memcpy_htod_async = htod
+    cuda.memcpy_dtoh_async = dtoh
+    cuda.pagelocked_empty = lambda shape, dtype: _pinned(shape, dtype)
+    cuda.device_memory = device_memory
     pycuda = types.ModuleType("pycuda")
     pycuda.driver = cuda
     for name, module in (("tensorrt", trt), ("pycuda", pycuda), ("pycuda.driver", cuda)):
@@ -154,6 +172,38 @@ def test_output_buffers_follow_the_shapes_tensorrt_resolves(monkeypatch, tmp_pat
     engine.context.set_input_shape = lambda name, shape: False
     with pytest.raises(InvalidInputError, match="refused the shape"):
         session.infer({"images": np.zeros((1, 3, 64, 96), np.float32)})
+    session.close()
+
+
+def test_host_copies_go_through_reused_page_locked_buffers(monkeypatch, tmp_path):
+    """Inputs reach the device byte for byte from page-locked staging, outputs come back with
+    their shape and dtype, and the pinned buffers are allocated once per tensor and grown only
+    for a larger call."""
+    import sys
+
+    from knnclip.engine.backends.tensorrt.session import TensorRTSession
+
+    engine, pushes = _Engine(), []
+    fake_tensorrt_modules(monkeypatch, engine, pushes)
+    manifest = {
+        "kind": "fcclip-image",
+        "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
+        "outputs": [{"name": "masks", "shape": ["batch", 5, "height/4", "width/4"], "dtype": "float32"}],
+    }
+    _PINNED.clear()
+    session = TensorRTSession(tmp_path, manifest, b"plan")
+    images = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    out = session.infer({"images": images})
+    assert _PINNED == [images.nbytes, out["masks"].nbytes]
+    device = sys.modules["pycuda.driver"].device_memory
+    assert images.tobytes() in device.values()
+    assert out["masks"].shape == (2, 5, 16, 24) and out["masks"].dtype == np.float32
+    first = out["masks"].copy()
+    again = session.infer({"images": images[:1]})["masks"]  # smaller: staging reused
+    assert _PINNED == [images.nbytes, first.nbytes] and again.shape == (1, 5, 16, 24)
+    assert np.array_equal(first, out["masks"]), "a result does not change when the staging is reused"
+    session.infer({"images": np.zeros((4, 3, 64, 96), np.float32)})  # larger: grown
+    assert len(_PINNED) == 4
     session.close()
 
 

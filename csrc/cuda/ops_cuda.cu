@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -34,6 +36,33 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+// The stream-ordered allocator's default pool trims itself to its release threshold (0 unless
+// set) at every synchronisation, so each op would return its scratch memory to the driver and
+// allocate it again on the next call. Keep what the pool holds (it is still reused, and freed when
+// the process ends); set once per device.
+void keep_pool_memory(int device) {
+  static std::atomic<uint64_t> done{0};  // one bit per device (devices 0..63)
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit == 0 || (done.load() & bit)) return;
+  cudaMemPool_t pool = nullptr;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+    uint64_t threshold = UINT64_MAX;
+    cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
+  } else {
+    cudaGetLastError();  // a device without memory pools: nothing to keep
+  }
+  done.fetch_or(bit);
+}
+
+// Makes `device` current and its pool keep its memory, for the lifetime of an op.
+class OpScope {
+ public:
+  explicit OpScope(int device) : guard_(device) { keep_pool_memory(device); }
+
+ private:
+  DeviceGuard guard_;
+};
+
 // A device scratch buffer from the stream-ordered allocator.
 class DeviceBuffer {
  public:
@@ -61,9 +90,19 @@ __device__ __forceinline__ bool is_finite(__half x) {
   return (__half_as_ushort(x) & 0x7c00u) != 0x7c00u;
 }
 
+// Blocks for n items, capped at 65535: kernels launched with it loop over their items with a
+// grid stride, so any n is covered.
 inline unsigned grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+// A grid dimension that must hold `n` blocks (y and z are limited to 65535).
+inline unsigned checked_dim(int64_t n, int64_t limit, const char* what) {
+  if (n > limit)
+    throw std::invalid_argument(std::string(what) + " is larger than a CUDA grid allows (" +
+                                std::to_string(n) + " > " + std::to_string(limit) + "); split the call");
+  return static_cast<unsigned>(n > 0 ? n : 1);
 }
 
 template <typename T>
@@ -101,14 +140,15 @@ class Flags {
     if (ptr_ != nullptr) cudaFreeAsync(ptr_, kStream);
   }
   uint32_t* get() const { return ptr_; }
-  bool enabled() const { return enabled_; }
-  // Waits for everything queued so far and returns the flags (0 when disabled).
+  // Waits for everything queued so far and returns the flags (0 when disabled). It waits with
+  // check=false too: a kernel fault is then reported by the op that caused it, not by whatever
+  // CUDA call comes next.
   uint32_t read() const {
-    KNNCLIP_CUDA_CHECK(cudaGetLastError());
-    if (!enabled_) return 0;
+    KNNCLIP_CUDA_CHECK(cudaGetLastError());  // launch errors
     uint32_t host = 0;
-    KNNCLIP_CUDA_CHECK(cudaMemcpyAsync(&host, ptr_, sizeof host, cudaMemcpyDeviceToHost, kStream));
-    KNNCLIP_CUDA_CHECK(cudaStreamSynchronize(kStream));
+    if (enabled_)
+      KNNCLIP_CUDA_CHECK(cudaMemcpyAsync(&host, ptr_, sizeof host, cudaMemcpyDeviceToHost, kStream));
+    KNNCLIP_CUDA_CHECK(cudaStreamSynchronize(kStream));  // execution errors
     return host;
   }
 
@@ -228,14 +268,10 @@ __global__ void semantic_kernel(const TP* probs, const TL* logits, int64_t N, in
   }
 }
 
-// One thread per row: softmax over the row's real neighbours, summed per class (out zeroed).
+// One row: softmax over the row's real neighbours, summed per class (out zeroed).
 template <typename T>
-__global__ void retrieval_kernel(const T* sims, const int64_t* labels, int64_t rows, int64_t k,
-                                 int64_t C, float inv_tau, float* out, uint32_t* flags) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= rows) return;
-  const T* s = sims + i * k;
-  const int64_t* lab = labels + i * k;
+__device__ void retrieval_row(const T* s, const int64_t* lab, int64_t k, int64_t C, float inv_tau,
+                              float* out, uint32_t* flags) {
   float best = -INFINITY;
   for (int64_t j = 0; j < k; ++j) {
     if (lab[j] == -1) continue;
@@ -254,7 +290,16 @@ __global__ void retrieval_kernel(const T* sims, const int64_t* labels, int64_t r
   for (int64_t j = 0; j < k; ++j)
     if (lab[j] >= 0) total += neighbour_weight(to_float(s[j]), best, inv_tau);
   for (int64_t j = 0; j < k; ++j)
-    if (lab[j] >= 0) out[i * C + lab[j]] += neighbour_weight(to_float(s[j]), best, inv_tau) / total;
+    if (lab[j] >= 0) out[lab[j]] += neighbour_weight(to_float(s[j]), best, inv_tau) / total;
+}
+
+// Rows with a grid stride (any number of rows).
+template <typename T>
+__global__ void retrieval_kernel(const T* sims, const int64_t* labels, int64_t rows, int64_t k,
+                                 int64_t C, float inv_tau, float* out, uint32_t* flags) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows;
+       i += int64_t(blockDim.x) * gridDim.x)
+    retrieval_row(sims + i * k, labels + i * k, k, C, inv_tau, out + i * C, flags);
 }
 
 // One warp per row: confidence = max of the retrieval row, then the blend or the base row.
@@ -287,6 +332,24 @@ int device_count() {
   return count;
 }
 
+std::string device_problem() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaSuccess && count > 0) return "";
+  cudaGetLastError();  // clear the sticky error
+  int driver = 0;
+  cudaDriverGetVersion(&driver);  // 0 when no driver is loaded
+  if (driver == 0) return "no NVIDIA driver is loaded (nvidia-smi should list the GPU)";
+  if (err == cudaErrorInsufficientDriver)
+    return "the NVIDIA driver supports CUDA " + std::to_string(driver / 1000) + "." +
+           std::to_string((driver % 1000) / 10) + ", older than the CUDA runtime this module was built with (" +
+           runtime_version() + "): update the driver (CUDA 13 needs 580 or newer) or build knnclip._C with an older "
+           "CUDA toolkit";
+  if (err == cudaErrorNoDevice || (err == cudaSuccess && count == 0))
+    return "no CUDA device is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)";
+  return std::string("CUDA cannot use the device: ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+}
+
 std::string runtime_version() {
   return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
 }
@@ -302,10 +365,12 @@ int pointer_device(const void* p) {
   return -1;
 }
 
+// Outputs come from the stream-ordered pool too: cudaMalloc and cudaFree synchronise the device,
+// cudaFreeAsync returns the memory once the work queued before it is done.
 void* device_malloc(size_t bytes, int device) {
-  DeviceGuard guard(device);
+  OpScope scope(device);
   void* p = nullptr;
-  KNNCLIP_CUDA_CHECK(cudaMalloc(&p, bytes > 0 ? bytes : 1));
+  KNNCLIP_CUDA_CHECK(cudaMallocAsync(&p, bytes > 0 ? bytes : 1, kStream));
   return p;
 }
 
@@ -313,7 +378,7 @@ void device_free(void* p, int device) noexcept {
   int previous = 0;
   if (cudaGetDevice(&previous) != cudaSuccess) return;
   cudaSetDevice(device);
-  cudaFree(p);
+  cudaFreeAsync(p, kStream);
   cudaSetDevice(previous);
 }
 
@@ -326,7 +391,7 @@ uint32_t mask_pool(const void* features, DType features_dtype, const void* masks
                    DType masks_dtype, int64_t batch, int64_t channels, int64_t height,
                    int64_t width, int64_t num_masks, int64_t mask_height, int64_t mask_width,
                    float threshold, float* out, int device, bool check) {
-  DeviceGuard guard(device);
+  OpScope scope(device);
   Flags flags(check);
   const int64_t P = height * width, BN = batch * num_masks;
   if (check) {
@@ -343,8 +408,8 @@ uint32_t mask_pool(const void* features, DType features_dtype, const void* masks
     });
     const dim3 block(kTile, 8);
     const dim3 grid(static_cast<unsigned>((channels + kTile - 1) / kTile),
-                    static_cast<unsigned>((num_masks + kTile - 1) / kTile),
-                    static_cast<unsigned>(batch));
+                    checked_dim((num_masks + kTile - 1) / kTile, 65535, "the number of masks / 32"),
+                    checked_dim(batch, 65535, "the batch"));
     with_type(features, features_dtype, [&](auto typed) {
       pool_kernel<<<grid, block, 0, kStream>>>(binary.as<float>(), typed, inv_count.as<float>(),
                                                num_masks, channels, P, out);
@@ -356,7 +421,7 @@ uint32_t mask_pool(const void* features, DType features_dtype, const void* masks
 uint32_t semantic_merge(const void* probs, DType probs_dtype, const void* logits,
                         DType logits_dtype, int64_t num_masks, int64_t num_classes,
                         int64_t pixels, float* out, int device, bool check) {
-  DeviceGuard guard(device);
+  OpScope scope(device);
   Flags flags(check);
   if (check) {
     queue_finite_check(probs, probs_dtype, num_masks * num_classes, flags.get());
@@ -365,7 +430,7 @@ uint32_t semantic_merge(const void* probs, DType probs_dtype, const void* logits
   if (num_classes > 0 && pixels > 0) {
     const dim3 block(kTile, 8);
     const dim3 grid(static_cast<unsigned>((pixels + kTile - 1) / kTile),
-                    static_cast<unsigned>((num_classes + kTile - 1) / kTile));
+                    checked_dim((num_classes + kTile - 1) / kTile, 65535, "the number of classes / 32"));
     with_type(probs, probs_dtype, [&](auto p) {
       with_type(logits, logits_dtype, [&](auto l) {
         semantic_kernel<<<grid, block, 0, kStream>>>(p, l, num_masks, num_classes, pixels, out);
@@ -378,7 +443,7 @@ uint32_t semantic_merge(const void* probs, DType probs_dtype, const void* logits
 uint32_t retrieval_probs(const void* sims, DType sims_dtype, const int64_t* labels, int64_t rows,
                          int64_t k, int64_t num_classes, float tau, float* out, int device,
                          bool check) {
-  DeviceGuard guard(device);
+  OpScope scope(device);
   Flags flags(check);
   KNNCLIP_CUDA_CHECK(cudaMemsetAsync(out, 0, static_cast<size_t>(rows * num_classes) * sizeof(float), kStream));
   if (rows > 0) {
@@ -393,7 +458,7 @@ uint32_t retrieval_probs(const void* sims, DType sims_dtype, const int64_t* labe
 uint32_t fuse(const void* p_base, DType base_dtype, const void* p_ret, DType ret_dtype,
               int64_t rows, int64_t num_classes, float threshold, float lam, float* out,
               int device, bool check) {
-  DeviceGuard guard(device);
+  OpScope scope(device);
   Flags flags(check);
   if (check) {
     queue_finite_check(p_base, base_dtype, rows * num_classes, flags.get());

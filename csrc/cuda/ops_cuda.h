@@ -2,8 +2,10 @@
 // compile with the host compiler. Only built when CMake found a CUDA compiler.
 //
 // All work is queued on the legacy default stream, which orders itself with the default streams
-// of PyTorch and CuPy; when `check` is true the op also waits for its validation flags (one
-// 4-byte copy) so bad input raises before the result is handed back.
+// of PyTorch and CuPy. Every op waits for its work before it returns, so a kernel fault is raised
+// by the op that caused it; with `check` it also reads its validation flags (one 4-byte copy), so
+// bad input raises before the result is handed back. Scratch and output memory come from the
+// stream-ordered pool, which keeps what it holds between calls (release threshold at its maximum).
 #pragma once
 
 #include <cstddef>
@@ -15,6 +17,7 @@
 namespace knnclip::cuda {
 
 int device_count();                 // 0 when there is no driver or no device
+std::string device_problem();       // why no device is usable ("" when one is)
 std::string runtime_version();      // the CUDA runtime this module was built with, "13.0"
 int pointer_device(const void* p);  // the device that owns p, -1 if p is not device memory
 

@@ -4,8 +4,8 @@ the export side is installed), run with ``execute_async_v3`` on its own CUDA str
 Buffers: pycuda (cuda-python would do as well), in the device's primary context (shared with
 torch and ONNX Runtime, pushed around every call, so any thread can call). Each call sets the
 input shapes, reads the output shapes TensorRT resolves from them, and (re)allocates a tensor's
-device buffer only when it needs more than the last one held; every TensorRT call that can fail
-is checked.
+device buffer only when it needs more than the last one held; host copies go through page-locked
+staging buffers, grown the same way; every TensorRT call that can fail is checked.
 
 Thread safety: one execution context and one set of buffers per session, guarded by a lock, so
 concurrent ``infer`` calls run one after another; open one session per thread for parallel work.
@@ -72,6 +72,7 @@ class TensorRTSession(Session):
         self._lock = threading.Lock()
         self._buffers: dict[str, Any] = {}  # device buffers, grown to the largest size a call needed
         self._capacity: dict[str, int] = {}
+        self._pinned: dict[str, np.ndarray] = {}  # page-locked host staging, per tensor
         self._profiles: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # input -> (min, max)
         self._dtypes: dict[str, np.dtype] = {}
         for i in range(self._engine.num_io_tensors):
@@ -96,6 +97,15 @@ class TensorRTSession(Session):
             raise BackendUnavailableError(f"{self}: TensorRT refused the address of tensor {name!r}")
         return address
 
+    def _staging(self, name: str, nbytes: int) -> np.ndarray:
+        """A page-locked host buffer of at least ``nbytes`` for ``name`` (grown when needed): copies
+        from pageable memory are staged by the driver synchronously, from pinned memory they are
+        asynchronous DMA on the session's stream."""
+        buffer = self._pinned.get(name)
+        if buffer is None or buffer.nbytes < nbytes:
+            buffer = self._pinned[name] = self._cuda.pagelocked_empty(max(nbytes, 1), np.uint8)
+        return buffer[:nbytes]
+
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         cuda = self._cuda
         with self._lock:
@@ -115,7 +125,9 @@ class TensorRTSession(Session):
                             f"{self}: TensorRT refused the shape {list(array.shape)} of {spec.name!r}"
                         )
                     self._buffer(spec.name, array.nbytes)
-                    cuda.memcpy_htod_async(self._buffers[spec.name], array, self._stream)
+                    staged = self._staging(spec.name, array.nbytes)
+                    staged[:] = array.reshape(-1).view(np.uint8)
+                    cuda.memcpy_htod_async(self._buffers[spec.name], staged, self._stream)
                 shapes = {}
                 for spec in self.outputs:
                     shape = tuple(int(d) for d in self._context.get_tensor_shape(spec.name))
@@ -125,13 +137,15 @@ class TensorRTSession(Session):
                     self._buffer(spec.name, int(np.prod(shape)) * self._dtypes[spec.name].itemsize)
                 if not self._context.execute_async_v3(self._stream.handle):
                     raise BackendUnavailableError(f"{self}: TensorRT failed to run the engine")
-                out = {}
+                staged_out = {}
                 for spec in self.outputs:
-                    host = np.empty(shapes[spec.name], self._dtypes[spec.name])
-                    cuda.memcpy_dtoh_async(host, self._buffers[spec.name], self._stream)
-                    out[spec.name] = host
+                    nbytes = int(np.prod(shapes[spec.name])) * self._dtypes[spec.name].itemsize
+                    staged_out[spec.name] = self._staging(spec.name, nbytes)
+                    cuda.memcpy_dtoh_async(staged_out[spec.name], self._buffers[spec.name], self._stream)
                 self._stream.synchronize()
-                return out
+                # Copied out of the staging buffers, which the next call reuses.
+                return {name: staged.view(self._dtypes[name]).reshape(shapes[name]).copy()
+                        for name, staged in staged_out.items()}  # fmt: skip
             finally:
                 self._ctx.pop()
 
@@ -141,5 +155,6 @@ class TensorRTSession(Session):
                 buffer.free()
             self._buffers.clear()
             self._capacity.clear()
+            self._pinned.clear()
             self._context = None
             self._engine = None
