@@ -142,6 +142,91 @@ def check_ops(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[str, An
     return rows
 
 
+def check_interop() -> list[dict[str, Any]]:
+    """What only a device shows about the glue: an input still being written on a side stream,
+    the same op through torch and CuPy, through __cuda_array_interface__ and DLPack, a result
+    outliving its producer, and no growth of device memory over repeated calls."""
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, run: Callable[[], bool]) -> None:
+        try:
+            ok, error = bool(run()), None
+        except Exception as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+        rows.append({"check": name, "ok": ok, "error": error})
+        print(f"{name:60s} {'ok' if ok else 'FAIL ' + str(error)}", flush=True)
+
+    try:
+        import torch
+    except ImportError:
+        return [{"check": "torch interop", "ok": None, "error": "torch is not installed"}]
+    if not torch.cuda.is_available():
+        return [{"check": "torch interop", "ok": None, "error": "torch sees no CUDA device"}]
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((256, 37, 37)).astype(np.float32)
+    masks = (rng.standard_normal((64, 200, 272)) * 3).astype(np.float32)
+    expected = _C.mask_pool(features, masks)
+
+    def close(result: Any) -> bool:
+        got = result.numpy() if isinstance(result, _C.DeviceArray) else torch.as_tensor(result).cpu().numpy()
+        return bool(np.abs(got - expected).max() <= 2e-4 * np.abs(expected).max())
+
+    def side_stream() -> bool:
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):  # a slow producer on a non-blocking side stream
+            f = torch.from_numpy(features).cuda(non_blocking=True)
+            for _ in range(50):
+                f = f * 1.0  # keep the stream busy so an unordered read would see stale memory
+            m = torch.from_numpy(masks).cuda(non_blocking=True)
+            result = _C.mask_pool(f, m)  # CAI v3 names the side stream; the op must wait for it
+        return close(result)
+
+    def via_dlpack() -> bool:
+        class OnlyDlpack:
+            def __init__(self, t: Any) -> None:
+                self.t = t
+
+            def __dlpack__(self, stream: Any = None) -> Any:
+                return self.t.__dlpack__(stream=stream)
+
+            def __dlpack_device__(self) -> Any:
+                return self.t.__dlpack_device__()
+
+        return close(
+            _C.mask_pool(OnlyDlpack(torch.from_numpy(features).cuda()), OnlyDlpack(torch.from_numpy(masks).cuda()))
+        )
+
+    def outlives_producer() -> bool:
+        f, m = torch.from_numpy(features).cuda(), torch.from_numpy(masks).cuda()
+        result = _C.mask_pool(f, m)
+        del f, m
+        torch.cuda.empty_cache()
+        consumer = torch.from_dlpack(result)  # the DeviceArray's memory, no copy
+        del result
+        return close(consumer)
+
+    def cupy_inputs() -> bool:
+        import cupy
+
+        return close(_C.mask_pool(cupy.asarray(features), cupy.asarray(masks)))
+
+    def no_leak() -> bool:
+        f, m = torch.from_numpy(features).cuda(), torch.from_numpy(masks).cuda()
+        for _ in range(20):
+            _C.mask_pool(f, m)
+        free_before = torch.cuda.mem_get_info()[0]
+        for _ in range(200):
+            _C.mask_pool(f, m)
+        return free_before - torch.cuda.mem_get_info()[0] < 64 << 20
+
+    record("side-stream producer (CAI v3 stream)", side_stream)
+    record("DLPack-only inputs (stream argument)", via_dlpack)
+    record("result outlives its inputs; consumed by torch.from_dlpack", outlives_producer)
+    record("CuPy inputs", cupy_inputs)
+    record("no device memory growth over 200 calls", no_leak)
+    return rows
+
+
 def check_models(models: Path, repeats: int, device: str = "cuda") -> list[dict[str, Any]]:
     """Each model on every GPU backend against ONNX Runtime on the CPU."""
     from knnclip.engine.backends import open_session
@@ -243,6 +328,11 @@ def markdown(result: dict[str, Any]) -> str:
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff"].items())
             lines.append(f"| {r['model']} | {r['backend']} | {diffs} | {r['gpu']['median_s'] * 1e3:.2f} | "
                          f"{r['cpu_onnxruntime']['median_s'] * 1e3:.1f} |")  # fmt: skip
+    if result.get("interop"):
+        lines += ["", "## Interop: streams, DLPack, lifetime, memory", "", "| check | |", "|---|---|"]
+        for r in result["interop"]:
+            state = "ok" if r["ok"] else ("not run" if r["ok"] is None else "FAIL")
+            lines.append(f"| {r['check']} | {state}{': ' + r['error'] if r['error'] else ''} |")
     f = result.get("faiss_gpu")
     if f:
         lines += ["", "## Database search on the GPU (faiss-gpu), 10^5 x 1536, 250 queries, k=10", ""]
@@ -269,6 +359,8 @@ def main() -> int:
     result: dict[str, Any] = {"machine": machine(), "build": build, "gpu": dev.gpu, "arrays": dev.name,
                               "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}  # fmt: skip
     result["ops"] = check_ops(dev, args.repeats)
+    if not args.dry_run:
+        result["interop"] = check_interop()
     if args.models:
         result["models"] = check_models(args.models, args.repeats, "cpu" if args.dry_run else "cuda")
     if not args.no_faiss and not args.dry_run:
@@ -280,6 +372,7 @@ def main() -> int:
     write_text("gpu_check.md", markdown(result), args.out)
     print(markdown(result))
     results = [r["ok"] for r in result["ops"]] + [r["ok"] for r in result.get("models", [])]
+    results += [r["ok"] for r in result.get("interop", [])]
     if "faiss_gpu" in result:
         results.append(result["faiss_gpu"].get("ok", False))
     return 0 if all(ok is not False for ok in results) else 1

@@ -132,6 +132,13 @@ Tensor from_cuda_array_interface(py::handle obj, const std::string& op, const ch
     t.device = knnclip::cuda::pointer_device(t.data);
     if (t.device < 0)
       fail_value(op, std::string(name) + " claims __cuda_array_interface__ but its pointer is not CUDA device memory");
+    // Version 3: `stream` is where the producer may still be writing; our work waits for it.
+    if (cai.contains("stream") && !cai["stream"].is_none()) {
+      const int64_t stream = cai["stream"].cast<int64_t>();
+      if (stream == 0)
+        fail_value(op, std::string(name) + ": __cuda_array_interface__ stream 0 is ambiguous (the spec forbids it)");
+      if (stream > 0) knnclip::cuda::order_after_stream(static_cast<uintptr_t>(stream), t.device);
+    }
   }
   return t;
 #endif
@@ -143,9 +150,17 @@ Tensor from_dlpack_cuda(py::handle obj, const std::string& op, const char* name,
   (void)allowed;
   no_cuda(op, name);
 #else
-  // No stream argument: the producer then orders its work before the legacy default stream,
-  // which is where our kernels run.
-  py::capsule capsule = obj.attr("__dlpack__")().cast<py::capsule>();
+  // stream=1: the consumer's stream is the legacy default stream (where our kernels run), so the
+  // producer orders its pending work before it (current torch does not synchronise otherwise).
+  // A producer that predates the argument is asked without it.
+  py::object exported;
+  try {
+    exported = obj.attr("__dlpack__")(py::arg("stream") = 1);
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw;
+    exported = obj.attr("__dlpack__")();
+  }
+  py::capsule capsule = exported.cast<py::capsule>();
   if (std::string(capsule.name() ? capsule.name() : "") != "dltensor")
     fail_value(op, std::string(name) + ": __dlpack__ returned a capsule that is not an unused 'dltensor'");
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));

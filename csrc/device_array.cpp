@@ -50,7 +50,7 @@ py::dict DeviceArray::cuda_array_interface() const {
   d["data"] = py::make_tuple(reinterpret_cast<uintptr_t>(buffer_.get()), false);
   d["strides"] = py::none();
   d["version"] = 3;
-  d["stream"] = 1;  // the legacy default stream, where the op queued its work
+  d["stream"] = py::none();  // the op waited for its work: the data is ready on every stream
   return d;
 }
 
@@ -86,7 +86,16 @@ void register_device_array(py::module_& m) {
       .def_property_readonly("dtype", [](const DeviceArray&) { return "float32"; })
       .def_property_readonly("device", &DeviceArray::device)
       .def_property_readonly("__cuda_array_interface__", &DeviceArray::cuda_array_interface)
-      .def("__dlpack__", [](const DeviceArray& a, py::kwargs) { return a.dlpack(); })
+      .def(
+          "__dlpack__",
+          [](const DeviceArray& a, py::object stream, py::kwargs) {
+            // The op that made this array waited for its work, so it is ready on any consumer
+            // stream (DLPack's `stream`: None, -1, 1, 2 or a stream handle); only the type is checked.
+            if (!stream.is_none() && !py::isinstance<py::int_>(stream))
+              throw py::type_error("__dlpack__: stream must be an int or None");
+            return a.dlpack();
+          },
+          py::arg("stream") = py::none())
       .def("__dlpack_device__", [](const DeviceArray& a) { return py::make_tuple(static_cast<int>(kDLCUDA), a.device()); })
       .def("numpy", &DeviceArray::to_numpy, "Copy to a host NumPy array.")
       .def("__repr__", [](const DeviceArray& a) {

@@ -40,7 +40,7 @@ def test_exact_search_through_torch_matches_faiss(storage):
     base, extra, queries = clustered(300, dim, 1), clustered(50, dim, 2), clustered(40, dim, 3)
     index = faiss.IndexFlatIP(dim)
     index.add(base)
-    mirror = ArrayGpuMirror(IndexSpec.make("flat", storage, None, dim), dim, index, module="torch", device="cpu")
+    mirror = ArrayGpuMirror(IndexSpec.make("flat", storage, None, dim), dim, index, device="cpu")
     mirror.add(extra, np.arange(300, 350))  # queued, then searched with the rest
     reference = faiss.IndexFlatIP(dim)
     reference.add(np.concatenate([base, extra]))
@@ -58,10 +58,10 @@ def test_exact_search_pads_past_the_stored_entries():
     pytest.importorskip("torch")
     index = faiss.IndexFlatIP(8)
     index.add(clustered(3, 8, 4))
-    mirror = ArrayGpuMirror(IndexSpec.make("flat", "fp32", None, 8), 8, index, module="torch", device="cpu")
+    mirror = ArrayGpuMirror(IndexSpec.make("flat", "fp32", None, 8), 8, index, device="cpu")
     sims, ids = mirror.search(clustered(2, 8, 5), 5, None)
     assert (ids[:, 3:] == -1).all() and np.isneginf(sims[:, 3:]).all() and (ids[:, :3] >= 0).all()
-    empty = ArrayGpuMirror(IndexSpec.make("flat", "fp32", None, 8), 8, None, module="torch", device="cpu")
+    empty = ArrayGpuMirror(IndexSpec.make("flat", "fp32", None, 8), 8, None, device="cpu")
     assert (empty.search(clustered(2, 8, 5), 3, None)[1] == -1).all()
 
 

@@ -382,6 +382,19 @@ void device_free(void* p, int device) noexcept {
   cudaSetDevice(previous);
 }
 
+void order_after_stream(uintptr_t stream, int device) {
+  // 0 is not a valid CAI stream, 1 is the legacy default stream (ours) and 2 the per-thread
+  // default stream, which synchronises with the legacy one: only other streams need an event.
+  if (stream <= 2) return;
+  DeviceGuard guard(device);
+  cudaEvent_t written = nullptr;
+  KNNCLIP_CUDA_CHECK(cudaEventCreateWithFlags(&written, cudaEventDisableTiming));
+  const cudaError_t recorded = cudaEventRecord(written, reinterpret_cast<cudaStream_t>(stream));
+  const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(kStream, written, 0) : recorded;
+  cudaEventDestroy(written);  // released once the wait is done
+  KNNCLIP_CUDA_CHECK(waited);
+}
+
 void copy_to_host(void* dst, const void* src, size_t bytes, int device) {
   DeviceGuard guard(device);
   KNNCLIP_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));

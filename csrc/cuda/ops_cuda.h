@@ -24,6 +24,8 @@ int pointer_device(const void* p);  // the device that owns p, -1 if p is not de
 void* device_malloc(size_t bytes, int device);
 void device_free(void* p, int device) noexcept;
 void copy_to_host(void* dst, const void* src, size_t bytes, int device);
+// Orders the ops' stream after the work queued so far on `stream` (a producer's side stream).
+void order_after_stream(uintptr_t stream, int device);
 
 // Each returns ErrorFlag bits (0 when check is false). Pointers are device memory on `device`.
 uint32_t mask_pool(const void* features, DType features_dtype, const void* masks,

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from knnclip.engine.backends.base import Session
-from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -48,6 +49,83 @@ def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
+
+
+@dataclass(frozen=True)
+class DeviceInput:
+    """A CUDA input as IO binding takes it: address, shape, device; ``keep`` holds its owner."""
+
+    pointer: int
+    shape: tuple[int, ...]
+    device_id: int
+    keep: Any
+
+
+def _from_dlpack(value: Any) -> Any:
+    """A DLPack-only CUDA array as one with ``__cuda_array_interface__`` (through torch or CuPy)."""
+    for module in ("torch", "cupy"):
+        try:
+            lib = __import__(module)
+        except ImportError:
+            continue
+        return lib.from_dlpack(value)
+    raise BackendUnavailableError("a DLPack-only CUDA input needs torch or CuPy to be read")
+
+
+def _synchronize_stream(stream: int) -> None:
+    """Wait for the work queued on a producer's CUDA stream (a handle from CAI v3)."""
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailableError(
+            "an input written on a side stream needs torch to wait for that stream; synchronise it first"
+        ) from None
+    torch.cuda.ExternalStream(stream).synchronize()
+
+
+def device_input(
+    value: Any, name: str, dtype: np.dtype, synchronize: Callable[[int], None] = _synchronize_stream
+) -> DeviceInput:
+    """What ONNX Runtime's IO binding needs of a CUDA array: its address, shape and device.
+
+    DLPack-only arrays are read through torch or CuPy; a non-contiguous array is made contiguous
+    by its own library (``.contiguous()``) or refused, never read with the wrong strides; a
+    ``__cuda_array_interface__`` v3 stream is synchronised first, since ONNX Runtime runs on its
+    own stream; the device comes from ``__dlpack_device__`` (or the array's ``device``)."""
+    if not hasattr(value, "__cuda_array_interface__"):
+        if not hasattr(value, "__dlpack__"):
+            raise InvalidInputError(f"input {name!r}: a NumPy array or a CUDA array (CAI or DLPack), got {type(value)}")
+        value = _from_dlpack(value)
+        if not hasattr(value, "__cuda_array_interface__"):
+            raise InvalidInputError(f"input {name!r} is not on a CUDA device")
+    cai = value.__cuda_array_interface__
+    shape = tuple(int(d) for d in cai["shape"])
+    if np.dtype(cai["typestr"]) != dtype:
+        raise InvalidInputError(f"input {name!r} is {np.dtype(cai['typestr'])}, the model takes {dtype}")
+    strides = cai.get("strides")
+    if strides is not None and tuple(strides) != _c_strides(shape, dtype.itemsize):
+        if not hasattr(value, "contiguous"):
+            raise InvalidInputError(f"input {name!r} is not contiguous: make it contiguous first")
+        value = value.contiguous()
+        cai = value.__cuda_array_interface__
+    stream = cai.get("stream")
+    if stream is not None and int(stream) > 2:  # 1 and 2 are the default streams
+        synchronize(int(stream))
+    if hasattr(value, "__dlpack_device__"):
+        device_id = int(value.__dlpack_device__()[1])
+    else:
+        device = getattr(value, "device", None)
+        device_id = int(getattr(device, "index", None) or getattr(device, "id", None) or 0)
+    return DeviceInput(int(cai["data"][0]), shape, device_id, value)
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """C-order strides in bytes (an axis of length 1 can have any stride; CAI writes them anyway)."""
+    out, step = [], itemsize
+    for d in reversed(shape):
+        out.append(step)
+        step *= d
+    return tuple(reversed(out))
 
 
 class OrtSession(Session):
@@ -88,6 +166,7 @@ class OrtSession(Session):
         self.providers = self._session.get_providers()
         self._output_names = [spec.name for spec in self.outputs]
         self._local = threading.local()
+        self.device_id = 0  # the CUDA providers' default device
 
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         arrays = {k: np.ascontiguousarray(v) for k, v in feed.items()}
@@ -100,24 +179,34 @@ class OrtSession(Session):
 
         if self.device == "cpu":
             return self.infer(feed)
+        feed = {
+            name: _from_dlpack(v) if not isinstance(v, np.ndarray) and not hasattr(v, "__cuda_array_interface__")
+            and hasattr(v, "__dlpack__") else v
+            for name, v in feed.items()
+        }  # fmt: skip
         self.validate(feed)
         binding = getattr(self._local, "binding", None)
         if binding is None:
             binding = self._local.binding = self._session.io_binding()
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
+        kept = []  # the inputs' owners live until the run is done
         for spec in self.inputs:
             value = feed[spec.name]
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(spec.name, value)
                 continue
-            interface = value.__cuda_array_interface__
-            binding.bind_input(
-                spec.name, "cuda", 0, spec.dtype.type, list(interface["shape"]), int(interface["data"][0])
-            )
+            item = device_input(value, spec.name, spec.dtype)
+            if item.device_id != self.device_id:
+                raise InvalidInputError(
+                    f"{self}: input {spec.name!r} is on cuda:{item.device_id}, the session on cuda:{self.device_id}"
+                )
+            binding.bind_input(spec.name, "cuda", item.device_id, spec.dtype.type, list(item.shape), item.pointer)
+            kept.append(item.keep)
         for name in self._output_names:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, "cuda", self.device_id)
         self._session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         outputs: list[ort.OrtValue] = binding.get_outputs()
         return dict(zip(self._output_names, outputs, strict=True))
 

@@ -1,6 +1,6 @@
 """A GPU copy of the database's index for search: through faiss-gpu, or, where faiss-gpu is not
-installed but torch or CuPy can reach a CUDA device, an exact search of a flat index as one
-matrix product and a top-k on the device.
+installed but torch can reach a CUDA device, an exact search of a flat index as one matrix
+product and a top-k on the device.
 
 The CPU index stays the source of truth (it is what is checkpointed, and GPU indexes cannot
 ``remove_ids``). Appends are queued and reach the GPU in one ``add`` before the next search,
@@ -54,37 +54,27 @@ def faiss_gpu_problems(spec: IndexSpec) -> list[str]:
 
 
 def open_gpu_mirror(spec: IndexSpec, dim: int, cpu_index: faiss.Index | None) -> Any:
-    """The best GPU search this installation has for ``spec``: faiss-gpu, else torch or CuPy
-    (flat indexes), else BackendUnavailableError saying what to install or how to open."""
+    """The best GPU search this installation has for ``spec``: faiss-gpu, else torch (flat
+    indexes), else BackendUnavailableError saying what to install or how to open."""
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() >= 1:
         return FaissGpuMirror(spec, dim, cpu_index)
-    module = _cuda_array_module()
-    if module is not None and spec.kind == "flat":
-        log.info("faiss-gpu is not installed: exact search on the GPU through %s", module)
-        return ArrayGpuMirror(spec, dim, cpu_index, module=module, device="cuda")
-    reason = "a flat index (exact search through torch or CuPy)" if module else "torch or CuPy on CUDA for flat indexes"
+    torch_cuda = _torch_cuda()
+    if torch_cuda and spec.kind == "flat":
+        log.info("faiss-gpu is not installed: exact search on the GPU through torch")
+        return ArrayGpuMirror(spec, dim, cpu_index, device="cuda")
+    reason = "a flat index (exact search through torch)" if torch_cuda else "torch with CUDA for flat indexes"
     raise BackendUnavailableError(
         "device='cuda' needs faiss with GPU support and a visible GPU (faiss-gpu-cu12 in place of faiss-cpu: "
         f"docs/backends.md), or {reason}; open the database with device='cpu' otherwise"
     )
 
 
-def _cuda_array_module() -> str | None:
+def _torch_cuda() -> bool:
     try:
         import torch
-
-        if torch.cuda.is_available():
-            return "torch"
     except ImportError:
-        pass
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return "cupy"
-    except Exception:  # ImportError, or CuPy without a driver (CUDARuntimeError)
-        pass
-    return None
+        return False
+    return bool(torch.cuda.is_available())
 
 
 class FaissGpuMirror:
@@ -149,18 +139,14 @@ class FaissGpuMirror:
 
 
 class ArrayGpuMirror:
-    """Exact inner-product search of a flat index with torch or CuPy: the stored vectors on the
-    device (fp16 where the index stores fp16 or sq8, as faiss-gpu does), one matrix product with
-    the queries and a top-k. ``device="cpu"`` (torch only) runs the same code on the CPU, for tests."""
+    """Exact inner-product search of a flat index with torch: the stored vectors on the device
+    (fp16 where the index stores fp16 or sq8, as faiss-gpu does), one matrix product with the
+    queries and a top-k. ``device="cpu"`` runs the same code on the CPU, for tests."""
 
-    def __init__(
-        self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, *, module: str, device: str = "cuda"
-    ) -> None:
+    def __init__(self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, *, device: str = "cuda") -> None:
         if spec.kind != "flat":
             raise BackendUnavailableError(f"exact GPU search without faiss-gpu is for flat indexes, not {spec.kind}")
-        if module not in ("torch", "cupy") or (module == "cupy" and device != "cuda"):
-            raise ValueError(f"module must be 'torch' or 'cupy' (CuPy on CUDA only), got {module!r} on {device!r}")
-        self._module, self._device, self._dim = module, device, dim
+        self._device, self._dim = device, dim
         self._half = spec.storage != "fp32"
         self._pending: list[np.ndarray] = []
         self._vectors: Any = None
@@ -180,20 +166,18 @@ class ArrayGpuMirror:
         return True
 
     def _to_device(self, a: np.ndarray) -> Any:
-        if self._module == "torch":
-            import torch
+        import torch
 
-            t = torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(self._device)
-            return t.half() if self._half else t
-        import cupy
-
-        return cupy.asarray(a, cupy.float16 if self._half else cupy.float32)
+        t = torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(self._device)
+        return t.half() if self._half else t
 
     def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         if self._pending:
             extra = self._to_device(np.concatenate(self._pending))
             self._pending.clear()
-            self._vectors = self._concat(self._vectors, extra)
+            self._vectors = torch.cat([self._vectors, extra])
         n = int(self._vectors.shape[0])
         sims = np.full((len(queries), k), -np.inf, np.float32)
         positions = np.full((len(queries), k), -1, np.int64)
@@ -201,29 +185,8 @@ class ArrayGpuMirror:
         if top == 0 or len(queries) == 0:
             return sims, positions
         q = self._to_device(queries)
-        if self._module == "torch":
-            import torch
-
-            # fp16 products accumulate in fp32 on the GPU; the CPU path (tests) computes in fp32.
-            scores = (q.float() @ self._vectors.float().T) if self._device == "cpu" else (q @ self._vectors.T).float()
-            values, index = torch.topk(scores, top, dim=1)
-            found_sims, found = values.cpu().numpy(), index.cpu().numpy()
-        else:
-            import cupy
-
-            scores = (q @ self._vectors.T).astype(cupy.float32)
-            index = cupy.argpartition(-scores, top - 1, axis=1)[:, :top]
-            part = cupy.take_along_axis(scores, index, axis=1)
-            order = cupy.argsort(-part, axis=1)
-            found, found_sims = cupy.take_along_axis(index, order, 1).get(), cupy.take_along_axis(part, order, 1).get()
-        sims[:, :top], positions[:, :top] = found_sims.astype(np.float32), found.astype(np.int64)
+        # fp16 products accumulate in fp32 on the GPU; the CPU path (tests) computes in fp32.
+        scores = (q.float() @ self._vectors.float().T) if self._device == "cpu" else (q @ self._vectors.T).float()
+        values, index = torch.topk(scores, top, dim=1)
+        sims[:, :top], positions[:, :top] = values.cpu().numpy(), index.cpu().numpy()
         return sims, positions
-
-    def _concat(self, a: Any, b: Any) -> Any:
-        if self._module == "torch":
-            import torch
-
-            return torch.cat([a, b])
-        import cupy
-
-        return cupy.concatenate([a, b])
