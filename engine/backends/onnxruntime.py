@@ -62,14 +62,12 @@ class DeviceInput:
 
 
 def _from_dlpack(value: Any) -> Any:
-    """A DLPack-only CUDA array as one with ``__cuda_array_interface__`` (through torch or CuPy)."""
-    for module in ("torch", "cupy"):
-        try:
-            lib = __import__(module)
-        except ImportError:
-            continue
-        return lib.from_dlpack(value)
-    raise BackendUnavailableError("a DLPack-only CUDA input needs torch or CuPy to be read")
+    """A DLPack-only CUDA array as one with ``__cuda_array_interface__`` (through torch)."""
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailableError("a DLPack-only CUDA input needs torch to be read (pip install torch)") from None
+    return torch.from_dlpack(value)
 
 
 def _synchronize_stream(stream: int) -> None:
@@ -88,7 +86,7 @@ def device_input(
 ) -> DeviceInput:
     """What ONNX Runtime's IO binding needs of a CUDA array: its address, shape and device.
 
-    DLPack-only arrays are read through torch or CuPy; a non-contiguous array is made contiguous
+    DLPack-only arrays are read through torch; a non-contiguous array is made contiguous
     by its own library (``.contiguous()``) or refused, never read with the wrong strides; a
     ``__cuda_array_interface__`` v3 stream is synchronised first, since ONNX Runtime runs on its
     own stream; the device comes from ``__dlpack_device__`` (or the array's ``device``)."""
