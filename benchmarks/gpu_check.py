@@ -89,42 +89,48 @@ def _time(fn: Callable[[], Any], sync: Callable[[], None], repeats: int) -> dict
     return summarize(times)
 
 
-def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tuple]]:
-    """(op, size, dtype, function, NumPy inputs)."""
+def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tuple, Callable | None]]:
+    """(op, size, dtype, function, NumPy inputs, its NumPy float64 definition or None)."""
+    import tests.reference_ops as ref
+
     cases = []
     for dtype in ("float32", "float16"):
         for size, shape in (("DINOv2 keys 1536x37x37", (1536, 37, 37)), ("CLIP dense 1536x25x34", (1536, 25, 34))):
             features = rng.standard_normal(shape).astype(dtype)
             masks = (rng.standard_normal((250, *MASK_HW)) * 3).astype(dtype)
-            cases.append(("mask_pool", f"{size}, 250 masks 200x272", dtype, _C.mask_pool, (features, masks)))
+            cases.append(("mask_pool", f"{size}, 250 masks 200x272", dtype, _C.mask_pool, (features, masks),
+                          ref.mask_pool))  # fmt: skip
         for classes in (150, 847):
             probs = rng.dirichlet(np.ones(classes), 250).astype(dtype)
             logits = (rng.standard_normal((250, *MASK_HW)) * 3).astype(dtype)
-            cases.append(("semantic_merge", f"250x{classes}, masks 200x272", dtype, _C.semantic_merge, (probs, logits)))
+            cases.append(("semantic_merge", f"250x{classes}, masks 200x272", dtype, _C.semantic_merge,
+                          (probs, logits), ref.semantic_merge if classes == 150 else None))  # fmt: skip
     features = rng.standard_normal((2, 1536, 37, 37)).astype(np.float32)
     masks = (rng.standard_normal((2, 250, *MASK_HW)) * 3).astype(np.float32)
-    cases.append(("mask_pool", "batch of 2, 250 masks each", "float32", _C.mask_pool, (features, masks)))
+    cases.append(("mask_pool", "batch of 2, 250 masks each", "float32", _C.mask_pool, (features, masks), ref.mask_pool))
     empty = np.zeros((0, *MASK_HW), np.float32)
-    cases.append(("mask_pool", "no masks", "float32", _C.mask_pool, (features[0], empty)))
+    cases.append(("mask_pool", "no masks", "float32", _C.mask_pool, (features[0], empty), None))
     rows = 8_500_000  # past 65,535 blocks x 128 threads: the grid-stride loop's rows
     sims = rng.uniform(-1, 1, (rows, 1)).astype(np.float32)
     labels = rng.integers(-1, 2, (rows, 1)).astype(np.int64)
     cases.append(("retrieval_probs", f"{rows}x1, 2 classes (grid stride)", "float32",
-                  lambda s, lab: _C.retrieval_probs(s, lab, 2, 0.05), (sims, labels)))  # fmt: skip
+                  lambda s, lab: _C.retrieval_probs(s, lab, 2, 0.05), (sims, labels), None))  # fmt: skip
     for classes in (150, 847):
         sims = rng.uniform(-1, 1, (250, 10)).astype(np.float32)
         labels = rng.integers(-1, classes, (250, 10)).astype(np.int64)
         cases.append(("retrieval_probs", f"250x10, {classes} classes", "float32",
-                      lambda s, lab, c=classes: _C.retrieval_probs(s, lab, c, 0.05), (sims, labels)))  # fmt: skip
+                      lambda s, lab, c=classes: _C.retrieval_probs(s, lab, c, 0.05), (sims, labels),
+                      lambda s, lab, c=classes: ref.retrieval_probs(s, lab, c, 0.05)))  # fmt: skip
         base = rng.dirichlet(np.ones(classes), 250).astype(np.float32)
         ret = rng.dirichlet(np.ones(classes) * 0.05, 250).astype(np.float32)
-        cases.append(("fuse", f"250x{classes}", "float32", lambda b, r: _C.fuse(b, r, 0.5, 0.5), (base, ret)))
+        cases.append(("fuse", f"250x{classes}", "float32", lambda b, r: _C.fuse(b, r, 0.5, 0.5), (base, ret),
+                      lambda b, r: ref.fuse(b, r, 0.5, 0.5)))  # fmt: skip
     return cases
 
 
 def check_ops(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[str, Any]]:
     rows = []
-    for op, size, dtype, fn, inputs in op_cases(np.random.default_rng(0)):
+    for op, size, dtype, fn, inputs, reference in op_cases(np.random.default_rng(0)):
         cpu = np.asarray(fn(*inputs))
         on_device = [dev.put(x) for x in inputs]
         result = fn(*on_device)
@@ -133,12 +139,46 @@ def check_ops(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[str, An
         scale = float(np.abs(cpu).max(initial=0.0)) or 1.0
         same_shape = gpu.shape == cpu.shape
         error = float(np.abs(gpu - cpu).max(initial=0.0)) / scale if same_shape else float("inf")
-        rows.append({
-            "op": op, "size": size, "dtype": dtype, "max_rel_diff": error, "ok": error <= TOLERANCE[dtype],
-            "cpu": _time(lambda fn=fn, inputs=inputs: fn(*inputs), lambda: None, max(3, repeats // 4)),
-            "gpu": _time(lambda fn=fn, d=on_device: fn(*d), dev.sync, repeats),
-        })  # fmt: skip
-        print(f"{op:16s} {size:40s} {dtype:8s} diff {error:.2e} {'ok' if rows[-1]['ok'] else 'FAIL'}", flush=True)
+        row = {"op": op, "size": size, "dtype": dtype, "max_rel_diff": error, "ok": error <= TOLERANCE[dtype]}
+        if reference is not None:  # the definition in float64, from the inputs as they are
+            want = reference(*[x.astype(np.float64) if x.dtype.kind == "f" else x for x in inputs])
+            diff = float(np.abs(gpu - want).max(initial=0.0) / (np.abs(want).max(initial=0.0) or 1.0))
+            row["max_rel_diff_float64"] = diff
+            row["ok"] = bool(row["ok"] and diff <= TOLERANCE[dtype])
+        row["cpu"] = _time(lambda fn=fn, inputs=inputs: fn(*inputs), lambda: None, max(3, repeats // 4))
+        row["gpu"] = _time(lambda fn=fn, d=on_device: fn(*d), dev.sync, repeats)
+        rows.append(row)
+        print(f"{op:16s} {size:40s} {dtype:8s} diff {error:.2e} {'ok' if row['ok'] else 'FAIL'}", flush=True)
+    return rows
+
+
+def check_errors(dev: DeviceArrays | HostArrays) -> list[dict[str, Any]]:
+    """Bad input on the device raises what it raises on the host, before any result."""
+    rng = np.random.default_rng(4)
+    features = rng.standard_normal((8, 6, 6)).astype(np.float32)
+    masks = rng.standard_normal((3, 12, 12)).astype(np.float32)
+    nan = features.copy()
+    nan[0, 0, 0] = np.nan
+    labels = np.array([[0, 5]], np.int64)
+    cases = [
+        ("NaN in the features", ValueError, lambda: _C.mask_pool(dev.put(nan), dev.put(masks))),
+        ("float64 features", TypeError, lambda: _C.mask_pool(dev.put(features.astype(np.float64)), dev.put(masks))),
+        ("label past num_classes", ValueError,
+         lambda: _C.retrieval_probs(dev.put(np.ones((1, 2), np.float32)), dev.put(labels), 3, 0.1)),
+        ("mismatched masks", ValueError,
+         lambda: _C.semantic_merge(dev.put(np.ones((2, 4), np.float32)), dev.put(masks))),
+    ]  # fmt: skip
+    rows = []
+    for name, expected, call in cases:
+        try:
+            call()
+            ok, got = False, "no error"
+        except expected as exc:
+            ok, got = True, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            ok, got = False, f"{type(exc).__name__}: {exc}"
+        rows.append({"check": name, "ok": ok, "error": None if ok else got, "raised": got})
+        print(f"error path: {name:30s} {'ok' if ok else 'FAIL ' + got}", flush=True)
     return rows
 
 
@@ -311,11 +351,12 @@ def markdown(result: dict[str, Any]) -> str:
              f"Host {m['cpu']}, {m['cores']} cores; knnclip._C archs {result['build']['cuda_archs']}, CUDA runtime "
              f"{result['build']['cuda_runtime']}; device arrays from {result['arrays']}. Produced by "
              f"`{result['command']}`.", "", "## knnclip._C: CUDA kernels against the CPU kernels", "",
-             "| op | size | dtype | max rel. diff | CPU median ms | GPU median ms | speed-up | |",
+             "| op | size | dtype | max rel. diff to CPU / float64 | CPU median ms | GPU median ms | speed-up | |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["ops"]:
         cpu, gpu = r["cpu"]["median_s"] * 1e3, r["gpu"]["median_s"] * 1e3
-        lines.append(f"| {r['op']} | {r['size']} | {r['dtype']} | {r['max_rel_diff']:.1e} | {cpu:.3f} | {gpu:.3f} "
+        f64 = f" / {r['max_rel_diff_float64']:.1e}" if "max_rel_diff_float64" in r else ""
+        lines.append(f"| {r['op']} | {r['size']} | {r['dtype']} | {r['max_rel_diff']:.1e}{f64} | {cpu:.3f} | {gpu:.3f} "
                      f"| {cpu / gpu:.1f}x | {'ok' if r['ok'] else 'FAIL'} |")  # fmt: skip
     if result.get("models"):
         lines += ["", "## Models: GPU backends against ONNX Runtime on the CPU", "",
@@ -328,9 +369,9 @@ def markdown(result: dict[str, Any]) -> str:
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff"].items())
             lines.append(f"| {r['model']} | {r['backend']} | {diffs} | {r['gpu']['median_s'] * 1e3:.2f} | "
                          f"{r['cpu_onnxruntime']['median_s'] * 1e3:.1f} |")  # fmt: skip
-    if result.get("interop"):
-        lines += ["", "## Interop: streams, DLPack, lifetime, memory", "", "| check | |", "|---|---|"]
-        for r in result["interop"]:
+    if result.get("interop") or result.get("errors"):
+        lines += ["", "## Error paths and interop: streams, DLPack, lifetime, memory", "", "| check | |", "|---|---|"]
+        for r in result.get("errors", []) + result.get("interop", []):
             state = "ok" if r["ok"] else ("not run" if r["ok"] is None else "FAIL")
             lines.append(f"| {r['check']} | {state}{': ' + r['error'] if r['error'] else ''} |")
     f = result.get("faiss_gpu")
@@ -359,6 +400,7 @@ def main() -> int:
     result: dict[str, Any] = {"machine": machine(), "build": build, "gpu": dev.gpu, "arrays": dev.name,
                               "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}  # fmt: skip
     result["ops"] = check_ops(dev, args.repeats)
+    result["errors"] = check_errors(dev)
     if not args.dry_run:
         result["interop"] = check_interop()
     if args.models:
@@ -372,7 +414,7 @@ def main() -> int:
     write_text("gpu_check.md", markdown(result), args.out)
     print(markdown(result))
     results = [r["ok"] for r in result["ops"]] + [r["ok"] for r in result.get("models", [])]
-    results += [r["ok"] for r in result.get("interop", [])]
+    results += [r["ok"] for r in result.get("interop", []) + result["errors"]]
     if "faiss_gpu" in result:
         results.append(result["faiss_gpu"].get("ok", False))
     return 0 if all(ok is not False for ok in results) else 1

@@ -20,6 +20,8 @@ def test_dry_run_compares_every_op_and_writes_its_report(tmp_path):
     assert {("mask_pool", "float16"), ("semantic_merge", "float32"), ("retrieval_probs", "float32"),
             ("fuse", "float32")} <= ops  # fmt: skip
     assert all(r["ok"] and r["max_rel_diff"] == 0.0 for r in report["ops"])  # same kernels on both sides
+    assert sum("max_rel_diff_float64" in r for r in report["ops"]) >= 8  # and against the definitions
+    assert report["errors"] and all(r["ok"] for r in report["errors"]), report["errors"]
     assert "| mask_pool |" in (tmp_path / "gpu_check.md").read_text()
 
 
