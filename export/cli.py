@@ -79,6 +79,7 @@ def _fcclip(args: argparse.Namespace) -> int:
     result = export_fcclip_onnx(
         model, args.out, size=args.size, seen_names=seen, opset=args.opset, overwrite=args.overwrite,
         extra=_checkpoint_record(args.checkpoint), fp16=args.fp16, torch_weights=args.torch_weights,
+        sampling=args.sampling,
     )  # fmt: skip
     if args.json:
         print(json.dumps({"image": result.image.manifest, "text": result.text.manifest}, indent=1))

@@ -22,7 +22,7 @@ def test_bench_tiny(tmp_path):
                           env={**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")})  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout[-2000:]
     report = json.loads(done.stdout)
-    assert set(report["pipelines"]) >= {"engine onnxruntime", "torch reference"}
+    assert set(report["pipelines"]) >= {"engine onnxruntime fp32", "torch reference"}
     for label, pipeline in report["pipelines"].items():
         assert "error" not in pipeline, (label, pipeline)
         stages = pipeline["stages"]
@@ -32,6 +32,6 @@ def test_bench_tiny(tmp_path):
         assert pipeline["peak_rss_mib"] > 10, "a worker holding models must show memory over its baseline"
     assert report["flops_per_image"]["fcclip"] > 1e8 and report["database"]["entries"] == 1000
     table = (out / "tiny.md").read_text()
-    assert "ratio (reference / engine onnxruntime)" in table and "| total |" in table
+    assert "reference / onnxruntime fp32" in table and "| total |" in table
     assert json.loads((out / "tiny.json").read_text())["command"] == "knnclip bench --preset tiny"
     assert (out / "tiny.png").stat().st_size > 1000

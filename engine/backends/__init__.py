@@ -2,8 +2,8 @@
 
 ``open_session(artifact_dir, backend="auto", device="auto")`` reads and verifies the artefact's
 manifest, then opens the fastest backend this machine has for it: TensorRT (an engine built for
-this GPU), ONNX Runtime (CUDA or CPU providers), or torch (eager, the reference). The session's
-``repr`` and the log say which.
+this GPU), ONNX Runtime (CUDA or CPU providers), or torch (eager, the reference); OpenVINO (CPU,
+fp32 or bf16) when asked for. The session's ``repr`` and the log say which.
 
 >>> from knnclip.engine.backends import open_session          # doctest: +SKIP
 >>> with open_session("models/dinov2") as session:            # doctest: +SKIP
@@ -22,7 +22,8 @@ from knnclip.engine.backends.base import Session, TensorSpec
 from knnclip.engine.errors import BackendUnavailableError, KnnclipError
 
 log = logging.getLogger("knnclip.backends")
-BACKENDS = ("tensorrt", "onnxruntime", "torch")
+BACKENDS = ("tensorrt", "onnxruntime", "torch", "openvino", "openvino-bf16")
+AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")  # OpenVINO only when asked for (docs/backends.md)
 __all__ = ["BACKENDS", "Session", "TensorSpec", "available_backends", "cuda_usable", "open_session"]
 
 
@@ -43,7 +44,8 @@ def cuda_usable() -> bool:
 def available_backends() -> list[str]:
     """The backends whose libraries import here (not whether a device is present)."""
     found = []
-    for backend, module in (("tensorrt", "tensorrt"), ("onnxruntime", "onnxruntime"), ("torch", "torch")):
+    pairs = (("tensorrt", "tensorrt"), ("onnxruntime", "onnxruntime"), ("torch", "torch"), ("openvino", "openvino"))
+    for backend, module in pairs:
         if importlib.util.find_spec(module) is not None:
             found.append(backend)
     return found
@@ -62,7 +64,8 @@ def open_session(
     ----------
     backend
         ``"auto"`` (TensorRT, then ONNX Runtime, then torch: the first that can run here),
-        ``"tensorrt"``, ``"onnxruntime"`` or ``"torch"``.
+        ``"tensorrt"``, ``"onnxruntime"``, ``"torch"``, ``"openvino"`` (CPU, fp32) or
+        ``"openvino-bf16"`` (CPU, bfloat16).
     device
         ``"auto"`` (CUDA when usable, else CPU), ``"cuda"`` or ``"cpu"``.
     verify_files
@@ -76,7 +79,7 @@ def open_session(
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    order = [backend] if backend != "auto" else [b for b in BACKENDS if not (b == "tensorrt" and device == "cpu")]
+    order = [backend] if backend != "auto" else [b for b in AUTO_ORDER if not (b == "tensorrt" and device == "cpu")]
     reasons = []
     for name in order:
         try:
@@ -109,6 +112,10 @@ def _open(name: str, directory: Path, manifest: dict, device: str) -> Session:
         from knnclip.engine.backends.torch import TorchSession
 
         return TorchSession(directory, manifest, device)
+    if name.startswith("openvino"):
+        from knnclip.engine.backends.openvino import OpenVinoSession
+
+        return OpenVinoSession(directory, manifest, device, precision="bf16" if name.endswith("bf16") else "fp32")
     from knnclip.engine.backends.tensorrt.session import open_tensorrt
 
     return open_tensorrt(directory, manifest, device)

@@ -42,9 +42,10 @@ PRESETS = {
 
 
 # Building the benchmark's models and database ---------------------------------------------------
-def build(preset: Preset, work: Path, say: Any = print) -> dict[str, Any]:
-    """Export the preset's seeded models to ``work/models`` (torch weights kept for the reference)
-    and fill ``work/db`` with ``db_entries`` embeddings; returns the models' FLOPs per image."""
+def build(preset: Preset, work: Path, say: Any = print, sampling: str = "gather") -> dict[str, Any]:
+    """Export the preset's seeded models to ``work/models`` (torch weights kept for the reference;
+    FC-CLIP's deformable attention sampling as ``sampling``) and fill ``work/db`` with
+    ``db_entries`` embeddings; returns the models' FLOPs per image."""
     import torch
 
     from knnclip.engine.database import Database
@@ -54,7 +55,8 @@ def build(preset: Preset, work: Path, say: Any = print) -> dict[str, Any]:
     fcclip, dinov2 = seeded_models(preset)
     models = work / "models"
     start = time.perf_counter()
-    export_fcclip_onnx(fcclip, models / "fcclip", size=preset.fcclip_size, tokenizer="bytes", torch_weights=True)
+    export_fcclip_onnx(fcclip, models / "fcclip", size=preset.fcclip_size, tokenizer="bytes", torch_weights=True,
+                       sampling=sampling)  # fmt: skip
     size = dinov2.config.img_size
     export_dinov2_onnx(dinov2, models / "dinov2", size=size, torch_weights=True)
     say(f"exported the models in {time.perf_counter() - start:.0f} s")

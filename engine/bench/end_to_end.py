@@ -24,7 +24,11 @@ WORKER_MODULE = "knnclip.engine.bench.end_to_end"
 
 
 # The two pipelines, each run in a worker process --------------------------------------------------
-def run_engine(work: Path, preset: Preset, backend: str, device: str, fusion: str) -> dict[str, Any]:
+def run_engine(
+    work: Path, preset: Preset, backend: str, device: str, fusion: str, save: str | None = None
+) -> dict[str, Any]:
+    """The engine over the preset's images; ``save`` names a file for the semantic maps (the
+    agreement of each precision with fp32 is computed from them)."""
     from knnclip.engine.pipeline.segmenter import Segmenter
 
     baseline = peak_rss_mib()
@@ -35,8 +39,10 @@ def run_engine(work: Path, preset: Preset, backend: str, device: str, fusion: st
     for image in images_[:WARMUP]:  # warm-up: sessions, text embeddings, caches
         seg.segment(image)
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    semantic = []
     for image in images_[WARMUP:]:
         r = seg.segment(image)
+        semantic.append(r.semantic)
         for s in STAGES:
             stages[s].append(r.timings.get(s, 0.0) + (r.timings.get("classify", 0.0) if s == "fuse" else 0.0))
     # One request at a time: the timed pass above. Two concurrent requests: each thread takes half.
@@ -52,6 +58,8 @@ def run_engine(work: Path, preset: Preset, backend: str, device: str, fusion: st
     throughput["2"] = len(timed) / (time.perf_counter() - start)
     backends = seg.models.backends
     seg.close()
+    if save is not None:
+        np.savez_compressed(save, *semantic)
     return {"stages_ms": stages, "throughput_images_per_s": throughput, "peak_rss_mib": peak_rss_mib() - baseline,
             "backends": backends}  # fmt: skip
 
@@ -85,7 +93,7 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
     preset, work = PRESETS[args["preset"]], Path(args["work"])
     if args["pipeline"] == "reference":
         return run_reference(work, preset, args["device"], args["fusion"])
-    return run_engine(work, preset, args["backend"], args["device"], args["fusion"])
+    return run_engine(work, preset, args["backend"], args["device"], args["fusion"], args.get("save"))
 
 
 def run_bench(
@@ -99,22 +107,27 @@ def run_bench(
     """Build, run every pipeline available here in its own process, write JSON, Markdown and a plot."""
     preset = PRESETS[preset_name]
     work.mkdir(parents=True, exist_ok=True)
-    flops = build(preset, work, say)
     from knnclip.engine.backends import cuda_usable
 
     device = "cuda" if cuda_usable() else "cpu"
-    pipelines = [("engine onnxruntime", {"pipeline": "engine", "backend": "onnxruntime", "device": device})]
-    if device == "cuda":
-        pipelines.append(("engine tensorrt", {"pipeline": "engine", "backend": "tensorrt", "device": "cuda"}))
+    # CPU backends run the GridSample form fastest (and OpenVINO's bf16 needs it); TensorRT the gathers.
+    sampling = "gather" if device == "cuda" else "grid"
+    flops = build(preset, work, say, sampling=sampling)
+    pipelines = engine_pipelines(device)
     pipelines.append(("torch reference", {"pipeline": "reference", "device": device}))
     results = {}
+    saved: dict[str, Path] = {}
     for label, args in pipelines:
         say(f"running {label} ...")
+        if args["pipeline"] == "engine":
+            saved[label] = work / f"semantic-{label.replace(' ', '-')}.npz"
+            args = {**args, "save": str(saved[label])}
         results[label] = harness.spawn_module(
             WORKER_MODULE, {**args, "preset": preset_name, "work": str(work), "fusion": fusion}
         )
         if "error" in results[label]:
             say(f"  {label}: {results[label]['error']}")
+    agreement = semantic_agreement(saved, results)
     from knnclip.engine.database import Database
 
     with Database.open(work / "db", read_only=True) as db:
@@ -123,6 +136,7 @@ def run_bench(
         "command": f"knnclip bench --preset {preset_name}"
         + ("" if fusion == "out_of_vocab" else f" --fusion {fusion}"),
         "fusion": fusion,
+        "sampling": sampling,
         "preset": dataclasses.asdict(preset),
         "machine": harness.machine(),
         "device": device,
@@ -133,6 +147,7 @@ def run_bench(
             "storage": stats["storage"],
             "bytes_read_per_search": stats["entries"] * stats["code_bytes_per_entry"],
         },  # fmt: skip
+        "semantic_agreement_with_fp32": agreement,
         "pipelines": {
             label: r
             if "error" in r
@@ -151,6 +166,40 @@ def run_bench(
     return report
 
 
+def engine_pipelines(device: str) -> list[tuple[str, dict[str, Any]]]:
+    """``engine <backend> <precision>`` for every backend and precision available here."""
+    import importlib.util
+
+    def engine(backend: str, on: str) -> dict[str, Any]:
+        return {"pipeline": "engine", "backend": backend, "device": on}
+
+    out = [("engine onnxruntime fp32", engine("onnxruntime", device))]
+    if device == "cuda":
+        out.append(("engine tensorrt fp32", engine("tensorrt", "cuda")))
+    if importlib.util.find_spec("openvino") is not None:
+        out.append(("engine openvino fp32", engine("openvino", "cpu")))
+        out.append(("engine openvino bf16", engine("openvino-bf16", "cpu")))
+    return out
+
+
+def semantic_agreement(saved: dict[str, Path], results: dict[str, Any]) -> dict[str, float]:
+    """Fraction of pixels whose semantic class equals the ``engine onnxruntime fp32`` pipeline's."""
+    reference = saved.get("engine onnxruntime fp32")
+    if reference is None or not reference.is_file():
+        return {}
+    with np.load(reference) as ref:
+        want = [ref[k] for k in ref.files]
+    out = {}
+    for label, path in saved.items():
+        if label == "engine onnxruntime fp32" or "error" in results.get(label, {"error": 1}) or not path.is_file():
+            continue
+        with np.load(path) as got:
+            maps = [got[k] for k in got.files]
+        same = sum(int((a == b).sum()) for a, b in zip(maps, want, strict=True))
+        out[label] = same / sum(a.size for a in want)
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     pipes = {k: v for k, v in report["pipelines"].items() if "error" not in v}
     ref = pipes.get("torch reference")
@@ -160,20 +209,26 @@ def markdown(report: dict[str, Any]) -> str:
         "Per-stage latency per image, p50 (p90) in ms over the timed images after a warm-up image;"
         " ratio = reference p50 / engine p50 (above 1: the engine is faster). 'fuse' includes classification.",
         "",
-        "| stage | " + " | ".join(pipes) + (" | ratio (reference / engine onnxruntime) |" if ref else " |"),
-        "|---|" + "---|" * len(pipes) + ("---|" if ref else ""),
     ]
-    engine = pipes.get("engine onnxruntime")
+    engines = {k: v for k, v in pipes.items() if k.startswith("engine ")} if ref else {}
+    header = "| stage | " + " | ".join(pipes) + " |" + "".join(f" reference / {k.removeprefix('engine ')} |"
+                                                            for k in engines)  # fmt: skip
+    lines += [header, "|---|" + "---|" * (len(pipes) + len(engines))]
     for stage in STAGES:
         cells = []
         for p in pipes.values():
             s = p["stages"].get(stage)
             cells.append(f"{s['p50']:.1f} ({s['p90']:.1f})" if s else "-")
-        ratio = ""
-        if ref and engine and stage in ref["stages"] and stage in engine["stages"]:
-            e = engine["stages"][stage]["p50"]
-            ratio = f" {ref['stages'][stage]['p50'] / e:.2f}x |" if e > 0 else " - |"
-        lines.append(f"| {stage} | " + " | ".join(cells) + (" |" + ratio if ref else " |"))
+        ratios = []
+        for engine in engines.values():
+            e = engine["stages"].get(stage, {}).get("p50")
+            r = ref["stages"].get(stage, {}).get("p50")
+            ratios.append(f"{r / e:.2f}x" if e and r else "-")
+        lines.append(f"| {stage} | " + " | ".join(cells + ratios) + " |")
+    agreement = report.get("semantic_agreement_with_fp32") or {}
+    if agreement:
+        lines += ["", "Semantic pixel agreement with `engine onnxruntime fp32`: "
+                  + ", ".join(f"{k}: {v:.2%}" for k, v in agreement.items()) + "."]  # fmt: skip
     lines += ["", "| pipeline | throughput (images/s) by concurrent requests | peak RSS over baseline |"]
     lines.append("|---|---|---|")
     for label, p in pipes.items():

@@ -96,7 +96,9 @@ def dataset_split(args: argparse.Namespace, split: str, limit: int | None = None
 
 def backend_options(p: argparse.ArgumentParser, *, models_required: bool = True) -> None:
     p.add_argument("--models", required=models_required, help="models directory (fcclip/image, fcclip/text, dinov2)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"])
+    from knnclip.engine.backends import BACKENDS
+
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 

@@ -70,6 +70,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     fc.add_argument("--out", required=True, help="directory to create (OUT/image, OUT/text)")
     fc.add_argument("--fp16", action="store_true", help="fp16 image graph (norms, softmax, attention stay fp32)")
+    fc.add_argument(
+        "--sampling", default="gather", choices=["gather", "grid"],
+        help="deformable attention's sampling: gather (every runtime, TensorRT) or grid (GridSample: faster on "
+        "ONNX Runtime and OpenVINO CPUs, needed by --backend openvino-bf16)",
+    )  # fmt: skip
     _artefact_options(fc, "replace OUT/image and OUT/text if they exist")
 
 

@@ -1,10 +1,15 @@
-"""Multi-scale deformable attention (Deformable DETR) with bilinear sampling written as gathers.
+"""Multi-scale deformable attention (Deformable DETR), its bilinear sampling in one of two forms.
 
-``grid_sample`` would be the short form, but TensorRT's GridSample has had correctness bugs, and a
-gather is an op every runtime executes exactly. The sampling reproduces
-``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``: a location ``u`` in
-[0, 1] maps to pixel coordinate ``u * size - 0.5``; each of the four neighbours outside the map
-contributes zero.
+- ``"gather"`` (the default): four gathers per level. TensorRT's GridSample has had correctness
+  bugs, and a gather is an op every runtime executes exactly.
+- ``"grid"``: ``grid_sample`` (ONNX ``GridSample``), what CPU runtimes run fastest; ONNX Runtime
+  and OpenVINO take it, and OpenVINO's bf16 needs it (its bf16 index arithmetic overflows in the
+  gather form).
+
+Both are ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``: a location
+``u`` in [0, 1] maps to pixel coordinate ``u * size - 0.5``; each of the four neighbours outside
+the map contributes zero. :func:`set_sampling` picks the form for a whole model (the export's
+``sampling``, recorded in the manifest).
 """
 
 from __future__ import annotations
@@ -38,6 +43,29 @@ def bilinear_gather(value: Tensor, height: int, width: int, locations: Tensor) -
     return out
 
 
+SAMPLINGS = ("gather", "grid")
+
+
+def bilinear_grid_sample(value: Tensor, height: int, width: int, locations: Tensor) -> Tensor:
+    """:func:`bilinear_gather` through ``grid_sample``: ``value`` [N, HW, C], ``locations``
+    [N, L, P, 2] ((x, y) in [0, 1]) -> [N, L, P, C]."""
+    n, _, channels = value.shape
+    image = value.transpose(1, 2).reshape(n, channels, height, width)
+    sampled = F.grid_sample(image, locations * 2 - 1, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled.permute(0, 2, 3, 1)  # [N, C, L, P] -> [N, L, P, C]
+
+
+def set_sampling(model: nn.Module, sampling: str) -> str:
+    """Make every deformable attention of ``model`` sample with ``sampling``; returns the previous form."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    previous = "gather"
+    for module in model.modules():
+        if isinstance(module, MSDeformAttn):
+            previous, module.sampling = module.sampling, sampling
+    return previous
+
+
 class MSDeformAttn(nn.Module):
     """Parameter names as the official ``MSDeformAttn``: sampling_offsets, attention_weights,
     value_proj, output_proj."""
@@ -49,6 +77,7 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(dim, heads * levels * points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
+        self.sampling = "gather"  # or "grid" (set_sampling); not a parameter: checkpoints are unaffected
 
     def forward(
         self, query: Tensor, reference_points: Tensor, value_in: Tensor, shapes: list[tuple[int, int]]
@@ -73,7 +102,8 @@ class MSDeformAttn(nn.Module):
             # [B, HW, heads, d] -> [B*heads, HW, d]; locations [B, Lq, heads, P, 2] -> [B*heads, Lq, P, 2]
             v = value[:, start : start + size].permute(0, 2, 1, 3).reshape(batch * h, size, head_dim)
             loc = locations[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(batch * h, lq, p, 2)
-            sampled = bilinear_gather(v, height, width, loc)  # [B*heads, Lq, P, d]
+            sample = bilinear_grid_sample if self.sampling == "grid" else bilinear_gather
+            sampled = sample(v, height, width, loc)  # [B*heads, Lq, P, d]
             w = weights[:, :, :, level].permute(0, 2, 1, 3).reshape(batch * h, lq, p, 1)
             out = out + (sampled * w).sum(dim=2).reshape(batch, h, lq, head_dim)
             start += size

@@ -26,6 +26,7 @@ from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.text.prompts import TEMPLATES
 from knnclip.engine.text.tokenizer import find_bpe_file
 from knnclip.export.fcclip.decoder import mask_pool
+from knnclip.export.fcclip.deform_attn import SAMPLINGS, set_sampling
 from knnclip.export.fcclip.model import FCCLIP, ClipModel
 from knnclip.export.fcclip.vocabularies import COCO_PANOPTIC, coco_panoptic_seen_names
 from knnclip.export.onnx import DEFAULT_OPSET, Comparison, ExportResult, Graph, export_graph, parse_size, rel_l2
@@ -158,6 +159,7 @@ def export_fcclip_onnx(
     torch_weights: bool = False,
     tokenizer: str = "clip-bpe",
     fp16: bool = False,
+    sampling: str = "gather",
 ) -> FCCLIPExport:
     """Export ``model`` to ``out_dir/image`` and ``out_dir/text``, each verified in ONNX Runtime.
 
@@ -173,7 +175,34 @@ def export_fcclip_onnx(
         among them gets the geometric ensemble's ``alpha``, others ``beta``. Stored in the manifest
         with where it came from. ``None``: COCO panoptic's 133 classes, what the official
         checkpoints are trained on (``knnclip.export.fcclip.vocabularies``).
+    sampling
+        The deformable attention's bilinear sampling: ``"gather"`` (every runtime, TensorRT's
+        choice) or ``"grid"`` (ONNX ``GridSample``: faster on ONNX Runtime and OpenVINO CPUs, and
+        what OpenVINO's bf16 needs). Recorded in the image manifest.
     """
+    if sampling not in SAMPLINGS:
+        raise InvalidInputError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    previous = set_sampling(model, sampling)
+    try:
+        return _export_fcclip(model, out_dir, size, seen_names, opset, overwrite, extra, torch_weights, tokenizer,
+                              fp16, sampling)  # fmt: skip
+    finally:
+        set_sampling(model, previous)
+
+
+def _export_fcclip(
+    model: FCCLIP,
+    out_dir: str | os.PathLike[str],
+    size: int | str | tuple[int, int] | None,
+    seen_names: list[str] | None,
+    opset: int,
+    overwrite: bool,
+    extra: dict[str, Any] | None,
+    torch_weights: bool,
+    tokenizer: str,
+    fp16: bool,
+    sampling: str,
+) -> FCCLIPExport:
     dynamic = size is None
     if dynamic:  # traced at FC-CLIP's test size of a 4:3 landscape image, checked at its portrait too
         short = -(-cfg_min_size(model) // 32) * 32
@@ -239,6 +268,7 @@ def export_fcclip_onnx(
             },
             "seen_names": sorted(set(coco_panoptic_seen_names() if seen_names is None else seen_names)),
             "seen_vocabulary": COCO_PANOPTIC if seen_names is None else "given",
+            "sampling": sampling,
         },
         precision="fp16" if fp16 else "fp32",
         tolerance={

@@ -1,0 +1,99 @@
+"""The OpenVINO backend on the demo's models: fp32 against ONNX Runtime to fp32 tolerance, bf16
+within its documented tolerance, the Session contract's input checks, and the compiled-model cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install 'knnclip[openvino]')")
+pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
+
+from knnclip.engine.backends import open_session  # noqa: E402
+from knnclip.engine.errors import InvalidInputError  # noqa: E402
+
+# Relative L2 error per output against ONNX Runtime fp32 (docs/backends.md).
+FP32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 5e-2
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    from knnclip.engine.demo.run import DemoSettings, build_models
+
+    return build_models(DemoSettings(out=tmp_path_factory.mktemp("demo")), say=lambda _: None)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNNCLIP_ENGINE_CACHE", str(tmp_path / "engines"))
+
+
+def feed_for(session, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in session.inputs:
+        if spec.dtype.kind in "iu":
+            feed[spec.name] = rng.integers(1, 200, [d if isinstance(d, int) else 2 for d in spec.shape]).astype(
+                spec.dtype
+            )
+        else:
+            shape = [d if isinstance(d, int) else {"batch": 2}.get(d, 96 if "height" in d else 128)
+                     for d in spec.shape]  # fmt: skip
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feed
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / (np.linalg.norm(b) or 1.0))
+
+
+@pytest.mark.parametrize("part", ["dinov2", "fcclip/image", "fcclip/text"])
+def test_fp32_matches_onnxruntime(models, part):
+    reference = open_session(models / part, "onnxruntime", "cpu")
+    feed = feed_for(reference)
+    want = reference.infer(feed)
+    with open_session(models / part, "openvino", "cpu") as session:
+        assert "fp32" in repr(session)
+        got = session.infer(feed)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].shape == want[name].shape and got[name].dtype == want[name].dtype
+        assert relative_error(got[name], want[name]) <= FP32_TOLERANCE, name
+
+
+def test_bf16_within_its_tolerance(models):
+    import openvino as ov
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bfloat16 arithmetic")
+    reference = open_session(models / "dinov2", "onnxruntime", "cpu")
+    feed = feed_for(reference)
+    want = reference.infer(feed)["keys"]
+    with open_session(models / "dinov2", "openvino-bf16", "cpu") as session:
+        got = session.infer(feed)["keys"]
+    error = relative_error(got, want)
+    assert 0 < error <= BF16_TOLERANCE, error  # bf16 really ran (not fp32) and stayed close
+
+
+def test_inputs_are_checked_and_the_compiled_model_is_cached(models, tmp_path):
+    with open_session(models / "dinov2", "openvino", "cpu") as session:
+        with pytest.raises(InvalidInputError, match="must be float32"):
+            session.infer({"images": np.zeros((1, 3, 112, 112), np.float64)})
+        with pytest.raises(InvalidInputError, match="inputs are"):
+            session.infer({"pixels": np.zeros((1, 3, 112, 112), np.float32)})
+    assert any((tmp_path / "engines" / "openvino").iterdir()), "compiled models are cached on disk"
+
+
+def test_the_segmenter_runs_on_openvino(models, tmp_path):
+    from knnclip.engine import Segmenter
+    from knnclip.engine.demo.synthetic import make_split
+
+    samples = make_split(3, seed=1, size=(96, 128))
+    with Segmenter.from_dir(models, tmp_path / "db", backend="openvino", device="cpu", text_cache=None) as seg:
+        seg.add_examples([s.image for s in samples], [s.masks for s in samples], [s.names for s in samples])
+        with Segmenter.from_dir(models, seg.db, backend="onnxruntime", device="cpu", text_cache=None) as ort:
+            a, b = seg.segment(samples[0].image), ort.segment(samples[0].image)
+    assert (a.semantic == b.semantic).mean() >= 0.999
