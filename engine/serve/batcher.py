@@ -27,8 +27,9 @@ Item = TypeVar("Item")
 class Overloaded(Exception):
     """The queue is full; ``retry_after`` is the seconds after which a retry has a fair chance."""
 
-    def __init__(self, depth: int, retry_after: int) -> None:
-        super().__init__(f"the server is busy ({depth} requests waiting); retry after {retry_after} s")
+    def __init__(self, depth: int | None, retry_after: int) -> None:
+        waiting = f" ({depth} requests waiting)" if depth is not None else ""
+        super().__init__(f"the server is busy{waiting}; retry after {retry_after} s")
         self.retry_after = retry_after
 
 

@@ -192,7 +192,7 @@ class RayService:
         try:
             payload = await self._segmenters.segment.remote(request)
         except BackPressureError:
-            raise Overloaded(-1, 1) from None
+            raise Overloaded(None, 1) from None  # Ray's queue is full
         return _raise_marked(payload)
 
     async def _owner_call(self, method: str, *args: Any) -> Any:

@@ -206,13 +206,17 @@ class LocalService:
         self._stopping = True
         await self.batcher.stop()
         await asyncio.to_thread(self._loaded.wait)
-        if self.segmenter is not None:
-            self._rw.acquire_write()
-            try:
-                self.segmenter.close()
-            finally:
-                self.segmenter = None
-                self._rw.release_write()
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        if self.segmenter is None:
+            return
+        self._rw.acquire_write()  # after any mutation still running
+        try:
+            self.segmenter.close()
+        finally:
+            self.segmenter = None
+            self._rw.release_write()
 
     # Reads -------------------------------------------------------------------------------------
     async def segment(self, request: SegmentRequest) -> dict[str, Any]:
