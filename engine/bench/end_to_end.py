@@ -33,9 +33,11 @@ def run_engine(
 
     baseline = peak_rss_mib()
     images_ = images(preset)
+    # The bf16 pipeline is bf16 throughout: models and the database search.
+    search = "bf16" if backend.endswith("bf16") else "fp32"
     seg = Segmenter.from_dir(work / "models", work / "db", backend=backend, device=device, read_only=True,
-                             config=RetrievalConfig(fusion=fusion),
-                             text_cache=work / "text-cache")  # fmt: skip
+                             config=RetrievalConfig(fusion=fusion), text_cache=work / "text-cache",
+                             search=search)  # fmt: skip
     for image in images_[:WARMUP]:  # warm-up: sessions, text embeddings, caches
         seg.segment(image)
     stages: dict[str, list[float]] = {s: [] for s in STAGES}

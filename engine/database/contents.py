@@ -32,7 +32,9 @@ class Contents:
         self.counts: dict[int, int] = {}
         self.next_id = manifest.next_entry_id
         self.lsn = manifest.checkpoint_lsn
-        self.gpu: Any = None  # a GPU mirror (database/gpu.py) kept in step with the index
+        # A search mirror kept in step with the index: on the GPU (database/gpu.py) or in bf16
+        # (database/bf16_search.py); None searches the faiss index itself.
+        self.mirror: Any = None
 
     @property
     def is_trained(self) -> bool:
@@ -74,8 +76,8 @@ class Contents:
             self.index.add(vectors)
         else:
             self.index.add_with_ids(vectors, new_ids)
-        if self.gpu is not None:
-            self.gpu.add(vectors, new_ids)
+        if self.mirror is not None:
+            self.mirror.add(vectors, new_ids)
         self.ids = np.concatenate([self.ids, new_ids])
         self.labels = np.concatenate([self.labels, class_ids])
         for cid, count in zip(*np.unique(class_ids, return_counts=True), strict=True):
@@ -88,8 +90,8 @@ class Contents:
         if not keep.all():
             self.index = remove_entries(self.index, self.spec, keep, self.ids)
             self.ids, self.labels = self.ids[keep], self.labels[keep]
-            if self.gpu is not None:
-                self.gpu.rebuild(self.index)
+            if self.mirror is not None:
+                self.mirror.rebuild(self.index)
         self.counts.pop(class_id, None)
 
     def search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,8 +109,8 @@ class Contents:
         found = np.full((m, k), -1, np.int64)
         if searched.any():
             sub = q if searched.all() else np.ascontiguousarray(q[searched])
-            if self.gpu is not None and self.gpu.can_search(k, params):
-                found_sims[searched], found[searched] = self.gpu.search(sub, k, params)
+            if self.mirror is not None and self.mirror.can_search(k, params):
+                found_sims[searched], found[searched] = self.mirror.search(sub, k, params)
             elif self.spec.kind == "flat" and self.spec.storage in ("fp16", "sq8"):
                 found_sims[searched], found[searched] = flat_scan.scan(self.index, self.spec.storage, sub, k)
             else:

@@ -147,8 +147,14 @@ class Database:
         return cls.open(target)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, device: str = "cpu", read_only: bool = False) -> Database:
+    def open(
+        cls, path: str | os.PathLike[str], *, device: str = "cpu", read_only: bool = False, search: str = "fp32"
+    ) -> Database:
         """Open a database: verify every file, replay the log, and take the writer lock unless ``read_only``.
+
+        ``device="cuda"`` searches a GPU copy of the index; ``search="bf16"`` searches a flat index
+        in bfloat16 on the CPU (OpenVINO; ``database/bf16_search.py``); the faiss index stays what
+        is stored either way.
 
         Raises DatabaseCorruptError (naming the file) on a damaged, truncated or foreign file,
         DatabaseLockedError when another writer has it open. Read-only opens share the database
@@ -157,6 +163,8 @@ class Database:
         directory = Path(path)
         if device not in ("cpu", "cuda"):
             raise InvalidInputError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if search not in ("fp32", "bf16") or (search == "bf16" and device != "cpu"):
+            raise InvalidInputError(f"search must be 'fp32', or 'bf16' on the CPU, got {search!r} on {device!r}")
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory}: no such database directory (create it with Database.create)")
         lock = None if read_only else WriterLock(directory)
@@ -173,7 +181,11 @@ class Database:
             if device == "cuda":
                 from knnclip.engine.database.gpu import open_gpu_mirror
 
-                db._c.gpu = open_gpu_mirror(db._c.spec, db._c.dim, db._c.index)
+                db._c.mirror = open_gpu_mirror(db._c.spec, db._c.dim, db._c.index)
+            elif search == "bf16":
+                from knnclip.engine.database.bf16_search import Bf16SearchMirror
+
+                db._c.mirror = Bf16SearchMirror(db._c.spec, db._c.dim, db._c.index)
             return db
         except BaseException:
             if lock is not None:
@@ -347,8 +359,8 @@ class Database:
             trained.spec, trained.index = spec, index
             self._checkpoint(trained, "write the trained index")
             self._c = trained
-            if self._c.gpu is not None:
-                self._c.gpu.rebuild(self._c.index)
+            if self._c.mirror is not None:
+                self._c.mirror.rebuild(self._c.index)
 
     def checkpoint(self) -> None:
         """Write the index and entries atomically under a new generation and empty the log.
@@ -412,7 +424,7 @@ class Database:
                     self._log.close()
                 if self._lock is not None:
                     self._lock.release()
-                self._c.index = self._c.gpu = None
+                self._c.index = self._c.mirror = None
 
     def __enter__(self) -> Database:
         return self
@@ -467,7 +479,8 @@ class Database:
                 "log_tail_kept": str(self._log.tail_kept) if self._log is not None and self._log.tail_kept else None,
                 "lsn": self._c.lsn,
                 "checkpoint_lsn": self._manifest.checkpoint_lsn,
-                "device": "cuda" if self._c.gpu is not None else "cpu",
+                "device": self._c.mirror.device if self._c.mirror is not None else "cpu",
+                "search": type(self._c.mirror).__name__ if self._c.mirror is not None else "faiss",
                 "read_only": self._read_only,
                 "uuid": str(self._manifest.uuid),
             }

@@ -78,6 +78,8 @@ def _torch_cuda() -> bool:
 
 
 class FaissGpuMirror:
+    device = "cuda"
+
     def __init__(self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, device: int = 0) -> None:
         problems = faiss_gpu_problems(spec)
         if problems:
@@ -147,6 +149,7 @@ class ArrayGpuMirror:
         if spec.kind != "flat":
             raise BackendUnavailableError(f"exact GPU search without faiss-gpu is for flat indexes, not {spec.kind}")
         self._device, self._dim = device, dim
+        self.device = device
         self._half = spec.storage != "fp32"
         self._pending: list[np.ndarray] = []
         self._vectors: Any = None

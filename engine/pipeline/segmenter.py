@@ -88,8 +88,10 @@ class Segmenter:
         config: RetrievalConfig | None = None,
         read_only: bool = False,
         text_cache: str | os.PathLike[str] | None = "default",
+        search: str = "fp32",
     ) -> Segmenter:
-        """Open the models in ``models_dir`` and the database (a path is created when missing)."""
+        """Open the models in ``models_dir`` and the database (a path is created when missing);
+        ``search="bf16"`` searches a flat database in bfloat16 (``Database.open``)."""
         models = ModelSet(models_dir, backend, device)
         db: Database | None = None
         try:
@@ -97,11 +99,14 @@ class Segmenter:
                 return cls(models, database, config, text_cache=text_cache)
             path = Path(database)
             if path.exists():
-                db = Database.open(path, read_only=read_only)
+                db = Database.open(path, read_only=read_only, search=search)
+            elif read_only:
+                raise InvalidInputError(f"{path}: no database there to open read-only")
             else:
-                if read_only:
-                    raise InvalidInputError(f"{path}: no database there to open read-only")
-                db = Database.create(path, models.embedding_dim)
+                db = Database.create(path, models.embedding_dim)  # holds the writer lock from the start
+                if search != "fp32":
+                    db.close()
+                    db = Database.open(path, search=search)
             return cls(models, db, config, text_cache=text_cache, owns_database=True)
         except BaseException:
             # Nothing half-open stays behind: the database's lock and the sessions are released.
