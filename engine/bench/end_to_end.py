@@ -66,14 +66,16 @@ def run_engine(
             "backends": backends}  # fmt: skip
 
 
-def run_reference(work: Path, preset: Preset, device: str, fusion: str) -> dict[str, Any]:
-    """The research-code pipeline (:class:`ReferencePipeline`) over the preset's images."""
+def run_reference(work: Path, preset: Preset, device: str, fusion: str, best: bool = False) -> dict[str, Any]:
+    """The research-code pipeline (:class:`ReferencePipeline`) over the preset's images, or with
+    ``best`` the best torch one (:class:`BestTorchPipeline`)."""
     import torch
 
-    from knnclip.engine.bench.reference import ReferencePipeline
+    from knnclip.engine.bench.reference import BestTorchPipeline, ReferencePipeline
 
     baseline = peak_rss_mib()
-    pipeline = ReferencePipeline(work, device, RetrievalConfig(fusion=fusion))
+    kind = BestTorchPipeline if best else ReferencePipeline
+    pipeline = kind(work, device, RetrievalConfig(fusion=fusion))
     images_ = images(preset)
     for image in images_[:WARMUP]:
         pipeline.segment(image)
@@ -86,15 +88,22 @@ def run_reference(work: Path, preset: Preset, device: str, fusion: str) -> dict[
         "stages_ms": stages,
         "throughput_images_per_s": throughput,
         "peak_rss_mib": peak_rss_mib() - baseline,
-        "backends": {"all": f"torch {torch.__version__} eager on {device}, faiss IndexFlatIP fp32"},
+        "backends": {
+            "all": (
+                f"torch {torch.__version__} on {device}: grid_sample, autocast {pipeline.half}, DINOv2 "
+                f"{pipeline.compiled}, bf16 matmul + topk search"
+                if best
+                else f"torch {torch.__version__} eager on {device}, faiss IndexFlatIP fp32"
+            )
+        },  # fmt: skip
     }
 
 
 # Orchestration ----------------------------------------------------------------------------------
 def _worker(args: dict[str, Any]) -> dict[str, Any]:
     preset, work = PRESETS[args["preset"]], Path(args["work"])
-    if args["pipeline"] == "reference":
-        return run_reference(work, preset, args["device"], args["fusion"])
+    if args["pipeline"] in ("reference", "best"):
+        return run_reference(work, preset, args["device"], args["fusion"], best=args["pipeline"] == "best")
     return run_engine(work, preset, args["backend"], args["device"], args["fusion"], args.get("save"))
 
 
@@ -117,6 +126,7 @@ def run_bench(
     flops = build(preset, work, say, sampling=sampling)
     pipelines = engine_pipelines(device)
     pipelines.append(("torch reference", {"pipeline": "reference", "device": device}))
+    pipelines.append(("torch best", {"pipeline": "best", "device": device}))
     results = {}
     saved: dict[str, Path] = {}
     for label, args in pipelines:
@@ -227,6 +237,12 @@ def markdown(report: dict[str, Any]) -> str:
             r = ref["stages"].get(stage, {}).get("p50")
             ratios.append(f"{r / e:.2f}x" if e and r else "-")
         lines.append(f"| {stage} | " + " | ".join(cells + ratios) + " |")
+    best = pipes.get("torch best")
+    if best and engines:
+        lines += ["", "End to end against `torch best` (its total p50 / the engine's): " + ", ".join(
+            f"{k.removeprefix('engine ')}: {best['stages']['total']['p50'] / e['stages']['total']['p50']:.2f}x"
+            for k, e in engines.items()
+        ) + f"; `torch best` is {best['backends']['all']}."]  # fmt: skip
     agreement = report.get("semantic_agreement_with_fp32") or {}
     if agreement:
         lines += ["", "Semantic pixel agreement with `engine onnxruntime fp32`: "
