@@ -111,3 +111,12 @@ def tokenizer():
         return ClipTokenizer()
     except ModelFileError as exc:
         pytest.skip(f"CLIP's BPE vocabulary is not installed ({exc})")
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> Path:
+    """The demo's seeded models, exported once per test session (torch needed)."""
+    pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
+    from knnclip.engine.demo.run import DemoSettings, build_models
+
+    return build_models(DemoSettings(out=tmp_path_factory.mktemp("demo")), say=lambda _: None)

@@ -20,10 +20,8 @@ BF16_TOLERANCE = 5e-2
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    from knnclip.engine.demo.run import DemoSettings, build_models
-
-    return build_models(DemoSettings(out=tmp_path_factory.mktemp("demo")), say=lambda _: None)
+def models(demo_models) -> Path:
+    return demo_models
 
 
 @pytest.fixture(autouse=True)

@@ -100,6 +100,12 @@ class _Engine:
         return self.context
 
 
+# An image graph with dynamic batch and spatial axes: images [batch, 3, H, W] -> masks [batch, 5, H/4, W/4].
+IMAGE_MANIFEST = {
+    "kind": "fcclip-image",
+    "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
+    "outputs": [{"name": "masks", "shape": ["batch", 5, "height/4", "width/4"], "dtype": "float32"}],
+}
 _PINNED: list[int] = []
 
 
@@ -152,11 +158,7 @@ def test_output_buffers_follow_the_shapes_tensorrt_resolves(monkeypatch, tmp_pat
 
     engine, pushes = _Engine(), []
     fake_tensorrt_modules(monkeypatch, engine, pushes)
-    manifest = {
-        "kind": "fcclip-image",
-        "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
-        "outputs": [{"name": "masks", "shape": ["batch", 5, "height/4", "width/4"], "dtype": "float32"}],
-    }
+    manifest = IMAGE_MANIFEST
     _Buffer.allocations = []
     session = TensorRTSession(tmp_path, manifest, b"plan")
     out = session.infer({"images": np.zeros((2, 3, 64, 96), np.float32)})
@@ -185,11 +187,7 @@ def test_host_copies_go_through_reused_page_locked_buffers(monkeypatch, tmp_path
 
     engine, pushes = _Engine(), []
     fake_tensorrt_modules(monkeypatch, engine, pushes)
-    manifest = {
-        "kind": "fcclip-image",
-        "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
-        "outputs": [{"name": "masks", "shape": ["batch", 5, "height/4", "width/4"], "dtype": "float32"}],
-    }
+    manifest = IMAGE_MANIFEST
     _PINNED.clear()
     session = TensorRTSession(tmp_path, manifest, b"plan")
     images = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
