@@ -49,7 +49,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", help="file holding the bearer token that changes need (else $KNNCLIP_SERVE_TOKEN)")
     p.add_argument("--auth-reads", action="store_true", help="also require the token for segment, classes, health")
     p.add_argument("--max-batch", type=int, default=4, help="images per segment_batch call (default 4)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill while another runs (default 10)")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill while another runs (default 10)"
+    )
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting before 503s (default 32)")
     p.add_argument("--workers", type=int, default=1, help="batches run at once, in threads (default 1)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request gets 504")
