@@ -95,3 +95,11 @@ def test_the_segmenter_runs_on_openvino(models, tmp_path):
         with Segmenter.from_dir(models, seg.db, backend="onnxruntime", device="cpu", text_cache=None) as ort:
             a, b = seg.segment(samples[0].image), ort.segment(samples[0].image)
     assert (a.semantic == b.semantic).mean() >= 0.999
+
+
+def test_search_precision_applies_where_the_segmenter_opens_the_database(models, tmp_path):
+    from knnclip.engine import Database, Segmenter
+
+    Segmenter.from_dir(models, tmp_path / "db", device="cpu", text_cache=None).close()  # creates it
+    with Database.open(tmp_path / "db") as db, pytest.raises(InvalidInputError, match="search="):
+        Segmenter.from_dir(models, db, device="cpu", search="bf16", text_cache=None)

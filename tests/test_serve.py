@@ -15,7 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,12 @@ from knnclip.engine.serve.encoding import label_map, label_rle  # noqa: E402
 from tests.serve_helpers import TOKEN, ServerProcess, token_file  # noqa: E402
 
 SIZE = (96, 128)
+
+
+def concurrently(call, n: int) -> list:
+    """``[call(0), ..., call(n - 1)]``, all started at once on their own threads."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(call, range(n)))
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -151,28 +158,14 @@ class TestReads:
 
     def test_one_bad_image_in_a_batch_fails_alone(self, server, images):
         bodies = [png_bytes(images[0]), b"\x89PNG\r\n\x1a\nnot really", png_bytes(images[1]), png_bytes(images[2])]
-        replies: list = [None] * len(bodies)
-
-        def call(i):
-            replies[i] = httpx.post(f"{server.url}/v1/segment", content=bodies[i], timeout=60)
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        replies = concurrently(lambda i: httpx.post(f"{server.url}/v1/segment", content=bodies[i], timeout=60), 4)
         assert [r.status_code for r in replies] == [200, 400, 200, 200]
         assert replies[1].json()["error"]["type"] == "InvalidInputError"
 
     def test_concurrent_requests_are_batched(self, server, images):
         before = batch_counts(server)
         bodies = [png_bytes(images[i % len(images)]) for i in range(8)]
-        threads = [threading.Thread(target=httpx.post, args=(f"{server.url}/v1/segment",), kwargs={"content": b,
-                   "timeout": 60}) for b in bodies]  # fmt: skip
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        concurrently(lambda i: httpx.post(f"{server.url}/v1/segment", content=bodies[i], timeout=60), 8)
         after = batch_counts(server)
         images_done, batches = after[0] - before[0], after[1] - before[1]
         assert images_done == 8 and batches < 8, (images_done, batches)
@@ -329,19 +322,7 @@ def test_overload_sheds_with_retry_after(models, seeded_db, tmp_path, images):
     args = ("--max-queue", "2", "--max-batch", "1", "--max-wait-ms", "0")
     with ServerProcess(models, fresh_db(seeded_db, tmp_path), *args) as proc:
         body = png_bytes(images[0])
-        replies: list = []
-        lock = threading.Lock()
-
-        def call():
-            r = httpx.post(f"{proc.url}/v1/segment", content=body, timeout=120)
-            with lock:
-                replies.append(r)
-
-        threads = [threading.Thread(target=call) for _ in range(24)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        replies = concurrently(lambda i: httpx.post(f"{proc.url}/v1/segment", content=body, timeout=120), 24)
         codes = sorted(r.status_code for r in replies)
         shed = [r for r in replies if r.status_code == 503]
         assert shed and set(codes) <= {200, 503}, codes
@@ -368,23 +349,26 @@ def test_sigkill_after_acknowledge_loses_nothing(models, seeded_db, tmp_path, im
 
 def test_sigterm_drains_and_closes_the_database(models, seeded_db, tmp_path, images):
     db = fresh_db(seeded_db, tmp_path)
-    proc = ServerProcess(models, db, "--max-wait-ms", "300", "--token-file", str(token_file(tmp_path)))
+    # One image per batch: eight requests take several times the 0.2 s before the signal.
+    proc = ServerProcess(models, db, "--max-batch", "1", "--token-file", str(token_file(tmp_path)))
     proc.wait_ready()
     with Client(proc.url, TOKEN) as client:
         client.add_class("late class")
-    replies: list = []
-    threads = [threading.Thread(target=lambda: replies.append(httpx.post(f"{proc.url}/v1/segment",
-               content=png_bytes(images[0]), timeout=60))) for _ in range(3)]  # fmt: skip
-    for t in threads:
-        t.start()
-    import time
+    body = png_bytes(images[0])
 
-    time.sleep(0.1)  # the requests are in the batcher's 300 ms window
-    # uvicorn re-raises the signal once it has shut down cleanly, so the exit is "killed by SIGTERM".
-    assert proc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
-    for t in threads:
-        t.join()
-    assert [r.status_code for r in replies] == [200, 200, 200]
+    def call(i):
+        reply = httpx.post(f"{proc.url}/v1/segment", content=body, timeout=60)
+        return reply, time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(call, i) for i in range(8)]
+        time.sleep(0.2)
+        signalled = time.monotonic()
+        # uvicorn re-raises the signal once it has shut down cleanly, so the exit is "killed by SIGTERM".
+        assert proc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+        done = [f.result() for f in pending]
+    assert [r.status_code for r, _ in done] == [200] * 8
+    assert max(t for _, t in done) > signalled, "some requests were still in flight when the signal came"
     assert "Application shutdown complete" in proc.log()
     with Database.open(db) as reopened:  # the writer lock was released; the change is there
         assert "late class" in reopened.classes
@@ -458,16 +442,8 @@ def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded
             client.wait_ready(timeout=180)
             assert client.add_class("unicorn", thing=True)["name"] == "unicorn"
             replies: list = []
-
-            def call(i):
-                replies.append(client.segment(images[i % len(images)]))
-
             for _ in range(3):  # Ray routes by queue length: enough rounds to reach both replicas
-                threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                replies += concurrently(lambda i: client.segment(images[i % len(images)]), 8)
             assert all("unicorn" in r.classes for r in replies)
             assert len({r.raw["replica"] for r in replies}) == 2
             labels = np.zeros(SIZE, np.uint8)

@@ -61,13 +61,21 @@ class DeviceInput:
     keep: Any
 
 
-def _from_dlpack(value: Any) -> Any:
-    """A DLPack-only CUDA array as one with ``__cuda_array_interface__`` (through torch)."""
+def cuda_array(value: Any, name: str) -> Any:
+    """``value`` with ``__cuda_array_interface__``: as it is, or a DLPack-only array read through
+    torch; anything else is refused."""
+    if hasattr(value, "__cuda_array_interface__"):
+        return value
+    if not hasattr(value, "__dlpack__"):
+        raise InvalidInputError(f"input {name!r}: a NumPy array or a CUDA array (CAI or DLPack), got {type(value)}")
     try:
         import torch
     except ImportError:
         raise BackendUnavailableError("a DLPack-only CUDA input needs torch to be read (pip install torch)") from None
-    return torch.from_dlpack(value)
+    value = torch.from_dlpack(value)
+    if not hasattr(value, "__cuda_array_interface__"):
+        raise InvalidInputError(f"input {name!r} is not on a CUDA device")
+    return value
 
 
 def _synchronize_stream(stream: int) -> None:
@@ -90,12 +98,7 @@ def device_input(
     by its own library (``.contiguous()``) or refused, never read with the wrong strides; a
     ``__cuda_array_interface__`` v3 stream is synchronised first, since ONNX Runtime runs on its
     own stream; the device comes from ``__dlpack_device__`` (or the array's ``device``)."""
-    if not hasattr(value, "__cuda_array_interface__"):
-        if not hasattr(value, "__dlpack__"):
-            raise InvalidInputError(f"input {name!r}: a NumPy array or a CUDA array (CAI or DLPack), got {type(value)}")
-        value = _from_dlpack(value)
-        if not hasattr(value, "__cuda_array_interface__"):
-            raise InvalidInputError(f"input {name!r} is not on a CUDA device")
+    value = cuda_array(value, name)
     cai = value.__cuda_array_interface__
     shape = tuple(int(d) for d in cai["shape"])
     if np.dtype(cai["typestr"]) != dtype:
@@ -177,11 +180,8 @@ class OrtSession(Session):
 
         if self.device == "cpu":
             return self.infer(feed)
-        feed = {
-            name: _from_dlpack(v) if not isinstance(v, np.ndarray) and not hasattr(v, "__cuda_array_interface__")
-            and hasattr(v, "__dlpack__") else v
-            for name, v in feed.items()
-        }  # fmt: skip
+        # DLPack-only inputs read as CUDA arrays first, so that validation sees their shape and dtype.
+        feed = {name: v if isinstance(v, np.ndarray) else cuda_array(v, name) for name, v in feed.items()}
         self.validate(feed)
         binding = getattr(self._local, "binding", None)
         if binding is None:

@@ -96,6 +96,9 @@ class Segmenter:
         db: Database | None = None
         try:
             if isinstance(database, Database):
+                if search != "fp32":
+                    raise InvalidInputError("search= applies when the database is opened here; pass a path, "
+                                            "or open the Database with search= yourself")  # fmt: skip
                 return cls(models, database, config, text_cache=text_cache)
             path = Path(database)
             if path.exists():
