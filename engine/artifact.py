@@ -9,6 +9,7 @@ or a file swapped from another export is caught before a session is created.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -24,6 +25,13 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _SELF_HASH = "manifest_sha256"
 _REQUIRED = ("kind", "files", "inputs", "outputs")
+
+
+def artifact_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 over every file of the artefact (each name with its content's SHA-256): the graph
+    and its external weights alike, not the manifest's timestamps."""
+    files = sorted((str(rec["name"]), str(rec["sha256"])) for rec in manifest["files"].values())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
 def file_record(path: Path) -> dict[str, Any]:

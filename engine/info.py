@@ -7,6 +7,7 @@ reported as missing, never raised.
 from __future__ import annotations
 
 import importlib
+import json
 import platform
 import shutil
 import subprocess
@@ -63,6 +64,34 @@ def _torch() -> dict[str, Any]:
     return {"installed": True, "version": version, "cuda": bool(torch.cuda.is_available())}
 
 
+def _openvino() -> dict[str, Any]:
+    version = _module_version("openvino")
+    if version is None:
+        return {"installed": False}
+    import openvino as ov
+
+    try:
+        capabilities = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except Exception:  # a broken plugin: report it, don't raise
+        capabilities = []
+    return {"installed": True, "version": version, "cpu_capabilities": capabilities}
+
+
+def _backend_choices() -> dict[str, Any]:
+    """What ``backend="auto"`` measured on this machine (backends/choice.py), per record."""
+    from knnclip.engine.backends.tensorrt.cache import default_root
+
+    folder = default_root() / "backend-choice"
+    chosen: dict[str, int] = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            backend = str(json.loads(path.read_text())["backend"])
+        except (OSError, ValueError, KeyError, TypeError):
+            backend = "unreadable"
+        chosen[backend] = chosen.get(backend, 0) + 1
+    return {"folder": str(folder), "chosen": chosen}
+
+
 def _gpus() -> list[str]:
     """GPU names from nvidia-smi, empty without a driver."""
     smi = shutil.which("nvidia-smi")
@@ -93,7 +122,9 @@ def collect() -> dict[str, Any]:
             "torch": _torch(),
             "tensorrt": {"installed": _module_version("tensorrt") is not None, "version": _module_version("tensorrt")},
             "pycuda": {"installed": _module_version("pycuda") is not None},
+            "openvino": _openvino(),
         },
+        "auto_choices": _backend_choices(),
         "devices": {"cuda_available": ops.cuda_available(), "cuda_status": ops.cuda_status(), "gpus": _gpus()},
     }
 
@@ -122,7 +153,13 @@ def format_text(info: dict[str, Any]) -> str:
             extra = f"  gpus: {b['gpus']}"
         elif "cuda" in b:
             extra = f"  cuda: {b['cuda']}"
+        elif "cpu_capabilities" in b:
+            extra = "  cpu: " + ", ".join(b["cpu_capabilities"])
         lines.append(f"  {name:<12} {b.get('version') or ''}{extra}")
+    chosen = info["auto_choices"]["chosen"]
+    if chosen:
+        counts = ", ".join(f"{name} {count}" for name, count in sorted(chosen.items()))
+        lines.append(f"  auto on the CPU chose: {counts} (records in {info['auto_choices']['folder']})")
     devices = info["devices"]
     lines.append("devices:")
     usable = "yes" if devices["cuda_available"] else f"no: {devices['cuda_status']}"

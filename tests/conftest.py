@@ -26,6 +26,15 @@ SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtu
 NO_CUDA_REASON = "no usable CUDA device" if _C.build_info()["cuda"] else "knnclip._C was built without CUDA kernels"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One engine cache for the run (compiled OpenVINO models, backend choices), not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("engines")
+        patch.setenv("KNNCLIP_ENGINE_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture(params=_C.supported_cpu_isas())
 def cpu_isa(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run the test once per instruction set the CPU kernels were compiled for."""

@@ -230,6 +230,7 @@ def test_auto_backend_falls_back_when_a_runtime_fails_to_open(monkeypatch, tmp_p
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
 
     monkeypatch.setattr(ort_backend, "OrtSession", broken)
+    monkeypatch.setenv("KNNCLIP_AUTO_MEASURE", "0")  # the fixed order (else OpenVINO, where installed)
     with caplog.at_level("WARNING"):
         session = backends.open_session(tmp_path / "dinov2", "auto", "cpu")
     assert session.backend == "torch" and "onnxruntime could not open" in caplog.text

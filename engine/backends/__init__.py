@@ -2,8 +2,10 @@
 
 ``open_session(artifact_dir, backend="auto", device="auto")`` reads and verifies the artefact's
 manifest, then opens the fastest backend this machine has for it: TensorRT (an engine built for
-this GPU), ONNX Runtime (CUDA or CPU providers), or torch (eager, the reference); OpenVINO (CPU,
-fp32 or bf16) when asked for. The session's ``repr`` and the log say which.
+this GPU), ONNX Runtime (CUDA or CPU providers), or torch (eager, the reference). On the CPU,
+where OpenVINO is installed too, ``auto`` opens whichever of ONNX Runtime and OpenVINO (fp32)
+measured faster for this artefact here (:mod:`~knnclip.engine.backends.choice`); bf16 only when
+asked for by name. The session's ``repr``, ``selection`` and the log say which, and why.
 
 >>> from knnclip.engine.backends import open_session          # doctest: +SKIP
 >>> with open_session("models/dinov2") as session:            # doctest: +SKIP
@@ -23,7 +25,7 @@ from knnclip.engine.errors import BackendUnavailableError, KnnclipError
 
 log = logging.getLogger("knnclip.backends")
 BACKENDS = ("tensorrt", "onnxruntime", "torch", "openvino", "openvino-bf16")
-AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")  # OpenVINO only when asked for (docs/backends.md)
+AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")  # OpenVINO where measured faster: backends/choice.py
 __all__ = ["BACKENDS", "Session", "TensorSpec", "available_backends", "cuda_usable", "open_session"]
 
 
@@ -63,7 +65,8 @@ def open_session(
     Parameters
     ----------
     backend
-        ``"auto"`` (TensorRT, then ONNX Runtime, then torch: the first that can run here),
+        ``"auto"`` (TensorRT, then ONNX Runtime, then torch: the first that can run here; on the
+        CPU the faster of ONNX Runtime and OpenVINO fp32, measured once per artefact and machine),
         ``"tensorrt"``, ``"onnxruntime"``, ``"torch"``, ``"openvino"`` (CPU, fp32) or
         ``"openvino-bf16"`` (CPU, bfloat16).
     device
@@ -79,6 +82,15 @@ def open_session(
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and device == "cpu" and _measure_cpu_backends():
+        from knnclip.engine.backends import choice
+        from knnclip.engine.backends.tensorrt.cache import default_root
+
+        session = choice.open_fastest(directory, manifest, lambda name: _open(name, directory, manifest, device),
+                                      default_root())  # fmt: skip
+        if session is not None:
+            log.info("opened %r: %s", session, session.selection)
+            return session
     order = [backend] if backend != "auto" else [b for b in AUTO_ORDER if not (b == "tensorrt" and device == "cpu")]
     reasons = []
     for name in order:
@@ -101,6 +113,14 @@ def open_session(
         log.info("opened %r", session)
         return session
     raise BackendUnavailableError(f"no backend can run {directory} on {device}: " + "; ".join(reasons))
+
+
+def _measure_cpu_backends() -> bool:
+    """Whether ``auto`` on the CPU has a choice to measure: ONNX Runtime and OpenVINO both here."""
+    from knnclip.engine.backends.choice import measuring_enabled
+
+    found = (importlib.util.find_spec(m) is not None for m in ("onnxruntime", "openvino"))
+    return all(found) and measuring_enabled()
 
 
 def _open(name: str, directory: Path, manifest: dict, device: str) -> Session:

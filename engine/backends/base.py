@@ -52,6 +52,7 @@ class Session(ABC):
     resources); :meth:`infer` checks the feed first."""
 
     backend: str = "?"
+    selection: str | None = None  # why ``backend="auto"`` opened this one, where it measured
 
     def __init__(self, directory: Path, manifest: dict[str, Any], device: str) -> None:
         self.directory = directory

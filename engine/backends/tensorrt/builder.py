@@ -18,14 +18,13 @@ on. The code follows the documented API; ``benchmarks/gpu_check.py`` is where it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine.artifact import read_manifest
+from knnclip.engine.artifact import artifact_digest, read_manifest
 from knnclip.engine.backends.tensorrt.cache import EngineKey
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, KnnclipError
 from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file
@@ -62,13 +61,6 @@ class BuildSettings:
 
 
 _RECORDED = ("precision", "max_batch", "workspace_bytes", "allow_tf32")
-
-
-def artifact_digest(manifest: dict[str, Any]) -> str:
-    """SHA-256 over every file of the artefact (each name with its content's SHA-256): the graph
-    and its external weights alike."""
-    files = sorted((str(rec["name"]), str(rec["sha256"])) for rec in manifest["files"].values())
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
 def _record_path(cache_root: Path, manifest: dict[str, Any]) -> Path:

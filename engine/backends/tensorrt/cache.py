@@ -34,7 +34,7 @@ _FORMAT = "knnclip-engine-cache/2"  # 2: keyed by every file of the artefact
 class EngineKey:
     """What an engine was built from and for."""
 
-    artifact_sha256: str  # builder.artifact_digest: every file of the artefact
+    artifact_sha256: str  # artifact.artifact_digest: every file of the artefact
     tensorrt_version: str
     gpu_name: str
     compute_capability: str  # "9.0"

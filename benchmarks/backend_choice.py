@@ -1,0 +1,121 @@
+"""What ``backend="auto"`` chooses on this CPU, and whether the choice holds up.
+
+``python benchmarks/backend_choice.py --models knnclip-bench/models`` (the models
+``knnclip bench --quick`` builds; ``knnclip-demo/models`` works too). For each of FC-CLIP's image
+part, the CLIP text encoder and DINOv2, in a fresh engine cache:
+
+1. ``open_session(part, "auto", "cpu")``: the choice, the timings it recorded and how long the
+   first open (with its measurement) and a second open (reading the record) took;
+2. a check of the choice by a longer measurement: ONNX Runtime and OpenVINO fp32 timed in
+   alternating blocks (``timeit_interleaved``) on the same sample input, the ratio side by side.
+
+Writes ``results/backend-choice-MACHINE.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import machine, timeit_interleaved, write_json, write_text
+
+from knnclip.engine.bench.harness import machine_slug
+
+PARTS = ("fcclip/image", "fcclip/text", "dinov2")
+
+
+def measure(models: Path, repeats: int) -> dict[str, Any]:
+    from knnclip.engine.artifact import read_manifest
+    from knnclip.engine.backends import choice, open_session
+    from knnclip.engine.backends.tensorrt.cache import default_root
+
+    out: dict[str, Any] = {}
+    for part in PARTS:
+        start = time.perf_counter()
+        session = open_session(models / part, "auto", "cpu")
+        first_open = time.perf_counter() - start
+        chosen, selection = session.backend, session.selection
+        session.close()
+        start = time.perf_counter()
+        open_session(models / part, "auto", "cpu").close()
+        second_open = time.perf_counter() - start
+        key = choice.machine_key(read_manifest(models / part), choice.CANDIDATES)
+        record = json.loads(choice.record_path(default_root(), key).read_text())
+        sessions = {name: open_session(models / part, name, "cpu") for name in choice.CANDIDATES}
+        feed = choice.sample_feed(sessions["onnxruntime"].inputs, sessions["onnxruntime"].manifest)
+        timed = timeit_interleaved(
+            {name: (lambda s=s, f=feed: s.infer(f)) for name, s in sessions.items()},
+            {name: repeats for name in sessions},
+        )
+        for s in sessions.values():
+            s.close()
+        check = {name: 1e3 * t["p50"] for name, t in timed.items()}
+        out[part] = {
+            "chosen": chosen,
+            "selection": selection,
+            "recorded_ms": record["ms"],
+            "failed": record["failed"],
+            "first_open_s": first_open,
+            "second_open_s": second_open,
+            "check_p50_ms": check,
+            "check_ratio_onnxruntime_over_openvino": check["onnxruntime"] / check["openvino"],
+            "check_agrees": choice.pick(check) == chosen,
+        }
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f'# `backend="auto"` on the CPU: {m["name"]}',
+        "",
+        f"`{report['command']}`; {m['cpu']}, {m['cores']} cores; models from `{report['models']}`.",
+        'Chosen by `open_session(part, "auto", "cpu")` in a fresh engine cache (fastest of at least 3 calls',
+        "and 0.2 s after a warm-up, OpenVINO only when it takes at most 90% of ONNX Runtime's time);",
+        f"checked by {report['repeats']} calls each in alternating blocks, p50.",
+        "",
+        "| part | chosen | recorded ms (ORT / OV) | first open (s) | second open (s) | check p50 ms (ORT / OV) | "
+        "ORT / OV | check agrees |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for part, r in report["parts"].items():
+        rec, chk = r["recorded_ms"], r["check_p50_ms"]
+        lines.append(
+            f"| {part} | {r['chosen']} | {rec.get('onnxruntime', float('nan')):.1f} / "
+            f"{rec.get('openvino', float('nan')):.1f} | {r['first_open_s']:.2f} | {r['second_open_s']:.2f} | "
+            f"{chk['onnxruntime']:.1f} / {chk['openvino']:.1f} | {r['check_ratio_onnxruntime_over_openvino']:.2f}x | "
+            f"{'yes' if r['check_agrees'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path("knnclip-bench/models"))
+    parser.add_argument("--repeats", type=int, default=12, help="calls per backend in the check")
+    parser.add_argument("--name", help="results file stem (default backend-choice-MACHINE)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["KNNCLIP_ENGINE_CACHE"] = cache
+        os.environ.pop("KNNCLIP_AUTO_MEASURE", None)
+        parts = measure(args.models, args.repeats)
+    report = {
+        "command": f"python benchmarks/backend_choice.py --models {args.models} --repeats {args.repeats}",
+        "models": str(args.models),
+        "repeats": args.repeats,
+        "machine": machine(),
+        "parts": parts,
+    }
+    name = args.name or f"backend-choice-{machine_slug()}"
+    write_json(name, report)
+    write_text(f"{name}.md", markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
