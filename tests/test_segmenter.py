@@ -315,6 +315,36 @@ def test_cli_segment_and_add_class(models, tmp_path, capsys):
     assert (tmp_path / "out" / "a.overlay.png").is_file() and (tmp_path / "out" / "a.panoptic.png").is_file()
 
 
+def test_cli_segment_searches_in_bf16_when_asked(models, tmp_path, monkeypatch):
+    ov = pytest.importorskip("openvino", reason="bf16 search needs openvino")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bfloat16 arithmetic")
+    from knnclip.engine.database.bf16_search import Bf16SearchMirror
+
+    db = tmp_path / "db"
+    picture = image()
+    quadrants = np.zeros((4, *picture.shape[:2]), bool)
+    h, w = picture.shape[0] // 2, picture.shape[1] // 2
+    for i, (top, left) in enumerate(((0, 0), (0, w), (h, 0), (h, w))):
+        quadrants[i, top : top + h, left : left + w] = True
+    with open_segmenter(models, db) as seg:
+        names = [seg.db.vocabulary[class_id].name for class_id in seg.db.vocabulary][:4]
+        seg.add_examples([picture, picture[:, ::-1].copy()], [quadrants, quadrants], [names, names[::-1]])
+        assert len(seg.db) == 8, "the database needs entries for the search to matter"
+    Image.fromarray(image()).save(tmp_path / "a.png")
+    calls = []
+    real = Bf16SearchMirror.search
+    monkeypatch.setattr(Bf16SearchMirror, "search", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    labels = {}
+    for search in ("fp32", "bf16"):
+        out = tmp_path / search
+        assert main(["segment", str(tmp_path / "a.png"), "--models", str(models), "--db", str(db), "--backend",
+                     "onnxruntime", "--search", search, "--out", str(out)]) == 0  # fmt: skip
+        labels[search] = np.asarray(Image.open(out / "a.semantic.png"))
+        assert bool(calls) == (search == "bf16")
+    assert np.mean(labels["fp32"] == labels["bf16"]) >= 0.99
+
+
 @pytest.fixture(scope="module")
 def dynamic_models(tmp_path_factory, models) -> Path:
     """The same models with FC-CLIP exported with dynamic spatial axes."""

@@ -90,6 +90,20 @@ def images() -> list[np.ndarray]:
     return [s.image for s in make_split(4, seed=7, size=SIZE)]
 
 
+def test_a_server_with_bf16_search_agrees_with_fp32(server, models, seeded_db, tmp_path, images):
+    ov = pytest.importorskip("openvino", reason="bf16 search needs openvino")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bfloat16 arithmetic")
+    db = fresh_db(seeded_db, tmp_path)
+    args = ("--search", "bf16", "--token-file", str(token_file(tmp_path)))
+    with ServerProcess(models, db, *args) as proc, Client(proc.url, TOKEN) as fast, Client(server.url) as exact:
+        for pixels in images[:2]:
+            assert np.mean(fast.segment(pixels).semantic == exact.segment(pixels).semantic) >= 0.99
+    # (The bf16 search seeing appends and removals is tests/test_database_bf16.py's: with random
+    # weights, the demo's maps are nearly one class whatever the database holds.)
+    assert "search: Bf16SearchMirror" in proc.log()
+
+
 class TestLabelMapEncoding:
     @given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 5), st.integers(0, 2**31))
     def test_round_trip_and_column_major_runs(self, h, w, values, seed):

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items
+from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items, search_option
 from knnclip.engine.errors import InvalidInputError, KnnclipError
 
 
@@ -186,6 +186,7 @@ def _add_concept(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     backend_options(p, models_required=required)
+    search_option(p)
     p.add_argument("--db", required=required, help="database directory (created when missing, for commands that add)")
 
 

@@ -11,7 +11,8 @@ def _settings(args: argparse.Namespace):
     from knnclip.engine.serve.service import ServeSettings
 
     return ServeSettings(
-        models=Path(args.models), db=Path(args.db), backend=args.backend, device=args.device, host=args.host,
+        models=Path(args.models), db=Path(args.db), backend=args.backend, device=args.device, search=args.search,
+        host=args.host,
         port=args.port, token_file=Path(args.token_file) if args.token_file else None, auth_reads=args.auth_reads,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, workers=args.workers,
         request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
@@ -35,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from knnclip.engine.cli.common import backend_options
+    from knnclip.engine.cli.common import backend_options, search_option
 
     p = commands.add_parser(
         "serve", help="serve segmentation over HTTP (FastAPI + uvicorn; --ray for Ray Serve replicas)",
@@ -43,6 +44,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "(docs/serving.md). Binds 127.0.0.1 unless --host says otherwise.",
     )  # fmt: skip
     backend_options(p)
+    search_option(p)
     p.add_argument("--db", required=True, help="database directory (created when missing)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one and prints it)")

@@ -67,7 +67,7 @@ class SegmenterReplica:
         self._state = Database.disk_state(settings.db)
         self._base = Segmenter.from_dir(
             settings.models, settings.db, backend=settings.backend, device=settings.device, config=settings.config,
-            read_only=True, text_cache=settings.text_cache,
+            read_only=True, text_cache=settings.text_cache, search=settings.search,
         )  # fmt: skip
         self._current = self._base
         self._lock = threading.Lock()
@@ -89,7 +89,7 @@ class SegmenterReplica:
 
         state = Database.disk_state(self.settings.db)
         if state != self._state:
-            db = Database.open(self.settings.db, read_only=True)
+            db = Database.open(self.settings.db, read_only=True, search=self.settings.search)
             previous = self._current
             self._current, self._state = self._base.with_database(db), state
             if previous is not self._base:

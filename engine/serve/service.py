@@ -41,6 +41,7 @@ class ServeSettings:
     db: Path
     backend: str = "auto"
     device: str = "auto"
+    search: str = "fp32"  # "bf16": the database's bf16 search (Database.open)
     host: str = "127.0.0.1"
     port: int = 8080
     token_file: Path | None = None
@@ -62,6 +63,8 @@ class ServeSettings:
         for name, value in limits.items():
             if value < 1:
                 raise InvalidInputError(f"{name} must be >= 1, got {value}")
+        if self.search not in ("fp32", "bf16"):
+            raise InvalidInputError(f"search must be 'fp32' or 'bf16', got {self.search!r}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
             raise InvalidInputError("max_wait_ms must be >= 0 and request_timeout_s > 0")
 
@@ -183,11 +186,21 @@ class LocalService:
             try:
                 start = time.perf_counter()
                 self.segmenter = Segmenter.from_dir(
-                    s.models, s.db, backend=s.backend, device=s.device, config=s.config, text_cache=s.text_cache
+                    s.models,
+                    s.db,
+                    backend=s.backend,
+                    device=s.device,
+                    config=s.config,
+                    text_cache=s.text_cache,
+                    search=s.search,
                 )
                 if len(self.segmenter.db.vocabulary):
                     self.segmenter.classifier()  # the vocabulary's text embeddings, before the first request
-                log.info("ready: models and %s loaded in %.1f s", s.db, time.perf_counter() - start)
+                m = self.segmenter.models
+                parts = (("fcclip", m.fcclip), ("text", m.text), ("dinov2", m.dinov2))
+                backends = ", ".join(f"{part} on {session.backend}" for part, session in parts)
+                log.info("ready: models (%s) and %s (search: %s) loaded in %.1f s", backends, s.db,
+                         self.segmenter.db.stats()["search"], time.perf_counter() - start)  # fmt: skip
             except BaseException as exc:  # reported by /readyz and by the server's exit code
                 self.load_error = exc
                 log.error("could not load the models or the database: %s", exc)
