@@ -3,6 +3,7 @@ Markdown and plot are written with every stage's percentiles."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -35,3 +36,7 @@ def test_bench_tiny(tmp_path):
     assert "reference / onnxruntime fp32" in table and "| total |" in table
     assert json.loads((out / "tiny.json").read_text())["command"] == "knnclip bench --preset tiny"
     assert (out / "tiny.png").stat().st_size > 1000
+    if importlib.util.find_spec("openvino") is not None:  # auto's choice, per model, is in the report
+        chosen = report["pipelines"]["engine auto fp32"]["backend_per_model"]
+        assert set(chosen) == {"fcclip", "text", "dinov2"} and set(chosen.values()) <= {"onnxruntime", "openvino"}
+        assert f"fcclip on {chosen['fcclip']}" in table

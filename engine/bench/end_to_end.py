@@ -59,11 +59,12 @@ def run_engine(
         t.join()
     throughput["2"] = len(timed) / (time.perf_counter() - start)
     backends = seg.models.backends
+    chosen = {part: getattr(seg.models, part).backend for part in ("fcclip", "text", "dinov2")}
     seg.close()
     if save is not None:
         np.savez_compressed(save, *semantic)
     return {"stages_ms": stages, "throughput_images_per_s": throughput, "peak_rss_mib": peak_rss_mib() - baseline,
-            "backends": backends}  # fmt: skip
+            "backends": backends, "backend_per_model": chosen}  # fmt: skip
 
 
 def run_reference(work: Path, preset: Preset, device: str, fusion: str, best: bool = False) -> dict[str, Any]:
@@ -193,6 +194,8 @@ def engine_pipelines(device: str) -> list[tuple[str, dict[str, Any]]]:
     if importlib.util.find_spec("openvino") is not None:
         out.append(("engine openvino fp32", engine("openvino", "cpu")))
         out.append(("engine openvino bf16", engine("openvino-bf16", "cpu")))
+        if device == "cpu":  # what a user gets by default: the faster of the two per model, measured
+            out.append(("engine auto fp32", engine("auto", "cpu")))
     return out
 
 
@@ -279,6 +282,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{k.removeprefix('engine ')}: {best['stages']['total']['p50'] / e['stages']['total']['p50']:.2f}x"
             for k, e in engines.items()
         ) + f"; `torch best` is {best['backends']['all']}."]  # fmt: skip
+    auto = pipes.get("engine auto fp32")
+    if auto and "backend_per_model" in auto:
+        opened = ", ".join(f"{part} on {backend}" for part, backend in auto["backend_per_model"].items())
+        lines += ["", f"`engine auto fp32` opened {opened} (`backend=\"auto\"`: the faster of ONNX Runtime and "
+                  "OpenVINO fp32 for each model, measured once on this machine; docs/backends.md)."]  # fmt: skip
     agreement = report.get("semantic_agreement_with_fp32") or {}
     if agreement:
         lines += ["", "Semantic pixel agreement with `engine onnxruntime fp32` over the timed images: "
