@@ -186,3 +186,12 @@ def test_a_named_backend_is_never_measured(artefact, cache, monkeypatch):
     opens = Opens(monkeypatch)
     backends.open_session(artefact, "onnxruntime", "cpu").close()
     assert opens.names == ["onnxruntime"] and not (cache / "backend-choice").exists()
+
+
+@needs_openvino
+def test_a_cache_that_cannot_be_written_costs_the_record_not_the_session(artefact, cache, caplog):
+    cache.mkdir(parents=True)
+    (cache / "backend-choice").write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING), backends.open_session(artefact, "auto", "cpu") as session:
+        assert session.backend in choice.CANDIDATES and "measured here" in session.selection
+    assert "could not record the backend choice" in caplog.text

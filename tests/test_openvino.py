@@ -103,3 +103,12 @@ def test_search_precision_applies_where_the_segmenter_opens_the_database(models,
     Segmenter.from_dir(models, tmp_path / "db", device="cpu", text_cache=None).close()  # creates it
     with Database.open(tmp_path / "db") as db, pytest.raises(InvalidInputError, match="search="):
         Segmenter.from_dir(models, db, device="cpu", search="bf16", text_cache=None)
+
+
+def test_an_engine_cache_that_cannot_be_made_only_costs_the_compiled_model_cache(models, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("KNNCLIP_ENGINE_CACHE", str(blocker / "engines"))
+    with caplog.at_level("WARNING"), open_session(models / "dinov2", "openvino", "cpu") as session:
+        got = session.infer(feed_for(session))["keys"]
+    assert np.isfinite(got).all() and "no OpenVINO model cache" in caplog.text

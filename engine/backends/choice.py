@@ -17,7 +17,7 @@ fixed order (ONNX Runtime, then torch).
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
+import importlib
 import json
 import logging
 import os
@@ -87,10 +87,10 @@ def machine_key(manifest: dict[str, Any], candidates: Sequence[str]) -> dict[str
     except AttributeError:  # not Linux
         usable_cpus = os.cpu_count() or 1
     versions = {}
-    for name in candidates:
+    for name in candidates:  # the modules' own versions: onnxruntime-gpu installs the module onnxruntime
         try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+            versions[name] = str(importlib.import_module(name).__version__)
+        except Exception:  # missing or broken: that candidate will not open either
             versions[name] = None
     return {
         "artifact": artifact_digest(manifest),
@@ -214,7 +214,10 @@ def open_fastest(
         if not sessions:
             return None
         choice = Choice(pick(ms, candidates), ms, path)
-        write_choice(choice, key, failed)
+        try:
+            write_choice(choice, key, failed)
+        except OSError as exc:  # a read-only or full cache: the choice holds for this open only
+            log.warning("%s: could not record the backend choice (%s); it will be measured again", path, exc)
         winner = sessions.pop(choice.backend)
     finally:
         for session in sessions.values():

@@ -12,6 +12,7 @@ Thread safety: one compiled model per session, one infer request per thread.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ import numpy as np
 from knnclip.engine.backends.base import Session
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
 
+log = logging.getLogger("knnclip.backends")
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
@@ -64,8 +66,12 @@ class OpenVinoSession(Session):
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailableError("this CPU has no bfloat16 arithmetic (AVX-512 BF16 or AMX); use 'openvino'")
         cache = cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
-        core.set_property({"CACHE_DIR": str(cache)})
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only home: compile every time rather than not at all
+            log.warning("%s: no OpenVINO model cache (%s); each open compiles the model again", cache, exc)
+        else:
+            core.set_property({"CACHE_DIR": str(cache)})
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": HINTS[hint]}
         if threads is None:
             threads = int(os.environ.get("KNNCLIP_OV_THREADS", "0"))
