@@ -12,10 +12,9 @@ def _settings(args: argparse.Namespace):
 
     return ServeSettings(
         models=Path(args.models), db=Path(args.db), backend=args.backend, device=args.device, search=args.search,
-        host=args.host,
-        port=args.port, token_file=Path(args.token_file) if args.token_file else None, auth_reads=args.auth_reads,
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, workers=args.workers,
-        request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        host=args.host, port=args.port, token_file=Path(args.token_file) if args.token_file else None,
+        auth_reads=args.auth_reads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        workers=args.workers, request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_pixels=args.max_pixels, snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
         config=retrieval_config(args),
     )  # fmt: skip

@@ -52,7 +52,10 @@ class EngineKey:
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("KNNCLIP_ENGINE_CACHE") or Path.home() / ".cache" / "knnclip" / "engines")
+    """``$KNNCLIP_ENGINE_CACHE``, else ``engines`` in knnclip's cache (``$KNNCLIP_CACHE`` or ``~/.cache/knnclip``)."""
+    if os.environ.get("KNNCLIP_ENGINE_CACHE"):
+        return Path(os.environ["KNNCLIP_ENGINE_CACHE"])
+    return Path(os.environ.get("KNNCLIP_CACHE") or Path.home() / ".cache" / "knnclip") / "engines"
 
 
 _MANIFEST_LIMIT = 1 << 20  # bytes
