@@ -26,6 +26,20 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing), waiting for it; the
+    kernel releases it if the holder dies. For caches whose work one process should do for all."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the file releases the lock
+
+
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """os.write until every byte is written (os.write may write fewer)."""
     view = memoryview(data).cast("B")

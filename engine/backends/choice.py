@@ -6,7 +6,8 @@ graph. So it is measured, not guessed: the first ``auto`` open of an artefact on
 each candidate, times it on a sample input (batch 1; a warm-up call, then the fastest of at least
 three), keeps the faster and records the timings in the engine cache (``backend-choice/KEY.json``;
 KEY covers every file of the artefact, the CPU, the threads it may use, the thread settings and the
-runtimes' versions). Later opens read the record and open the winner alone. A challenger must be
+runtimes' versions). Later opens read the record and open the winner alone; processes that start
+together measure once (a lock beside the record: the others wait, then read it). A challenger must be
 clearly faster (:data:`MARGIN`) to replace ONNX Runtime, so noise does not flip the choice.
 
 bf16 is never chosen here: a lower precision changes the outputs, so it is asked for by name
@@ -16,6 +17,7 @@ fixed order (ONNX Runtime, then torch).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -32,7 +34,7 @@ import numpy as np
 from knnclip.engine.artifact import artifact_digest
 from knnclip.engine.backends.base import Session, TensorSpec
 from knnclip.engine.errors import BackendUnavailableError, KnnclipError
-from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file
+from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file, waiting_lock
 
 log = logging.getLogger("knnclip.backends")
 FORMAT = "knnclip-backend-choice/1"
@@ -55,10 +57,12 @@ class Choice:
     backend: str
     ms: dict[str, float]  # the fastest timed call of each candidate that opened
     path: Path  # the record
+    measured_now: bool = False  # by this open, not read from the record
 
     def describe(self) -> str:
         timings = ", ".join(f"{name} {ms:.1f} ms" for name, ms in sorted(self.ms.items(), key=lambda kv: kv[1]))
-        return f"{self.backend} (measured here: {timings}; {self.path})"
+        how = "measured here now" if self.measured_now else "measured here before"
+        return f"{self.backend} ({how}: {timings}; {self.path})"
 
 
 def pick(ms: Mapping[str, float], candidates: Sequence[str] = CANDIDATES, margin: float = MARGIN) -> str:
@@ -174,18 +178,47 @@ def open_fastest(
     order next). Errors in the artefact or the input (``KnnclipError``) propagate."""
     key = machine_key(manifest, candidates)
     path = record_path(cache_root, key)
-    recorded = read_choice(path, key, candidates)
-    if recorded is not None:
+    session = _open_recorded(directory, path, key, candidates, opener)
+    if session is not None:
+        return session
+    # One process measures at a time (replicas starting together would slow each other's
+    # timings down); the others wait, then read what it recorded.
+    with contextlib.ExitStack() as held:
         try:
-            session = opener(recorded.backend)
-        except KnnclipError:
-            raise
-        except Exception as exc:  # a runtime that stopped working here since it was measured
-            log.warning("%s: the recorded choice %s does not open (%s: %s); measuring again",
-                        directory, recorded.backend, type(exc).__name__, exc)  # fmt: skip
-        else:
-            session.selection = recorded.describe()
-            return session
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(waiting_lock(path.with_suffix(".lock")))
+        except OSError as exc:  # a read-only cache: measure without the lock (and without a record)
+            log.warning("%s: cannot lock the backend choice (%s)", path, exc)
+        session = _open_recorded(directory, path, key, candidates, opener)
+        return session if session is not None else _measure(directory, manifest, opener, path, key, candidates)
+
+
+def _open_recorded(
+    directory: Path, path: Path, key: dict[str, Any], candidates: Sequence[str], opener: Callable[[str], Session]
+) -> Session | None:
+    recorded = read_choice(path, key, candidates)
+    if recorded is None:
+        return None
+    try:
+        session = opener(recorded.backend)
+    except KnnclipError:
+        raise
+    except Exception as exc:  # a runtime that stopped working here since it was measured
+        log.warning("%s: the recorded choice %s does not open (%s: %s); measuring again",
+                    directory, recorded.backend, type(exc).__name__, exc)  # fmt: skip
+        return None
+    session.selection = recorded.describe()
+    return session
+
+
+def _measure(
+    directory: Path,
+    manifest: dict[str, Any],
+    opener: Callable[[str], Session],
+    path: Path,
+    key: dict[str, Any],
+    candidates: Sequence[str],
+) -> Session | None:
     sessions: dict[str, Session] = {}
     ms: dict[str, float] = {}
     failed: dict[str, str] = {}  # recorded too: the same graph fails the same way on the same versions
@@ -213,7 +246,7 @@ def open_fastest(
                 sessions.pop(name).close()
         if not sessions:
             return None
-        choice = Choice(pick(ms, candidates), ms, path)
+        choice = Choice(pick(ms, candidates), ms, path, measured_now=True)
         try:
             write_choice(choice, key, failed)
         except OSError as exc:  # a read-only or full cache: the choice holds for this open only

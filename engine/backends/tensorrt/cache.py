@@ -14,7 +14,6 @@ temporary name and renamed into place. Pure Python: the cache logic is tested wi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file
+from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file, waiting_lock
 
 log = logging.getLogger("knnclip.engine_cache")
 _FORMAT = "knnclip-engine-cache/2"  # 2: keyed by every file of the artefact
@@ -129,12 +128,8 @@ class EngineCache:
     def _locked(self, key: EngineKey) -> Iterator[None]:
         _, _, lock_path = self._paths(key)
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the builder dies
+        with waiting_lock(lock_path):  # released by the kernel if the builder dies
             yield
-        finally:
-            os.close(fd)
 
     def get_or_build(self, key: EngineKey, build: Callable[[], bytes], extra: dict[str, Any] | None = None) -> bytes:
         """The cached plan, or ``build()``'s, stored; one builder per key at a time."""
