@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install 'knnclip[openvino]')")
 pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
 
+from knnclip.engine.artifact import read_manifest  # noqa: E402
 from knnclip.engine.backends import open_session  # noqa: E402
 from knnclip.engine.errors import InvalidInputError  # noqa: E402
 
@@ -112,3 +113,11 @@ def test_an_engine_cache_that_cannot_be_made_only_costs_the_compiled_model_cache
     with caplog.at_level("WARNING"), open_session(models / "dinov2", "openvino", "cpu") as session:
         got = session.infer(feed_for(session))["keys"]
     assert np.isfinite(got).all() and "no OpenVINO model cache" in caplog.text
+
+
+def test_bf16_refuses_the_gather_graph_at_open_with_the_fix(models):
+    from knnclip.engine.errors import BackendUnavailableError
+
+    assert read_manifest(models / "fcclip" / "image").get("sampling", "gather") == "gather"
+    with pytest.raises(BackendUnavailableError, match="--sampling grid"):
+        open_session(models / "fcclip" / "image", "openvino-bf16", "cpu")

@@ -53,6 +53,12 @@ class OpenVinoSession(Session):
             raise BackendUnavailableError("the OpenVINO backend runs on the CPU; use device='cpu'")
         if precision not in PRECISIONS:
             raise InvalidInputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision == "bf16" and manifest.get("kind") == "fcclip-image" and manifest.get("sampling") != "grid":
+            # Checked here: OpenVINO would fail in the first call instead ("GatherElements ... index < axisDimSize").
+            raise BackendUnavailableError(
+                f"{directory}: OpenVINO's bf16 cannot run FC-CLIP's gather-sampling graph (its bf16 index arithmetic "
+                "goes out of range); export it with knnclip export fcclip --sampling grid, or use 'openvino' (fp32)"
+            )
         hint = (hint or os.environ.get("KNNCLIP_OPENVINO_HINT") or "latency").lower()
         if hint not in HINTS:
             raise InvalidInputError(f"the OpenVINO hint must be one of {sorted(HINTS)}, got {hint!r}")
