@@ -19,6 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(
         out=Path(args.out), train=args.train, val=args.val, seed=args.seed, fcclip=args.fcclip,
         fcclip_config=config(args.fcclip_config), dinov2=args.dinov2, dinov2_config=config(args.dinov2_config),
+        sampling=args.sampling, backend=args.backend, search=args.search,
     )  # fmt: skip
     report = run_demo(settings, say=(lambda _: None) if args.json else print)
     if args.json:
@@ -39,4 +40,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--dinov2", help="a real DINOv2 checkpoint instead of seeded weights")
     demo.add_argument("--dinov2-config", help="its config (JSON, file or preset); default ViT-g/14-reg4")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    from knnclip.engine.backends import BACKENDS
+    from knnclip.engine.cli.common import search_option
+
+    demo.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="the models' backend")
+    search_option(demo)
+    demo.add_argument(
+        "--sampling", default="gather", choices=["gather", "grid"],
+        help="FC-CLIP's deformable-attention export (grid: what OpenVINO's bf16 needs, --backend openvino-bf16)",
+    )  # fmt: skip
     demo.set_defaults(run=_demo)

@@ -49,6 +49,9 @@ class DemoSettings:
     dinov2: str | None = None
     dinov2_config: dict[str, Any] | str | None = None
     overlays: int = 4
+    sampling: str = "gather"  # FC-CLIP's deformable attention: "grid" for OpenVINO bf16 (docs/backends.md)
+    backend: str = "auto"
+    search: str = "fp32"
 
 
 def seeded_fcclip() -> Any:
@@ -94,7 +97,7 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
     models = settings.out / "models"
     signature = {
         "version": _MODELS_VERSION, "fcclip": settings.fcclip, "fcclip_config": settings.fcclip_config,
-        "dinov2": settings.dinov2, "dinov2_config": settings.dinov2_config,
+        "dinov2": settings.dinov2, "dinov2_config": settings.dinov2_config, "sampling": settings.sampling,
     }  # fmt: skip
     stamp = models / "demo-models.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == signature:
@@ -118,7 +121,8 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
     # A real checkpoint was trained on COCO panoptic (the exporter's default); the seeded model's
     # "training vocabulary" is the demo's base classes.
     seen = None if settings.fcclip else list(BASE_CLASSES)
-    export_fcclip_onnx(fcclip, models / "fcclip", size=IMAGE_SIZE, tokenizer=tokenizer, seen_names=seen)
+    export_fcclip_onnx(fcclip, models / "fcclip", size=IMAGE_SIZE, tokenizer=tokenizer, seen_names=seen,
+                       sampling=settings.sampling)  # fmt: skip
     export_dinov2_onnx(dinov2, models / "dinov2", size=dinov2_size)
     stamp.write_text(json.dumps(signature))
     say(f"models: exported FC-CLIP and DINOv2 to ONNX in {time.perf_counter() - start:.1f} s ({models})")
@@ -173,8 +177,11 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
     val = make_split(settings.val, settings.seed + 1, IMAGE_SIZE)
     db_path = settings.out / "demo.db"
     shutil.rmtree(db_path, ignore_errors=True)  # each run starts from an empty database
-    with Segmenter.from_dir(models, db_path, config=RetrievalConfig(), text_cache=settings.out / "cache") as seg:
+    with Segmenter.from_dir(models, db_path, config=RetrievalConfig(), text_cache=settings.out / "cache",
+                            backend=settings.backend, search=settings.search) as seg:  # fmt: skip
         say(f"backends: {', '.join(f'{k}={v}' for k, v in seg.models.backends.items())}")
+        runtime = {part: getattr(seg.models, part).backend for part in ("fcclip", "text", "dinov2")}
+        runtime["search"] = seg.db.stats()["search"]
         start = time.perf_counter()
         n_base = _add_split(seg, train, BASE_CLASSES)
         say(f"database: {n_base} masks of {len(BASE_CLASSES)} base classes from {len(train)} training images "
@@ -190,7 +197,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
         overlay_dir.mkdir(exist_ok=True)
         for i, (s, r) in enumerate(zip(val[: settings.overlays], results, strict=False)):
             save_png(overlay(s.image, r.semantic, r.classes, r.panoptic), overlay_dir / f"val_{i:02d}.png")
-    report = _report(before, after, results, timings)
+    report = {**_report(before, after, results, timings), "runtime": runtime}
     say(_format(report, overlay_dir))
     (settings.out / "demo.json").write_text(json.dumps(report, indent=1))
     return report
