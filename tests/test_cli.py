@@ -31,6 +31,20 @@ class TestInfo:
         assert "CPUExecutionProvider" in report["backends"]["onnxruntime"]["providers"]
         assert report["backends"]["faiss"]["installed"]
 
+    def test_openvino_and_autos_recorded_choices(self, tmp_path, monkeypatch):
+        import importlib.util
+
+        records = tmp_path / "engines" / "backend-choice"
+        records.mkdir(parents=True)
+        for i, backend in enumerate(["openvino", "onnxruntime", "openvino"]):
+            (records / f"{i}.json").write_text(json.dumps({"backend": backend}))
+        (records / "3.json").write_text("{damaged")
+        monkeypatch.setenv("KNNCLIP_ENGINE_CACHE", str(tmp_path / "engines"))
+        report = json.loads(run("info", "--json").stdout)
+        assert report["backends"]["openvino"]["installed"] == (importlib.util.find_spec("openvino") is not None)
+        assert report["auto_choices"]["chosen"] == {"openvino": 2, "onnxruntime": 1, "unreadable": 1}
+        assert "auto on the CPU chose: onnxruntime 1, openvino 2, unreadable 1" in run("info").stdout
+
     def test_text(self):
         result = run("info")
         assert result.returncode == 0, result.stderr
