@@ -80,13 +80,14 @@ def _openvino() -> dict[str, Any]:
 def _backend_choices() -> dict[str, Any]:
     """What ``backend="auto"`` measured on this machine (backends/choice.py), per record."""
     from knnclip.engine.backends.tensorrt.cache import default_root
+    from knnclip.engine.fsutil import read_regular_file
 
     folder = default_root() / "backend-choice"
     chosen: dict[str, int] = {}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            backend = str(json.loads(path.read_text())["backend"])
-        except (OSError, ValueError, KeyError, TypeError):
+        try:  # read_regular_file: a FIFO planted there must not block info
+            backend = str(json.loads(read_regular_file(path, 1 << 16) or b"")["backend"])
+        except (ValueError, KeyError, TypeError):
             backend = "unreadable"
         chosen[backend] = chosen.get(backend, 0) + 1
     return {"folder": str(folder), "chosen": chosen}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,11 +40,12 @@ class TestInfo:
         for i, backend in enumerate(["openvino", "onnxruntime", "openvino"]):
             (records / f"{i}.json").write_text(json.dumps({"backend": backend}))
         (records / "3.json").write_text("{damaged")
+        os.mkfifo(records / "4.json")  # must not block
         monkeypatch.setenv("KNNCLIP_ENGINE_CACHE", str(tmp_path / "engines"))
         report = json.loads(run("info", "--json").stdout)
         assert report["backends"]["openvino"]["installed"] == (importlib.util.find_spec("openvino") is not None)
-        assert report["auto_choices"]["chosen"] == {"openvino": 2, "onnxruntime": 1, "unreadable": 1}
-        assert "auto on the CPU chose: onnxruntime 1, openvino 2, unreadable 1" in run("info").stdout
+        assert report["auto_choices"]["chosen"] == {"openvino": 2, "onnxruntime": 1, "unreadable": 2}
+        assert "auto on the CPU chose: onnxruntime 1, openvino 2, unreadable 2" in run("info").stdout
 
     def test_text(self):
         result = run("info")
