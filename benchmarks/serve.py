@@ -111,8 +111,7 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from knnclip.engine import Segmenter
-    from knnclip.engine.demo.run import DemoSettings, build_models
+    from knnclip.engine.demo.run import DemoSettings, build_database, build_models
     from knnclip.engine.demo.synthetic import make_split
 
     bodies = []
@@ -124,9 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="knnclip-serve-bench-") as work_dir:
         work = Path(work_dir)
         models = build_models(DemoSettings(out=work), say=print)
-        train = make_split(8, seed=1)
-        with Segmenter.from_dir(models, work / "db", device="cpu", text_cache=work / "text") as seg:
-            seg.add_examples([s.image for s in train], [s.masks for s in train], [s.names for s in train])
+        build_database(models, work / "db", make_split(8, seed=1), text_cache=work / "text")
         servers = {
             "embedded batch=4": (("--max-batch", "4", "--max-wait-ms", "10", "--max-queue", "64"), False),
             "embedded batch=1": (("--max-batch", "1", "--max-queue", "64"), False),

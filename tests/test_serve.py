@@ -31,6 +31,7 @@ pytest.importorskip("torch", reason="the models are built with torch (pip instal
 from PIL import Image  # noqa: E402
 
 from knnclip.engine import Database, Segmenter  # noqa: E402
+from knnclip.engine.demo.run import build_database  # noqa: E402
 from knnclip.engine.demo.synthetic import make_split  # noqa: E402
 from knnclip.engine.errors import InvalidInputError, ServiceError, UnknownClassError  # noqa: E402
 from knnclip.engine.serve.client import Client  # noqa: E402
@@ -60,11 +61,7 @@ def models(demo_models) -> Path:
 @pytest.fixture(scope="module")
 def seeded_db(models, tmp_path_factory) -> Path:
     """A database with the synthetic classes' examples (copied by each test that changes it)."""
-    path = tmp_path_factory.mktemp("serve-db") / "db"
-    samples = make_split(6, seed=1, size=SIZE)
-    with Segmenter.from_dir(models, path, device="cpu", text_cache=None) as seg:
-        seg.add_examples([s.image for s in samples], [s.masks for s in samples], [s.names for s in samples])
-    return path
+    return build_database(models, tmp_path_factory.mktemp("serve-db") / "db", make_split(6, seed=1, size=SIZE))
 
 
 def fresh_db(seeded_db: Path, tmp_path: Path) -> Path:

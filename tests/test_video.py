@@ -22,6 +22,7 @@ coco_mask = pytest.importorskip("pycocotools.mask", reason="RLE masks need pycoc
 pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
 
 from knnclip.engine import Database, Segmenter  # noqa: E402
+from knnclip.engine.demo.run import build_database  # noqa: E402
 from knnclip.engine.demo.synthetic import make_split  # noqa: E402
 from knnclip.engine.video.outputs import VideoOutputs  # noqa: E402
 from knnclip.engine.video.pipeline import segment_video  # noqa: E402
@@ -57,11 +58,7 @@ def models(demo_models) -> Path:
 @pytest.fixture(scope="module")
 def db(models, tmp_path_factory) -> Path:
     """A database with the synthetic classes' examples, so frames get segments."""
-    path = tmp_path_factory.mktemp("video-db") / "db"
-    samples = make_split(8, seed=1, size=SIZE)
-    with Segmenter.from_dir(models, path, device="cpu", text_cache=None) as seg:
-        seg.add_examples([s.image for s in samples], [s.masks for s in samples], [s.names for s in samples])
-    return path
+    return build_database(models, tmp_path_factory.mktemp("video-db") / "db", make_split(8, seed=1, size=SIZE))
 
 
 @pytest.fixture(scope="module")

@@ -129,6 +129,16 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
     return models
 
 
+def build_database(models: Path, path: Path, samples: list[Sample], text_cache: Path | None = None) -> Path:
+    """A database at ``path`` holding every mask of ``samples`` under its class: what tests and
+    benchmarks segment the demo's images against."""
+    from knnclip.engine.pipeline.segmenter import Segmenter
+
+    with Segmenter.from_dir(models, path, device="cpu", text_cache=text_cache) as seg:
+        seg.add_examples([s.image for s in samples], [s.masks for s in samples], [s.names for s in samples])
+    return path
+
+
 def _add_split(seg: Any, samples: list[Sample], classes: tuple[str, ...]) -> int:
     """Add the masks of ``classes`` in ``samples`` to the database; returns how many were added."""
     thing = {c.name: c.thing for c in CLASSES}
