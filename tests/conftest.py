@@ -22,7 +22,6 @@ settings.register_profile("thorough", max_examples=1000, deadline=None, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 CUDA = _C.cuda_available()
-SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 NO_CUDA_REASON = "no usable CUDA device" if _C.build_info()["cuda"] else "knnclip._C was built without CUDA kernels"
 
 
@@ -104,10 +103,9 @@ def device(request: pytest.FixtureRequest) -> Device:
 @pytest.fixture(scope="session")
 def fixture_io() -> dict[str, np.ndarray]:
     """The DINOv2 parity fixture's arrays (image, keys, patch, cls, registers)."""
-    path = SHARED_FIXTURES / "dinov2" / "io.npz"
-    if not path.is_file():
-        pytest.skip(f"the DINOv2 fixture is not at {path}")
-    return dict(np.load(path))
+    from tests.fixture_files import fixture_dir
+
+    return dict(np.load(fixture_dir("dinov2") / "io.npz"))
 
 
 @pytest.fixture(scope="session")

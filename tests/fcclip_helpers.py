@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
-from tests.conftest import SHARED_FIXTURES
+from tests.fixture_files import fixture_dir
 
 
 def rel(ours: Any, ref: np.ndarray) -> float:
@@ -58,9 +57,7 @@ class Fixture:
 def load_fixture(name: str) -> Fixture:
     from knnclip.export.fcclip import load_fcclip
 
-    directory = SHARED_FIXTURES / name
-    if not (directory / "io.npz").is_file():
-        pytest.skip(f"the FC-CLIP fixture is not at {directory}")
+    directory = fixture_dir(name)
     config = json.loads((directory / "config.json").read_text())
     model = load_fcclip(directory / "checkpoint.pth", config)
     return Fixture(directory, config, dict(np.load(directory / "io.npz")), model)

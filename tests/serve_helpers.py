@@ -84,3 +84,25 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(signal.SIGKILL)
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """The server's requests in flight (this scrape included) and answered segment requests."""
+    out = {"in_flight": 0.0, "segmented": 0.0}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("knnclip_requests_in_flight "):
+            out["in_flight"] = float(line.split()[1])
+        elif line.startswith("knnclip_requests_total{") and 'route="/v1/segment"' in line:
+            out["segmented"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def wait_for_metrics(url: str, condition, timeout: float = 60.0) -> dict[str, float]:
+    """Poll ``/metrics`` until ``condition(read_metrics(url))`` holds; the metrics that met it."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        metrics = read_metrics(url)
+        if condition(metrics):
+            return metrics
+        time.sleep(0.01)
+    raise AssertionError(f"the server's metrics never met the condition; last {metrics}")

@@ -11,8 +11,55 @@ import sys
 
 import pytest
 
+from knnclip.engine.cpu_features import BF16_OVERRIDE, bf16_missing
+
 pytest.importorskip("torch", reason="the benchmark builds its models with torch (pip install torch)")
 pytest.importorskip("onnx", reason="the benchmark exports to ONNX (pip install onnx)")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the bf16 pipeline is OpenVINO's")
+def test_without_bf16_the_bf16_pipeline_is_skipped_with_its_reason(monkeypatch):
+    from knnclip.engine.bench.end_to_end import engine_pipelines
+
+    monkeypatch.setenv(BF16_OVERRIDE, "0")
+    pipelines = dict(engine_pipelines("cpu"))
+    assert "without bfloat16" in pipelines["engine openvino bf16"]["skip"]
+    assert all("skip" not in args for label, args in pipelines.items() if label != "engine openvino bf16")
+
+
+def test_torch_best_stays_fp32_where_bf16_would_be_emulated(monkeypatch):
+    import types
+
+    import torch
+
+    from knnclip.engine.bench.reference import BestTorchPipeline
+
+    cpu = types.SimpleNamespace(torch=torch, dev=torch.device("cpu"))
+    monkeypatch.setenv(BF16_OVERRIDE, "0")
+    dtype, why = BestTorchPipeline._fastest_precision(cpu)
+    assert dtype == torch.float32 and why.startswith("fp32: ")
+    monkeypatch.delenv(BF16_OVERRIDE)
+    dtype, why = BestTorchPipeline._fastest_precision(cpu)
+    assert (dtype == torch.bfloat16) == (bf16_missing() is None), why
+
+
+def test_bench_writes_under_its_work_folder_unless_told(tmp_path, monkeypatch):
+    """A run from a checkout must not overwrite the committed results in benchmarks/results."""
+    import argparse
+
+    from knnclip.engine.cli import bench
+
+    seen = {}
+
+    def run_bench(preset, work, out, *args, **kwargs):
+        seen["out"] = out
+        return {"pipelines": {}}
+
+    monkeypatch.setattr("knnclip.engine.bench.end_to_end.run_bench", run_bench)
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--quick", "--work", str(tmp_path / "w")])
+    assert args.run(args) == 0 and seen["out"] == tmp_path / "w" / "results"
 
 
 def test_bench_tiny(tmp_path):
@@ -24,8 +71,14 @@ def test_bench_tiny(tmp_path):
     assert done.returncode == 0, done.stderr + done.stdout[-2000:]
     report = json.loads(done.stdout)
     assert set(report["pipelines"]) >= {"engine onnxruntime fp32", "torch reference"}
+    no_bf16 = bf16_missing()
+    if no_bf16 is not None and "engine openvino bf16" in report["pipelines"]:  # skipped, with the reason
+        assert report["pipelines"].pop("engine openvino bf16") == {"skipped": no_bf16}
+        assert "| engine openvino bf16 | skipped: " in (out / "tiny.md").read_text()
+    best = report["pipelines"]["torch best"]["backends"]["all"]
+    assert ("fp32: " if no_bf16 else "bf16 autocast") in best, best
     for label, pipeline in report["pipelines"].items():
-        assert "error" not in pipeline, (label, pipeline)
+        assert "error" not in pipeline and "skipped" not in pipeline, (label, pipeline)
         stages = pipeline["stages"]
         assert {"fcclip", "dinov2", "search", "postprocess", "total"} <= set(stages)
         assert all(0 <= s["p50"] <= s["p90"] <= s["p99"] for s in stages.values())

@@ -27,15 +27,15 @@ from knnclip.export.dinov2 import (  # noqa: E402
     load_dinov2,
     resolve_config,
 )
-from tests.conftest import SHARED_FIXTURES  # noqa: E402
 from tests.dinov2_reference import (  # noqa: E402
     official_args,
     random_official_checkpoint,
     reference_forward,
     rel_l2,
 )
+from tests.fixture_files import fixture_dir  # noqa: E402
 
-FIXTURE = SHARED_FIXTURES / "dinov2"
+FIXTURE = fixture_dir("dinov2")
 
 
 def fixture_config() -> dict:

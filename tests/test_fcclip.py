@@ -22,8 +22,8 @@ from knnclip.engine.text.prompts import class_synonyms, prompts, text_classifier
 from knnclip.export.fcclip import FCCLIPConfig, config_from_dict, load_clip, load_fcclip  # noqa: E402
 from knnclip.export.fcclip import inference as torch_inference  # noqa: E402
 from knnclip.export.fcclip.deform_attn import bilinear_gather  # noqa: E402
-from tests.conftest import SHARED_FIXTURES  # noqa: E402
 from tests.fcclip_helpers import Fixture, load_fixture, rel  # noqa: E402
+from tests.fixture_files import FIXTURES  # noqa: E402
 
 VARIANTS = ["fcclip", "fcclip_resize"]
 STAGES = [
@@ -282,7 +282,8 @@ class TestVocabulary:
 
 
 def test_fixtures_are_present():
-    assert (SHARED_FIXTURES / "fcclip" / "io.npz").is_file(), "the shared FC-CLIP fixture is missing"
+    for name in ("dinov2", "fcclip", "fcclip_resize"):
+        assert (FIXTURES / name / "io.npz").is_file(), f"the {name} parity fixture is missing from tests/fixtures"
 
 
 @pytest.mark.parametrize("name", ["fcclip", "fcclip_resize"])

@@ -183,3 +183,17 @@ def test_architecture_map_lists_every_engine_module_and_folder():
     }
     assert {n.removesuffix(".py") for n in listed} == present
     assert len([p for p in (REPO / "engine").glob("*.py")]) <= 12
+
+
+def test_tests_read_nothing_outside_the_repository():
+    """A fresh clone has nothing beside it: the parity fixtures live in tests/fixtures."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        if path.name == "reduce.py":  # the one-off script that copied the fixtures in (it says so)
+            continue
+        text = path.read_text()
+        if "../shared" in text or '"shared"' in text or "parents[1].parent" in text:
+            offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, f"tests reaching outside the repository: {offenders}"
+    for name in ("dinov2", "fcclip", "fcclip_resize"):
+        assert (REPO / "tests" / "fixtures" / name / "io.npz").is_file(), name

@@ -24,8 +24,8 @@ from knnclip.engine.pipeline.segmenter import Result, Segmenter  # noqa: E402
 from knnclip.export.dinov2 import load_dinov2  # noqa: E402
 from knnclip.export.fcclip.onnx import export_fcclip_onnx  # noqa: E402
 from knnclip.export.onnx import export_dinov2_onnx  # noqa: E402
-from tests.conftest import SHARED_FIXTURES  # noqa: E402
 from tests.fcclip_helpers import load_fixture  # noqa: E402
+from tests.fixture_files import fixture_dir  # noqa: E402
 
 
 def seen_names(fx) -> list[str]:
@@ -41,7 +41,7 @@ def models(tmp_path_factory, tokenizer) -> Path:
     fx = load_fixture("fcclip_resize")
     root = tmp_path_factory.mktemp("models")
     export_fcclip_onnx(fx.model, root / "fcclip", size=fx.padded, seen_names=seen_names(fx), torch_weights=True)
-    dino_dir = SHARED_FIXTURES / "dinov2"
+    dino_dir = fixture_dir("dinov2")
     dinov2 = load_dinov2(dino_dir / "checkpoint.pth", json.loads((dino_dir / "config.json").read_text()))
     export_dinov2_onnx(dinov2, root / "dinov2", size=(224, 224), torch_weights=True)
     return root

@@ -36,7 +36,7 @@ from knnclip.engine.demo.synthetic import make_split  # noqa: E402
 from knnclip.engine.errors import InvalidInputError, ServiceError, UnknownClassError  # noqa: E402
 from knnclip.engine.serve.client import Client  # noqa: E402
 from knnclip.engine.serve.encoding import label_map, label_rle  # noqa: E402
-from tests.serve_helpers import TOKEN, ServerProcess, token_file  # noqa: E402
+from tests.serve_helpers import TOKEN, ServerProcess, token_file, wait_for_metrics  # noqa: E402
 
 SIZE = (96, 128)
 
@@ -360,25 +360,28 @@ def test_sigkill_after_acknowledge_loses_nothing(models, seeded_db, tmp_path, im
 
 def test_sigterm_drains_and_closes_the_database(models, seeded_db, tmp_path, images):
     db = fresh_db(seeded_db, tmp_path)
-    # One image per batch: eight requests take several times the 0.2 s before the signal.
+    # One image per batch, so the requests are answered one after another while the signal comes.
     proc = ServerProcess(models, db, "--max-batch", "1", "--token-file", str(token_file(tmp_path)))
     proc.wait_ready()
     with Client(proc.url, TOKEN) as client:
         client.add_class("late class")
-    body = png_bytes(images[0])
+    body = png_bytes(np.tile(images[0], (3, 3, 1)))  # larger than the others: each takes longer
+    requests = 12
 
     def call(i):
-        reply = httpx.post(f"{proc.url}/v1/segment", content=body, timeout=60)
+        reply = httpx.post(f"{proc.url}/v1/segment", content=body, timeout=120)
         return reply, time.monotonic()
 
-    with ThreadPoolExecutor(8) as pool:
-        pending = [pool.submit(call, i) for i in range(8)]
-        time.sleep(0.2)
+    with ThreadPoolExecutor(requests) as pool:
+        pending = [pool.submit(call, i) for i in range(requests)]
+        # Signal once every request has reached the server and several are still unanswered, as
+        # its own metrics say (not after a guessed sleep: a busy machine connects late).
+        wait_for_metrics(proc.url, lambda m: m["in_flight"] - 1 + m["segmented"] == requests and m["in_flight"] > 4)
         signalled = time.monotonic()
         # uvicorn re-raises the signal once it has shut down cleanly, so the exit is "killed by SIGTERM".
         assert proc.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
         done = [f.result() for f in pending]
-    assert [r.status_code for r, _ in done] == [200] * 8
+    assert [r.status_code for r, _ in done] == [200] * requests
     assert max(t for _, t in done) > signalled, "some requests were still in flight when the signal came"
     assert "Application shutdown complete" in proc.log()
     with Database.open(db) as reopened:  # the writer lock was released; the change is there

@@ -91,8 +91,8 @@ def run_reference(work: Path, preset: Preset, device: str, fusion: str, best: bo
         "peak_rss_mib": peak_rss_mib() - baseline,
         "backends": {
             "all": (
-                f"torch {torch.__version__} on {device}: grid_sample, autocast {pipeline.half}, DINOv2 "
-                f"{pipeline.compiled}, bf16 matmul + topk search"
+                f"torch {torch.__version__} on {device}: grid_sample, {pipeline.precision_reason}, DINOv2 "
+                f"{pipeline.compiled}, {str(pipeline.half).removeprefix('torch.')} matmul + topk search"
                 if best
                 else f"torch {torch.__version__} eager on {device}, faiss IndexFlatIP fp32"
             )
@@ -131,6 +131,10 @@ def run_bench(
     results = {}
     saved: dict[str, Path] = {}
     for label, args in pipelines:
+        if "skip" in args:  # a pipeline this machine cannot run is reported, not failed
+            say(f"skipping {label}: {args['skip']}")
+            results[label] = {"skipped": args["skip"]}
+            continue
         say(f"running {label} ...")
         if args["pipeline"] == "engine":
             saved[label] = work / f"semantic-{label.replace(' ', '-')}.npz"
@@ -141,7 +145,9 @@ def run_bench(
         if "error" in results[label]:
             say(f"  {label}: {results[label]['error']}")
     agreement = semantic_agreement(saved, results)
-    outputs = output_agreement(work, [(label, args) for label, args in pipelines if args["pipeline"] == "engine"])
+    outputs = output_agreement(
+        work, [(label, args) for label, args in pipelines if args["pipeline"] == "engine" and "skip" not in args]
+    )
     from knnclip.engine.database import Database
 
     with Database.open(work / "db", read_only=True) as db:
@@ -165,7 +171,7 @@ def run_bench(
         "output_agreement_with_fp32": outputs,
         "pipelines": {
             label: r
-            if "error" in r
+            if not _ran(r)
             else {
                 **r,
                 "stages": {s: percentiles(v) for s, v in r["stages_ms"].items() if v},
@@ -188,12 +194,16 @@ def engine_pipelines(device: str) -> list[tuple[str, dict[str, Any]]]:
     def engine(backend: str, on: str) -> dict[str, Any]:
         return {"pipeline": "engine", "backend": backend, "device": on}
 
+    from knnclip.engine.cpu_features import bf16_missing
+
     out = [("engine onnxruntime fp32", engine("onnxruntime", device))]
     if device == "cuda":
         out.append(("engine tensorrt fp32", engine("tensorrt", "cuda")))
     if importlib.util.find_spec("openvino") is not None:
         out.append(("engine openvino fp32", engine("openvino", "cpu")))
-        out.append(("engine openvino bf16", engine("openvino-bf16", "cpu")))
+        no_bf16 = bf16_missing()
+        bf16 = engine("openvino-bf16", "cpu")
+        out.append(("engine openvino bf16", bf16 if no_bf16 is None else {**bf16, "skip": no_bf16}))
         if device == "cpu":  # what a user gets by default: the faster of the two per model, measured
             out.append(("engine auto fp32", engine("auto", "cpu")))
     return out
@@ -242,7 +252,7 @@ def semantic_agreement(saved: dict[str, Path], results: dict[str, Any]) -> dict[
         want = [ref[k] for k in ref.files]
     out = {}
     for label, path in saved.items():
-        if label == "engine onnxruntime fp32" or "error" in results.get(label, {"error": 1}) or not path.is_file():
+        if label == "engine onnxruntime fp32" or not _ran(results.get(label, {"error": 1})) or not path.is_file():
             continue
         with np.load(path) as got:
             maps = [got[k] for k in got.files]
@@ -252,7 +262,7 @@ def semantic_agreement(saved: dict[str, Path], results: dict[str, Any]) -> dict[
 
 
 def markdown(report: dict[str, Any]) -> str:
-    pipes = {k: v for k, v in report["pipelines"].items() if "error" not in v}
+    pipes = {k: v for k, v in report["pipelines"].items() if _ran(v)}
     ref = pipes.get("torch reference")
     lines = [
         f"# End to end: `{report['command']}` on {report['machine']['name']} ({report['device']})",
@@ -314,6 +324,8 @@ def markdown(report: dict[str, Any]) -> str:
     for label, p in report["pipelines"].items():
         if "error" in p:
             lines.append(f"| {label} | error: {p['error']} | |")
+        elif "skipped" in p:
+            lines.append(f"| {label} | skipped: {p['skipped']} | |")
     f, db = report["flops_per_image"], report["database"]
     lines += [
         "",
@@ -334,7 +346,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt = harness.pyplot()
     if plt is None:
         return
-    pipes = {k: v for k, v in report["pipelines"].items() if "error" not in v}
+    pipes = {k: v for k, v in report["pipelines"].items() if _ran(v)}
     stages = [s for s in STAGES if s != "total"]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(pipes)))
     left = np.zeros(len(pipes))
@@ -350,5 +362,23 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _ran(result: dict[str, Any]) -> bool:
+    """Whether a pipeline's result holds timings (not an error, not skipped on this machine)."""
+    return "error" not in result and "skipped" not in result
+
+
+def _worker_main(case: dict[str, Any]) -> dict[str, Any]:
+    """The worker's result, or the library's error as one line: a backend this machine cannot run
+    is a skip, any other refusal an error (a crash still ends the process, read by the parent)."""
+    from knnclip.engine.errors import BackendUnavailableError, KnnclipError
+
+    try:
+        return _worker(case)
+    except BackendUnavailableError as exc:
+        return {"skipped": str(exc)}
+    except KnnclipError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 if __name__ == "__main__":
-    print(json.dumps(_worker(json.loads(sys.argv[1]))))
+    print(json.dumps(_worker_main(json.loads(sys.argv[1]))))

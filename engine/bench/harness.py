@@ -173,8 +173,9 @@ def _run_worker(command: list[str]) -> dict[str, Any]:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-3:] or [f"exit {proc.returncode}"]
-        return {"error": " | ".join(tail)}
+        # The exception's own line (a traceback's last), not the traceback: it goes into one-line reports
+        last = [line.strip() for line in proc.stderr.strip().splitlines() if line.strip()][-1:]
+        return {"error": f"worker exited {proc.returncode}" + (f": {last[0]}" if last else "")}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

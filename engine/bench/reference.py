@@ -6,6 +6,7 @@ weights, images and database."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,9 @@ class BestTorchPipeline(ReferencePipeline):
     """The fastest torch a user could write without the engine: FC-CLIP's deformable attention
     through ``grid_sample``, both models under ``torch.autocast`` bf16 (CPU) or fp16 (CUDA), DINOv2
     through ``torch.compile`` where it compiles, and the search as a bf16 matrix product plus
-    ``torch.topk``; the rest as the reference does it."""
+    ``torch.topk``; the rest as the reference does it. On a CPU without bfloat16 arithmetic, bf16
+    is emulated and slower than fp32, so there the models and the search stay in fp32
+    (``precision_reason`` says which was chosen and why)."""
 
     def __init__(self, work: Path, device: str, retrieval: RetrievalConfig | None = None) -> None:
         super().__init__(work, device, retrieval)
@@ -192,7 +195,7 @@ class BestTorchPipeline(ReferencePipeline):
 
         torch = self.torch
         set_sampling(self.fcclip, "grid")
-        self.half = torch.bfloat16 if self.dev.type == "cpu" else torch.float16
+        self.half, self.precision_reason = self._fastest_precision()
         self.compiled = "eager"
         compiled = torch.compile(self.dinov2)
         try:  # torch.compile compiles on the first call: make that call here, at the benchmark's size
@@ -205,7 +208,20 @@ class BestTorchPipeline(ReferencePipeline):
         vectors = self.index.reconstruct_n(0, self.index.ntotal)
         self.vectors = torch.from_numpy(vectors).to(self.dev, self.half)
 
+    def _fastest_precision(self) -> tuple[Any, str]:
+        torch = self.torch
+        if self.dev.type != "cpu":
+            return torch.float16, "fp16 autocast on the GPU"
+        from knnclip.engine.cpu_features import bf16_missing
+
+        missing = bf16_missing()
+        if missing is not None:
+            return torch.float32, f"fp32: {missing}"
+        return torch.bfloat16, "bf16 autocast: the CPU has bfloat16 arithmetic"
+
     def _autocast(self) -> Any:
+        if self.half == self.torch.float32:
+            return contextlib.nullcontext()
         return self.torch.autocast(self.dev.type, dtype=self.half)
 
     def run_fcclip(self, x: Any) -> dict[str, Any]:

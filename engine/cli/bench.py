@@ -12,7 +12,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     preset = "full" if args.full else "quick" if args.quick else args.preset
     say = (lambda _: None) if args.json else print
-    report = run_bench(preset, Path(args.work), Path(args.out), args.name, say=say, fusion=args.fusion)
+    out = Path(args.out) if args.out else Path(args.work) / "results"
+    report = run_bench(preset, Path(args.work), out, args.name, say=say, fusion=args.fusion)
     if args.json:
         print(json.dumps(report, indent=1))
     failed = [k for k, v in report["pipelines"].items() if "error" in v]
@@ -32,7 +33,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="where both pipelines fuse retrieval (default: the paper's, into the out-of-vocabulary branch)",
     )  # fmt: skip
     bench.add_argument("--work", default="knnclip-bench", help="working directory for models and the database")
-    bench.add_argument("--out", default="benchmarks/results", help="where the JSON, Markdown and PNG go")
+    bench.add_argument(
+        "--out", help="where the JSON, Markdown and PNG go (default WORK/results; the committed ones are "
+        "benchmarks/results, written only when named)"
+    )  # fmt: skip
     bench.add_argument("--name", help="results file stem (default end_to_end-PRESET-MACHINE)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(run=_bench)

@@ -161,6 +161,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 500
+        self.metrics.in_flight.inc()
 
         async def recording_send(message: dict) -> None:
             nonlocal status
@@ -171,6 +172,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)

@@ -35,6 +35,9 @@ class ServiceMetrics:
         self.batch_seconds = Histogram(
             "knnclip_batch_seconds", "time of a segment_batch call", buckets=LATENCY_BUCKETS, registry=self.registry
         )
+        self.in_flight = Gauge(
+            "knnclip_requests_in_flight", "HTTP requests received and not yet answered", registry=self.registry
+        )
         self.rejections = Counter(
             "knnclip_rejections", "requests refused by reason", ["reason"], registry=self.registry
         )
