@@ -16,6 +16,34 @@ class BackendUnavailableError(KnnclipError, ImportError):
     """An optional dependency (torch, TensorRT, onnxruntime-gpu, ...) is not installed."""
 
 
+# The extra that brings each optional top-level module (pyproject.toml's optional dependencies).
+EXTRA_OF_MODULE = {
+    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve",
+    "python_multipart": "serve", "httpx": "serve", "pydantic": "serve", "starlette": "serve",
+    "ray": "ray", "av": "video", "pycocotools": "video", "openvino": "openvino", "torch": "export",
+    "onnx": "export", "tensorrt": "tensorrt", "pycuda": "gpu", "matplotlib": "plots", "huggingface_hub": "hub",
+}  # fmt: skip
+
+
+def needs_extra(feature: str, extra: str) -> BackendUnavailableError:
+    """The error for ``feature`` when the optional dependencies of ``extra`` are missing."""
+    return BackendUnavailableError(
+        f"{feature} needs the '{extra}' extra: pip install \".[{extra}]\" in knnclip's source folder"
+    )
+
+
+def missing_module_error(exc: ImportError, feature: str = "this command") -> BackendUnavailableError | None:
+    """The :func:`needs_extra` error for a failed import of an optional module, or None when the
+    module belongs to no extra (a broken installation, to be reported as it is)."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(name)
+    return None if extra is None else needs_extra(f"{feature} ({name} is not installed)", extra)
+
+
+class UsageError(KnnclipError, ValueError):
+    """The command line is incomplete or contradicts itself (exit code 2)."""
+
+
 class InvalidInputError(KnnclipError, ValueError):
     """An argument has the wrong shape, dtype or values (NaN, Inf, a zero vector where a direction is needed)."""
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from knnclip.engine.database.vocabulary import ClassInfo
-from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
+from knnclip.engine.errors import InvalidInputError, needs_extra
 from knnclip.engine.pipeline.results import Result, bbox
 from knnclip.engine.render import save_png
 
@@ -32,7 +32,7 @@ def rle(mask: np.ndarray) -> dict[str, Any]:
     try:
         from pycocotools import mask as coco_mask
     except ImportError:
-        raise BackendUnavailableError("COCO RLE masks need pycocotools: pip install 'knnclip[video]'") from None
+        raise needs_extra("COCO RLE masks (pycocotools)", "video") from None
     encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 

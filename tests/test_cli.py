@@ -54,9 +54,40 @@ class TestInfo:
         assert _C.build_info()["cpu_isa"] in result.stdout
 
 
-@pytest.mark.parametrize("args", [[], ["no-such-command"]])
-def test_usage_errors_exit_2(args):
-    assert run(*args).returncode == 2
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["no-such-command"],
+        ["segment", "x.png", "--out", "o"],  # neither --models/--db nor --server
+        ["segment", "x.png", "--models", "m", "--out", "o"],  # --db missing
+        ["db", "create", "x.db", "--dim", "8", "--param", "nlist"],  # NAME=INTEGER expected
+    ],
+)
+def test_usage_errors_exit_2(args, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "knnclip.engine.cli", *args], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "extra"),
+    [
+        ("fastapi", ["serve", "--models", "m", "--db", "d"], "serve"),
+        ("av", ["segment", "clip.mp4", "--models", "m", "--db", "d", "--out", "o"], "video"),
+        ("torch", ["demo", "--out", "d"], "export"),
+    ],
+)
+def test_a_missing_optional_package_is_one_line_naming_its_extra(module, args, extra, tmp_path):
+    """The package is made unimportable (None in sys.modules), as on an install without the extra."""
+    code = f"import sys; sys.modules[{module!r}] = None; from knnclip.engine.cli import main; sys.exit(main({args!r}))"
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 64)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f'pip install ".[{extra}]"' in lines[0], lines[0]
 
 
 class TestDb:
@@ -95,3 +126,36 @@ class TestDb:
         (db / "manifest.json").write_text("{}")
         corrupt = run("db", "check", str(db))
         assert corrupt.returncode == 3 and "manifest.json" in corrupt.stderr
+
+
+class TestProgressWithoutATerminal:
+    """Catches long work that prints nothing where standard error is a log file or a pipe."""
+
+    def test_items_report_as_they_are_consumed(self, capsys, monkeypatch):
+        from knnclip.engine.cli.progress import progress_items
+
+        monkeypatch.setenv("KNNCLIP_PROGRESS_SECONDS", "0")
+        assert list(progress_items(["a", "b", "c"], "segment", quiet=False)) == ["a", "b", "c"]
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[0].startswith("segment: 0/3 images (0%)") and lines[-1].startswith("segment: 3/3 images (100%)")
+        assert list(progress_items(["a"], "segment", quiet=True)) == ["a"] and capsys.readouterr().err == ""
+
+    def test_lines_are_spaced_by_the_interval_but_the_last_always_shows(self, capsys, monkeypatch):
+        from knnclip.engine.cli.progress import progress_callback
+
+        monkeypatch.setenv("KNNCLIP_PROGRESS_SECONDS", "3600")
+        report = progress_callback("add", quiet=False)
+        for done in range(101):
+            report(done, 100)
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 2 and lines[-1].startswith("add: 100/100 images (100%)"), lines
+
+    def test_heartbeat_speaks_while_work_without_a_count_runs(self, capsys):
+        import time
+
+        from knnclip.engine.cli.progress import heartbeat
+
+        with heartbeat("knnclip export fcclip", every=1):
+            time.sleep(2.5)
+        lines = capsys.readouterr().err.splitlines()
+        assert lines and all(line.startswith("knnclip export fcclip: still running, ") for line in lines), lines

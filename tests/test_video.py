@@ -153,6 +153,28 @@ def test_standard_input(models: Path, db: Path, tmp_path: Path) -> None:
     assert len(decode_all(tmp_path / "out" / "annotated.mp4")) == 6
 
 
+@pytest.mark.parametrize("piped", ["truncated", "empty"])
+def test_a_source_with_no_frame_is_an_error_that_names_nothing_unwritten(models, db, tmp_path, piped):
+    """A file cut before its first frame, and an empty pipe: nothing to segment is a failure."""
+    path = tmp_path / "clip.mkv"
+    if piped == "truncated":
+        encode_clip(path, 6)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(b"")
+    out = tmp_path / "out"
+    with path.open("rb") as stdin:
+        done = cli("-", "--models", str(models), "--db", str(db), "--out", str(out), "--device", "cpu",
+                   stdin=stdin, text=True)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("knnclip")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "annotated" not in done.stdout + done.stderr
+    assert not (out / "annotated.mp4").exists()
+    if (out / "report.json").exists():
+        assert "video" not in json.loads((out / "report.json").read_text())
+
+
 class SlowSegmenter:
     """A real segmenter that takes longer per batch than a live source allows."""
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.backends.base import Session
-from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
+from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, needs_extra
 
 log = logging.getLogger("knnclip.backends")
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -65,9 +65,7 @@ class OpenVinoSession(Session):
         try:
             import openvino as ov
         except ImportError:
-            raise BackendUnavailableError(
-                "the OpenVINO backend needs openvino: pip install 'knnclip[openvino]'"
-            ) from None
+            raise needs_extra("the OpenVINO backend", "openvino") from None
         core = ov.Core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailableError("this CPU has no bfloat16 arithmetic (AVX-512 BF16 or AMX); use 'openvino'")

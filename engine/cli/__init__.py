@@ -1,8 +1,9 @@
 """The `knnclip` command. Sub-commands live in their own modules; this file only dispatches.
 
-Exit codes: 0 success, 1 a command failed on its input, 2 a usage error, 3 a database or artefact
-is corrupt, 4 a database is locked by another writer, 5 a write failed (disk full, read-only file
-system, I/O error; nothing was changed), 130 interrupted. Every error is one line on stderr.
+Exit codes: 0 success, 1 a command failed on its input (or an optional dependency is missing: the
+line names the extra to install), 2 a usage error, 3 a database or artefact is corrupt, 4 a
+database is locked by another writer, 5 a write failed (disk full, read-only file system, I/O
+error; nothing was changed), 130 interrupted. Every error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -52,10 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatabaseLockedError,
         DatabaseWriteError,
         KnnclipError,
+        UsageError,
+        missing_module_error,
     )
 
     try:
         return int(args.run(args))
+    except UsageError as exc:
+        print(f"knnclip {args.command}: usage: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency: one line naming its extra
+        missing = missing_module_error(exc, f"knnclip {args.command}")
+        if missing is None:
+            raise
+        return _fail("missing dependency", missing, 1)
     except (DatabaseCorruptError, ArtifactCorruptError) as exc:
         return _fail("corrupt", exc, 3)
     except DatabaseLockedError as exc:

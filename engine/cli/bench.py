@@ -12,8 +12,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     preset = "full" if args.full else "quick" if args.quick else args.preset
     say = (lambda _: None) if args.json else print
+    from knnclip.engine.cli.progress import heartbeat
+
     out = Path(args.out) if args.out else Path(args.work) / "results"
-    report = run_bench(preset, Path(args.work), out, args.name, say=say, fusion=args.fusion)
+    with heartbeat("knnclip bench", quiet=args.json):  # each pipeline runs for minutes in its own process
+        report = run_bench(preset, Path(args.work), out, args.name, say=say, fusion=args.fusion)
     if args.json:
         print(json.dumps(report, indent=1))
     failed = [k for k, v in report["pipelines"].items() if "error" in v]

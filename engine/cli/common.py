@@ -4,7 +4,6 @@ opening a segmenter or a dataset split, and the options that go with them."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,38 +12,17 @@ Progress = Callable[[int, int], None]
 
 
 def progress_items(items: list, label: str, quiet: bool) -> Iterable:
-    """tqdm over ``items`` when installed and wanted; the items themselves otherwise."""
-    if quiet or not sys.stderr.isatty():
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=label, unit="image")
+    """The items, with a tqdm bar on a terminal or a progress line every few seconds without one."""
+    from knnclip.engine.cli.progress import progress_items as report
+
+    return report(items, label, quiet)
 
 
 def progress_factory(quiet: bool) -> Callable[[str], Progress | None]:
-    """A (done, total) callback drawing a tqdm bar when tqdm is installed and stderr is a terminal."""
-    if quiet or not sys.stderr.isatty():
-        return lambda label: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return lambda label: None
+    """Makes (done, total) callbacks: tqdm bars on a terminal, progress lines without one."""
+    from knnclip.engine.cli.progress import progress_callback
 
-    def make(label: str) -> Progress:
-        bar = tqdm(desc=label, unit="image")
-
-        def update(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-            if done == total:
-                bar.close()
-
-        return update
-
-    return make
+    return lambda label: progress_callback(label, quiet)
 
 
 def retrieval_config(args: argparse.Namespace) -> Any:

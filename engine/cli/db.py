@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.cli.common import dataset_options, dataset_split, progress_factory, segmenter_over
-from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.errors import InvalidInputError, UsageError
 
 
 def _params(pairs: list[str]) -> dict[str, int]:
@@ -19,7 +19,7 @@ def _params(pairs: list[str]) -> dict[str, int]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not value.isdigit():
-            raise InvalidInputError(f"--param takes NAME=INTEGER (e.g. nlist=1024), got {pair!r}")
+            raise UsageError(f"--param takes NAME=INTEGER (e.g. nlist=1024), got {pair!r}")
         out[name] = int(value)
     return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from knnclip.engine.cli.common import dataset_options, dataset_split, progress_factory, segmenter_over
-from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.errors import InvalidInputError, UsageError
 
 
 def _finish(args: argparse.Namespace, report: dict[str, Any], name: str) -> int:
@@ -37,7 +37,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     panoptic = args.eval_command == "panoptic"
     if panoptic and args.dataset not in PANOPTIC:
-        raise InvalidInputError(f"panoptic evaluation needs a panoptic dataset ({', '.join(PANOPTIC)})")
+        raise UsageError(f"panoptic evaluation needs a panoptic dataset ({', '.join(PANOPTIC)})")
     ds = dataset_split(args, args.split, args.limit)
     with tempfile.TemporaryDirectory(prefix="knnclip-eval-") as scratch:
         # Without --db, FC-CLIP alone: a throw-away database that holds the class names only.

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.errors import needs_extra
 
 
 def _run(args: argparse.Namespace) -> int:
+    from knnclip.engine.cli.progress import heartbeat
+
     try:
         from knnclip.export import cli
     except ImportError as exc:
-        raise BackendUnavailableError(
-            f"knnclip export needs torch and onnx ({exc}); install them: pip install torch onnx "
-            "(the CPU build of torch on machines without a GPU)"
-        ) from None
-    return cli.run(args)
+        raise needs_extra(f"knnclip export ({exc})", "export") from None
+    with heartbeat(f"knnclip export {args.model}", quiet=getattr(args, "json", False)):
+        return cli.run(args)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -99,7 +99,7 @@ def _build(args: argparse.Namespace) -> int:
             record_build,
         )
     except ImportError as exc:
-        raise BackendUnavailableError(f"knnclip build needs the export side ({exc})") from None
+        raise needs_extra(f"knnclip build ({exc})", "export") from None
     from pathlib import Path
 
     from knnclip.engine.artifact import read_manifest

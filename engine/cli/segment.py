@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items, search_option
-from knnclip.engine.errors import InvalidInputError, KnnclipError
+from knnclip.engine.errors import KnnclipError, UsageError
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -29,11 +29,11 @@ def _segment(args: argparse.Namespace) -> int:
     if args.server:
         return _segment_remote(args)
     if args.models is None or args.db is None:
-        raise InvalidInputError("segment needs --models and --db, or --server URL")
+        raise UsageError("segment needs --models and --db, or --server URL")
     videos = [spec for spec in args.images if is_video_source(spec)]
     if videos:
         if len(args.images) != 1:
-            raise InvalidInputError("segment one video (file, stream, camera or -) at a time, without images beside it")
+            raise UsageError("segment one video (file, stream, camera or -) at a time, without images beside it")
         return _segment_video(args, videos[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def _segment_remote(args: argparse.Namespace) -> int:
 
     unsupported = set(args.format) - {"json", "label-png"}
     if unsupported or args.overlay:
-        raise InvalidInputError("with --server, segment writes json and label-png (no COCO files or overlays)")
+        raise UsageError("with --server, segment writes json and label-png (no COCO files or overlays)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -140,23 +140,35 @@ def _segment_video(args: argparse.Namespace, spec: str) -> int:
             Path(args.out), kept_fps, source.codec, codec=args.video_codec, pngs=args.png_frames,
             video=not args.no_video,
         )  # fmt: skip
+        from knnclip.engine.cli.progress import progress_callback
+
+        progress = progress_callback("video", args.json, unit="frame")
+        counted = iter(range(1, 1 << 62))
+
+        def on_result(frame: object, result: object) -> None:
+            if progress is not None:
+                progress(next(counted), 0)  # a stream's length is unknown
+
         try:
             report = segment_video(
                 seg, source, outputs, batch_size=args.batch_size, stride=args.stride, max_fps=args.max_fps,
-                realtime=realtime,
+                realtime=realtime, on_result=on_result,
             )  # fmt: skip
         except KeyboardInterrupt:
             print(f"knnclip: interrupted; {outputs.jsonl_path} and {outputs.video_path} are closed", file=sys.stderr)
             return 130
-    data = {**report.to_json(), "video": str(outputs.video_path), "frames_jsonl": str(outputs.jsonl_path)}
+    # Name only the files this run wrote (a source with no frame leaves no video).
+    written = {k: str(p) for k, p in (("video", outputs.video_path), ("frames_jsonl", outputs.jsonl_path))
+               if p.is_file() and p.stat().st_size > 0}  # fmt: skip
+    data = {**report.to_json(), **written}
     (Path(args.out) / "report.json").write_text(json.dumps(data, indent=1))
     if args.json:
         print(json.dumps(data, indent=1))
-    else:
+    elif report.frames_read:
         print(
             f"{spec}: {report.frames_segmented} frames segmented at {report.fps:.1f} fps "
             f"({report.dropped} dropped, {report.skipped} skipped, {report.corrupt_frames} corrupt, "
-            f"{report.reconnects} reconnects) -> {outputs.video_path}"
+            f"{report.reconnects} reconnects)" + (f" -> {written['video']}" if "video" in written else "")
         )
     if report.error:
         print(f"knnclip: error: {report.error}", file=sys.stderr)
@@ -231,7 +243,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     cls.set_defaults(run=_add_class)
 
     concept = commands.add_parser(
-        "add-concept", help="add a concept from unlabelled images (the mask that best matches its name)"
+        "add-concept",
+        help="add a concept from unlabelled images: every proposed mask above both confidences is added",
     )
     concept.add_argument("name")
     concept.add_argument("images", nargs="+")

@@ -61,7 +61,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot-dir", help="where POST /v1/snapshot writes copies of the database")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--config", help="retrieval settings JSON (knnclip eval sweep --write-config)")
-    ray = p.add_argument_group("Ray Serve (pip install 'knnclip[ray]')")
+    ray = p.add_argument_group("Ray Serve (the 'ray' extra: pip install \".[ray]\")")
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of the embedded server")
     ray.add_argument("--replicas", type=int, default=1, help="segmenter replicas (default 1)")
     ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")

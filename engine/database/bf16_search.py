@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from knnclip.engine.database.indexes import IndexSpec
-from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.errors import BackendUnavailableError, needs_extra
 
 log = logging.getLogger("knnclip.database")
 
@@ -34,7 +34,7 @@ class Bf16SearchMirror:
         try:
             import openvino as ov
         except ImportError:
-            raise BackendUnavailableError("bf16 search needs openvino: pip install 'knnclip[openvino]'") from None
+            raise needs_extra("bf16 search", "openvino") from None
         self._ov = ov
         self._core = ov.Core()
         if "BF16" not in self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):

@@ -28,7 +28,7 @@ import numpy as np
 
 from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.demo.synthetic import CLASSES, Sample, class_index, make_split
-from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.errors import needs_extra
 from knnclip.engine.eval.metrics import ConfusionMatrix
 
 BASE_CLASSES = ("sky", "grass", "sand", "ball", "box", "tree")
@@ -90,10 +90,7 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
         from knnclip.export.fcclip.onnx import export_fcclip_onnx
         from knnclip.export.onnx import export_dinov2_onnx
     except ImportError as exc:
-        raise BackendUnavailableError(
-            f"the demo builds its models with torch ({exc}); install the export extra first: "
-            'pip install torch==2.13.0 && pip install "knnclip[export]" (the CPU build of torch)'
-        ) from None
+        raise needs_extra(f"the demo builds its models with torch and onnx ({exc}); it", "export") from None
     models = settings.out / "models"
     signature = {
         "version": _MODELS_VERSION, "fcclip": settings.fcclip, "fcclip_config": settings.fcclip_config,

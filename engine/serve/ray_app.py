@@ -14,7 +14,7 @@ Three deployments:
 - ``Api``: the FastAPI application of :mod:`knnclip.engine.serve.app` behind ``@serve.ingress``,
   its routes calling the two others through a :class:`RayService`.
 
-Ray is imported only here (``pip install 'knnclip[ray]'``).
+Ray is imported only here (the ``ray`` extra).
 """
 
 from __future__ import annotations
@@ -270,9 +270,9 @@ def serve_on_ray(settings: ServeSettings, *, replicas: int = 1, address: str | N
         import ray
         from ray import serve
     except ImportError:
-        from knnclip.engine.errors import BackendUnavailableError
+        from knnclip.engine.errors import needs_extra
 
-        raise BackendUnavailableError("knnclip serve --ray needs Ray Serve: pip install 'knnclip[ray]'") from None
+        raise needs_extra("knnclip serve --ray (Ray Serve)", "ray") from None
     _ensure_database(settings)
     ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
     stop = threading.Event()

@@ -219,6 +219,9 @@ def segment_video(
         report.frames_read, report.corrupt_frames, report.reconnects = s.frames, s.corrupt_frames, s.reconnects
         report.stalled, report.error = s.stalled, s.error
         report.dropped = frames_in.dropped
+        if report.error is None and report.frames_read == 0 and not report.interrupted:
+            # An empty pipe, a truncated file or bytes that are not a video: nothing to segment is a failure.
+            report.error = f"{report.source}: the source yielded no video frame (empty, truncated, or not a video)"
     if failure:
         raise failure[0]
     return report

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from knnclip.engine.errors import BackendUnavailableError, KnnclipError
+from knnclip.engine.errors import KnnclipError, needs_extra
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".ts", ".mts", ".mpg", ".mpeg", ".flv", ".wmv"}
 _NETWORK = re.compile(r"^(rtsp|rtsps|rtmp|http|https|udp|tcp|srt)://", re.IGNORECASE)
@@ -36,9 +36,7 @@ def import_av() -> Any:
     try:
         import av
     except ImportError:
-        raise BackendUnavailableError(
-            "video needs PyAV (FFmpeg bindings with their own FFmpeg): pip install 'knnclip[video]'"
-        ) from None
+        raise needs_extra("video (PyAV: FFmpeg bindings with their own FFmpeg)", "video") from None
     return av
 
 
