@@ -194,10 +194,11 @@ class TestLoader:
             load_fcclip(sd, fx.config)
         assert "query_feat.weight" in str(info.value) and "predictor.extra.weight" in str(info.value)
 
-    def test_other_variant_names_what_it_looks_like(self):
+    def test_other_variant_names_what_it_looks_like(self, tmp_path):
         fx = load_fixture("fcclip")
+        (tmp_path / "checkpoint.pth").symlink_to(fx.dir / "checkpoint.pth")  # no config.json beside it
         with pytest.raises(CheckpointError) as info:
-            load_fcclip(fx.dir / "checkpoint.pth", None)  # default config: ConvNeXt-L, 250 queries
+            load_fcclip(tmp_path / "checkpoint.pth", None)  # default config: ConvNeXt-L, 250 queries
         message = str(info.value)
         assert "mis-shaped" in message and "depths=[2, 2, 2, 2]" in message and "20 queries" in message
 
@@ -207,6 +208,15 @@ class TestLoader:
         sd["sem_seg_head.pixel_decoder.mask_features.bias"][0] = float("nan")
         with pytest.raises(CheckpointError, match="NaN"):
             load_fcclip(sd, fx.config)
+
+    def test_the_config_beside_the_checkpoint_is_read(self, tmp_path):
+        fx = load_fixture("fcclip")
+        model = load_fcclip(fx.dir / "checkpoint.pth")  # fixture_dir puts config.json beside it
+        assert torch.equal(model.void_embedding.weight, fx.model.void_embedding.weight)
+        (tmp_path / "checkpoint.pth").symlink_to(fx.dir / "checkpoint.pth")
+        (tmp_path / "config.json").write_text("[1, 2]")
+        with pytest.raises(CheckpointError, match="not a JSON object"):
+            load_fcclip(tmp_path / "checkpoint.pth")
 
     def test_not_a_checkpoint(self, tmp_path):
         (tmp_path / "x.pth").write_bytes(b"not a zip")

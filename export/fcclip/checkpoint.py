@@ -3,6 +3,7 @@ state dict) and open_clip ConvNeXt CLIP checkpoints for the CLIP parts alone, ch
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from knnclip.engine.errors import CheckpointError
 from knnclip.export.checkpoint_io import StateDict, check_state_dict, read_state_dict
 from knnclip.export.fcclip.config import FCCLIPConfig, resolve_config
 from knnclip.export.fcclip.model import FCCLIP, ClipModel
@@ -62,6 +64,20 @@ def _assign(model: torch.nn.Module, sd: StateDict, source: str) -> None:
     model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in sd.items()}, strict=True, assign=True)
 
 
+def _config_beside(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``config.json`` beside a checkpoint file, if there is one."""
+    beside = path.parent / "config.json"
+    if not beside.is_file():
+        return None
+    try:
+        values = json.loads(beside.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{beside}: not a JSON config ({exc}); pass config= explicitly") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{beside}: not a JSON object; pass config= explicitly")
+    return values
+
+
 def load_fcclip(
     checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor],
     config: FCCLIPConfig | dict[str, Any] | None = None,
@@ -76,7 +92,8 @@ def load_fcclip(
         detectron2's ``{"model": ...}`` wrapper is unwrapped), or such a state dict.
     config
         An :class:`FCCLIPConfig`, our own ``to_json`` dict, or the fixture-style ``config.json``
-        (official detectron2/open_clip settings). ``None``: ConvNeXt-Large d_320, 250 queries.
+        (official detectron2/open_clip settings). ``None``: the ``config.json`` beside a checkpoint
+        file when there is one, else ConvNeXt-Large d_320, 250 queries.
 
     Returns
     -------
@@ -85,6 +102,8 @@ def load_fcclip(
     """
     sd, source = _read(checkpoint)
     sd = _drop_training_only(sd)
+    if config is None and not isinstance(checkpoint, Mapping):
+        config = _config_beside(Path(checkpoint))
     # Built on the meta device: checking a ConvNeXt-L checkpoint allocates nothing, and the weights
     # are then assigned, not copied into freshly initialised parameters.
     with torch.device("meta"):
