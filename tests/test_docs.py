@@ -184,8 +184,11 @@ def test_serving_quick_start_runs_in_order(workdir, demo_models):
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
                 wait_ready(f"http://127.0.0.1:{port}")
                 continue
-            done = subprocess.run(["bash", "-c", f"set -e; {step} -sS -w '\\n%{{http_code}}'" if step.startswith("curl")
-                                   else step], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            if step.startswith("curl"):  # its body, then the status on a line of its own
+                step = f"{step} -sS -w '\\n%{{http_code}}'"
+            done = subprocess.run(
+                ["bash", "-c", step], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+            )
             assert done.returncode == 0, (step, done.stderr)
             if step.startswith("curl"):
                 body, status = done.stdout.rsplit("\n", 1)
