@@ -134,6 +134,19 @@ class TestReads:
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "knnclip_database_entries" in metrics and "knnclip_queue_depth" in metrics
 
+    def test_docs_page_loads_nothing_from_another_host(self, server):
+        """Edge servers are often air-gapped: every script, style and icon of /docs is served here."""
+        import re
+
+        page = httpx.get(f"{server.url}/docs")
+        assert page.status_code == 200 and "swagger" in page.text.lower()
+        assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+        assert assets and not [a for a in assets if "://" in a or a.startswith("//")], assets
+        for asset in assets:
+            reply = httpx.get(f"{server.url}{asset}")
+            assert reply.status_code == 200 and len(reply.content) > 100, asset
+        assert "openapi.json" in page.text and httpx.get(f"{server.url}/redoc").status_code == 404
+
     def test_segment_equals_the_library(self, server, models, images):
         with Client(server.url) as client, Database.open(server_db(server), read_only=True) as db:
             seg = Segmenter.from_dir(models, db, device="cpu", text_cache=None)

@@ -26,6 +26,7 @@ from knnclip.engine.errors import InvalidInputError, KnnclipError, ServiceError
 from knnclip.engine.serve import encoding
 from knnclip.engine.serve.auth import AuthError, TokenAuth
 from knnclip.engine.serve.batcher import DeadlineExceeded, Overloaded, ShuttingDown
+from knnclip.engine.serve.docs_ui import install_docs
 from knnclip.engine.serve.metrics import ServiceMetrics
 from knnclip.engine.serve.service import NotReady, SegmentRequest
 
@@ -210,7 +211,7 @@ def create_app(
         yield
 
     app = FastAPI(
-        title="knnclip", version=__version__, lifespan=lifespan or no_lifespan,
+        title="knnclip", version=__version__, lifespan=lifespan or no_lifespan, docs_url=None, redoc_url=None,
         description="Open-vocabulary segmentation with a growing database (kNN-CLIP). docs/serving.md is the contract.",
     )  # fmt: skip
     app.state.service = service
@@ -282,6 +283,8 @@ def create_app(
     async def _unexpected(request: Request, exc: Exception) -> Any:
         log.exception("%s %s failed", request.method, request.url.path)
         return error(500, RuntimeError("internal error; the server's log has the details"))
+
+    install_docs(app, [Depends(read_access)])  # /docs without a CDN (edge servers are often air-gapped)
 
     # Health ------------------------------------------------------------------------------------
     @app.get("/healthz", dependencies=[Depends(read_access)], tags=["health"])
