@@ -24,14 +24,16 @@ def token_file(directory: Path, token: str = TOKEN) -> Path:
 class ServerProcess:
     """``python -m knnclip.engine.cli serve ... --port 0``; ``url`` once it listens."""
 
-    def __init__(self, models: Path, db: Path, *args: str, log: Path | None = None) -> None:
+    def __init__(self, models: Path, db: Path, *args: str, log: Path | None = None, env: dict | None = None) -> None:
         command = [sys.executable, "-m", "knnclip.engine.cli", "serve", "--models", str(models), "--db", str(db),
                    "--device", "cpu", "--port", "0", *args]  # fmt: skip
         self.log_path = log or db.parent / f"{db.name}.server.log"
         self._log = self.log_path.open("wb")  # a restart's log starts afresh
         # Both streams go to the file: a pipe nobody reads would fill with access-log lines and
         # stall the server.
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         self.url = self._listening_url(timeout=60.0)
 
     def _listening_url(self, timeout: float) -> str:

@@ -16,6 +16,7 @@ def _settings(args: argparse.Namespace):
         auth_reads=args.auth_reads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         workers=args.workers, request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_pixels=args.max_pixels, snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
         config=retrieval_config(args),
     )  # fmt: skip
 
@@ -58,6 +59,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request gets 504")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40e6)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers (else 408)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body (else 408)")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections before 503s (default 512)")
     p.add_argument("--snapshot-dir", help="where POST /v1/snapshot writes copies of the database")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--config", help="retrieval settings JSON (knnclip eval sweep --write-config)")

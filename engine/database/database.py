@@ -328,6 +328,8 @@ class Database:
 
     def remove_class(self, name: str | int) -> int:
         """Delete a class and every entry of it; return how many entries went. Other classes are untouched."""
+        if isinstance(name, str) and "," in name:  # "a,b" adds synonyms; a removal names one class
+            raise InvalidInputError(f"remove_class takes one class name, not the list {name!r}")
         with self._mutex:
             self._check_writable()
             info = self._c.vocab[name] if isinstance(name, int | np.integer) else self._c.vocab.get_by_name(name)

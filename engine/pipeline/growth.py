@@ -20,6 +20,7 @@ from knnclip.engine.pipeline.stages import classify, dinov2_keys, fcclip_input_f
 from knnclip.engine.text.textbank import TextBank
 
 log = logging.getLogger("knnclip.growth")
+POOL_CHUNK_BYTES = 64 << 20  # float32 mask logits made at once while pooling examples
 
 
 def embed_masks(models: ModelSet, image: ImageInput, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,9 +34,16 @@ def embed_masks(models: ModelSet, image: ImageInput, masks: np.ndarray) -> tuple
         raise InvalidInputError(f"masks must be [N, H, W] with the image's size {pixels.shape[:2]}, got {masks.shape}")
     if masks.dtype != bool:
         raise InvalidInputError(f"masks must be boolean, got {masks.dtype}")
-    keys = dinov2_keys(models, [pixels])[0]
-    logits = np.where(masks, np.float32(1.0), np.float32(-1.0))  # bilinear to the key grid, then > 0
-    pooled = ops.mask_pool(np.ascontiguousarray(keys), logits, 0.0)
+    keys = np.ascontiguousarray(dinov2_keys(models, [pixels])[0])
+    # The masks as +-1 logits (bilinear to the key grid, then > 0), a chunk at a time: float32
+    # logits of every mask at once would be four times the masks' own memory.
+    per_mask = 4 * masks.shape[1] * masks.shape[2]
+    step = max(1, POOL_CHUNK_BYTES // per_mask)
+    pooled = np.concatenate(
+        [ops.mask_pool(keys, np.where(masks[s : s + step], np.float32(1.0), np.float32(-1.0)), 0.0)
+         for s in range(0, len(masks), step)]
+        or [np.zeros((0, keys.shape[0]), np.float32)]
+    )  # fmt: skip
     kept = np.flatnonzero(np.abs(pooled).sum(-1) > 0)
     return pooled[kept], kept
 

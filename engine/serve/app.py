@@ -2,13 +2,15 @@
 
 Routes call a :class:`Service` (``LocalService`` in one process, ``ray_app.RayService`` over Ray
 deployments): ``app.state.service``, or the one :func:`attach_service` registered. Limits come before work: a body over
-``max_body_bytes`` is refused before it is read (``BodyLimit``), an image over ``max_pixels``
+``max_body_bytes`` is refused before it is read (``RequestGuard``, which also checks the token of a
+change before any body is read and gives a body ``body_timeout_s`` to arrive), an image over ``max_pixels``
 before it is decoded, a full queue at once (503 + ``Retry-After``). Library errors keep their type
 in the reply (``{"error": {"type", "message", "status"}}``, docs/serving.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -33,6 +35,9 @@ from knnclip.engine.serve.service import NotReady, SegmentRequest
 log = logging.getLogger("knnclip.serve")
 
 API_VERSION = "1"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+READ_POSTS = frozenset({"/v1/segment"})  # a POST that changes nothing
 _IMAGE_TYPES = {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
@@ -115,24 +120,45 @@ class PayloadTooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes, by its Content-Length before
-    reading, or while reading a chunked one."""
+class BodyTimeout(Exception):
+    pass
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class RequestGuard:
+    """ASGI middleware, outermost, before anything reads the body: the token of a change (or of a
+    read with ``--auth-reads``) is checked from the headers alone (401/403: a 16 MiB JSON body
+    without a token is never parsed); a body over ``limit`` bytes gets 413, by its Content-Length
+    before reading or while reading a chunked one; a body that has not arrived within
+    ``body_timeout`` seconds of the request gets 408 and the connection is closed (a client
+    trickling bytes holds a connection for ever otherwise)."""
+
+    def __init__(self, app: Any, auth: TokenAuth, limit: int, body_timeout: float) -> None:
+        self.app, self.auth, self.limit, self.body_timeout = app, auth, limit, body_timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        mutation = scope["method"] not in READ_METHODS and scope["path"] not in READ_POSTS
+        try:
+            self.auth.check(headers.get(b"authorization", b"").decode("latin-1") or None, mutation=mutation)
+        except AuthError as exc:
+            # Answered from the headers; an unread body cannot be skipped, so the connection closes.
+            extra = [(b"connection", b"close")] + ([(b"www-authenticate", b"Bearer")] if exc.status == 401 else [])
+            return await _send_json(send, exc.status, encoding.error_body(exc, exc.status), extra)
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _send_json(send, 413, _too_large(self.limit))
+            return await _send_json(send, 413, _too_large(self.limit), [(b"connection", b"close")])
         seen = 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
-        async def limited() -> dict:
+        async def guarded() -> dict:
             nonlocal seen
-            message = await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise PayloadTooLarge
@@ -146,10 +172,13 @@ class BodyLimit:
             await send(message)
 
         try:
-            await self.app(scope, limited, tracking_send)
+            await self.app(scope, guarded, tracking_send)
         except PayloadTooLarge:
             if not started:
-                await _send_json(send, 413, _too_large(self.limit))
+                await _send_json(send, 413, _too_large(self.limit), [(b"connection", b"close")])
+        except BodyTimeout:
+            if not started:
+                await _send_json(send, 408, _body_timeout(self.body_timeout), [(b"connection", b"close")])
 
 
 class RequestMetrics:
@@ -175,7 +204,9 @@ class RequestMetrics:
         finally:
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            # A method name is the client's to choose: label only the standard ones (bounded series).
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
+            self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
@@ -184,11 +215,18 @@ def _too_large(limit: int) -> dict[str, Any]:
     return {"error": {"type": "PayloadTooLarge", "message": message, "status": 413}}
 
 
-async def _send_json(send: Callable, status: int, body: dict[str, Any]) -> None:
+def _body_timeout(seconds: float) -> dict[str, Any]:
+    message = f"the request body did not arrive within this server's {seconds:g} s"
+    return {"error": {"type": "BodyTimeout", "message": message, "status": 408}}
+
+
+async def _send_json(
+    send: Callable, status: int, body: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     import json
 
     data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
@@ -200,6 +238,7 @@ def create_app(
     max_body_bytes: int,
     max_pixels: int,
     lifespan: Callable[[Any], Any] | None = None,
+    body_timeout_s: float = 30.0,
 ) -> Any:
     """The FastAPI application over ``service`` (or over the one :func:`attach_service` gives it
     later, as the Ray ingress does); ``lifespan(app)`` is an async context manager factory run
@@ -275,6 +314,11 @@ def create_app(
             log.error("%s %s: %s", request.method, request.url.path, exc)
         return error(status, exc)
 
+    @app.exception_handler(BodyTimeout)
+    async def _slow_body(request: Request, exc: BodyTimeout) -> Any:
+        metrics.rejections.labels("body_timeout").inc()
+        return JSONResponse(_body_timeout(body_timeout_s), 408, headers={"Connection": "close"})
+
     @app.exception_handler(PayloadTooLarge)
     async def _too_large_body(request: Request, exc: PayloadTooLarge) -> Any:
         return JSONResponse(_too_large(max_body_bytes), 413)
@@ -321,7 +365,7 @@ def create_app(
     ) -> Any:
         """Segment one image: the body is the image file, or multipart/form-data with a part `image`."""
         data = await _image_bytes(request, "image")
-        encoding.image_size(data, max_pixels)
+        await asyncio.to_thread(encoding.image_size, data, max_pixels)  # headers can be costly: off the loop
         payload = await svc(request).segment(SegmentRequest(data, panoptic, instance, format))
         metrics.observe_stages(payload.get("timings", {}))
         return payload
@@ -337,7 +381,7 @@ def create_app(
         """Add a class by name (classified from its text embedding alone), or synonyms to one."""
         return await svc(request).add_class(body.name, body.synonyms, body.thing)
 
-    @app.delete("/v1/classes/{name}", dependencies=[Depends(write_access)], tags=["vocabulary"])
+    @app.delete("/v1/classes/{name:path}", dependencies=[Depends(write_access)], tags=["vocabulary"])
     async def delete_class(request: Request, name: str) -> dict[str, Any]:
         """Delete a class and its examples."""
         return await svc(request).remove_class(name)
@@ -349,13 +393,13 @@ def create_app(
         form = await _form(request)
         image = await _part(form, "image")
         masks = await _part(form, "masks")
-        size = encoding.image_size(image, max_pixels)
+        size = await asyncio.to_thread(encoding.image_size, image, max_pixels)
         names = encoding.parse_names(_field(form, "classes"), "classes")
         things = encoding.parse_names(_field(form, "things"), "things")
         if things is not None and not (isinstance(things, dict) and all(isinstance(v, bool) for v in things.values())):
             raise InvalidInputError("'things' must be a JSON object of class name -> true/false")
         filename = getattr(form.get("masks"), "filename", "") or ""
-        masks_array, labels = encoding.example_masks(masks, filename, names, size)
+        masks_array, labels = await asyncio.to_thread(encoding.example_masks, masks, filename, names, size)
         return await svc(request).add_examples(image, masks_array, labels, things)
 
     @app.post("/v1/snapshot", dependencies=[Depends(write_access)], tags=["vocabulary"])
@@ -364,7 +408,8 @@ def create_app(
         return await svc(request).snapshot()
 
     app.add_middleware(RequestMetrics, metrics=metrics)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)  # outermost: before anything reads the body
+    # Outermost: before anything reads the body.
+    app.add_middleware(RequestGuard, auth=auth, limit=max_body_bytes, body_timeout=body_timeout_s)
     return app
 
 
@@ -373,6 +418,8 @@ async def _form(request: Any) -> Any:
         raise InvalidInputError("this endpoint takes multipart/form-data")
     try:
         return await request.form(max_files=4, max_fields=8, max_part_size=1 << 20)
+    except (PayloadTooLarge, BodyTimeout):  # the guard's own: 413 / 408, not a malformed body
+        raise
     except Exception as exc:  # starlette's MultiPartException and the parser's own errors
         raise InvalidInputError(f"the multipart body is malformed ({exc})") from None
 

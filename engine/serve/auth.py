@@ -34,6 +34,8 @@ def load_token(token_file: str | os.PathLike[str] | None) -> str | None:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise InvalidInputError(f"{path}: cannot read the token file ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"{path}: the token file is not UTF-8 text") from None
         if mode & 0o077:
             raise InvalidInputError(f"{path}: the token file is readable by others; chmod 600 it")
         token = text.strip().splitlines()[0].strip() if text.strip() else ""

@@ -230,7 +230,8 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, replica_gpu
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
         replica_gpus = 1.0 if has_gpus and settings.device != "cpu" else 0.0
     auth = TokenAuth(load_token(settings.token_file), auth_reads=settings.auth_reads)
-    app = create_app(None, auth=auth, max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels)
+    app = create_app(None, auth=auth, max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
+                     body_timeout_s=settings.body_timeout_s)  # fmt: skip
 
     shutdown = {"graceful_shutdown_timeout_s": 10.0, "graceful_shutdown_wait_loop_s": 0.5}
     segmenters = serve.deployment(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.config import RetrievalConfig
-from knnclip.engine.errors import InvalidInputError, KnnclipError
+from knnclip.engine.errors import DatabaseWriteError, InvalidInputError, KnnclipError
 from knnclip.engine.serve import encoding
 from knnclip.engine.serve.batcher import Batcher
 
@@ -53,13 +54,20 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     max_body_bytes: int = 32 * MiB
     max_pixels: int = 40_000_000
+    header_timeout_s: float = 10.0  # a request's headers must be complete by then (408)
+    body_timeout_s: float = 30.0  # and its body (408)
+    max_connections: int = 512  # open connections past this get 503 at once
     snapshot_dir: Path | None = None
     config: RetrievalConfig | None = None
     text_cache: str | None = "default"
 
     def __post_init__(self) -> None:
         limits = {"max_batch": self.max_batch, "max_queue": self.max_queue, "workers": self.workers,
-                  "max_body_bytes": self.max_body_bytes, "max_pixels": self.max_pixels}  # fmt: skip
+                  "max_body_bytes": self.max_body_bytes, "max_pixels": self.max_pixels,
+                  "max_connections": self.max_connections}  # fmt: skip
+        for name, seconds in (("header_timeout_s", self.header_timeout_s), ("body_timeout_s", self.body_timeout_s)):
+            if not seconds > 0:
+                raise InvalidInputError(f"{name} must be > 0, got {seconds}")
         for name, value in limits.items():
             if value < 1:
                 raise InvalidInputError(f"{name} must be >= 1, got {value}")
@@ -81,18 +89,27 @@ class SegmentRequest:
 
 
 class ReadWriteLock:
-    """Many readers or one writer; a waiting writer holds off new readers (no starvation)."""
+    """Many readers or one writer, phase-fair: a waiting writer holds off new readers (writers are
+    not starved), and when a writer finishes, the readers waiting then go before the next writer
+    (readers are not starved by a stream of writers either)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._readers_turn = False
 
     def acquire_read(self) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers_waiting += 1
+            self._cond.wait_for(lambda: not self._writer and (not self._writers_waiting or self._readers_turn))
+            self._readers_waiting -= 1
             self._readers += 1
+            if not self._readers_waiting:
+                self._readers_turn = False
+                self._cond.notify_all()
 
     def release_read(self) -> None:
         with self._cond:
@@ -102,13 +119,14 @@ class ReadWriteLock:
     def acquire_write(self) -> None:
         with self._cond:
             self._writers_waiting += 1
-            self._cond.wait_for(lambda: not self._writer and not self._readers)
+            self._cond.wait_for(lambda: not self._writer and not self._readers and not self._readers_turn)
             self._writers_waiting -= 1
             self._writer = True
 
     def release_write(self) -> None:
         with self._cond:
             self._writer = False
+            self._readers_turn = self._readers_waiting > 0
             self._cond.notify_all()
 
 
@@ -128,8 +146,15 @@ def snapshot_database(db: Any, snapshot_dir: Path | None) -> dict[str, Any]:
     name = None
     if snapshot_dir is not None:
         name = f"snapshot-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
-        Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
-        db.snapshot(Path(snapshot_dir) / name)
+        target = Path(snapshot_dir) / name
+        try:
+            Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
+            db.snapshot(target)
+        except DatabaseWriteError:
+            raise
+        except OSError as exc:  # disk full, read-only, permissions: the database itself is untouched
+            shutil.rmtree(target, ignore_errors=True)
+            raise DatabaseWriteError(target, "write the snapshot", exc, "the database is unchanged") from None
     return {"checkpointed": True, "snapshot": name, "entries": len(db)}
 
 
@@ -226,6 +251,8 @@ class LocalService:
             return
         self._rw.acquire_write()  # after any mutation still running
         try:
+            if not self.segmenter.db.read_only:
+                self.segmenter.db.checkpoint()  # the next start replays no log (docs/serving.md)
             self.segmenter.close()
         finally:
             self.segmenter = None
