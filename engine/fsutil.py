@@ -11,7 +11,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _CHUNK = 1 << 20
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -98,6 +98,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
             write_all(fd, data)
         finally:
             os.close(fd)
+
+
+def open_new_file(path: str | os.PathLike[str], mode: str = "wb") -> IO[Any]:
+    """``path`` opened for writing from empty, for outputs that are written as they go (a JSON
+    Lines log, a video): a symlink planted at the name in a shared folder is removed, never
+    followed, and one planted again in between makes the open fail (``O_NOFOLLOW``)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644)
+    return os.fdopen(fd, mode)
 
 
 def clear_for_file(path: Path) -> bool:

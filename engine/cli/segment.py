@@ -17,6 +17,38 @@ from pathlib import Path
 from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items, search_option
 from knnclip.engine.errors import KnnclipError, UsageError
 
+MAX_STEM_BYTES = 120  # leaves room for ".semantic.png" and the like within a file system's 255 bytes
+
+
+def output_stems(inputs: list[str]) -> list[str]:
+    """One distinct output stem per input: its file stem, shortened (with a hash of the whole
+    name) where it is too long for a file name, and numbered (``x-2``) where inputs share one
+    (``x.png`` and ``x.jpg``, or ``a/x.png`` and ``b/x.png``), so no output overwrites another."""
+    import hashlib
+
+    used: set[str] = set()
+    stems = []
+    for spec in inputs:
+        stem = Path(spec).stem or "image"
+        if len(stem.encode()) > MAX_STEM_BYTES:
+            digest = hashlib.sha256(stem.encode()).hexdigest()[:12]
+            # 13 bytes for "-" and the digest, 8 more for a number added below
+            stem = stem.encode()[: MAX_STEM_BYTES - 21].decode(errors="ignore") + "-" + digest
+        candidate, n = stem, 1
+        while candidate in used:
+            n += 1
+            candidate = f"{stem}-{n}"
+        used.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def write_json(path: Path, payload: object, indent: int | None = None) -> None:
+    """Atomically (a new file renamed over ``path``): a link planted at the name is replaced, never followed."""
+    from knnclip.engine.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(payload, indent=indent).encode())
+
 
 def _segment(args: argparse.Namespace) -> int:
     from PIL import Image
@@ -41,47 +73,49 @@ def _segment(args: argparse.Namespace) -> int:
     failures = 0
     report = []
     coco = {"images": [], "instances": [], "panoptic": []}
+    stems = dict(zip(args.images, output_stems(args.images), strict=True))
     with open_segmenter(args, read_only=True) as seg:
         for image_id, path in enumerate(progress_items(args.images, "segment", args.json), 1):
-            stem = Path(path).stem
+            stem = stems[path]
             try:
                 pixels = load_image(path)
                 result = seg.segment(pixels, name=path, instance="coco-instances" in formats)
-            except KnnclipError as exc:
+                data = result.to_json()
+                if "json" in formats:
+                    write_json(out / f"{stem}.json", data, indent=1)
+                if "label-png" in formats:
+                    formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
+                    if args.panoptic:
+                        formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
+                if "coco-panoptic" in formats:
+                    rgb, annotation = formats_.coco_panoptic(result, image_id, f"{stem}.png")
+                    (out / "panoptic").mkdir(exist_ok=True)
+                    save_png(Image.fromarray(rgb), out / "panoptic" / f"{stem}.png")
+                if args.overlay:
+                    panoptic = result.panoptic if args.panoptic else None
+                    save_png(overlay(pixels, result.semantic, result.classes, panoptic), out / f"{stem}.overlay.png")
+            except (KnnclipError, OSError) as exc:  # this image fails alone; the others go on
                 failures += 1
                 report.append({"image": path, "error": str(exc)})
-                print(f"knnclip: {exc}", file=sys.stderr)  # the message names the image
+                print(f"knnclip: {path}: {exc}", file=sys.stderr)
                 continue
-            data = result.to_json()
-            if "json" in formats:
-                (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
-            if "label-png" in formats:
-                formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
-                if args.panoptic:
-                    formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
             h, w = result.semantic.shape
             coco["images"].append({"id": image_id, "file_name": Path(path).name, "height": h, "width": w})
             if "coco-instances" in formats:
                 coco["instances"] += formats_.coco_instances(result, image_id)
             if "coco-panoptic" in formats:
-                rgb, annotation = formats_.coco_panoptic(result, image_id, f"{stem}.png")
-                (out / "panoptic").mkdir(exist_ok=True)
-                save_png(Image.fromarray(rgb), out / "panoptic" / f"{stem}.png")
                 coco["panoptic"].append(annotation)
-            if args.overlay:
-                picture = overlay(pixels, result.semantic, result.classes, result.panoptic if args.panoptic else None)
-                save_png(picture, out / f"{stem}.overlay.png")
-            report.append(data)
+            report.append({**data, "outputs": stem})  # the stem of its files (inputs can share one)
             if not args.json:
                 names = ", ".join(sorted({s.name for s in result.segments})) or "no segments"
                 print(f"{path}: {names} ({result.timings['total']:.0f} ms)")
         cats = formats_.categories(seg.db.vocabulary.values())
     if "coco-instances" in formats:
-        (out / "coco_instances.json").write_text(json.dumps(coco["instances"]))
-        (out / "coco_images.json").write_text(json.dumps({"images": coco["images"], "categories": cats}))
+        write_json(out / "coco_instances.json", coco["instances"])
+        write_json(out / "coco_images.json", {"images": coco["images"], "categories": cats})
     if "coco-panoptic" in formats:
-        body = {"images": coco["images"], "annotations": coco["panoptic"], "categories": cats}
-        (out / "panoptic.json").write_text(json.dumps(body))
+        panoptic_json = {"images": coco["images"], "annotations": coco["panoptic"], "categories": cats}
+        write_json(out / "panoptic.json", panoptic_json)
     if args.json:
         print(json.dumps(report, indent=1))
     return 1 if failures else 0
@@ -101,20 +135,21 @@ def _segment_remote(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     with Client(args.server, os.environ.get("KNNCLIP_SERVE_TOKEN") or None, retries=3) as client:
+        stems = dict(zip(args.images, output_stems(args.images), strict=True))
         for path in progress_items(args.images, "segment", args.json):
-            stem = Path(path).stem
+            stem = stems[path]
             try:
                 result = client.segment(Path(path), panoptic=True)
-            except (KnnclipError, OSError) as exc:
+                if "json" in args.format:
+                    write_json(out / f"{stem}.json", {"image": path, **result.raw}, indent=1)
+                if "label-png" in args.format:
+                    formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
+                    if args.panoptic:
+                        formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
+            except (KnnclipError, OSError) as exc:  # this image fails alone; the others go on
                 failures += 1
                 print(f"knnclip: {path}: {exc}", file=sys.stderr)
                 continue
-            if "json" in args.format:
-                (out / f"{stem}.json").write_text(json.dumps({"image": path, **result.raw}, indent=1))
-            if "label-png" in args.format:
-                formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
-                if args.panoptic:
-                    formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
             if not args.json:
                 names = ", ".join(sorted({s["class"] for s in result.segments})) or "no segments"
                 print(f"{path}: {names} ({result.timings.get('total', 0.0):.0f} ms on the server)")
@@ -161,7 +196,7 @@ def _segment_video(args: argparse.Namespace, spec: str) -> int:
     written = {k: str(p) for k, p in (("video", outputs.video_path), ("frames_jsonl", outputs.jsonl_path))
                if p.is_file() and p.stat().st_size > 0}  # fmt: skip
     data = {**report.to_json(), **written}
-    (Path(args.out) / "report.json").write_text(json.dumps(data, indent=1))
+    write_json(Path(args.out) / "report.json", data, indent=1)
     if args.json:
         print(json.dumps(data, indent=1))
     elif report.frames_read:

@@ -15,6 +15,9 @@ from typing import Any
 
 from knnclip.engine.errors import InvalidInputError, UnknownClassError
 
+MAX_NAME_CHARS = 256  # one class name or synonym
+MAX_NAMES_PER_CLASS = 64  # a name and its synonyms
+
 
 @dataclass(frozen=True)
 class ClassInfo:
@@ -48,6 +51,13 @@ def split_label(label: str, synonyms: tuple[str, ...] | list[str] = ()) -> tuple
     if not isinstance(label, str):
         raise InvalidInputError(f"class names are strings, got {type(label).__name__} {label!r}")
     parts = [p.strip() for p in label.split(",")] + [str(s).strip() for s in synonyms]
+    # Bounded: every name is embedded by the text encoder and stored in the log, the vocabulary
+    # and the text cache; a megabyte "synonym" would hold the writer for seconds and bloat them all.
+    if len(parts) > MAX_NAMES_PER_CLASS:
+        raise InvalidInputError(f"a class has at most {MAX_NAMES_PER_CLASS} names and synonyms, got {len(parts)}")
+    long = next((p for p in parts if len(p) > MAX_NAME_CHARS), None)
+    if long is not None:
+        raise InvalidInputError(f"class names and synonyms have at most {MAX_NAME_CHARS} characters: {long[:40]!r}...")
     if any(unicodedata.category(ch) == "Cc" for part in parts for ch in part):
         raise InvalidInputError(f"class names may not hold control characters: {label!r}")
     if not parts[0]:

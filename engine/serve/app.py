@@ -112,7 +112,7 @@ class NewClass(BaseModel):
     """The body of ``POST /v1/classes``."""
 
     name: str = Field(min_length=1, max_length=256, description="the class name ('name,synonym' allowed)")
-    synonyms: list[str] = Field(default_factory=list, max_length=64)
+    synonyms: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=63)
     thing: bool | None = Field(None, description="a countable object (true) or stuff (false)")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from knnclip.engine.errors import BackendUnavailableError
 from knnclip.engine.formats import rle
+from knnclip.engine.fsutil import open_new_file
 from knnclip.engine.pipeline.results import Result
 from knnclip.engine.render import overlay, save_png
 from knnclip.engine.video.source import Frame, import_av
@@ -81,7 +82,8 @@ class VideoOutputs:
         self.encoder, suffix = encoder_for(source_codec, codec, set(self._av.codecs_available))
         self.video_path = out_dir / f"annotated{suffix}"
         self.jsonl_path = out_dir / "frames.jsonl"
-        self._jsonl = self.jsonl_path.open("w")
+        self._jsonl = open_new_file(self.jsonl_path, "w")  # a link planted at the name is not followed
+        self._video_file: Any = None
         self._container: Any = None
         self._stream: Any = None
         self._size: tuple[int, int] | None = None
@@ -107,7 +109,9 @@ class VideoOutputs:
         if self._container is None:
             h, w = rgb.shape[:2]
             self._size = (h + h % 2, w + w % 2)  # 4:2:0 chroma needs even sizes
-            self._container = av.open(str(self.video_path), mode="w")
+            self._video_file = open_new_file(self.video_path, "wb")
+            container_format = "webm" if self.video_path.suffix == ".webm" else "mp4"
+            self._container = av.open(self._video_file, mode="w", format=container_format)
             rate = Fraction(self.fps).limit_denominator(1001)
             self._stream = self._container.add_stream(self.encoder, rate=rate)
             self._stream.height, self._stream.width = self._size
@@ -130,5 +134,6 @@ class VideoOutputs:
             finally:
                 self._container.close()
                 self._container = None
+                self._video_file.close()
         if not self._jsonl.closed:
             self._jsonl.close()
