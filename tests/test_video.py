@@ -305,3 +305,38 @@ def test_vocabulary_grows_while_the_stream_runs(models: Path, db: Path, tmp_path
     assert vocab_sizes[0] + 1 == vocab_sizes[-1], vocab_sizes
     with Database.open(work, read_only=True) as check:
         assert "lava" in check.classes
+
+
+def test_the_clock_carries_on_where_timestamps_go_back():
+    from knnclip.engine.video.source import ContinuousClock
+
+    clock = ContinuousClock(0.2)
+    times = [clock(t) for t in (0.0, 0.2, 0.4, 0.0, 0.2, 0.2, 1.0)]
+    assert times == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.8]) and clock.resets == 2
+
+
+@pytest.mark.parametrize("max_fps", [None, 5.0])
+def test_concatenated_streams_are_segmented_whole(models: Path, db: Path, tmp_path: Path, max_fps) -> None:
+    """Two MPEG-TS clips back to back: the second one's timestamps start again at 0."""
+    parts = []
+    for seed in (1, 2):
+        path = tmp_path / f"part{seed}.ts"
+        samples = make_split(6, seed=seed, size=SIZE)
+        with av.open(str(path), "w", format="mpegts") as out:
+            stream = out.add_stream("libx264", rate=FPS)
+            stream.height, stream.width = SIZE
+            stream.pix_fmt = "yuv420p"
+            for s in samples:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(s.image, format="rgb24")):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        parts.append(path.read_bytes())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(parts))
+    with Segmenter.from_dir(models, db, device="cpu", read_only=True) as seg:
+        source = VideoSource(str(joined))
+        report = segment_video(seg, source, None, max_fps=max_fps)
+    assert report.frames_read == 12 and report.time_resets >= 1
+    assert report.frames_segmented == (12 if max_fps is None else report.frames_read - report.skipped)
+    assert report.frames_segmented >= 12 * min(1.0, (max_fps or FPS) / FPS) - 1, report

@@ -80,6 +80,7 @@ class VideoReport:
     skipped: int = 0
     corrupt_frames: int = 0
     reconnects: int = 0
+    time_resets: int = 0
     stalled: bool = False
     error: str | None = None
     interrupted: bool = False
@@ -217,6 +218,7 @@ def segment_video(
         report.seconds = time.perf_counter() - start
         s = source.stats
         report.frames_read, report.corrupt_frames, report.reconnects = s.frames, s.corrupt_frames, s.reconnects
+        report.time_resets = s.time_resets
         report.stalled, report.error = s.stalled, s.error
         report.dropped = frames_in.dropped
         if report.error is None and report.frames_read == 0 and not report.interrupted:
@@ -235,6 +237,8 @@ class _Sampler:
         self.last: float | None = None
 
     def keep(self, frame: Frame) -> bool:
+        if self.last is not None and frame.time < self.last:  # a clock that went back restarts the spacing
+            self.last = None
         if frame.index % self.stride or (self.last is not None and frame.time - self.last < self.period - 1e-6):
             self.report.skipped += 1
             return False

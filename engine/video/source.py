@@ -53,7 +53,8 @@ def is_video_source(spec: str) -> bool:
 
 @dataclass(frozen=True)
 class Frame:
-    """One decoded frame: its index in the source (0, 1, ...), presentation time in seconds, and
+    """One decoded frame: its index in the source (0, 1, ...), its time in seconds on one
+    continuous clock (the stream's presentation time, carried on where timestamps go back), and
     pixels uint8 [H, W, 3] RGB, upright."""
 
     index: int
@@ -66,8 +67,30 @@ class SourceStats:
     frames: int = 0
     corrupt_frames: int = 0
     reconnects: int = 0
+    time_resets: int = 0  # timestamps that went back (concatenated streams, a camera restart, a reconnect)
     stalled: bool = False
     error: str | None = None
+
+
+class ContinuousClock:
+    """Maps presentation times that may go back (two streams one after the other, a camera or
+    encoder restart, an RTSP reconnect) onto one increasing clock: where a time is not after the
+    previous one, the clock carries on one frame period after the previous frame instead."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.offset = 0.0
+        self.last: float | None = None
+        self.resets = 0
+
+    def __call__(self, t: float) -> float:
+        mapped = t + self.offset
+        if self.last is not None and mapped <= self.last:
+            self.offset += self.last + self.period - mapped
+            mapped = self.last + self.period
+            self.resets += 1
+        self.last = mapped
+        return mapped
 
 
 class VideoSource:
@@ -128,6 +151,7 @@ class VideoSource:
     def __iter__(self) -> Iterator[Frame]:
         av = self._av
         index = 0
+        clock = ContinuousClock(1.0 / self.fps if self.fps > 0 else 1.0 / 30)
         while not self._closed.is_set():
             try:
                 stream = self._video_stream(self._container)
@@ -144,8 +168,9 @@ class VideoSource:
                         rotation = getattr(frame, "rotation", 0) or self._stream_rotation
                         if rotation % 360:
                             image = np.ascontiguousarray(np.rot90(image, k=int(rotation) // 90 % 4))
-                        t = float(frame.time) if frame.time is not None else index / self.fps
+                        t = clock(float(frame.time) if frame.time is not None else index / self.fps)
                         self.stats.frames += 1
+                        self.stats.time_resets = clock.resets
                         yield Frame(index, t, image)
                         index += 1
                 return  # end of stream
