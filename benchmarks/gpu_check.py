@@ -50,10 +50,10 @@ class HostArrays:
         pass
 
 
-
 def _on_device(result: Any) -> bool:
     """A DeviceArray result (a build without CUDA has no such type)."""
     return ops.DeviceArray is not None and isinstance(result, ops.DeviceArray)
+
 
 class DeviceArrays:
     """Puts NumPy arrays on the GPU (CuPy or torch, whichever is installed) and synchronises."""

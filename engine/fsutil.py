@@ -111,6 +111,21 @@ def open_new_file(path: str | os.PathLike[str], mode: str = "wb") -> IO[Any]:
     return os.fdopen(fd, mode)
 
 
+def unsafe_folder(path: str | os.PathLike[str]) -> str | None:
+    """Why a cache folder that does not exist yet or that we own could be written by someone else
+    (None where it cannot): a folder owned by another user, or writable by the group or by all,
+    lets them plant a file that we would then trust."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if info.st_uid not in (os.getuid(), 0):
+        return f"{path} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o022:
+        return f"{path} is writable by its group or by all (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
 def clear_for_file(path: Path) -> bool:
     """Remove whatever non-file sits at ``path`` (a directory, FIFO, socket or symlink) so a cache
     file can be written there; returns whether something was removed. Only for caches: their

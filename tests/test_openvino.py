@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install 'knnclip[openvino]')")
 pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
 
-from knnclip.engine.artifact import read_manifest  # noqa: E402
+from knnclip.engine.artifact import artifact_digest, read_manifest  # noqa: E402
 from knnclip.engine.backends import open_session  # noqa: E402
 from knnclip.engine.errors import InvalidInputError  # noqa: E402
 
@@ -121,3 +121,37 @@ def test_bf16_refuses_the_gather_graph_at_open_with_the_fix(models):
     assert read_manifest(models / "fcclip" / "image").get("sampling", "gather") == "gather"
     with pytest.raises(BackendUnavailableError, match="--sampling grid"):
         open_session(models / "fcclip" / "image", "openvino-bf16", "cpu")
+
+
+def test_a_twin_artefact_with_other_weights_gets_its_own_compiled_model(tmp_path):
+    """Same graph, same inputs and outputs, other weights: each must run its own weights, not the
+    compiled blob of the other (the cache is keyed by the artefact's digest)."""
+    import json
+
+    import torch
+
+    from knnclip.export.dinov2 import load_dinov2
+    from knnclip.export.onnx import export_dinov2_onnx
+    from tests.fixture_files import fixture_dir
+
+    config = json.loads((fixture_dir("dinov2") / "config.json").read_text())
+    first = load_dinov2(fixture_dir("dinov2") / "checkpoint.pth", config)
+    twin = load_dinov2(fixture_dir("dinov2") / "checkpoint.pth", config)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    images = np.random.default_rng(0).standard_normal((1, 3, 56, 56)).astype(np.float32)
+    for name, model in (("first", first), ("twin", twin)):
+        export_dinov2_onnx(model, tmp_path / name, size=56)
+    outputs = {}
+    for name in ("first", "twin"):
+        with open_session(tmp_path / name, "onnxruntime", "cpu") as reference:
+            want = reference.infer({"images": images})["keys"]
+        with open_session(tmp_path / name, "openvino", "cpu") as session:
+            outputs[name] = session.infer({"images": images})["keys"]
+        assert relative_error(outputs[name], want) <= FP32_TOLERANCE, name
+    assert relative_error(outputs["twin"], outputs["first"]) > 0.1
+    # OpenVINO's own cache key may not cover every weight, so each artefact has a folder of its own
+    digests = {artifact_digest(read_manifest(tmp_path / name))[:32] for name in ("first", "twin")}
+    cached = {p.name for p in (tmp_path / "engines" / "openvino").iterdir() if any(p.iterdir())}
+    assert len(digests) == 2 and digests <= cached, (digests, cached)

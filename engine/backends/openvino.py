@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from knnclip.engine.artifact import artifact_digest
 from knnclip.engine.backends.base import Session
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, needs_extra
 
@@ -69,7 +70,9 @@ class OpenVinoSession(Session):
         core = ov.Core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise BackendUnavailableError("this CPU has no bfloat16 arithmetic (AVX-512 BF16 or AMX); use 'openvino'")
-        cache = cache_dir()
+        # One folder per artefact (its files' digest): OpenVINO's own key can miss a change of
+        # weights, and the blob of a twin graph with other weights would then run silently.
+        cache = cache_dir() / artifact_digest(manifest)[:32]
         try:
             cache.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a read-only home: compile every time rather than not at all

@@ -8,7 +8,9 @@ never trusted. It is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import threading
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from knnclip.engine.backends import Session
-from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file
+from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file, unsafe_folder
 from knnclip.engine.text.prompts import text_classifier
 from knnclip.engine.text.tokenizer import ByteTokenizer, ClipTokenizer
 
@@ -52,7 +54,15 @@ class TextBank:
         self._rebuild_cache = False
         if cache_dir == "default":
             cache_dir = default_cache_dir()
-        self.cache_path = None if cache_dir is None else Path(cache_dir) / "text" / f"{model_sha256[:32]}.npz"
+        # A row depends on the weights, the templates, the context length and the tokenizer: the key holds them all.
+        key = [model_sha256, self.templates, context_length, type(tokenizer).__name__]
+        self.cache_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
+        self.cache_path = None if cache_dir is None else Path(cache_dir) / "text" / f"{self.cache_key[:32]}.npz"
+        if self.cache_path is not None:
+            unsafe = unsafe_folder(self.cache_path.parent.parent) or unsafe_folder(self.cache_path.parent)
+            if unsafe is not None:  # anyone who can write there could plant rows we would trust
+                log.warning("not using the text-embedding cache: %s; chmod go-w it or set KNNCLIP_CACHE", unsafe)
+                self.cache_path = None
         self._load_cache()
 
     def rows(self, synonyms: Sequence[str]) -> np.ndarray:
@@ -94,6 +104,9 @@ class TextBank:
         try:
             with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 names_array, rows_array = data["names"], data["rows"]
+                key = str(data["key"]) if "key" in data.files else None
+            if key != self.cache_key:
+                raise ValueError("written for another text model, template set or tokenizer")
             if names_array.dtype.kind != "U" or names_array.ndim != 1:
                 raise ValueError(f"names are {names_array.dtype} [{names_array.ndim}-d], not strings")
             if rows_array.dtype != np.float32 or rows_array.ndim != 2 or len(rows_array) != len(names_array):
@@ -127,7 +140,8 @@ class TextBank:
         # NumPy's unicode arrays drop trailing NULs, so such a name would come back as another one.
         names = [n for n in self._rows if not n.endswith("\x00")]
         buffer = io.BytesIO()
-        np.savez(buffer, names=np.asarray(names, dtype=str), rows=np.stack([self._rows[n] for n in names]))
+        rows = np.stack([self._rows[n] for n in names])
+        np.savez(buffer, names=np.asarray(names, dtype=str), rows=rows, key=np.asarray(self.cache_key))
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             if clear_for_file(self.cache_path):
