@@ -230,3 +230,33 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_batch(tmp_path: Path) -
                 np.testing.assert_allclose(db.vectors(rows), x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
             next_batch = len(present)
     assert acknowledged >= kills // 2, "the child should get some work done between kills"
+
+
+def test_a_forked_child_does_not_keep_the_writer_lock(tmp_path: Path) -> None:
+    """A library that forks while a writer is open (OpenVINO's telemetry does, at import) must not
+    leave the database locked after the writer closes or dies: the child drops its copy."""
+    script = f"""
+import os, signal, sys, time
+import numpy as np
+from knnclip.engine import Database
+from knnclip.engine.errors import DatabaseLockedError
+path = {str(tmp_path / "db")!r}
+db = Database.create(path, 4)
+db.add(np.eye(4, dtype=np.float32), ["a", "b", "c", "d"])
+child = os.fork()
+if child == 0:
+    time.sleep(20)
+    os._exit(0)
+try:
+    db.close()
+    try:
+        Database.open(path).close()
+        print("reopened")
+    except DatabaseLockedError as exc:
+        print("locked:", exc)
+finally:
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "reopened", done.stdout + done.stderr

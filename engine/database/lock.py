@@ -1,7 +1,9 @@
 """One writer per database directory: an exclusive flock on ``LOCK`` held while the writer is open.
 
 flock locks belong to the open file, so the kernel releases them when the process dies, even by
-SIGKILL: a crashed writer never leaves the database locked.
+SIGKILL: a crashed writer never leaves the database locked. A child forked while the lock is held
+(a library's helper process: OpenVINO's telemetry forks at import) would share that open file and
+keep the database locked after the writer is gone, so forked children close their copies at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,20 @@ from pathlib import Path
 from knnclip.engine.errors import DatabaseLockedError, DatabaseWriteError
 
 LOCK_NAME = "LOCK"
+_HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the inherited lock files (the parent's own stay open and locked)."""
+    for lock in list(_HELD):
+        if lock._fd >= 0:
+            lock._finalizer.detach()
+            os.close(lock._fd)
+            lock._fd = -1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class WriterLock:
@@ -42,6 +58,7 @@ class WriterLock:
             ) from None
         self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)  # closing the file releases the flock
+        _HELD.add(self)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
