@@ -111,6 +111,10 @@ class DatabaseLockedError(DatabaseError):
     """Another writer holds the database (one writer at a time; open it read_only=True to share)."""
 
 
+class DatabaseBusyError(DatabaseError):
+    """A read-only open kept losing the race against a writer's checkpoints; nothing is damaged."""
+
+
 class ReadOnlyDatabaseError(DatabaseError):
     """A change was asked of a database opened read-only (or already closed)."""
 

@@ -260,3 +260,28 @@ finally:
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "reopened", done.stdout + done.stderr
+
+
+def test_a_reader_that_keeps_losing_the_race_is_told_busy_not_corrupt(tmp_path: Path, monkeypatch) -> None:
+    """Stand-ins for a writer that checkpoints faster than a reader can read: the manifest is new
+    at every look and the files it named are gone. Nothing is damaged, so the error says busy."""
+    import itertools
+
+    from knnclip.engine.database import database as database_module
+    from knnclip.engine.errors import DatabaseBusyError, DatabaseCorruptError
+
+    path = tmp_path / "db"
+    with Database.create(path, 4) as db:
+        db.add(np.eye(4, dtype=np.float32), ["a", "b", "c", "d"])
+    versions = itertools.count()
+
+    def replaced(*args, **kwargs):
+        raise DatabaseCorruptError(path / "index.faiss", "a checkpoint file vanished under the reader")
+
+    monkeypatch.setattr(database_module.disk, "read_or_none", lambda p: str(next(versions)).encode())
+    monkeypatch.setattr(database_module.disk, "load_checkpoint", replaced)
+    with pytest.raises(DatabaseBusyError, match="nothing is damaged"):
+        Database.open(path, read_only=True)
+    monkeypatch.setattr(database_module.disk, "read_or_none", lambda p: b"the same manifest")
+    with pytest.raises(DatabaseCorruptError):  # a manifest that did not change: the damage is real
+        Database.open(path, read_only=True)

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success, 1 a command failed on its input (or an optional dependency is missing: the
 line names the extra to install), 2 a usage error, 3 a database or artefact is corrupt, 4 a
-database is locked by another writer, 5 a write failed (disk full, read-only file system, I/O
-error; nothing was changed), 130 interrupted. Every error is one line on stderr.
+database is locked by another writer (or busy: a reader kept racing its checkpoints), 5 a write
+failed (disk full, read-only file system, I/O error; nothing was changed), 130 interrupted. Every
+error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from knnclip.engine.errors import (
         ArtifactCorruptError,
+        DatabaseBusyError,
         DatabaseCorruptError,
         DatabaseLockedError,
         DatabaseWriteError,
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("corrupt", exc, 3)
     except DatabaseLockedError as exc:
         return _fail("locked", exc, 4)
+    except DatabaseBusyError as exc:
+        return _fail("busy", exc, 4)
     except DatabaseWriteError as exc:
         return _fail("could not write", exc, 5)
     except (KnnclipError, OSError) as exc:  # OSError: a file the command was given cannot be read

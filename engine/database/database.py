@@ -42,6 +42,7 @@ from knnclip.engine.database.wal import (
     encode_record,
 )
 from knnclip.engine.errors import (
+    DatabaseBusyError,
     DatabaseCorruptError,
     DatabaseExistsError,
     DatabaseNotTrainedError,
@@ -205,13 +206,15 @@ class Database:
             except (DatabaseCorruptError, FileNotFoundError):
                 # A reader may race a writer's checkpoint (files replaced under it): if the manifest
                 # changed meanwhile, read again; if not, the damage is real.
-                if (
-                    attempt + 1 < (_READER_RETRIES if retry else 1)
-                    and disk.read_or_none(directory / MANIFEST_NAME) != before
-                ):
+                if not retry or disk.read_or_none(directory / MANIFEST_NAME) == before:
+                    raise
+                if attempt + 1 < _READER_RETRIES:
                     time.sleep(min(0.001 * attempt, 0.02))  # let the checkpoint finish
                     continue
-                raise
+                raise DatabaseBusyError(
+                    f"{directory}: a writer replaced its files {_READER_RETRIES} times while this read-only open "
+                    "read them; nothing is damaged: retry when the writer checkpoints less often"
+                ) from None
         raise AssertionError("unreachable")
 
     @staticmethod

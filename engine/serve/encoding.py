@@ -319,6 +319,8 @@ def error_status(exc: BaseException) -> int:
         return 404
     if isinstance(exc, errors.OutOfMemoryError):
         return 413
+    if isinstance(exc, errors.DatabaseBusyError):
+        return 503
     if isinstance(exc, (errors.ReadOnlyDatabaseError, errors.DatabaseLockedError)):
         return 409
     if isinstance(exc, (errors.InvalidInputError, errors.DatasetError)):
