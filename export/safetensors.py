@@ -39,6 +39,8 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             header = json.loads(f.read(header_len))
         except (ValueError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: the safetensors header is not JSON (not a safetensors file?)") from None
+        except RecursionError:  # a header nested deeper than Python's recursion limit
+            raise CheckpointError(f"{path}: the safetensors header is nested too deeply; the file is damaged") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
@@ -53,7 +55,11 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: malformed header entry for {name!r}: {info!r}") from None
             expected = math.prod(shape) * dtype.itemsize
-            if any(s < 0 for s in shape) or not 0 <= begin <= end <= buffer_len or end - begin != expected:
+            # Every dimension, and the product of the non-zero ones, must be a valid tensor size
+            # (a [0, 2**70] tensor holds no bytes but cannot be made).
+            if any(s < 0 or s >= 1 << 62 for s in shape) or math.prod(s for s in shape if s) >= 1 << 62:
+                raise CheckpointError(f"{path}: tensor {name!r} has an impossible shape {shape}; the file is damaged")
+            if not 0 <= begin <= end <= buffer_len or end - begin != expected:
                 raise CheckpointError(
                     f"{path}: tensor {name!r} ({info['dtype']} {shape}) has offsets {begin}..{end} that do not "
                     f"match its size ({expected} bytes) or the data ({buffer_len} bytes); the file is damaged"

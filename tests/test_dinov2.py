@@ -383,6 +383,8 @@ class TestSafetensorsReader:
                 "overlap",
             ),
             ([1, 2], b"", "not a JSON object"),
+            ({"x": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", "impossible shape"),
+            ({"x": {"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, b"", "impossible shape"),
         ],
     )
     def test_damaged_header(self, tmp_path, header, data, problem):
@@ -391,6 +393,14 @@ class TestSafetensorsReader:
         path = self.write(tmp_path / "bad.safetensors", header, data)
         with pytest.raises(CheckpointError, match=problem):
             load_safetensors(path)
+
+    def test_header_nested_beyond_recursion(self, tmp_path):
+        from knnclip.export.safetensors import load_safetensors
+
+        raw = b"[" * 100_000 + b"]" * 100_000
+        (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+        with pytest.raises(CheckpointError, match="nested too deeply"):
+            load_safetensors(tmp_path / "deep.safetensors")
 
     def test_short_and_non_json(self, tmp_path):
         from knnclip.export.safetensors import load_safetensors
