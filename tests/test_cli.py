@@ -121,7 +121,7 @@ class TestDb:
         assert run("db", "create", str(db), "--dim", "8").returncode == 1, "exists"
         missing = run("db", "remove", str(db), "horse")
         assert missing.returncode == 1 and "no class named 'horse'" in missing.stderr
-        assert run("db", "create", str(tmp_path / "x"), "--param", "nlist").returncode == 1
+        assert run("db", "create", str(tmp_path / "x"), "--param", "nlist").returncode == 2, "a usage error"
         assert run("db", "frobnicate", str(db)).returncode == 2
         (db / "manifest.json").write_text("{}")
         corrupt = run("db", "check", str(db))
