@@ -20,6 +20,10 @@ from knnclip.engine.errors import ArtifactCorruptError
 from knnclip.engine.fsutil import atomic_write_bytes, confined, json_content_hash, sha256_file
 from knnclip.engine.version import __version__
 
+# The most prompts one call of a text graph is given (the text bank's batch); the TensorRT
+# profile of the graph's ``texts`` axis runs up to it.
+TEXT_BATCH = 256
+
 FORMAT = "knnclip-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from knnclip.engine.backends.tensorrt.cache import EngineCache, EngineKey
+from knnclip.engine.errors import InvalidInputError
 
 KEY = EngineKey(
     artifact_sha256="ab" * 32, tensorrt_version="10.13.0", gpu_name="NVIDIA H100", compute_capability="9.0",
@@ -112,6 +113,12 @@ def test_profiles_cover_a_dynamic_image_graphs_input_range():
     }
     ((name, lo, opt, hi),) = profiles_for(manifest, BuildSettings(max_batch=4))
     assert name == "images" and lo == (1, 3, 32, 32) and opt == (4, 3, 800, 1088) and hi == (4, 3, 1344, 1344)
+    text = {"inputs": [{"name": "tokens", "shape": ["texts", 77], "dtype": "int64"}]}
+    # the text bank sends up to 256 prompts a call (14 templates a synonym): not 1..max_batch
+    assert profiles_for(text, BuildSettings(max_batch=1)) == [("tokens", (1, 77), (256, 77), (256, 77))]
+    unknown = {"inputs": [{"name": "x", "shape": ["frames", 3], "dtype": "float32"}]}
+    with pytest.raises(InvalidInputError, match="'frames' with no known range"):
+        profiles_for(unknown, BuildSettings())
     fixed = {"inputs": [{"name": "images", "shape": ["batch", 3, 512, 704], "dtype": "float32"}]}
     assert profiles_for(fixed, BuildSettings(max_batch=2))[0][1:] == (
         (1, 3, 512, 704),

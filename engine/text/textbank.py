@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from knnclip.engine.artifact import TEXT_BATCH
 from knnclip.engine.backends import Session
 from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file, unsafe_folder
 from knnclip.engine.text.prompts import text_classifier
 from knnclip.engine.text.tokenizer import ByteTokenizer, ClipTokenizer
 
 log = logging.getLogger("knnclip.textbank")
-_BATCH = 256  # prompts per text-session call
+_BATCH = TEXT_BATCH  # prompts per text-session call
 _CACHE_LIMIT = 1 << 30  # bytes; a larger cache file is not read
 
 

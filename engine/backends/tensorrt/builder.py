@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine.artifact import artifact_digest, read_manifest
+from knnclip.engine.artifact import TEXT_BATCH, artifact_digest, read_manifest
 from knnclip.engine.backends.tensorrt.cache import EngineKey
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, KnnclipError
 from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file
@@ -99,10 +99,17 @@ def import_tensorrt() -> Any:
     return trt
 
 
+# The text graph's ``texts`` axis: the text bank sends up to TEXT_BATCH prompts per call (14
+# templates per synonym, so a class of a few synonyms is already 28-56), tuned for a full call.
+TEXT_AXIS = (1, TEXT_BATCH, TEXT_BATCH)
+
+
 def profiles_for(manifest: dict[str, Any], settings: BuildSettings) -> list[tuple[str, tuple, tuple, tuple]]:
-    """(name, min, opt, max) per input: the batch axis runs 1..max_batch; ``height``/``width`` axes
-    (an image graph with dynamic spatial axes) cover the manifest's ``input_range``, tuned for its
-    ``opt`` size; fixed axes are as they are."""
+    """(name, min, opt, max) per input, each named axis with its own range: ``batch`` runs
+    1..max_batch; ``texts`` (the text graph's prompts) 1..TEXT_BATCH; ``height``/``width`` (an
+    image graph with dynamic spatial axes) cover the manifest's ``input_range``, tuned for its
+    ``opt`` size; fixed axes are as they are. An axis of another name is refused: its range would
+    be a guess, and a wrong one rejects every call at run time."""
     spatial = manifest.get("input_range") or {}
     axis = {"height": 0, "width": 1}
     out = []
@@ -113,12 +120,20 @@ def profiles_for(manifest: dict[str, Any], settings: BuildSettings) -> list[tupl
             out.append((name, tuple(lo), tuple(opt), tuple(hi)))
             continue
 
-        def bound(d: int | str, which: str) -> int:
+        def bound(d: int | str, which: str, name: str = name) -> int:
             if not isinstance(d, str):
                 return int(d)
             if d in axis and spatial:
                 return int(spatial[which][axis[d]])
-            return {"min": 1, "opt": settings.max_batch, "max": settings.max_batch}[which]
+            slot = ("min", "opt", "max").index(which)
+            if d == "batch":
+                return (1, settings.max_batch, settings.max_batch)[slot]
+            if d == "texts":
+                return TEXT_AXIS[slot]
+            raise InvalidInputError(
+                f"input {name!r} has a dynamic axis {d!r} with no known range; name it in "
+                "BuildSettings.extra_profiles as (min, opt, max) shapes"
+            )
 
         lo, opt, hi = (tuple(bound(d, which) for d in spec["shape"]) for which in ("min", "opt", "max"))
         out.append((name, lo, opt, hi))
