@@ -218,3 +218,62 @@ def test_processes_starting_together_measure_once(artefact, cache):
     assert sum("measured here now" in out for out in outputs) == 1, outputs
     assert sum("measured here before" in out for out in outputs) == 2, outputs
     assert len(records(cache)) == 1
+
+
+class TestDeviceAuto:
+    """device="auto" picks CUDA only where a model backend can run there (stand-ins for the GPU
+    and the runtimes: this machine has neither)."""
+
+    def test_a_gpu_with_only_the_cpu_runtimes_runs_on_the_cpu_and_says_why(self, monkeypatch, caplog):
+        import onnxruntime
+
+        from knnclip.engine import backends, ops
+
+        monkeypatch.setattr(ops, "cuda_available", lambda: True)  # the compiled ops see a GPU
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+        monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)  # no TensorRT, no torch
+        with caplog.at_level("WARNING"):
+            assert backends.resolve_device("auto") == "cpu"
+        assert "no model backend can use it" in caplog.text
+
+    def test_a_gpu_with_onnxruntime_gpu_runs_on_cuda(self, monkeypatch):
+        import onnxruntime
+
+        from knnclip.engine import backends, ops
+
+        monkeypatch.setattr(ops, "cuda_available", lambda: True)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
+        monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+        assert backends.cuda_model_backends() == ["onnxruntime"] and backends.resolve_device("auto") == "cuda"
+
+    def test_no_gpu_is_the_cpu_whatever_is_installed(self, monkeypatch):
+        import onnxruntime
+
+        from knnclip.engine import backends
+
+        monkeypatch.setattr(backends, "gpu_present", lambda: False)
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+        assert backends.resolve_device("auto") == "cpu" and backends.resolve_device("cuda") == "cuda"
+
+
+def test_auto_moves_past_a_tensorrt_that_cannot_build(demo_models, monkeypatch, caplog):
+    """A TensorRT build failure under backend="auto" is TensorRT's: ONNX Runtime runs the model
+    (stand-ins for both on the CUDA device, which this machine has not)."""
+    from knnclip.engine.backends.tensorrt.builder import EngineBuildError
+
+    opened = []
+
+    def fake_open(name, directory, manifest, device):
+        opened.append(name)
+        if name == "tensorrt":
+            raise EngineBuildError("the ONNX parser failed: unsupported operator")
+        return f"{name} session on {device}"
+
+    monkeypatch.setattr(backends, "_open", fake_open)
+    with caplog.at_level("WARNING"):
+        session = backends.open_session(demo_models / "dinov2", "auto", "cuda")
+    assert session == "onnxruntime session on cuda" and opened == ["tensorrt", "onnxruntime"]
+    assert "TensorRT could not run" in caplog.text and "unsupported operator" in caplog.text
+    with pytest.raises(EngineBuildError):  # named, it is the user's choice: the error stands
+        backends.open_session(demo_models / "dinov2", "tensorrt", "cuda")

@@ -26,21 +26,66 @@ from knnclip.engine.errors import BackendUnavailableError, KnnclipError
 log = logging.getLogger("knnclip.backends")
 BACKENDS = ("tensorrt", "onnxruntime", "torch", "openvino", "openvino-bf16")
 AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")  # OpenVINO where measured faster: backends/choice.py
-__all__ = ["BACKENDS", "Session", "TensorSpec", "available_backends", "cuda_usable", "open_session"]
+__all__ = [
+    "BACKENDS", "Session", "TensorSpec", "available_backends", "cuda_model_backends", "cuda_usable", "gpu_present",
+    "open_session", "resolve_device",
+]  # fmt: skip
 
 
-def cuda_usable() -> bool:
-    """True when a CUDA device can run something here: the compiled ops or ONNX Runtime's CUDA provider."""
+def gpu_present() -> bool:
+    """Whether a CUDA device is visible: the compiled ops see one, or the driver lists one."""
     from knnclip.engine import ops
 
     if ops.cuda_available():
         return True
     try:
+        return any(Path("/proc/driver/nvidia/gpus").iterdir())
+    except OSError:
+        return False
+
+
+def cuda_model_backends() -> list[str]:
+    """The model backends that can run on a CUDA device here: none without a visible device;
+    TensorRT with pycuda; ONNX Runtime with its CUDA provider (onnxruntime-gpu); torch built
+    with CUDA. The compiled ops alone do not count: the models are the bulk of the work."""
+    if not gpu_present():
+        return []
+    found = []
+    if all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda")):
+        found.append("tensorrt")
+    try:
         import onnxruntime as ort
 
-        return "CUDAExecutionProvider" in ort.get_available_providers()
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            found.append("onnxruntime")
     except ImportError:
-        return False
+        pass
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            found.append("torch")
+    return found
+
+
+def cuda_usable() -> bool:
+    """True when a model backend can run on a CUDA device here (:func:`cuda_model_backends`)."""
+    return bool(cuda_model_backends())
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` where a model backend can run there, else ``"cpu"`` (saying why
+    when a GPU is present but unused); ``"cpu"`` and ``"cuda"`` as they are."""
+    if device != "auto":
+        return device
+    if cuda_usable():
+        return "cuda"
+    if gpu_present():
+        log.warning(
+            "a CUDA device is present but no model backend can use it (install onnxruntime-gpu, TensorRT with "
+            "pycuda, or torch with CUDA: docs/backends.md); running on the CPU"
+        )
+    return "cpu"
 
 
 def available_backends() -> list[str]:
@@ -76,8 +121,7 @@ def open_session(
     """
     directory = Path(artifact_dir)
     manifest = read_manifest(directory, verify_files=verify_files)
-    if device == "auto":
-        device = "cuda" if cuda_usable() else "cpu"
+    device = resolve_device(device)
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if backend not in ("auto", *BACKENDS):
@@ -101,8 +145,15 @@ def open_session(
                 raise
             reasons.append(f"{name}: {exc}")
             continue
-        except KnnclipError:
-            raise  # the artefact or the input is at fault, not the backend
+        except KnnclipError as exc:
+            if backend != "auto" or name != "tensorrt":
+                raise  # the artefact or the input is at fault, not the backend
+            # TensorRT's own failures (the parser, a build, a stale, foreign or undeserialisable
+            # engine, a refused timing cache) are TensorRT's: the next backend can still run it.
+            log.warning("TensorRT could not run %s (%s: %s); trying the next backend", directory,
+                        type(exc).__name__, exc)  # fmt: skip
+            reasons.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
         except Exception as exc:  # a runtime that fails to create its session (a provider, a driver)
             if backend != "auto":
                 raise

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knnclip.engine.backends import Session, open_session
+from knnclip.engine.backends import Session, open_session, resolve_device
 from knnclip.engine.errors import ArtifactCorruptError, ModelFileError
 from knnclip.engine.text.tokenizer import make_tokenizer
 
@@ -52,6 +52,7 @@ class ModelSet:
                 "knnclip export fcclip / dinov2, or run knnclip demo, which writes knnclip-demo/models"
             )
         self.root = root
+        device = resolve_device(device)  # once, so the three models agree (and the reason is said once)
         self.fcclip: Session = open_session(root / "fcclip" / "image", backend, device)
         self.text: Session = open_session(root / "fcclip" / "text", backend, device)
         self.dinov2: Session = open_session(root / "dinov2", backend, device)
