@@ -155,7 +155,7 @@ def test_the_run_time_uses_what_knnclip_build_recorded(monkeypatch, tmp_path, ca
 
     monkeypatch.setattr(builder, "gpu_identity", lambda: ("NVIDIA H200", "9.0"))
     default = builder.settings_for(tmp_path, MANIFEST)
-    assert (default.precision, default.max_batch, default.timing_cache) == ("fp32", 1, tmp_path / "timing.cache")
+    assert (default.precision, default.max_batch, default.timing_cache_dir) == ("fp32", 1, tmp_path / "timing")
     built = builder.BuildSettings(precision="fp16", max_batch=8).for_artifact(MANIFEST)
     builder.record_build(tmp_path, MANIFEST, built)
     found = builder.settings_for(tmp_path, MANIFEST)
@@ -251,6 +251,23 @@ def test_build_engine_keeps_fp32_exact_and_its_timing_cache(monkeypatch, tmp_pat
     log[:] = ["refuse-timing"]
     with pytest.raises(builder.EngineBuildError, match="timing cache"):
         builder.build_engine(tmp_path, builder.BuildSettings(timing_cache=timing))
+
+
+def test_the_default_timing_cache_is_one_per_gpu_capability_and_tensorrt_version(monkeypatch, tmp_path):
+    """TensorRT refuses a timing cache of another GPU or version (ignore_mismatch=False): one
+    shared file would fail every build after a driver, GPU or TensorRT change."""
+    from knnclip.engine.backends.tensorrt import builder
+
+    monkeypatch.setattr(builder, "read_manifest", lambda directory: MANIFEST)
+    written = set()
+    for gpu, version in ((("NVIDIA H200", "9.0"), "10.13.0"), (("NVIDIA H200", "9.0"), "11.4.0"),
+                         (("Tesla T4", "7.5"), "10.13.0")):  # fmt: skip
+        monkeypatch.setattr(builder, "gpu_identity", lambda gpu=gpu: gpu)
+        _fake_tensorrt(monkeypatch, [], version=version)
+        builder.build_engine(tmp_path, builder.settings_for(tmp_path / "engines", MANIFEST))
+        written = {p.name for p in (tmp_path / "engines" / "timing").iterdir()}
+    assert written == {"nvidia-h200-sm9.0-trt10.13.0.cache", "nvidia-h200-sm9.0-trt11.4.0.cache",
+                       "tesla-t4-sm7.5-trt10.13.0.cache"}  # fmt: skip
 
 
 def test_tensorrt_11_builds_the_artifacts_precision_by_default(monkeypatch, tmp_path):

@@ -112,7 +112,7 @@ def _build(args: argparse.Namespace) -> int:
     settings = BuildSettings(
         precision=args.precision, max_batch=args.max_batch, workspace_bytes=args.workspace_gib << 30,
         allow_tf32=args.allow_tf32,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else cache.root / "timing.cache",
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None, timing_cache_dir=cache.root / "timing",
     ).for_artifact(manifest)  # fmt: skip
     key = engine_key(manifest, settings, trt.__version__)
     plan = cache.get_or_build(key, lambda: build_engine(onnx_dir, settings), {"onnx_dir": str(onnx_dir)})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,10 @@ class BuildSettings:
     max_batch: int = 1
     workspace_bytes: int = 4 << 30
     allow_tf32: bool = False
-    timing_cache: Path | None = None
+    timing_cache: Path | None = None  # a timing cache file named by the user, read and rewritten as it is
+    # else a folder of timing caches, one per GPU model, compute capability and TensorRT version
+    # (:func:`timing_cache_file`): TensorRT refuses another GPU's or version's cache
+    timing_cache_dir: Path | None = None
     extra_profiles: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,16 +81,23 @@ def record_build(cache_root: Path, manifest: dict[str, Any], settings: BuildSett
 
 def settings_for(cache_root: Path, manifest: dict[str, Any]) -> BuildSettings:
     """The settings ``knnclip build`` recorded for this artefact, else its precision at batch 1;
-    the timing cache beside the engines either way."""
-    timing = Path(cache_root) / "timing.cache"
+    the timing caches beside the engines either way."""
+    timing = Path(cache_root) / "timing"
     raw = read_regular_file(_record_path(cache_root, manifest), 1 << 16)
     if raw is not None:
         try:
             record = json.loads(raw)
-            return BuildSettings(**{k: record[k] for k in _RECORDED}, timing_cache=timing).for_artifact(manifest)
+            return BuildSettings(**{k: record[k] for k in _RECORDED}, timing_cache_dir=timing).for_artifact(manifest)
         except (ValueError, KeyError, TypeError, InvalidInputError) as exc:
             log.warning("ignoring the unreadable build record %s (%s)", _record_path(cache_root, manifest), exc)
-    return BuildSettings(timing_cache=timing).for_artifact(manifest)
+    return BuildSettings(timing_cache_dir=timing).for_artifact(manifest)
+
+
+def timing_cache_file(folder: Path, trt_version: str) -> Path:
+    """The timing cache of this GPU model, compute capability and TensorRT version in ``folder``."""
+    name, capability = gpu_identity()
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower() or "gpu"
+    return folder / f"{slug}-sm{capability}-trt{trt_version}.cache"
 
 
 def import_tensorrt() -> Any:
@@ -197,6 +208,8 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     timing = settings.timing_cache
+    if timing is None and settings.timing_cache_dir is not None:
+        timing = timing_cache_file(settings.timing_cache_dir, trt.__version__)
     cache_bytes = timing.read_bytes() if timing is not None and timing.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -204,7 +217,7 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"{onnx_dir}: TensorRT returned no engine (see its log above for the reason)")
-    if settings.timing_cache is not None:
-        settings.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(settings.timing_cache, bytes(config.get_timing_cache().serialize()))
+    if timing is not None:
+        timing.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(timing, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
