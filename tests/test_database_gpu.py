@@ -74,3 +74,86 @@ def test_a_cuda_database_without_any_gpu_search_says_what_to_do(tmp_path):
     Database.create(tmp_path / "db", 8, index="hnsw")
     with pytest.raises(BackendUnavailableError, match="device='cpu'"):
         Database.open(tmp_path / "db", device="cuda")
+
+
+class _StrictClonerOptions:
+    """faiss.GpuClonerOptions' fields: setting any other name fails here (SWIG would accept it silently)."""
+
+    __slots__ = ("useFloat16", "indicesOptions", "useFloat16CoarseQuantizer", "usePrecomputed")
+
+    def __init__(self) -> None:
+        self.useFloat16 = False
+
+
+class _StandInFaissGpu:
+    """faiss with a stand-in GPU: the CPU functions are faiss' own, the GPU ones record their calls."""
+
+    def __init__(self, fail_search: str | None = None) -> None:
+        self.copied_with = None
+        self.fail_search = fail_search
+        self.GpuClonerOptions = _StrictClonerOptions
+        self.StandardGpuResources = object
+        self.extract_index_ivf = faiss.extract_index_ivf
+        self.downcast_index = faiss.downcast_index
+
+    def index_cpu_to_gpu(self, resources, device, index, options):
+        import types
+
+        self.copied_with = options
+
+        def search(queries, k):
+            if self.fail_search:
+                raise RuntimeError(self.fail_search)
+            return index.search(queries, k)
+
+        return types.SimpleNamespace(search=search, add=index.add, add_with_ids=index.add_with_ids)
+
+
+_KEEP_ALIVE: list = []  # SWIG does not keep an IVF index's quantizer alive by itself
+
+
+def _trained_ivf_pq(dim: int, m: int) -> faiss.Index:
+    """An IVF-PQ index as training leaves it: its pq holds m and nbits (marked trained rather than
+    trained: the GPU is a stand-in, and real PQ training costs seconds for nothing checked here)."""
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, 4, m, 8, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
+    _KEEP_ALIVE.append(quantizer)
+    return index
+
+
+@pytest.mark.parametrize(("m", "float16"), [(56, True), (28, False)])
+def test_ivf_pq_codes_that_need_float16_lookup_tables_get_them(monkeypatch, m, float16):
+    from knnclip.engine.database import gpu
+
+    stand_in = _StandInFaissGpu()
+    monkeypatch.setattr(gpu, "faiss", stand_in)
+    spec = IndexSpec.make("ivf-pq", None, {"m": m, "nlist": 4}, 112)
+    gpu.FaissGpuMirror(spec, 112, _trained_ivf_pq(112, m))
+    assert stand_in.copied_with.useFloat16 is float16
+
+
+def test_ivf_pq_limits_are_checked_again_with_the_m_training_resolved(monkeypatch):
+    from knnclip.engine.database import gpu
+    from knnclip.engine.errors import BackendUnavailableError
+
+    monkeypatch.setattr(gpu, "faiss", _StandInFaissGpu())
+    spec = IndexSpec.make("ivf-pq", None, {"nlist": 4}, 224)  # m left to training: it chose 112
+    with pytest.raises(BackendUnavailableError, match="112"):
+        gpu.FaissGpuMirror(spec, 224, _trained_ivf_pq(224, 112))
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory: cudaMalloc error 2 out of memory",
+      "OutOfMemoryError"), ("Error in GpuIndexIVFPQ: k > 2048", "BackendUnavailableError")],
+)  # fmt: skip
+def test_faiss_gpu_runtime_errors_become_named_errors(monkeypatch, message, error):
+    from knnclip.engine.database import gpu
+
+    monkeypatch.setattr(gpu, "faiss", _StandInFaissGpu(fail_search=message))
+    spec = IndexSpec.make("ivf-pq", None, {"m": 28, "nlist": 4}, 112)
+    mirror = gpu.FaissGpuMirror(spec, 112, _trained_ivf_pq(112, 28))
+    with pytest.raises(Exception) as info:
+        mirror.search(clustered(2, 112, seed=4), 5, None)
+    assert type(info.value).__name__ == error and "faiss-gpu could not search" in str(info.value)

@@ -7,7 +7,8 @@ The CPU index stays the source of truth (it is what is checkpointed, and GPU ind
 because every GPU add reallocates; a removal rebuilds the copy.
 
 faiss-gpu's limits are checked before anything moves (:func:`faiss_gpu_problems`): IVF-PQ codes of
-at most 96 bytes, in the sizes its kernels have (56, 64 and 96 with float16 lookup tables), 8 bits
+at most 96 bytes, in the sizes its kernels have (56, 64 and 96 with float16 lookup tables, which
+``GpuClonerOptions.useFloat16`` turns on), 8 bits
 per sub-quantiser, no HNSW; a search asking for more than 2048 neighbours or probes runs on the
 CPU index instead, with a warning (:meth:`FaissGpuMirror.can_search`).
 """
@@ -15,13 +16,14 @@ CPU index instead, with a warning (:meth:`FaissGpuMirror.can_search`).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import faiss
 import numpy as np
 
 from knnclip.engine.database.indexes import IndexSpec
-from knnclip.engine.errors import BackendUnavailableError
+from knnclip.engine.errors import BackendUnavailableError, OutOfMemoryError
 
 log = logging.getLogger("knnclip.database")
 
@@ -64,7 +66,7 @@ def open_gpu_mirror(spec: IndexSpec, dim: int, cpu_index: faiss.Index | None) ->
         return ArrayGpuMirror(spec, dim, cpu_index, device="cuda")
     reason = "a flat index (exact search through torch)" if torch_cuda else "torch with CUDA for flat indexes"
     raise BackendUnavailableError(
-        "device='cuda' needs faiss with GPU support and a visible GPU (faiss-gpu-cu12 in place of faiss-cpu: "
+        "device='cuda' needs faiss with GPU support and a visible GPU (faiss-gpu-cu13-cuvs in place of faiss-cpu: "
         f"docs/backends.md), or {reason}; open the database with device='cpu' otherwise"
     )
 
@@ -83,9 +85,7 @@ class FaissGpuMirror:
     def __init__(self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, device: int = 0) -> None:
         problems = faiss_gpu_problems(spec)
         if problems:
-            raise BackendUnavailableError(
-                f"this database's index cannot move to the GPU: {'; '.join(problems)}; open it with device='cpu'"
-            )
+            raise _cannot_move(problems)
         self._spec, self._dim, self._device = spec, dim, device
         self._res = faiss.StandardGpuResources()
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -108,10 +108,17 @@ class FaissGpuMirror:
         else:
             options = faiss.GpuClonerOptions()
             options.useFloat16 = self._spec.storage == "fp16"
-            m = self._spec.params.get("m") or 0
-            if self._spec.kind == "ivf-pq" and m * self._spec.params.get("nbits", 8) // 8 in GPU_PQ_FLOAT16_TABLES:
-                options.useFloat16LookupTables = True  # these code sizes do not fit shared memory in fp32
-            self._gpu = faiss.index_cpu_to_gpu(self._res, self._device, cpu_index, options)
+            if self._spec.kind == "ivf-pq":
+                m, nbits = pq_shape(cpu_index)
+                problems = faiss_gpu_problems(replace(self._spec, params={**self._spec.params, "m": m, "nbits": nbits}))
+                if problems:  # m is known for sure only once train() resolved it
+                    raise _cannot_move(problems)
+                # These code sizes fit shared memory only with float16 lookup tables, which is what
+                # useFloat16 means for IVF-PQ (faiss has no useFloat16LookupTables option: set on
+                # the SWIG object it would be accepted silently and change nothing).
+                options.useFloat16 = options.useFloat16 or m * nbits // 8 in GPU_PQ_FLOAT16_TABLES
+            self._gpu = _faiss_call("copy the index to the GPU", faiss.index_cpu_to_gpu, self._res, self._device,
+                                    cpu_index, options)  # fmt: skip
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self._pending.append((vectors, ids))
@@ -131,13 +138,37 @@ class FaissGpuMirror:
             vectors = np.concatenate([v for v, _ in self._pending])
             ids = np.concatenate([i for _, i in self._pending])
             if self._spec.positional:
-                self._gpu.add(vectors)
+                _faiss_call("add to the GPU index", self._gpu.add, vectors)
             else:
-                self._gpu.add_with_ids(vectors, ids)
+                _faiss_call("add to the GPU index", self._gpu.add_with_ids, vectors, ids)
             self._pending.clear()
         if params is not None and hasattr(params, "nprobe"):
             self._gpu.nprobe = params.nprobe  # GPU IVF indexes take nprobe as an attribute
-        return self._gpu.search(queries, k)
+        return _faiss_call("search the GPU index", self._gpu.search, queries, k)
+
+
+def _cannot_move(problems: list[str]) -> BackendUnavailableError:
+    return BackendUnavailableError(
+        f"this database's index cannot move to the GPU: {'; '.join(problems)}; open it with device='cpu'"
+    )
+
+
+def pq_shape(cpu_index: faiss.Index) -> tuple[int, int]:
+    """(m, nbits) of a trained IVF-PQ index, as faiss resolved them."""
+    ivf = faiss.extract_index_ivf(cpu_index)
+    pq = faiss.downcast_index(ivf).pq
+    return int(pq.M), int(pq.nbits)
+
+
+def _faiss_call(action: str, call: Any, *args: Any) -> Any:
+    """``call(*args)`` with faiss-gpu's C++ exceptions (RuntimeError through SWIG) as named errors."""
+    try:
+        return call(*args)
+    except RuntimeError as exc:
+        message = " ".join(str(exc).split())[:400]
+        if "out of memory" in message.lower() or "cudaErrorMemoryAllocation" in message:
+            raise OutOfMemoryError(f"faiss-gpu could not {action}: the GPU is out of memory ({message})") from None
+        raise BackendUnavailableError(f"faiss-gpu could not {action}: {message}; open with device='cpu'") from None
 
 
 class ArrayGpuMirror:
