@@ -59,3 +59,86 @@ def test_a_producers_side_stream_is_synchronised(stream, synchronised):
 def test_neither_cai_nor_dlpack_is_refused():
     with pytest.raises(InvalidInputError, match="CUDA array"):
         device_input([1.0, 2.0], "x", np.dtype(np.float32))
+
+
+class _FakeBinding:
+    def __init__(self, log):
+        self.log = log
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.log.append(name)
+
+    def get_outputs(self):
+        return ["out"]
+
+
+class _FakeInferenceSession:
+    """onnxruntime.InferenceSession as the CUDA build behaves: ``loaded`` says which providers
+    really started (a provider whose libraries fail to load is dropped, with only a log line)."""
+
+    loaded: list[str] = []
+    created: list = []
+
+    def __init__(self, path, sess_options=None, providers=()):
+        self.providers = providers
+        self.log: list[str] = []
+        _FakeInferenceSession.created.append(self)
+
+    def get_providers(self):
+        return list(self.loaded)
+
+    def io_binding(self):
+        return _FakeBinding(self.log)
+
+    def run_with_iobinding(self, binding):
+        self.log.append("run")
+
+
+@pytest.fixture
+def cuda_build(monkeypatch):
+    """onnxruntime with a stand-in session class and the CUDA provider listed as available."""
+    import onnxruntime
+
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _FakeInferenceSession)
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: None, raising=False)
+    _FakeInferenceSession.created = []
+    return _FakeInferenceSession
+
+
+MANIFEST = {
+    "kind": "fcclip-image", "files": {"model": {"name": "model.onnx"}},
+    "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
+    "outputs": [{"name": "mask_logits", "shape": ["batch", 50, "h4", "w4"], "dtype": "float32"}],
+}  # fmt: skip
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(cuda_build, tmp_path):
+    from knnclip.engine.backends.onnxruntime import OrtSession
+    from knnclip.engine.errors import BackendUnavailableError
+
+    cuda_build.loaded = ["CPUExecutionProvider"]  # libcudnn could not be loaded
+    with pytest.raises(BackendUnavailableError, match="fell back to"):
+        OrtSession(tmp_path, MANIFEST, "cuda")
+
+
+def test_dynamic_graphs_get_heuristic_algorithms_and_exact_arena_growth_on_their_device(cuda_build, tmp_path):
+    from knnclip.engine.backends.onnxruntime import OrtSession
+
+    cuda_build.loaded = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    session = OrtSession(tmp_path, MANIFEST, "cuda:1")
+    (name, options), *_ = cuda_build.created[0].providers
+    assert name == "CUDAExecutionProvider" and session.device_id == 1 and options["device_id"] == "1"
+    assert options["cudnn_conv_algo_search"] == "HEURISTIC" and options["arena_extend_strategy"] == "kSameAsRequested"
+
+
+def test_bound_inputs_are_synchronised_before_the_run(cuda_build, tmp_path):
+    from knnclip.engine.backends.onnxruntime import OrtSession
+
+    cuda_build.loaded = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    session = OrtSession(tmp_path, MANIFEST, "cuda")
+    session.infer_device({"images": FakeCudaArray((1, 3, 64, 64))})
+    log = cuda_build.created[0].log
+    assert "synchronize_inputs" in log and log.index("synchronize_inputs") < log.index("run"), log

@@ -209,7 +209,8 @@ def test_onnxruntime_tensorrt_provider_caches_its_engines(tmp_path):
     from knnclip.engine.backends.onnxruntime import providers_for
 
     (name, options), *rest = providers_for("tensorrt", tmp_path / "cache")
-    assert name == "TensorrtExecutionProvider" and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert name == "TensorrtExecutionProvider" and rest == [("CUDAExecutionProvider", {"device_id": "0"}),
+                                                            "CPUExecutionProvider"]  # fmt: skip
     assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == str(tmp_path / "cache")
     assert options["trt_timing_cache_enable"] == "True"
     assert providers_for("cpu") == ["CPUExecutionProvider"]

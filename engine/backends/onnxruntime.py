@@ -27,19 +27,36 @@ _PROVIDERS = {
 }
 
 
-def providers_for(device: str, cache_dir: Path | None = None) -> list[Any]:
-    """ONNX Runtime's providers for ``device``; the TensorRT provider keeps its engines and timing
-    cache in ``cache_dir`` (inside the engine cache), so it does not rebuild on every session."""
-    wanted = _PROVIDERS.get(device)
+def split_device(device: str) -> tuple[str, int]:
+    """``"cuda:1"`` -> ``("cuda", 1)``; ``"cuda"`` is device 0, ``"cpu"`` has none."""
+    kind, _, index = device.partition(":")
+    if index and not index.isdigit():
+        raise ValueError(f"a device index must be a number, got {device!r}")
+    return kind, int(index or 0)
+
+
+def providers_for(device: str, cache_dir: Path | None = None, dynamic_shapes: bool = False) -> list[Any]:
+    """ONNX Runtime's providers for ``device`` (``cuda:N`` picks the GPU). The CUDA provider runs
+    on the device's index; for graphs whose input sizes change from call to call
+    (``dynamic_shapes``) it picks convolution algorithms by heuristics and grows its arena by
+    what is asked, instead of benchmarking every new shape and keeping power-of-two blocks. The
+    TensorRT provider keeps its engines and timing cache in ``cache_dir`` (inside the engine
+    cache), so it does not rebuild on every session."""
+    kind, index = split_device(device)
+    wanted = _PROVIDERS.get(kind)
     if wanted is None:
         raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
+    cuda: dict[str, Any] = {"device_id": str(index)}
+    if dynamic_shapes:
+        cuda |= {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+    wanted = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in wanted]
     if wanted[0] != "TensorrtExecutionProvider":
         return list(wanted)
     from knnclip.engine.backends.tensorrt.cache import default_root
 
     cache = str(cache_dir or default_root() / "onnxruntime-tensorrt")
     options = {
-        "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+        "device_id": str(index), "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
         "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
     }  # fmt: skip
     return [("TensorrtExecutionProvider", options), *wanted[1:]]
@@ -141,16 +158,20 @@ class OrtSession(Session):
     def __init__(
         self, directory: Path, manifest: dict[str, Any], device: str = "cpu", *, threads: int | None = None
     ) -> None:
-        super().__init__(directory, manifest, device)
+        kind, device_id = split_device(device)
+        super().__init__(directory, manifest, kind)
         import onnxruntime as ort
 
-        wanted = providers_for(device)
+        dynamic = any(isinstance(d, str) and d in ("height", "width") for s in self.inputs for d in s.shape)
+        wanted = providers_for(device, dynamic_shapes=dynamic)
         first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
         if first not in ort.get_available_providers():
             raise BackendUnavailableError(
                 f"ONNX Runtime here has no {first} (available: {ort.get_available_providers()}); "
                 "install onnxruntime-gpu for CUDA/TensorRT, or use device='cpu'"
             )
+        if kind != "cpu" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # the CUDA and cuDNN libraries of the nvidia-* wheels, where installed
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is None:
@@ -165,9 +186,18 @@ class OrtSession(Session):
             str(directory / manifest["files"]["model"]["name"]), sess_options=options, providers=wanted
         )
         self.providers = self._session.get_providers()
+        if first not in self.providers:
+            # ONNX Runtime falls back to the CPU when a provider's libraries fail to load, and only
+            # logs it: a "cuda" session would then run on the CPU while claiming the GPU.
+            self._session = None
+            raise BackendUnavailableError(
+                f"ONNX Runtime could not start its {first} for {directory} (it fell back to {self.providers}): "
+                "the CUDA runtime or cuDNN libraries it needs are missing or of another version; install the "
+                "versions onnxruntime-gpu was built for (docs/backends.md), or use device='cpu'"
+            )
         self._output_names = [spec.name for spec in self.outputs]
         self._local = threading.local()
-        self.device_id = 0  # the CUDA providers' default device
+        self.device_id = device_id
 
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         arrays = {k: np.ascontiguousarray(v) for k, v in feed.items()}
@@ -203,6 +233,9 @@ class OrtSession(Session):
             kept.append(item.keep)
         for name in self._output_names:
             binding.bind_output(name, "cuda", self.device_id)
+        # ONNX Runtime computes on a stream of its own: inputs still being copied on the default
+        # stream must land first.
+        binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         outputs: list[ort.OrtValue] = binding.get_outputs()
