@@ -54,6 +54,24 @@ def test_exact_search_through_torch_matches_faiss(storage):
         np.testing.assert_allclose(sims, want_sims, atol=2e-3)
 
 
+def test_the_scan_in_chunks_with_a_running_top_k_equals_float64(monkeypatch):
+    """Chunks of 7 rows (k = 10 spans several), and fp16-stored inner products past fp16's range:
+    the similarities are fp32, so they neither overflow nor round to fp16's 11 bits."""
+    pytest.importorskip("torch")
+    dim, rng = 64, np.random.default_rng(6)
+    stored = (rng.integers(-8, 9, (53, dim)) * 16).astype(np.float32)  # exact in fp16, products up to 1e6
+    queries = (rng.integers(-8, 9, (5, dim)) * 16).astype(np.float32)
+    index = faiss.IndexFlatIP(dim)
+    index.add(stored)
+    mirror = ArrayGpuMirror(IndexSpec.make("flat", "fp16", None, dim), dim, index, device="cpu")
+    monkeypatch.setattr(ArrayGpuMirror, "SCORE_BYTES", 4 * len(queries) * 7)
+    sims, ids = mirror.search(queries, 10, None)
+    want = queries.astype(np.float64) @ stored.astype(np.float64).T
+    assert np.abs(want).max() > 65504  # fp16 products would have overflowed
+    np.testing.assert_array_equal(sims, np.sort(want, axis=1)[:, ::-1][:, :10].astype(np.float32))
+    np.testing.assert_array_equal(np.take_along_axis(want, ids, 1).astype(np.float32), sims)
+
+
 def test_exact_search_pads_past_the_stored_entries():
     pytest.importorskip("torch")
     index = faiss.IndexFlatIP(8)

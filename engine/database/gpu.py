@@ -173,8 +173,13 @@ def _faiss_call(action: str, call: Any, *args: Any) -> Any:
 
 class ArrayGpuMirror:
     """Exact inner-product search of a flat index with torch: the stored vectors on the device
-    (fp16 where the index stores fp16 or sq8, as faiss-gpu does), one matrix product with the
-    queries and a top-k. ``device="cpu"`` runs the same code on the CPU, for tests."""
+    (fp16 where the index stores fp16 or sq8, as faiss-gpu does), scanned in chunks of rows, each
+    widened to fp32 for its matrix product with the queries, with a running top-k. Similarities
+    are fp32 throughout (an fp16 product rounds them and overflows past 65504 for inner products)
+    and no [queries x entries] matrix is ever made (250 x 10^7 scores would be 10 GB).
+    ``device="cpu"`` runs the same code on the CPU, for tests."""
+
+    SCORE_BYTES = 256 << 20  # one chunk's [queries x rows] fp32 scores
 
     def __init__(self, spec: IndexSpec, dim: int, cpu_index: faiss.Index | None, *, device: str = "cuda") -> None:
         if spec.kind != "flat":
@@ -218,9 +223,17 @@ class ArrayGpuMirror:
         top = min(k, n)
         if top == 0 or len(queries) == 0:
             return sims, positions
-        q = self._to_device(queries)
-        # fp16 products accumulate in fp32 on the GPU; the CPU path (tests) computes in fp32.
-        scores = (q.float() @ self._vectors.float().T) if self._device == "cpu" else (q @ self._vectors.T).float()
-        values, index = torch.topk(scores, top, dim=1)
-        sims[:, :top], positions[:, :top] = values.cpu().numpy(), index.cpu().numpy()
+        q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self._device)
+        rows = max(top, self.SCORE_BYTES // (4 * len(queries)))
+        best_values = torch.empty((len(queries), 0), dtype=torch.float32, device=q.device)
+        best_index = torch.empty((len(queries), 0), dtype=torch.int64, device=q.device)
+        for start in range(0, n, rows):
+            scores = q @ self._vectors[start : start + rows].float().T  # fp32 [queries, rows]
+            values, index = torch.topk(scores, min(top, scores.shape[1]), dim=1)
+            best_values = torch.cat([best_values, values], dim=1)
+            best_index = torch.cat([best_index, index + start], dim=1)
+            if best_values.shape[1] > top:  # keep the running top-k (ties keep the earlier row)
+                best_values, order = torch.topk(best_values, top, dim=1)
+                best_index = torch.gather(best_index, 1, order)
+        sims[:, :top], positions[:, :top] = best_values.cpu().numpy(), best_index.cpu().numpy()
         return sims, positions
