@@ -37,3 +37,38 @@ def test_without_a_gpu_it_fails_with_the_reason_and_writes_nothing(tmp_path):
     skipped = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--skip-without-gpu"],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert skipped.returncode == 0 and not list(tmp_path.iterdir())
+
+
+def test_no_device_is_reported_even_without_pillow(tmp_path):
+    """The device image may lack Pillow: nothing imported before the device check may need it."""
+    from knnclip import _C
+
+    if _C.cuda_available():
+        return
+    code = (
+        f"import runpy, sys; sys.modules['PIL'] = None; sys.argv = [{str(SCRIPT)!r}, '--out', {str(tmp_path)!r}]; "
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r}); runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+
+
+def test_sample_feeds_are_the_graphs_optimum_sizes(demo_models):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    import numpy as np
+
+    from knnclip.engine.backends import open_session
+
+    rng = np.random.default_rng(0)
+    with open_session(demo_models / "fcclip" / "text", "onnxruntime", "cpu") as text:
+        tokens = gpu_check.sample_feed(text, rng)["tokens"]
+    assert tokens.shape == (28, 77) and tokens.min() >= 1
+    session = open_session(demo_models / "fcclip" / "image", "onnxruntime", "cpu")
+    images = gpu_check.sample_feed(session, rng)["images"]
+    optimum = session.manifest.get("input_range", {}).get("opt")
+    assert images.shape[2:] == (tuple(optimum) if optimum else tuple(session.manifest["input_size"]))
+    session.close()

@@ -21,7 +21,6 @@ import numpy as np
 
 from knnclip.engine.fsutil import atomic_write_bytes
 from knnclip.engine.info import cpu_name
-from knnclip.engine.render import pyplot
 
 __all__ = [
     "machine", "machine_slug", "percentiles", "peak_rss_mib", "pyplot", "spawn", "spawn_module", "summarize",
@@ -61,6 +60,14 @@ def machine() -> dict[str, Any]:
         "versions": versions,
         "knnclip_build": _C.build_info(),
     }
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot, or None (``render.pyplot``), imported when a plot is made: the render
+    module needs Pillow, which a GPU machine running only ``gpu_check`` may lack."""
+    from knnclip.engine.render import pyplot as render_pyplot
+
+    return render_pyplot()
 
 
 def peak_rss_mib() -> float:
