@@ -66,7 +66,9 @@ class TensorRTSession(Session):
                     "GPU?); delete ~/.cache/knnclip/engines or run `knnclip build` again",
                 )  # fmt: skip
             self._context = self._engine.create_execution_context()
-            self._stream = cuda.Stream()
+            # Non-blocking (CU_STREAM_NON_BLOCKING = 1): not serialised with the legacy default
+            # stream, which other libraries' work (and the compiled ops') may be queued on.
+            self._stream = cuda.Stream(flags=1)
         finally:
             self._ctx.pop()
         self._lock = threading.Lock()
@@ -109,6 +111,8 @@ class TensorRTSession(Session):
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         cuda = self._cuda
         with self._lock:
+            if self._ctx is None:
+                raise BackendUnavailableError(f"{self} is closed")
             self._ctx.push()
             try:
                 for spec in self.inputs:
@@ -150,11 +154,21 @@ class TensorRTSession(Session):
                 self._ctx.pop()
 
     def close(self) -> None:
+        """Free the device buffers and TensorRT's objects under this session's context (freeing
+        device memory needs the context that owns it current), then release the context."""
         with self._lock:
-            for buffer in self._buffers.values():
-                buffer.free()
-            self._buffers.clear()
-            self._capacity.clear()
-            self._pinned.clear()
-            self._context = None
-            self._engine = None
+            if self._ctx is None:
+                return
+            self._ctx.push()
+            try:
+                self._stream.synchronize()  # nothing may still be reading the buffers
+                for buffer in self._buffers.values():
+                    buffer.free()
+                self._buffers.clear()
+                self._capacity.clear()
+                self._pinned.clear()
+                self._context = self._engine = self._runtime = self._stream = None
+            finally:
+                self._ctx.pop()
+                self._ctx.detach()  # the retained primary context
+                self._ctx = None
