@@ -21,12 +21,19 @@ EXTRA_OF_MODULE = {
     "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve",
     "python_multipart": "serve", "httpx": "serve", "pydantic": "serve", "starlette": "serve",
     "ray": "ray", "av": "video", "pycocotools": "video", "openvino": "openvino", "torch": "export",
-    "onnx": "export", "tensorrt": "tensorrt", "pycuda": "gpu", "matplotlib": "plots", "huggingface_hub": "hub",
+    "onnx": "export", "tensorrt": "tensorrt", "pycuda": "tensorrt", "matplotlib": "plots", "huggingface_hub": "hub",
+    "onnxruntime": "cpu", "faiss": "cpu",  # or 'gpu' on an NVIDIA machine (needs_extra says so)
 }  # fmt: skip
+RUNTIME_EXTRAS = ("cpu", "gpu")  # the same modules in their CPU and GPU builds
 
 
 def needs_extra(feature: str, extra: str) -> BackendUnavailableError:
     """The error for ``feature`` when the optional dependencies of ``extra`` are missing."""
+    if extra in RUNTIME_EXTRAS:
+        return BackendUnavailableError(
+            f'{feature} needs ONNX Runtime and faiss: pip install ".[cpu]" in knnclip\'s source folder '
+            '(or ".[gpu]" on an NVIDIA machine)'
+        )
     return BackendUnavailableError(
         f"{feature} needs the '{extra}' extra: pip install \".[{extra}]\" in knnclip's source folder"
     )

@@ -124,6 +124,7 @@ PROVIDES = {
     "faiss-gpu": "faiss",
     "pillow": "PIL",
     "swagger-ui-bundle-v2": "swagger_ui_bundle",
+    "tensorrt-cu12": "tensorrt",
     "prometheus-client": "prometheus_client",
     "huggingface_hub": "huggingface_hub",
 }
@@ -140,6 +141,25 @@ def _name(requirement: str) -> str:
     import re
 
     return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def test_the_cpu_and_gpu_stacks_are_extras_of_their_own_on_one_cuda_major():
+    """onnxruntime/onnxruntime-gpu and faiss-cpu/faiss-gpu install the same modules: the base
+    install has neither, the cpu extra no GPU build, the gpu extra no CPU build, and every
+    CUDA-versioned package is for CUDA 12 (.ci/run resolves the gpu extra to check its closure)."""
+    import re
+
+    project = _pyproject()["project"]
+    base = {PROVIDES.get(_name(r), _name(r)) for r in project["dependencies"]}
+    assert not base & {"onnxruntime", "faiss"}
+    extras = {k: [_name(r) for r in v] for k, v in project["optional-dependencies"].items()}
+    assert set(extras["cpu"]) == {"onnxruntime", "faiss-cpu"}
+    assert {PROVIDES.get(n, n) for n in extras["gpu"]} == {"onnxruntime", "faiss"}
+    assert not [n for n in extras["gpu"] if n in ("onnxruntime", "faiss-cpu")]
+    versioned = [n for names in extras.values() for n in names if re.search(r"cu\d+", n)]
+    assert versioned and all(re.search(r"cu12\b", n) for n in versioned), versioned
+    gpu_pins = " ".join(project["optional-dependencies"]["gpu"])
+    assert "<1.27" in gpu_pins, "onnxruntime-gpu 1.27 and later are CUDA 13 builds"
 
 
 def test_base_install_has_no_gpu_package_and_no_extra_duplicates_a_module():

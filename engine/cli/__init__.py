@@ -43,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    from knnclip.engine.errors import missing_module_error
+
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:  # an install without the cpu or gpu extra: say which to add
+        missing = missing_module_error(exc, "knnclip")
+        if missing is None:
+            raise
+        return _fail("missing dependency", missing, 1)
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help()
@@ -56,7 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatabaseWriteError,
         KnnclipError,
         UsageError,
-        missing_module_error,
     )
 
     try:

@@ -188,7 +188,7 @@ def _add_dataset(args: argparse.Namespace) -> int:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add ``knnclip db`` and its actions."""
-    from knnclip.engine.database.indexes import INDEX_KINDS, METRICS, STORAGES
+    from knnclip.engine.database.kinds import INDEX_KINDS, METRICS, STORAGES
 
     db = commands.add_parser("db", help="manage an embedding database")
     sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)

@@ -24,11 +24,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from knnclip.engine.database.kinds import INDEX_KINDS, METRICS, STORAGES
 from knnclip.engine.errors import InvalidInputError
 
-INDEX_KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
-STORAGES = ("fp32", "fp16", "sq8")
-METRICS = ("cosine", "ip")
+__all__ = ["INDEX_KINDS", "METRICS", "STORAGES", "IndexSpec", "build_index"]
 
 # The parameters each kind accepts and their defaults; None means "chosen at training time".
 _PARAMS: dict[str, dict[str, Any]] = {

@@ -27,7 +27,7 @@ from typing import Any
 
 from knnclip.engine.artifact import TEXT_BATCH, artifact_digest, read_manifest
 from knnclip.engine.backends.tensorrt.cache import EngineKey
-from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, KnnclipError
+from knnclip.engine.errors import InvalidInputError, KnnclipError, needs_extra
 from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file
 
 log = logging.getLogger("knnclip.tensorrt")
@@ -104,9 +104,7 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise BackendUnavailableError(
-            f"TensorRT is not installed ({exc}): pip install tensorrt (needs an NVIDIA GPU and driver)"
-        ) from None
+        raise needs_extra(f"the TensorRT backend ({exc}; an NVIDIA GPU and driver too)", "tensorrt") from None
     return trt
 
 
@@ -156,7 +154,7 @@ def gpu_identity() -> tuple[str, str]:
     try:
         import pycuda.driver as cuda
     except ImportError as exc:
-        raise BackendUnavailableError(f"the TensorRT backend needs pycuda ({exc}): pip install pycuda") from None
+        raise needs_extra(f"the TensorRT backend ({exc})", "tensorrt") from None
     cuda.init()
     device = cuda.Device(0)
     major, minor = device.compute_capability()
