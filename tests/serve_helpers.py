@@ -108,3 +108,16 @@ def wait_for_metrics(url: str, condition, timeout: float = 60.0) -> dict[str, fl
             return metrics
         time.sleep(0.01)
     raise AssertionError(f"the server's metrics never met the condition; last {metrics}")
+
+
+def answers_ok(url: str, timeout: float) -> bool:
+    """Whether ``GET url`` answers 200 within ``timeout`` seconds (polled; refused connections retried)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return False

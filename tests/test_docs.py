@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,17 +141,9 @@ def test_python_example_runs(name, code, workdir, sample, demo_models):
 
 
 def wait_ready(url: str, timeout: float = 120) -> None:
-    import httpx
+    from tests.serve_helpers import answers_ok
 
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} was not ready within {timeout} s")
+    assert answers_ok(f"{url}/readyz", timeout), f"{url} was not ready within {timeout} s"
 
 
 def test_every_python_example_is_collected():

@@ -30,7 +30,7 @@ from knnclip.engine.database.wal import HEADER_BYTES  # noqa: E402
 from knnclip.engine.demo.run import build_database  # noqa: E402
 from knnclip.engine.demo.synthetic import make_split  # noqa: E402
 from knnclip.engine.serve.service import ReadWriteLock  # noqa: E402
-from tests.serve_helpers import TOKEN, ServerProcess, token_file  # noqa: E402
+from tests.serve_helpers import TOKEN, ServerProcess, answers_ok, token_file  # noqa: E402
 
 SIZE = (96, 128)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -108,16 +108,8 @@ class TestSlowAndIdleClients:
         finally:
             for sock in held:
                 sock.close()
-        end = time.monotonic() + 10  # the header deadline closes the rest; health answers again
-        while time.monotonic() < end:
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("/healthz did not answer again once the idle connections were gone")
+        # the header deadline closes the rest; health answers again
+        assert answers_ok(f"{server.url}/healthz", 10), "/healthz did not answer once the idle connections were gone"
 
     def test_invented_methods_do_not_become_metric_series(self, server):
         for method in (b"FOOBAR", b"ZZTOP"):
