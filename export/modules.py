@@ -36,7 +36,9 @@ def build_module(directory: Path, manifest: dict[str, Any]) -> torch.nn.Module:
             from knnclip.export.fcclip.onnx import ImageGraph, TextGraph
 
             model = FCCLIP(resolve_config(config))
-            module = ImageGraph(model) if kind == "fcclip-image" else TextGraph(model.clip)
+            # artefacts exported before the dense map left the run-time graph still list it
+            dense = any(o["name"] == "clip_dense" for o in manifest["outputs"])
+            module = ImageGraph(model, dense=dense) if kind == "fcclip-image" else TextGraph(model.clip)
         else:
             raise ArtifactCorruptError(directory, f"no torch module for artefact kind {kind!r}")
     try:

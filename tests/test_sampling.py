@@ -70,6 +70,6 @@ def test_grid_export_runs_on_onnxruntime_and_openvino_bf16(tmp_path, monkeypatch
             got = session.infer({"images": images})
         # Per-output bf16 tolerances (docs/backends.md): ov_embed pools CLIP features under the
         # binarised masks, and bf16 flips the pixels nearest logit 0.
-        for name, tolerance in (("class_embed", 5e-2), ("ov_embed", 1.5e-1), ("clip_dense", 5e-2)):
+        for name, tolerance in (("class_embed", 5e-2), ("ov_embed", 1.5e-1)):
             error = np.linalg.norm(got[name] - want[name]) / np.linalg.norm(want[name])
             assert 0 < error <= tolerance, (name, error)
