@@ -9,7 +9,6 @@ import multiprocessing
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from knnclip.engine.backends.tensorrt.cache import EngineCache, EngineKey
@@ -293,75 +292,3 @@ def test_the_engine_cache_lives_in_knnclips_cache_unless_named(monkeypatch, tmp_
     assert default_root() == tmp_path / "cache" / "engines"
     monkeypatch.setenv("KNNCLIP_ENGINE_CACHE", str(tmp_path / "engines"))
     assert default_root() == tmp_path / "engines"
-
-
-def _stand_in_cuda_and_tensorrt(monkeypatch, log):
-    """pycuda and tensorrt as TensorRTSession uses them, recording what happens under which context."""
-    import sys
-    import types
-
-    state = {"current": None}
-
-    class Context:
-        def push(self):
-            state["current"] = "session"
-            log.append("push")
-
-        def pop(self):
-            state["current"] = None
-            log.append("pop")
-
-        def detach(self):
-            log.append("detach")
-
-    class Buffer:
-        def __init__(self, n):
-            self.n = n
-
-        def free(self):
-            log.append(("free", state["current"]))
-
-        def __int__(self):
-            return 4096
-
-    cuda = types.ModuleType("pycuda.driver")
-    cuda.init = lambda: None
-    cuda.Device = lambda index: types.SimpleNamespace(retain_primary_context=Context)
-    cuda.Stream = lambda flags=0: (
-        log.append(("stream flags", flags)) or types.SimpleNamespace(synchronize=lambda: log.append("sync"), handle=7)
-    )
-    cuda.mem_alloc = Buffer
-    pycuda = types.ModuleType("pycuda")
-    pycuda.driver = cuda
-    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
-
-    engine = types.SimpleNamespace(
-        num_io_tensors=1, get_tensor_name=lambda i: "keys", get_tensor_dtype=lambda name: "f32",
-        get_tensor_mode=lambda name: "output", create_execution_context=lambda: types.SimpleNamespace(
-            set_tensor_address=lambda name, address: True),
-    )  # fmt: skip
-    trt = types.ModuleType("tensorrt")
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
-    trt.nptype = lambda dtype: np.float32
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="input")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-
-
-def test_a_tensorrt_session_frees_under_its_context_and_runs_on_a_non_blocking_stream(monkeypatch, tmp_path):
-    from knnclip.engine.backends.tensorrt.session import TensorRTSession
-    from knnclip.engine.errors import BackendUnavailableError
-
-    log: list = []
-    _stand_in_cuda_and_tensorrt(monkeypatch, log)
-    manifest = {"kind": "dinov2-keys", "inputs": [], "outputs": [{"name": "keys", "shape": [1], "dtype": "float32"}]}
-    session = TensorRTSession(tmp_path, manifest, b"plan")
-    assert ("stream flags", 1) in log  # CU_STREAM_NON_BLOCKING
-    session._buffer("keys", 64)  # noqa: SLF001 - a device buffer as a run leaves it
-    log.clear()
-    session.close()
-    assert log == ["push", "sync", ("free", "session"), "pop", "detach"], log
-    session.close()  # a second close is a no-op
-    with pytest.raises(BackendUnavailableError, match="closed"):
-        session.infer({})

@@ -43,6 +43,7 @@ def test_engine_matches_onnxruntime(tmp_path, monkeypatch):
 
 class _Buffer:
     allocations: list[int] = []
+    freed_in: list | None = None  # a log the frees are written to, beside the context's pushes and pops
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes, self.freed = nbytes, False
@@ -53,6 +54,8 @@ class _Buffer:
 
     def free(self) -> None:
         self.freed = True
+        if _Buffer.freed_in is not None:
+            _Buffer.freed_in.append("free")
 
 
 class _Context:
@@ -125,11 +128,15 @@ def fake_tensorrt_modules(monkeypatch, engine: _Engine, pushes: list) -> None:
                                        "deserialize_cuda_engine": lambda self, plan: engine})  # fmt: skip
     trt.nptype = lambda dtype: np.float32
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input")
-    context = types.SimpleNamespace(push=lambda: pushes.append("push"), pop=lambda: pushes.append("pop"))
+    context = types.SimpleNamespace(push=lambda: pushes.append("push"), pop=lambda: pushes.append("pop"),
+                                    detach=lambda: pushes.append("detach"))  # fmt: skip
     cuda = types.ModuleType("pycuda.driver")
     cuda.init = lambda: None
     cuda.Device = lambda i: types.SimpleNamespace(retain_primary_context=lambda: context)
-    cuda.Stream = lambda: types.SimpleNamespace(handle=0, synchronize=lambda: None)
+    cuda.Stream = lambda flags=0: (
+        pushes.append(("stream flags", flags))
+        or types.SimpleNamespace(handle=0, synchronize=lambda: pushes.append("sync"))
+    )
     cuda.mem_alloc = _Buffer
     device_memory: dict[int, bytes] = {}
 
@@ -168,13 +175,37 @@ def test_output_buffers_follow_the_shapes_tensorrt_resolves(monkeypatch, tmp_pat
     assert len(_Buffer.allocations) == 2
     out = session.infer({"images": np.zeros((4, 3, 128, 160), np.float32)})  # larger: grown
     assert out["masks"].shape == (4, 5, 32, 40) and _Buffer.allocations[-1] == 4 * 5 * 32 * 40 * 4
-    assert pushes == ["push", "pop"] * 4, "constructed and called in the primary context"
+    assert [p for p in pushes if p != "sync"] == ["push", ("stream flags", 1), "pop"] + ["push", "pop"] * 3, pushes
     with pytest.raises(InvalidInputError, match="outside the engine's profile"):
         session.infer({"images": np.zeros((5, 3, 64, 96), np.float32)})
     engine.context.set_input_shape = lambda name, shape: False
     with pytest.raises(InvalidInputError, match="refused the shape"):
         session.infer({"images": np.zeros((1, 3, 64, 96), np.float32)})
     session.close()
+
+
+def test_close_frees_under_the_sessions_context_and_a_closed_session_says_so(monkeypatch, tmp_path):
+    """Device memory is freed with its context current, after the stream drained; the retained
+    primary context is released; the stream is non-blocking (CU_STREAM_NON_BLOCKING = 1)."""
+    from knnclip.engine.backends.tensorrt.session import TensorRTSession
+    from knnclip.engine.errors import BackendUnavailableError
+
+    engine, pushes = _Engine(), []
+    fake_tensorrt_modules(monkeypatch, engine, pushes)
+    session = TensorRTSession(tmp_path, IMAGE_MANIFEST, b"plan")
+    session.infer({"images": np.zeros((1, 3, 32, 32), np.float32)})
+    assert ("stream flags", 1) in pushes
+    pushes.clear()
+    _Buffer.freed_in = pushes
+    try:
+        session.close()
+    finally:
+        _Buffer.freed_in = None
+    assert pushes == ["push", "sync", "free", "free", "pop", "detach"], pushes
+    session.close()  # a second close changes nothing
+    assert pushes[-1] == "detach" and pushes.count("detach") == 1
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        session.infer({"images": np.zeros((1, 3, 32, 32), np.float32)})
 
 
 def test_host_copies_go_through_reused_page_locked_buffers(monkeypatch, tmp_path):
