@@ -220,3 +220,16 @@ def test_tests_read_nothing_outside_the_repository():
     assert not offenders, f"tests reaching outside the repository: {offenders}"
     for name in ("dinov2", "fcclip", "fcclip_resize"):
         assert (REPO / "tests" / "fixtures" / name / "io.npz").is_file(), name
+
+
+def test_the_readme_lines_build_once_in_one_environment():
+    """With pip's build isolation, scikit-build-core clears its build folder on every install (a
+    new isolated environment each time), so the README's second line would compile everything
+    again: both lines build in the environment, which the build group provides."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    lines = [line for line in readme if line.endswith(("# main command", "# test command"))]
+    assert len(lines) == 2
+    for line in lines:
+        assert "--group build" in line and "--no-build-isolation" in line and '".[cpu,' in line, line
+    groups = _pyproject()["dependency-groups"]["build"]
+    assert {_name(r) for r in groups} >= {"scikit-build-core", "pybind11", "cmake", "ninja"}

@@ -88,6 +88,20 @@ class TestSlowAndIdleClients:
         assert status_of(reply) == 408 and time.monotonic() - start < 8, reply
         assert httpx.get(f"{server.url}/healthz").status_code == 200
 
+    def test_a_kept_alive_connection_that_starts_a_request_and_stalls_gets_408(self, server):
+        """After a whole request on a kept-alive connection, half of the next one starts the deadline anew."""
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+            assert status_of(first) == 200, first
+            start = time.monotonic()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # and nothing more
+            second = b""
+            while chunk := sock.recv(65536):
+                second += chunk
+        assert status_of(second) == 408 and time.monotonic() - start < 4, second
+
     def test_a_body_trickled_past_its_deadline_gets_408(self, server):
         start = time.monotonic()
         reply = raw(server.url, b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
