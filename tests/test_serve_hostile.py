@@ -93,8 +93,14 @@ class TestSlowAndIdleClients:
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            first = sock.recv(65536)
-            assert status_of(first) == 200, first
+            first = b""
+            while b"\r\n\r\n" not in first:  # the whole response: its head, then as many bytes as it says
+                first += sock.recv(65536)
+            head, body = first.split(b"\r\n\r\n", 1)
+            length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += sock.recv(65536)
+            assert status_of(first) == 200 and len(body) == length, first
             start = time.monotonic()
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # and nothing more
             second = b""
