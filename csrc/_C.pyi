@@ -17,7 +17,11 @@ class BuildInfo(TypedDict):
     compiler: str
 
 class DeviceArray:
-    """float32 result of a CUDA op; zero-copy into torch/CuPy via __cuda_array_interface__ or DLPack."""
+    """float32 result of a CUDA op; zero-copy into torch/CuPy via __cuda_array_interface__ or DLPack.
+
+    The memory returns to the stream-ordered pool, on the ops' stream, when the last reference
+    (this object or an array made from it) goes: a consumer's work on another stream that reads
+    it must have finished by then (docs/ops.md)."""
 
     @property
     def shape(self) -> tuple[int, ...]: ...
