@@ -413,14 +413,24 @@ def test_load_failure_exits_with_the_reason(models, tmp_path):
 def test_fuzzing_finds_no_server_errors(models, seeded_db, tmp_path):
     """schemathesis against the OpenAPI document, with the token (so mutations run too)."""
     pytest.importorskip("schemathesis", reason="the fuzz run needs schemathesis (dev group)")
+    import re
+
     with ServerProcess(models, fresh_db(seeded_db, tmp_path), "--token-file", str(token_file(tmp_path))) as proc:
-        run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run", f"{proc.url}/openapi.json", "--checks",
-             "not_a_server_error", "--max-examples", "25", "--max-time", "90", "-H", f"Authorization: Bearer {TOKEN}",
-             "--seed", "1", "--no-color", "--request-timeout", "60"],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:] + proc.log()[-4000:]
+        for seed in (1, 2):
+            run = subprocess.run(
+                [sys.executable, "-m", "schemathesis.cli", "run", f"{proc.url}/openapi.json", "--checks",
+                 "not_a_server_error", "--max-examples", "25", "--max-time", "90", "-H",
+                 f"Authorization: Bearer {TOKEN}", "--seed", str(seed), "--no-color", "--request-timeout", "60"],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            report = run.stdout[-4000:] + run.stderr[-2000:] + proc.log()[-4000:]
+            if run.returncode == 0:
+                break
+            # A check that failed is a finding. An error inside the fuzzer's own engine is not (an
+            # IndexError in Hypothesis' optimiser was seen once): that run is tried again, once.
+            assert not re.search(r"^=+ FAILURES =+$", run.stdout, re.M) and "Server error" not in run.stdout, report
+        else:
+            pytest.fail(f"the fuzzer's engine failed twice, so nothing was checked:\n{report}")
         assert httpx.get(f"{proc.url}/healthz").status_code == 200
 
 
