@@ -37,12 +37,18 @@ def rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
-def write_label_png(labels: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """``labels`` [H, W] non-negative ids as an 8-bit PNG where they all fit, else 16-bit."""
+def label_image(labels: np.ndarray, what: str = "the label map") -> Image.Image:
+    """``labels`` [H, W] non-negative ids as an 8-bit image where they all fit, else 16-bit; ids
+    outside 0..65535 are refused (a PNG has at most 16 bits per sample: they would wrap silently)."""
     top = int(labels.max(initial=0))
     if labels.min(initial=0) < 0 or top > 65535:
-        raise InvalidInputError(f"{path}: ids outside 0..65535 cannot be written as a label PNG")
-    save_png(Image.fromarray(labels.astype(np.uint8 if top <= 255 else np.uint16)), path)
+        raise InvalidInputError(f"{what}: ids outside 0..65535 cannot be written as a label PNG (largest {top})")
+    return Image.fromarray(labels.astype(np.uint8 if top <= 255 else np.uint16))
+
+
+def write_label_png(labels: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """``labels`` [H, W] as a label PNG (:func:`label_image`), written atomically."""
+    save_png(label_image(labels, str(path)), path)
 
 
 def coco_instances(result: Result, image_id: int) -> list[dict[str, Any]]:

@@ -213,8 +213,6 @@ def test_tests_read_nothing_outside_the_repository():
     outside = re.compile(r"\.\./" + r"shared|" + r"parents\[1\]\.parent|" + r'"shared" */ *"fixtures"')
     offenders = []
     for path in sorted((REPO / "tests").rglob("*.py")):
-        if path.name == "reduce.py":  # the one-off script that copied the fixtures in (it says so)
-            continue
         if outside.search(path.read_text()):
             offenders.append(str(path.relative_to(REPO)))
     assert not offenders, f"tests reaching outside the repository: {offenders}"

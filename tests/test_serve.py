@@ -117,6 +117,13 @@ class TestLabelMapEncoding:
                 runs.append([1, v])
         assert encoded["counts"] == [n for n, _ in runs] and encoded["values"] == [v for _, v in runs]
 
+    def test_png_maps_refuse_ids_past_16_bits_instead_of_wrapping(self):
+        from knnclip.engine.serve.encoding import label_png
+
+        assert label_map({"size": [1, 2], "png": label_png(np.array([[0, 65535]]))}).tolist() == [[0, 65535]]
+        with pytest.raises(InvalidInputError, match="0..65535.*largest 65544"):
+            label_png(np.array([[0, 65544]]))  # would have come back as 8
+
     def test_inconsistent_runs_are_refused(self):
         with pytest.raises(InvalidInputError, match="pixels"):
             label_map({"size": [2, 2], "counts": [3], "values": [1]})

@@ -57,13 +57,11 @@ def label_map(encoded: dict[str, Any]) -> np.ndarray:
 
 
 def label_png(labels: np.ndarray) -> str:
-    """Base64 PNG of non-negative ids: 8-bit where every id fits, else 16-bit; ids past 65535 are
-    refused (a PNG has at most 16 bits per sample: they would wrap silently)."""
-    top = int(labels.max(initial=0))
-    if top > 65535:
-        raise errors.InvalidInputError(f"format=png holds ids up to 65535, this map has {top}: ask for format=json")
+    """Base64 PNG of non-negative ids (:func:`formats.label_image`: 8 or 16 bits, larger ids refused)."""
+    from knnclip.engine.formats import label_image
+
     buf = io.BytesIO()
-    Image.fromarray(labels.astype(np.uint8 if top <= 255 else np.uint16)).save(buf, format="PNG")
+    label_image(labels, "format=png (format=json holds any id)").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
