@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
@@ -86,6 +86,19 @@ class Session(ABC):
 
     @abstractmethod
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    @property
+    def device_outputs(self) -> bool:
+        """Whether :meth:`infer_device` leaves the outputs on a CUDA device."""
+        return False
+
+    def infer_device(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the model on inputs on its device (CUDA arrays through ``__cuda_array_interface__``
+        or DLPack; host NumPy arrays are copied in) and leave the outputs there: each exposes
+        ``__cuda_array_interface__`` or DLPack (torch tensors, or a
+        :class:`~knnclip.engine.backends.device_buffer.DeviceBuffer`), ready when this returns.
+        Backends without device outputs raise ``BackendUnavailableError``."""
+        raise BackendUnavailableError(f"{self}: the {self.backend} backend has no device outputs")
 
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release what the session holds; the session cannot run afterwards."""

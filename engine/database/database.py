@@ -267,6 +267,12 @@ class Database:
     def __len__(self) -> int:
         return len(self._c.ids)
 
+    @property
+    def lsn(self) -> int:
+        """The sequence number of the last change this handle applied: equal numbers, equal contents
+        (a copy kept elsewhere, e.g. on a GPU, is current while it matches)."""
+        return int(self._c.lsn)
+
     def entries(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of (entry ids, class ids) of every stored vector, in index order."""
         with self._mutex:
@@ -284,6 +290,8 @@ class Database:
             found[found] = self._c.ids[pos[found]] == want[found]
             if not found.all():
                 raise InvalidInputError(f"no entries with ids {want[~found][:10].tolist()} in {self.path}")
+            if len(pos) and np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))):  # a run: one call
+                return np.asarray(self._c.index.reconstruct_n(int(pos[0]), len(pos)), np.float32).reshape(len(pos), -1)
             out = np.empty((len(pos), self._c.dim), np.float32)
             for row, p in enumerate(pos.tolist()):
                 out[row] = self._c.index.reconstruct(int(p))

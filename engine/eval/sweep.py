@@ -77,14 +77,15 @@ def run_sweep(
     report_progress = progress("sweep")
     for done, i in enumerate(held, 1):
         (proposal,) = seg.propose([train.image(i)], Timer())
-        sims, labels = stages.retrieve(seg.db, proposal.queries, k_max)
+        sims, labels = seg.retrieve(proposal.queries, k_max)
         gt = train.semantic(i)
         semantic_of: dict[bytes, np.ndarray] = {}
+        xp = proposal.xp
         for cfg, cm in [*zip(configs, scores, strict=True), (configs[0].replace(lam=0.0), base)]:
             fusion = stages.fuse(proposal, sims[:, : cfg.k], labels[:, : cfg.k], cfg)
-            key = hashlib.blake2b(fusion.mask_cls.tobytes(), digest_size=16).digest()
+            key = hashlib.blake2b(xp.to_host(fusion.mask_cls, "result").tobytes(), digest_size=16).digest()
             if key not in semantic_of:
-                semantic_of[key] = lut[stages.semantic_map(proposal, fusion.mask_cls)]
+                semantic_of[key] = lut[xp.to_host(stages.semantic_map(proposal, fusion.mask_cls), "result")]
             cm.update(semantic_of[key], gt)
         if report_progress is not None:
             report_progress(done, len(held))

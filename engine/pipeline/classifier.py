@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,9 @@ class Classifier:
     seen: np.ndarray  # [C] bool: FC-CLIP saw the class in training (alpha, else beta)
     lut: np.ndarray  # database class id + 1 -> class index (0 -> -1 for "no neighbour")
     is_thing: list[bool]
+    # What identifies this vocabulary's arrays (their device copies are cached under it): the
+    # classes' ids, names and kinds, and the text rows' weights.
+    key: Hashable = field(default=None, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -34,6 +37,10 @@ class Classifier:
     def ids(self) -> np.ndarray:
         """[C] int32 database class id of each class index."""
         return np.array([c.id for c in self.classes], np.int32)
+
+
+def vocabulary_key(classes: list[ClassInfo]) -> tuple[tuple[int, tuple[str, ...], bool | None], ...]:
+    return tuple((c.id, tuple(c.names), c.thing) for c in classes)
 
 
 def build_classifier(classes: list[ClassInfo], text: TextBank, head: FCCLIPHead) -> Classifier:
@@ -49,7 +56,8 @@ def build_classifier(classes: list[ClassInfo], text: TextBank, head: FCCLIPHead)
         lut[c.id + 1] = index
     seen = np.array([any(n in head.seen_names for n in c.names) for c in classes])
     per_class = [len(c.names) for c in classes]
-    return Classifier(classes, matrix, per_class, seen, lut, [c.thing for c in classes])
+    key = (text.cache_key, vocabulary_key(classes))
+    return Classifier(classes, matrix, per_class, seen, lut, [c.thing for c in classes], key)
 
 
 class ClassifierCache:
@@ -63,7 +71,7 @@ class ClassifierCache:
 
     def get(self, vocabulary: Mapping[int, ClassInfo]) -> Classifier:
         classes = sorted(vocabulary.values(), key=lambda c: c.id)
-        key = tuple((c.id, c.names, c.thing) for c in classes)
+        key = vocabulary_key(classes)
         with self._lock:
             if self._classifier is None or key != self._key:
                 self._classifier = build_classifier(classes, self._text, self._head)

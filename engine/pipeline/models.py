@@ -10,6 +10,7 @@ Layout (what ``knnclip export`` writes)::
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from knnclip.engine.backends import Session, open_session, resolve_device
-from knnclip.engine.errors import ArtifactCorruptError, ModelFileError
+from knnclip.engine.errors import ArtifactCorruptError, BackendUnavailableError, ModelFileError
+from knnclip.engine.pipeline.arrays import HOST, ArrayModule, TorchArrays
 from knnclip.engine.text.tokenizer import make_tokenizer
+
+log = logging.getLogger("knnclip.pipeline")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class ModelSet:
             )
         self.root = root
         device = resolve_device(device)  # once, so the three models agree (and the reason is said once)
+        self.device = device
         self.fcclip: Session = open_session(root / "fcclip" / "image", backend, device)
         self.text: Session = open_session(root / "fcclip" / "text", backend, device)
         self.dinov2: Session = open_session(root / "dinov2", backend, device)
@@ -84,6 +89,28 @@ class ModelSet:
         self.text_weights_sha256 = str(self.text.manifest["weights_sha256"])
         self.templates: list[str] = list(self.text.manifest["templates"])
         self.context_length = int(self.text.manifest["tokenizer"]["context_length"])
+
+    def sessions(self) -> tuple[Session, Session, Session]:
+        return self.fcclip, self.text, self.dinov2
+
+    def array_module(self) -> ArrayModule:
+        """Where the pipeline keeps its arrays with these models: on their CUDA device when the
+        image models hand their outputs over there (``Session.infer_device``) and torch can hold
+        them; otherwise on the host, with the reason logged."""
+        if not self.device.startswith("cuda"):
+            return HOST
+        without = [repr(s) for s in (self.fcclip, self.dinov2) if not s.device_outputs]
+        if without:
+            log.warning("post-processing on the host: %s hand no outputs over on the device", ", ".join(without))
+            return HOST
+        try:
+            return TorchArrays(self.device)
+        except ImportError:
+            log.warning("post-processing on the host: the device pipeline holds its arrays in torch, which is "
+                        "not installed (install a CUDA build of torch)")  # fmt: skip
+        except BackendUnavailableError as exc:
+            log.warning("post-processing on the host: %s", exc)
+        return HOST
 
     @property
     def backends(self) -> dict[str, str]:

@@ -1,6 +1,10 @@
-"""From model outputs to segments, as FC-CLIP's test-time inference does it, in NumPy and the
-compiled ops: classification logits, geometric ensemble (with the kNN fusion
-hook), mask resizing back to the image, semantic and panoptic inference.
+"""From model outputs to segments, as FC-CLIP's test-time inference does it, on host or device
+arrays alike (:mod:`knnclip.engine.pipeline.arrays`: every function takes ``xp``, NumPy by
+default) and the compiled ops: classification logits, geometric ensemble (with the kNN fusion
+hook), mask resizing back to the image, semantic, panoptic and instance inference.
+
+On a device, everything image-sized stays there: the host receives per-query vectors for the
+segment table's bookkeeping (``segments``) and the label maps and instance masks (``result``).
 
 Shapes: Q queries, C classes (void excluded), S text-classifier rows (one per synonym), E the
 CLIP embedding width.
@@ -16,32 +20,50 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from knnclip.engine import ops
+from knnclip.engine.pipeline.arrays import HOST, Array, ArrayModule
 
 LOG_EPS = 1e-8  # FC-CLIP: log(p + 1e-8) before semantic/panoptic inference
 MAX_LOGIT_SCALE = 100.0
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
+def softmax(x: Array, axis: int = -1, *, xp: ArrayModule = HOST) -> Array:
+    return xp.softmax(x, axis)
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12, *, xp: ArrayModule = HOST) -> Array:
     """As ``F.normalize``: x / max(||x||, eps)."""
-    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+    return x / xp.maximum(xp.norm(x, axis=axis), eps)
+
+
+@functools.lru_cache(maxsize=64)
+def synonym_columns(synonyms_per_class: tuple[int, ...]) -> np.ndarray:
+    """[C, max synonyms] int64 columns of each class's synonyms in the classifier's rows, a short
+    class padded with its first column again (which leaves its maximum unchanged)."""
+    starts = np.cumsum([0, *synonyms_per_class])[:-1]
+    widest = max(synonyms_per_class, default=1)
+    offsets = np.arange(widest)[None, :]
+    counts = np.asarray(synonyms_per_class)[:, None]
+    return (starts[:, None] + np.where(offsets < counts, offsets, 0)).astype(np.int64)
 
 
 def classification_logits(
-    embeddings: np.ndarray, classifier: np.ndarray, logit_scale: float, synonyms_per_class: Sequence[int]
-) -> np.ndarray:
+    embeddings: Array,
+    classifier: Array,
+    logit_scale: float,
+    synonyms_per_class: Sequence[int],
+    *,
+    xp: ArrayModule = HOST,
+) -> Array:
     """Cosine logits of ``embeddings`` [..., E] against ``classifier`` [S + 1, E] (void last),
     scaled by ``min(exp(logit_scale), 100)``, max over each class's synonyms -> [..., C + 1]."""
     scale = min(float(np.exp(logit_scale)), MAX_LOGIT_SCALE)
-    logits = np.float32(scale) * (l2_normalize(embeddings) @ classifier.T)
-    bounds = np.cumsum([0, *synonyms_per_class])
-    per_class = np.maximum.reduceat(logits[..., :-1], bounds[:-1], axis=-1)
-    return np.concatenate([per_class, logits[..., -1:]], axis=-1)
+    logits = (l2_normalize(embeddings, xp=xp) @ xp.transpose(classifier)) * float(np.float32(scale))
+    per_class = tuple(int(n) for n in synonyms_per_class)
+    if max(per_class, default=1) == 1:  # one synonym each: the rows are the classes
+        return logits
+    columns = xp.constant(("synonym_columns", per_class), lambda: synonym_columns(per_class))
+    grouped = xp.take(logits, columns, axis=-1)  # [..., C, max synonyms]
+    return xp.concatenate([xp.amax(grouped, axis=-1), logits[..., -1:]], axis=-1)
 
 
 @dataclass(frozen=True)
@@ -51,44 +73,59 @@ class ClassProbabilities:
     branches it was made from are kept (``p_in``, ``p_out`` [Q, C], and the ensemble weight ``w``
     [C]), so retrieval can be fused into the out-of-vocabulary branch, as kNN-CLIP does."""
 
-    classes: np.ndarray
-    void: np.ndarray
-    p_in: np.ndarray | None = None
-    p_out: np.ndarray | None = None
-    w: np.ndarray | None = None
+    classes: Array
+    void: Array
+    p_in: Array | None = None
+    p_out: Array | None = None
+    w: Array | None = None
 
-    def mask_cls(self) -> np.ndarray:
+    def mask_cls(self, xp: ArrayModule = HOST) -> Array:
         """The [Q, C + 1] log-probabilities FC-CLIP passes to semantic/panoptic inference."""
-        probs = np.concatenate([self.classes * (1.0 - self.void), self.void], axis=-1)
-        return np.log(probs + np.float32(LOG_EPS))
+        probs = xp.concatenate([self.classes * (1.0 - self.void), self.void], axis=-1)
+        return xp.log(probs + LOG_EPS)
 
 
-def ensemble(p_in: np.ndarray, p_out: np.ndarray, w: np.ndarray) -> np.ndarray:
+def ensemble(p_in: Array, p_out: Array, w: Array, *, xp: ArrayModule = HOST) -> Array:
     """FC-CLIP's geometric ensemble of two class distributions: ``softmax(log(p_in^(1-w) p_out^w))``."""
-    with np.errstate(divide="ignore"):  # a probability that underflows to 0 gives -inf, as in torch
-        logits = (1 - w) * np.log(p_in) + w * np.log(p_out)
-    return softmax(logits)
+    # a probability that underflows to 0 gives -inf, as in torch
+    logits = (1 - w) * xp.log(p_in) + w * xp.log(p_out)
+    return xp.softmax(logits)
+
+
+def ensemble_weights(seen: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """[C] float32: ``alpha`` for the classes FC-CLIP saw in training, ``beta`` for the others."""
+    return np.where(np.asarray(seen, dtype=bool), np.float32(alpha), np.float32(beta))
 
 
 def geometric_ensemble(
-    in_vocab_logits: np.ndarray, out_vocab_logits: np.ndarray, seen: np.ndarray, alpha: float, beta: float
+    in_vocab_logits: Array,
+    out_vocab_logits: Array,
+    seen: np.ndarray | Array,
+    alpha: float,
+    beta: float,
+    *,
+    xp: ArrayModule = HOST,
+    weights: Array | None = None,
 ) -> ClassProbabilities:
     """FC-CLIP's ensemble of in-vocabulary and out-of-vocabulary (CLIP) classification.
 
     ``p = softmax(log(p_in^(1-w) p_out^w))`` with ``w = alpha`` for classes seen in training
     (``seen`` [C] true) and ``beta`` otherwise; the void probability comes from the softmax of
-    the in-vocabulary logits over all C + 1 columns."""
-    p_in = softmax(in_vocab_logits[..., :-1])
-    p_out = softmax(out_vocab_logits[..., :-1])
-    w = np.where(np.asarray(seen, dtype=bool), np.float32(alpha), np.float32(beta))
-    void = softmax(in_vocab_logits)[..., -1:]
-    return ClassProbabilities(ensemble(p_in, p_out, w), void, p_in, p_out, w)
+    the in-vocabulary logits over all C + 1 columns. ``weights``: ``w`` already on ``xp``'s
+    device (:func:`ensemble_weights`), which then ignores ``seen``, ``alpha`` and ``beta``."""
+    p_in = xp.softmax(in_vocab_logits[..., :-1])
+    p_out = xp.softmax(out_vocab_logits[..., :-1])
+    w = weights if weights is not None else xp.upload(ensemble_weights(seen, alpha, beta), "constant")
+    void = xp.softmax(in_vocab_logits)[..., -1:]
+    return ClassProbabilities(ensemble(p_in, p_out, w, xp=xp), void, p_in, p_out, w)
 
 
 FUSIONS = ("out_of_vocab", "final")
 
 
-def fuse_retrieval(base: ClassProbabilities, p_ret: np.ndarray, T: float, lam: float, placement: str) -> np.ndarray:
+def fuse_retrieval(
+    base: ClassProbabilities, p_ret: Array, T: float, lam: float, placement: str, *, xp: ArrayModule = HOST
+) -> Array:
     """[Q, C] class probabilities with retrieval fused in where ``max_c p_ret >= T``.
 
     ``"out_of_vocab"`` (kNN-CLIP, Fig. 4): the out-of-vocabulary distribution becomes
@@ -96,13 +133,13 @@ def fuse_retrieval(base: ClassProbabilities, p_ret: np.ndarray, T: float, lam: f
     in-vocabulary branch still weighs in. ``"final"``: ``lam * p_ret + (1 - lam) * p`` on the
     ensembled distribution ``p``."""
     if placement == "final":
-        return ops.fuse(np.ascontiguousarray(base.classes, np.float32), p_ret, T, lam)
+        return xp.fuse(xp.contiguous(xp.astype(base.classes, "float32")), p_ret, T, lam)
     if placement != "out_of_vocab":
         raise ValueError(f"fusion placement must be one of {FUSIONS}, got {placement!r}")
     if base.p_in is None or base.p_out is None or base.w is None:
         raise ValueError("out-of-vocabulary fusion needs the ensemble's branches (from geometric_ensemble)")
-    p_out = ops.fuse(np.ascontiguousarray(base.p_out, np.float32), p_ret, T, lam)
-    return ensemble(base.p_in, p_out, base.w).astype(np.float32)
+    p_out = xp.fuse(xp.contiguous(xp.astype(base.p_out, "float32")), p_ret, T, lam)
+    return xp.astype(ensemble(base.p_in, p_out, base.w, xp=xp), "float32")
 
 
 @functools.lru_cache(maxsize=64)
@@ -153,45 +190,56 @@ FULL_MASKS_BUDGET = int(os.environ.get("KNNCLIP_MASK_BUDGET_BYTES", 512 << 20))
 class ImageMasks:
     """Stride-4 mask logits [Q, h, w] and how they map onto the image (FC-CLIP's upsample, crop
     and resize): the image-sized logits, whole when they fit :data:`FULL_MASKS_BUDGET`, else
-    band by band (:meth:`bands`)."""
+    band by band (:meth:`bands`). The logits stay where ``xp`` keeps them; the resize matrices
+    go there once per image size."""
 
     def __init__(
-        self, masks: np.ndarray, padded: tuple[int, int], resized: tuple[int, int], output: tuple[int, int]
+        self,
+        masks: Array,
+        padded: tuple[int, int],
+        resized: tuple[int, int],
+        output: tuple[int, int],
+        *,
+        xp: ArrayModule = HOST,
     ) -> None:
-        self.masks = np.ascontiguousarray(masks)
-        self.rows, self.cols = resize_matrices(tuple(masks.shape[-2:]), padded, resized, output)
+        self.xp = xp
+        self.masks = xp.contiguous(masks)
+        key = (tuple(int(n) for n in masks.shape[-2:]), tuple(padded), tuple(resized), tuple(output))
+        self.rows = xp.constant(("resize_rows", *key), lambda: resize_matrices(*key)[0])
+        self.cols = xp.constant(("resize_cols", *key), lambda: resize_matrices(*key)[1])
         self.shape = (int(masks.shape[0]), int(output[0]), int(output[1]))
-        self._full: np.ndarray | None = None
+        self._full: Array | None = None
 
     @property
     def nbytes(self) -> int:
         q, h, w = self.shape
         return q * h * w * 4
 
-    def bands(self, budget: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    def bands(self, budget: int | None = None) -> Iterator[tuple[slice, Array]]:
         """(rows of the image, their [Q, rows, W] logits), covering the image top to bottom."""
         budget = FULL_MASKS_BUDGET if budget is None else budget
         q, h, w = self.shape
         if self._full is not None or self.nbytes <= budget:
             if self._full is None:
-                self._full = ops.resample(self.masks, self.rows, self.cols)
+                self._full = self.xp.resample(self.masks, self.rows, self.cols)
             yield slice(0, h), self._full
             return
         step = max(1, budget // max(1, q * w * 4))
         for top in range(0, h, step):
-            rows = np.ascontiguousarray(self.rows[top : top + step])
-            yield slice(top, top + len(rows)), ops.resample(self.masks, rows, self.cols)
+            rows = self.xp.contiguous(self.rows[top : top + step])
+            yield slice(top, top + int(rows.shape[0])), self.xp.resample(self.masks, rows, self.cols)
 
 
-def _bands(masks: np.ndarray | ImageMasks) -> Iterator[tuple[slice, np.ndarray]]:
+def _bands(masks: Array | ImageMasks, xp: ArrayModule) -> Iterator[tuple[slice, Array]]:
     if isinstance(masks, ImageMasks):
         yield from masks.bands()
     else:
-        yield slice(0, masks.shape[-2]), np.ascontiguousarray(masks, np.float32)
+        yield slice(0, masks.shape[-2]), xp.contiguous(xp.astype(masks, "float32"))
 
 
-def _image_shape(masks: np.ndarray | ImageMasks) -> tuple[int, int]:
-    return masks.shape[-2:] if isinstance(masks, np.ndarray) else masks.shape[1:]
+def _image_shape(masks: Array | ImageMasks) -> tuple[int, int]:
+    shape = masks.shape[1:] if isinstance(masks, ImageMasks) else masks.shape[-2:]
+    return int(shape[0]), int(shape[1])
 
 
 def semantic_inference(class_probs: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -199,19 +247,19 @@ def semantic_inference(class_probs: np.ndarray, masks: np.ndarray) -> np.ndarray
     return ops.semantic_merge(np.ascontiguousarray(class_probs, np.float32), np.ascontiguousarray(masks, np.float32))
 
 
-def semantic_labels(class_probs: np.ndarray, masks: np.ndarray | ImageMasks) -> np.ndarray:
+def semantic_labels(class_probs: Array, masks: Array | ImageMasks, *, xp: ArrayModule = HOST) -> Array:
     """[H, W] int32 ``semantic_inference(class_probs, masks).argmax(0)``, without the [C, H, W]
     scores; ``masks`` image-sized logits [Q, H, W] or :class:`ImageMasks` (decided band by band)."""
-    probs = np.ascontiguousarray(class_probs, np.float32)
-    labels = np.empty(_image_shape(masks), np.int32)
-    for rows, band in _bands(masks):
-        labels[rows] = ops.semantic_argmax(probs, band)
+    probs = xp.contiguous(xp.astype(class_probs, "float32"))
+    labels = xp.empty(_image_shape(masks), "int32")
+    for rows, band in _bands(masks, xp):
+        labels[rows] = xp.semantic_argmax(probs, band)
     return labels
 
 
-def semantic_probs(mask_cls: np.ndarray) -> np.ndarray:
+def semantic_probs(mask_cls: Array, *, xp: ArrayModule = HOST) -> Array:
     """The per-query class weights of FC-CLIP's semantic inference: softmax(mask_cls)[:, :C]."""
-    return softmax(mask_cls)[:, :-1]
+    return xp.softmax(mask_cls)[:, :-1]
 
 
 @dataclass(frozen=True)
@@ -228,42 +276,52 @@ class Segment:
     query: int
 
 
+def _thing_test(is_thing: Callable[[int], bool] | Sequence[bool]) -> Callable[[int], bool]:
+    return is_thing if callable(is_thing) else (lambda c: bool(is_thing[c]))
+
+
 def panoptic_inference(
-    mask_cls: np.ndarray,
-    masks: np.ndarray | ImageMasks,
+    mask_cls: Array,
+    masks: Array | ImageMasks,
     is_thing: Callable[[int], bool] | Sequence[bool],
     object_mask_threshold: float = 0.0,
     overlap_threshold: float = 0.8,
-) -> tuple[np.ndarray, list[Segment]]:
+    *,
+    xp: ArrayModule = HOST,
+) -> tuple[Array, list[Segment]]:
     """Mask2Former's panoptic inference, as FC-CLIP runs it -> (segment ids [H, W] int32, 0 = void; segments).
 
     Queries whose best class is void, or whose score is not above ``object_mask_threshold``, are
     dropped; each pixel goes to the query with the highest score x sigmoid(mask); a query keeps the
     pixels it won where its own mask is >= 0.5 if at least ``overlap_threshold`` of its mask
     survived; stuff classes merge into one segment per class. ``masks``: image-sized logits
-    [Q, H, W], or :class:`ImageMasks` (assigned band by band)."""
-    thing = is_thing if callable(is_thing) else (lambda c: bool(is_thing[c]))
+    [Q, H, W], or :class:`ImageMasks` (assigned band by band). The segment map stays on ``xp``'s
+    device; the segment table is decided on the host from per-query counts."""
+    thing = _thing_test(is_thing)
     num_classes = mask_cls.shape[-1] - 1
-    probs = softmax(mask_cls)
-    labels = probs.argmax(-1)
-    scores = probs[np.arange(len(probs)), labels]
+    probs = xp.softmax(mask_cls)
+    best = xp.argmax(probs, axis=-1)
+    best_scores = xp.take_along(probs, best[:, None], axis=-1)[:, 0]
+    labels, scores = xp.to_host(best, "segments"), xp.to_host(best_scores, "segments")
     keep = np.flatnonzero((labels != num_classes) & (scores > object_mask_threshold))
     height, width = _image_shape(masks)
     segments: list[Segment] = []
     if len(keep) == 0:
-        return np.zeros((height, width), dtype=np.int32), segments
+        return xp.zeros((height, width), "int32"), segments
     # Each pixel goes to the query with the highest score x sigmoid(mask), and is the query's own
     # where that mask's logit is >= 0 (sigmoid >= 0.5); one pass of the compiled op per band.
-    owner = np.empty((height, width), np.int32)
-    own_at_owner = np.empty((height, width), bool)
-    original = np.zeros(len(keep), np.int64)  # pixels of each kept query's own mask
-    kept_scores, kept = scores[keep].astype(np.float32), keep.astype(np.int64)
-    for rows, band in _bands(masks):
-        owner[rows], own_at_owner[rows], band_pixels = ops.panoptic_owner(kept_scores, band, kept)
-        original += band_pixels
-    owner, own_at_owner = owner.ravel(), own_at_owner.ravel()
-    area = np.bincount(owner, minlength=len(keep))  # pixels each query won
-    region = np.bincount(owner, weights=own_at_owner, minlength=len(keep)).astype(np.int64)  # won and own
+    owner = xp.empty((height, width), "int32")
+    own_at_owner = xp.empty((height, width), "bool")
+    kept_scores = xp.upload(scores[keep].astype(np.float32), "segments")
+    kept = xp.upload(keep.astype(np.int64), "segments")
+    band_counts = []  # pixels of each kept query's own mask, per band
+    for rows, band in _bands(masks, xp):
+        owner[rows], own_at_owner[rows], band_pixels = xp.panoptic_owner(kept_scores, band, kept)
+        band_counts.append(band_pixels)
+    original = xp.to_host(xp.sum(xp.concatenate([c[None] for c in band_counts]), axis=0), "segments")
+    area = xp.to_host(xp.bincount(owner, minlength=len(keep)), "segments")  # pixels each query won
+    region = xp.to_host(xp.bincount(owner, minlength=len(keep), weights=own_at_owner), "segments")
+    region = region.astype(np.int64)  # won and own
     segment_of = np.zeros(len(keep) + 1, np.int32)  # kept query -> segment id (0: dropped)
     stuff: dict[int, int] = {}  # class -> index into segments
     for k, query in enumerate(keep):
@@ -280,8 +338,9 @@ def panoptic_inference(
             stuff[cls] = len(segments)
         segments.append(Segment(len(segments) + 1, cls, float(scores[query]), int(region[k]), isthing, int(query)))
         segment_of[k] = segments[-1].id
-    panoptic = np.where(own_at_owner, segment_of[owner], 0).astype(np.int32)
-    return panoptic.reshape(height, width), segments
+    ids = xp.take(xp.upload(segment_of, "segments"), owner)
+    panoptic = xp.where(own_at_owner, ids, xp.zeros((), "int32"))
+    return xp.astype(panoptic, "int32"), segments
 
 
 @dataclass(frozen=True)
@@ -296,43 +355,48 @@ class Instance:
 
 
 def instance_inference(
-    mask_cls: np.ndarray,
-    masks: np.ndarray | ImageMasks,
+    mask_cls: Array,
+    masks: Array | ImageMasks,
     is_thing: Callable[[int], bool] | Sequence[bool],
     topk: int = 100,
+    *,
+    xp: ArrayModule = HOST,
 ) -> list[Instance]:
     """Mask2Former's instance inference, as FC-CLIP runs it, best first.
 
     The ``topk`` (query, class) pairs by class probability (void excluded) over all queries;
     those of thing classes kept (FC-CLIP's panoptic evaluation restricts instances to things); the
     mask is the query's logits > 0 and the score the class probability times the mean sigmoid of
-    the logits inside that mask. ``masks``: image-sized logits [Q, H, W] or :class:`ImageMasks`."""
-    thing = is_thing if callable(is_thing) else (lambda c: bool(is_thing[c]))
-    probs = softmax(mask_cls)[:, :-1]
-    q, c = probs.shape
-    flat = probs.reshape(-1)
-    k = min(topk, flat.size)
+    the logits inside that mask. ``masks``: image-sized logits [Q, H, W] or :class:`ImageMasks`.
+    The masks come to the host (they are the result); the rest of the work stays on ``xp``'s."""
+    thing = _thing_test(is_thing)
+    probs = xp.softmax(mask_cls)[:, :-1]
+    q, c = (int(n) for n in probs.shape)
+    k = min(topk, q * c)
     if k == 0:
         return []
     # the top k by value; which of equal values make the cut is the one point torch leaves open
-    top = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
-    pairs = [(int(i) // c, int(i) % c, float(flat[i])) for i in top if thing(int(i) % c)]
+    values, top = xp.topk(xp.contiguous(probs).reshape(-1), k)
+    values, top = xp.to_host(values, "segments"), xp.to_host(top, "segments")
+    pairs = [(int(i) // c, int(i) % c, float(v)) for i, v in zip(top, values, strict=True) if thing(int(i) % c)]
     queries = sorted({query for query, _, _ in pairs})
     if not queries:
         return []
     h, w = _image_shape(masks)
-    binary = np.zeros((len(queries), h, w), bool)
-    prob_sum = np.zeros(len(queries), np.float64)
-    rows_of = np.asarray(queries, np.int64)
-    for rows, band in _bands(masks):
-        logits = band[rows_of]
+    binary = xp.zeros((len(queries), h, w), "bool")
+    prob_sum = xp.zeros((len(queries),), "float64")
+    rows_of = xp.upload(np.asarray(queries, np.int64), "segments")
+    for rows, band in _bands(masks, xp):
+        logits = xp.astype(xp.take(band, rows_of, axis=0), "float64")
         inside = logits > 0
         binary[:, rows] = inside
-        prob_sum += np.where(inside, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), 0.0).sum(axis=(1, 2))
-    area = binary.reshape(len(queries), -1).sum(axis=1)
-    mask_score = prob_sum / (area + 1e-6)
+        prob_sum = prob_sum + xp.sum(xp.where(inside, 1.0 / (1.0 + xp.exp(-logits)), 0.0), axis=(1, 2))
+    area = xp.to_host(xp.sum(xp.astype(binary, "int64"), axis=(1, 2)), "segments")
+    mask_score = xp.to_host(prob_sum, "segments") / (area + 1e-6)
+    binary_host = xp.to_host(binary, "result")
     slot = {query: i for i, query in enumerate(queries)}
     found = [
-        Instance(cls, score * float(mask_score[slot[query]]), query, binary[slot[query]]) for query, cls, score in pairs
+        Instance(cls, score * float(mask_score[slot[query]]), query, binary_host[slot[query]])
+        for query, cls, score in pairs
     ]
     return sorted(found, key=lambda inst: -inst.score)

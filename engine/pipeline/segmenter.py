@@ -21,7 +21,7 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -30,10 +30,12 @@ from knnclip.engine.database import Database
 from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.errors import InvalidInputError, KnnclipError, UnknownClassError
 from knnclip.engine.pipeline import growth, stages
+from knnclip.engine.pipeline.arrays import ArrayModule
 from knnclip.engine.pipeline.classifier import Classifier, ClassifierCache
 from knnclip.engine.pipeline.models import ModelSet
 from knnclip.engine.pipeline.preprocess import ImageInput, load_image
 from knnclip.engine.pipeline.results import Evidence, PanopticSegment, Result
+from knnclip.engine.pipeline.search import DeviceScan, device_scan_for
 from knnclip.engine.pipeline.stages import Proposal
 from knnclip.engine.pipeline.timing import Timer
 from knnclip.engine.text.textbank import TextBank
@@ -60,6 +62,8 @@ class Segmenter:
         *,
         text_cache: str | os.PathLike[str] | None = "default",
         owns_database: bool = False,
+        arrays: ArrayModule | None = None,
+        device_scan: bool | None = None,
     ) -> None:
         if database.dim != models.embedding_dim:
             raise InvalidInputError(
@@ -76,6 +80,12 @@ class Segmenter:
         self._owns_database = owns_database
         self._owns_models = True
         self._classifiers = ClassifierCache(self.text, models.head)
+        # Where the pipeline's arrays live (``models.array_module()``: the models' GPU when their
+        # outputs can stay there), and the flat database's copy there for search: by default
+        # wherever the arrays are on a device (``device_scan=True`` scans on the host too).
+        self.xp = arrays if arrays is not None else models.array_module()
+        self._device_scan = device_scan
+        self._scan: DeviceScan | None = device_scan_for(database, self.xp, device_scan)
 
     @classmethod
     def from_dir(
@@ -124,6 +134,7 @@ class Segmenter:
         other = copy.copy(self)
         other.db, other._owns_database, other._owns_models = database, False, False
         other._classifiers = ClassifierCache(self.text, self.models.head)
+        other._scan = device_scan_for(database, self.xp, self._device_scan)
         return other
 
     def close(self) -> None:
@@ -171,7 +182,7 @@ class Segmenter:
         ``panoptic=False`` the panoptic inference is skipped (``panoptic`` all void, no segments);
         with ``instance=True`` FC-CLIP's instance inference fills ``Result.instances``."""
         wanted = {"panoptic": panoptic, "instance": instance}
-        timer = Timer()
+        timer = self._timer()
         with timer.stage("total"):
             with timer.stage("decode"):
                 pixels = load_image(image, name)
@@ -202,7 +213,7 @@ class Segmenter:
         decoded: list[tuple[int, str, np.ndarray, Timer]] = []
         for i, image in enumerate(images):
             name = str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}"
-            timer = Timer()
+            timer = self._timer()
             try:
                 with timer.stage("decode"):
                     decoded.append((i, name, load_image(image, name), timer))
@@ -227,11 +238,20 @@ class Segmenter:
     def propose(
         self, images: Sequence[np.ndarray], timer: Timer, per_image: Sequence[Timer] | None = None
     ) -> list[Proposal]:
-        """:func:`stages.propose` with this segmenter's models, classifier and mask threshold."""
-        return stages.propose(self.models, self.classifier(), images, self.config.mask_threshold, timer, per_image)
+        """:func:`stages.propose` with this segmenter's models, classifier and mask threshold, on
+        its array module (:attr:`xp`)."""
+        classifier, threshold = self.classifier(), self.config.mask_threshold
+        return stages.propose(self.models, classifier, images, threshold, timer, per_image, xp=self.xp)
+
+    def retrieve(self, queries: Any, k: int) -> tuple[Any, Any]:
+        """:func:`stages.retrieve` in this segmenter's database, where the queries are."""
+        return stages.retrieve(self.db, queries, k, xp=self.xp, scan=self._scan)
+
+    def _timer(self) -> Timer:
+        return Timer(None if self.xp.on_host else self.xp.synchronize)
 
     def _segment_or_error(self, pixels: np.ndarray, wanted: dict[str, bool]) -> Result | KnnclipError:
-        timer = Timer()
+        timer = self._timer()
         try:
             with timer.stage("total"):
                 result = self._segment_pixels(pixels, timer, wanted)
@@ -242,13 +262,13 @@ class Segmenter:
 
     def _segment_chunk(self, batch: list[np.ndarray], wanted: dict[str, bool]) -> list[Result]:
         """One batch through the models and one search; then each image on its own."""
-        shared, own = Timer(), [Timer() for _ in batch]
+        shared, own = self._timer(), [self._timer() for _ in batch]
         proposals = self.propose(batch, shared, own)
         with shared.stage("search"):
-            sims, labels = stages.retrieve(self.db, np.concatenate([p.queries for p in proposals]), self.config.k)
+            sims, labels = self.retrieve(self.xp.concatenate([p.queries for p in proposals]), self.config.k)
         results, row = [], 0
         for p, timer in zip(proposals, own, strict=True):
-            rows = slice(row, row + len(p.queries))
+            rows = slice(row, row + int(p.queries.shape[0]))
             row = rows.stop
             before = timer.total()  # classify and pool
             with timer.stage("total"):
@@ -261,7 +281,7 @@ class Segmenter:
     def _segment_pixels(self, pixels: np.ndarray, timer: Timer, wanted: dict[str, bool]) -> Result:
         (proposal,) = self.propose([pixels], timer)
         with timer.stage("search"):
-            sims, labels = stages.retrieve(self.db, proposal.queries, self.config.k)
+            sims, labels = self.retrieve(proposal.queries, self.config.k)
         return stages.decide(self.models.head, proposal, sims, labels, self.config, timer, **wanted)
 
     # Growing the database ----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -19,8 +19,10 @@ class Timer:
     (['decode'], True)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
         self.ms: dict[str, float] = {}
+        # On a device, work is queued: a stage ends when its work is done (``ArrayModule.synchronize``).
+        self.synchronize = synchronize
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -28,6 +30,8 @@ class Timer:
         try:
             yield
         finally:
+            if self.synchronize is not None:
+                self.synchronize()
             self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
 
     def total(self) -> float:
