@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from knnclip.engine.backends.onnxruntime import device_input
+from knnclip.engine.backends.device_buffer import device_input
 from knnclip.engine.errors import InvalidInputError
 
 
@@ -61,6 +61,22 @@ def test_neither_cai_nor_dlpack_is_refused():
         device_input([1.0, 2.0], "x", np.dtype(np.float32))
 
 
+class FakeOrtValue:
+    """An OrtValue on a CUDA device, as IO binding's get_outputs hands it back."""
+
+    def __init__(self, kind="tensor(float)"):
+        self.kind = kind
+
+    def data_ptr(self):
+        return 0x7F0000001000
+
+    def shape(self):
+        return [1, 250, 64, 96]
+
+    def data_type(self):
+        return self.kind
+
+
 class _FakeBinding:
     def __init__(self, log):
         self.log = log
@@ -69,7 +85,7 @@ class _FakeBinding:
         return lambda *args, **kwargs: self.log.append(name)
 
     def get_outputs(self):
-        return ["out"]
+        return [FakeOrtValue()]
 
 
 class _FakeInferenceSession:
@@ -139,6 +155,22 @@ def test_bound_inputs_are_synchronised_before_the_run(cuda_build, tmp_path):
 
     cuda_build.loaded = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     session = OrtSession(tmp_path, MANIFEST, "cuda")
-    session.infer_device({"images": FakeCudaArray((1, 3, 64, 64))})
+    out = session.infer_device({"images": FakeCudaArray((1, 3, 64, 64))})
+    assert session.device_outputs and all(v.__cuda_array_interface__["shape"] == (1, 250, 64, 96) for v in out.values())
     log = cuda_build.created[0].log
     assert "synchronize_inputs" in log and log.index("synchronize_inputs") < log.index("run"), log
+
+
+def test_an_ort_value_on_the_device_becomes_a_buffer_that_keeps_it():
+    """What ONNX Runtime's IO binding hands back (an OrtValue on CUDA) is exposed to torch and
+    CuPy through __cuda_array_interface__ with its address, shape and dtype, and kept alive."""
+    from knnclip.engine.backends.onnxruntime import ort_value_buffer
+    from knnclip.engine.errors import BackendUnavailableError
+
+    value = FakeOrtValue("tensor(float16)")
+    buffer = ort_value_buffer(value, 1)
+    cai = buffer.__cuda_array_interface__
+    assert cai["data"] == (0x7F0000001000, False) and cai["shape"] == (1, 250, 64, 96) and cai["typestr"] == "<f2"
+    assert buffer.owner is value and buffer.__dlpack_device__() == (2, 1) and buffer.nbytes == 250 * 64 * 96 * 2
+    with pytest.raises(BackendUnavailableError, match="tensor\\(string\\)"):
+        ort_value_buffer(FakeOrtValue("tensor(string)"), 0)

@@ -269,3 +269,29 @@ def test_auto_backend_falls_back_when_a_runtime_fails_to_open(monkeypatch, tmp_p
     session.close()
     with pytest.raises(RuntimeError, match="insufficient"):
         backends.open_session(tmp_path / "dinov2", "onnxruntime", "cpu")
+
+
+def test_device_outputs_stay_on_the_device_in_buffers_of_their_own(monkeypatch, tmp_path):
+    """infer_device: a CUDA input is read in place (its address given to TensorRT, nothing copied
+    in), each output is a fresh allocation handed over as a DeviceBuffer with the shape TensorRT
+    resolved, so a second call cannot overwrite the first one's outputs, and nothing is copied out."""
+    import sys
+
+    from knnclip.engine.backends.device_buffer import DeviceBuffer
+    from knnclip.engine.backends.tensorrt.session import TensorRTSession
+    from tests.test_onnxruntime_device import FakeCudaArray
+
+    engine, pushes = _Engine(), []
+    fake_tensorrt_modules(monkeypatch, engine, pushes)
+    _PINNED.clear()
+    session = TensorRTSession(tmp_path, IMAGE_MANIFEST, b"plan")
+    assert session.device_outputs
+    images = FakeCudaArray((2, 3, 64, 96))
+    first = session.infer_device({"images": images})["masks"]
+    second = session.infer_device({"images": images})["masks"]
+    assert isinstance(first, DeviceBuffer) and first.shape == (2, 5, 16, 24) and first.dtype == np.float32
+    assert first.pointer != second.pointer and first.owner is not second.owner
+    assert first.__cuda_array_interface__["data"] == (first.pointer, False)
+    assert engine.context.addresses["images"] == images.array.ctypes.data, "the input is read in place"
+    assert sys.modules["pycuda.driver"].device_memory == {} and _PINNED == [], "no host copy either way"
+    session.close()

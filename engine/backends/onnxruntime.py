@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from knnclip.engine.backends.base import Session
+from knnclip.engine.backends.device_buffer import DeviceBuffer, cuda_array, device_input
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
 
 _PROVIDERS = {
@@ -66,84 +66,6 @@ def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
-
-
-@dataclass(frozen=True)
-class DeviceInput:
-    """A CUDA input as IO binding takes it: address, shape, device; ``keep`` holds its owner."""
-
-    pointer: int
-    shape: tuple[int, ...]
-    device_id: int
-    keep: Any
-
-
-def cuda_array(value: Any, name: str) -> Any:
-    """``value`` with ``__cuda_array_interface__``: as it is, or a DLPack-only array read through
-    torch; anything else is refused."""
-    if hasattr(value, "__cuda_array_interface__"):
-        return value
-    if not hasattr(value, "__dlpack__"):
-        raise InvalidInputError(f"input {name!r}: a NumPy array or a CUDA array (CAI or DLPack), got {type(value)}")
-    try:
-        import torch
-    except ImportError:
-        raise BackendUnavailableError("a DLPack-only CUDA input needs torch to be read (pip install torch)") from None
-    value = torch.from_dlpack(value)
-    if not hasattr(value, "__cuda_array_interface__"):
-        raise InvalidInputError(f"input {name!r} is not on a CUDA device")
-    return value
-
-
-def _synchronize_stream(stream: int) -> None:
-    """Wait for the work queued on a producer's CUDA stream (a handle from CAI v3)."""
-    try:
-        import torch
-    except ImportError:
-        raise BackendUnavailableError(
-            "an input written on a side stream needs torch to wait for that stream; synchronise it first"
-        ) from None
-    torch.cuda.ExternalStream(stream).synchronize()
-
-
-def device_input(
-    value: Any, name: str, dtype: np.dtype, synchronize: Callable[[int], None] = _synchronize_stream
-) -> DeviceInput:
-    """What ONNX Runtime's IO binding needs of a CUDA array: its address, shape and device.
-
-    DLPack-only arrays are read through torch; a non-contiguous array is made contiguous
-    by its own library (``.contiguous()``) or refused, never read with the wrong strides; a
-    ``__cuda_array_interface__`` v3 stream is synchronised first, since ONNX Runtime runs on its
-    own stream; the device comes from ``__dlpack_device__`` (or the array's ``device``)."""
-    value = cuda_array(value, name)
-    cai = value.__cuda_array_interface__
-    shape = tuple(int(d) for d in cai["shape"])
-    if np.dtype(cai["typestr"]) != dtype:
-        raise InvalidInputError(f"input {name!r} is {np.dtype(cai['typestr'])}, the model takes {dtype}")
-    strides = cai.get("strides")
-    if strides is not None and tuple(strides) != _c_strides(shape, dtype.itemsize):
-        if not hasattr(value, "contiguous"):
-            raise InvalidInputError(f"input {name!r} is not contiguous: make it contiguous first")
-        value = value.contiguous()
-        cai = value.__cuda_array_interface__
-    stream = cai.get("stream")
-    if stream is not None and int(stream) > 2:  # 1 and 2 are the default streams
-        synchronize(int(stream))
-    if hasattr(value, "__dlpack_device__"):
-        device_id = int(value.__dlpack_device__()[1])
-    else:
-        device = getattr(value, "device", None)
-        device_id = int(getattr(device, "index", None) or getattr(device, "id", None) or 0)
-    return DeviceInput(int(cai["data"][0]), shape, device_id, value)
-
-
-def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """C-order strides in bytes (an axis of length 1 can have any stride; CAI writes them anyway)."""
-    out, step = [], itemsize
-    for d in reversed(shape):
-        out.append(step)
-        step *= d
-    return tuple(reversed(out))
 
 
 class OrtSession(Session):
@@ -204,10 +126,13 @@ class OrtSession(Session):
         values = self._session.run(self._output_names, arrays)
         return dict(zip(self._output_names, values, strict=True))
 
-    def infer_device(self, feed: Mapping[str, Any]) -> dict[str, Any]:
-        """Inputs on the GPU in, outputs left on the GPU (``OrtValue``; ``.numpy()`` copies to host)."""
-        import onnxruntime as ort
+    @property
+    def device_outputs(self) -> bool:
+        return self.device == "cuda"
 
+    def infer_device(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        """Inputs on the GPU in, outputs left on the GPU: :class:`DeviceBuffer` views of the
+        ``OrtValue`` each output was bound to (which they keep alive). On the CPU, :meth:`infer`."""
         if self.device == "cpu":
             return self.infer(feed)
         # DLPack-only inputs read as CUDA arrays first, so that validation sees their shape and dtype.
@@ -238,11 +163,25 @@ class OrtSession(Session):
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        outputs: list[ort.OrtValue] = binding.get_outputs()
-        return dict(zip(self._output_names, outputs, strict=True))
+        return {name: ort_value_buffer(value, self.device_id) for name, value in zip(self._output_names,
+                binding.get_outputs(), strict=True)}  # fmt: skip
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"OrtSession({self.kind}, providers={getattr(self, 'providers', None)}, {self.directory})"
+
+
+def ort_value_buffer(value: Any, device_id: int) -> DeviceBuffer:
+    """An ``OrtValue`` on a CUDA device as a :class:`DeviceBuffer` that keeps it alive."""
+    name = ORT_ELEMENT_TYPES.get(value.data_type())
+    if name is None:
+        raise BackendUnavailableError(f"an ONNX Runtime output of type {value.data_type()} has no NumPy dtype here")
+    dtype = np.dtype(name)
+    return DeviceBuffer(value.data_ptr(), tuple(value.shape()), dtype, device_id, value)
+
+
+# OrtValue.data_type() strings of the tensor types the models produce
+ORT_ELEMENT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                     "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8"}  # fmt: skip

@@ -45,6 +45,10 @@ class TorchSession(Session):
         tensors = [self._torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(self._device) for s in self.inputs]
         return {k: v.cpu().numpy() for k, v in self._forward(tensors).items()}
 
+    @property
+    def device_outputs(self) -> bool:
+        return self._device.type == "cuda"
+
     def infer_device(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         """Tensors (or anything DLPack exports) in, torch tensors on the session's device out."""
         self.validate(feed)

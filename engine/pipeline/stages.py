@@ -96,7 +96,11 @@ def infer(session: Session, feed: dict[str, np.ndarray], xp: ArrayModule) -> dic
     image) and the outputs left on the device (``Session.infer_device``)."""
     if xp.on_host:
         return session.infer(feed)
-    outputs = session.infer_device({name: xp.upload(value, "image") for name, value in feed.items()})
+    inputs = {name: xp.upload(value, "image") for name, value in feed.items()}
+    # A runtime reads its inputs on a stream of its own, which torch's CUDA array interface (v2,
+    # no stream) cannot order: the uploads are finished first.
+    xp.synchronize()
+    outputs = session.infer_device(inputs)
     return {name: xp.adopt(value) for name, value in outputs.items()}
 
 

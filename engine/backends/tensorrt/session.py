@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.backends.base import Session
+from knnclip.engine.backends.device_buffer import DeviceBuffer, cuda_array, device_input
 from knnclip.engine.backends.tensorrt.cache import EngineCache
 from knnclip.engine.errors import ArtifactCorruptError, BackendUnavailableError, InvalidInputError
 
@@ -54,7 +55,8 @@ class TensorRTSession(Session):
         # The device's primary context, shared with torch and ONNX Runtime (pycuda.autoinit would
         # make a private one, current on the importing thread only); pushed around every call.
         cuda.init()
-        self._ctx = cuda.Device(0).retain_primary_context()
+        self._device_id = 0
+        self._ctx = cuda.Device(self._device_id).retain_primary_context()
         self._ctx.push()
         try:
             self._logger = trt.Logger(trt.Logger.WARNING)
@@ -108,6 +110,75 @@ class TensorRTSession(Session):
             buffer = self._pinned[name] = self._cuda.pagelocked_empty(max(nbytes, 1), np.uint8)
         return buffer[:nbytes]
 
+    def _set_input(self, name: str, value: Any) -> Any:
+        """Give TensorRT ``value``'s shape and address: a host array is staged and copied into the
+        session's buffer on its stream, a CUDA array is read in place. Returns what must stay alive
+        until the run is done."""
+        shape = tuple(int(d) for d in value.shape)
+        smallest, largest = self._profiles[name]
+        if any(a < lo or a > hi for a, lo, hi in zip(shape, smallest, largest, strict=True)):
+            raise InvalidInputError(
+                f"{self}: input {name!r} of shape {list(shape)} is outside the engine's "
+                f"profile ({list(smallest)} to {list(largest)}); rebuild the engine for it"
+            )
+        if not self._context.set_input_shape(name, shape):
+            raise InvalidInputError(f"{self}: TensorRT refused the shape {list(shape)} of {name!r}")
+        if not isinstance(value, np.ndarray):
+            item = device_input(value, name, self._dtypes[name])
+            if not self._context.set_tensor_address(name, item.pointer):
+                raise BackendUnavailableError(f"{self}: TensorRT refused the address of tensor {name!r}")
+            return item.keep
+        array = np.ascontiguousarray(value)
+        self._buffer(name, array.nbytes)
+        staged = self._staging(name, array.nbytes)
+        staged[:] = array.reshape(-1).view(np.uint8)
+        self._cuda.memcpy_htod_async(self._buffers[name], staged, self._stream)
+        return array
+
+    def _output_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for spec in self.outputs:
+            shape = tuple(int(d) for d in self._context.get_tensor_shape(spec.name))
+            if any(d < 0 for d in shape):
+                raise BackendUnavailableError(f"{self}: TensorRT left the shape of {spec.name!r} unresolved")
+            shapes[spec.name] = shape
+        return shapes
+
+    def _execute(self) -> None:
+        if not self._context.execute_async_v3(self._stream.handle):
+            raise BackendUnavailableError(f"{self}: TensorRT failed to run the engine")
+
+    @property
+    def device_outputs(self) -> bool:
+        return True
+
+    def infer_device(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        """Inputs on the GPU (read in place) or on the host (copied in), outputs left on the GPU:
+        each in a buffer of its own (:class:`DeviceBuffer`, owning its pycuda allocation), so the
+        next call cannot overwrite what the caller holds. The producer of a CUDA input must have
+        finished writing it (the pipeline synchronises its stream before each model call)."""
+        feed = {name: v if isinstance(v, np.ndarray) else cuda_array(v, name) for name, v in feed.items()}
+        self.validate(feed)
+        with self._lock:
+            if self._ctx is None:
+                raise BackendUnavailableError(f"{self} is closed")
+            self._ctx.push()
+            try:
+                kept = [self._set_input(spec.name, feed[spec.name]) for spec in self.inputs]
+                outputs = {}
+                for name, shape in self._output_shapes().items():
+                    dtype = self._dtypes[name]
+                    allocation = self._cuda.mem_alloc(max(int(np.prod(shape)) * dtype.itemsize, 1))
+                    if not self._context.set_tensor_address(name, int(allocation)):
+                        raise BackendUnavailableError(f"{self}: TensorRT refused the address of tensor {name!r}")
+                    outputs[name] = DeviceBuffer(int(allocation), shape, dtype, self._device_id, allocation)
+                self._execute()
+                self._stream.synchronize()  # the outputs are ready, and the inputs no longer read
+                del kept
+                return outputs
+            finally:
+                self._ctx.pop()
+
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         cuda = self._cuda
         with self._lock:
@@ -115,38 +186,18 @@ class TensorRTSession(Session):
                 raise BackendUnavailableError(f"{self} is closed")
             self._ctx.push()
             try:
-                for spec in self.inputs:
-                    array = np.ascontiguousarray(feed[spec.name])
-                    smallest, largest = self._profiles[spec.name]
-                    outside = any(a < lo or a > hi for a, lo, hi in zip(array.shape, smallest, largest, strict=True))
-                    if outside:
-                        raise InvalidInputError(
-                            f"{self}: input {spec.name!r} of shape {list(array.shape)} is outside the engine's "
-                            f"profile ({list(smallest)} to {list(largest)}); rebuild the engine for it"
-                        )
-                    if not self._context.set_input_shape(spec.name, array.shape):
-                        raise InvalidInputError(
-                            f"{self}: TensorRT refused the shape {list(array.shape)} of {spec.name!r}"
-                        )
-                    self._buffer(spec.name, array.nbytes)
-                    staged = self._staging(spec.name, array.nbytes)
-                    staged[:] = array.reshape(-1).view(np.uint8)
-                    cuda.memcpy_htod_async(self._buffers[spec.name], staged, self._stream)
-                shapes = {}
-                for spec in self.outputs:
-                    shape = tuple(int(d) for d in self._context.get_tensor_shape(spec.name))
-                    if any(d < 0 for d in shape):
-                        raise BackendUnavailableError(f"{self}: TensorRT left the shape of {spec.name!r} unresolved")
-                    shapes[spec.name] = shape
-                    self._buffer(spec.name, int(np.prod(shape)) * self._dtypes[spec.name].itemsize)
-                if not self._context.execute_async_v3(self._stream.handle):
-                    raise BackendUnavailableError(f"{self}: TensorRT failed to run the engine")
+                kept = [self._set_input(spec.name, feed[spec.name]) for spec in self.inputs]
+                shapes = self._output_shapes()
+                for name, shape in shapes.items():
+                    self._buffer(name, int(np.prod(shape)) * self._dtypes[name].itemsize)
+                self._execute()
                 staged_out = {}
                 for spec in self.outputs:
                     nbytes = int(np.prod(shapes[spec.name])) * self._dtypes[spec.name].itemsize
                     staged_out[spec.name] = self._staging(spec.name, nbytes)
                     cuda.memcpy_dtoh_async(staged_out[spec.name], self._buffers[spec.name], self._stream)
                 self._stream.synchronize()
+                del kept  # the inputs are no longer read
                 # Copied out of the staging buffers, which the next call reuses.
                 return {name: staged.view(self._dtypes[name]).reshape(shapes[name]).copy()
                         for name, staged in staged_out.items()}  # fmt: skip
