@@ -17,7 +17,8 @@ class BuildInfo(TypedDict):
     compiler: str
 
 class DeviceArray:
-    """float32 result of a CUDA op; zero-copy into torch/CuPy via __cuda_array_interface__ or DLPack.
+    """Result of a CUDA op (float32; int32, bool or int64 labels and counts); zero-copy into
+    torch/CuPy via __cuda_array_interface__ or DLPack.
 
     The memory returns to the stream-ordered pool, on the ops' stream, when the last reference
     (this object or an array made from it) goes: a consumer's work on another stream that reads
@@ -33,7 +34,7 @@ class DeviceArray:
     def __cuda_array_interface__(self) -> dict[str, Any]: ...
     def __dlpack__(self, **kwargs: Any) -> Any: ...
     def __dlpack_device__(self) -> tuple[int, int]: ...
-    def numpy(self) -> npt.NDArray[np.float32]: ...
+    def numpy(self) -> npt.NDArray[Any]: ...
 
 # NumPy arrays go to the CPU kernels; CUDA arrays (__cuda_array_interface__ or DLPack) to the
 # CUDA kernels, which return a DeviceArray.
@@ -49,19 +50,34 @@ def mask_pool(features: Array, mask_logits: Array, threshold: float = 0.0, *, ch
 def retrieval_probs(sims: Array, labels: Array, num_classes: int, tau: float) -> Array: ...
 def fuse(p_base: Array, p_ret: Array, T: float, lam: float, *, check: bool = True) -> Array: ...
 def semantic_merge(class_probs: Array, mask_logits: Array, *, check: bool = True) -> Array: ...
-def semantic_argmax(
-    class_probs: npt.NDArray[Any], mask_logits: npt.NDArray[Any], *, check: bool = True
-) -> npt.NDArray[np.int32]: ...
-def resample(
-    x: npt.NDArray[Any], rows: npt.NDArray[np.float32], cols: npt.NDArray[np.float32], *, check: bool = True
-) -> npt.NDArray[np.float32]: ...
+def semantic_argmax(class_probs: Array, mask_logits: Array, *, check: bool = True) -> Array: ...
+def resample(x: Array, rows: Array, cols: Array, *, check: bool = True) -> Array: ...
 def panoptic_owner(
-    scores: npt.NDArray[np.float32],
-    mask_logits: npt.NDArray[Any],
-    queries: npt.NDArray[np.int64],
-    *,
-    check: bool = True,
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.int64]]: ...
+    scores: Array, mask_logits: Array, queries: Array, *, check: bool = True
+) -> tuple[Array, Array, Array]: ...
+
+class device_bodies:  # noqa: N801 - a submodule: the CUDA kernels' bodies built for the host
+    @staticmethod
+    def resample(
+        x: npt.NDArray[np.float32], rows: npt.NDArray[np.float32], cols: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float32]: ...
+    @staticmethod
+    def semantic_argmax(
+        class_probs: npt.NDArray[np.float32], mask_logits: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.int32]: ...
+    @staticmethod
+    def panoptic_owner(
+        scores: npt.NDArray[np.float32], mask_logits: npt.NDArray[np.float32], queries: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.int64]]: ...
+    @staticmethod
+    def fuse(
+        p_base: npt.NDArray[np.float32], p_ret: npt.NDArray[np.float32], T: float, lam: float
+    ) -> npt.NDArray[np.float32]: ...
+    @staticmethod
+    def binarize(
+        mask_logits: npt.NDArray[np.float32], height: int, width: int, threshold: float = 0.0
+    ) -> npt.NDArray[np.bool_]: ...
+
 def crc32c(data: Any, value: int = 0, *, implementation: str = "auto") -> int:
     """CRC-32C (Castagnoli) of a C-contiguous buffer; pass the previous result as `value` to extend it."""
 

@@ -144,18 +144,20 @@ Tensor from_cuda_array_interface(py::handle obj, const std::string& op, const ch
 #endif
 }
 
-Tensor from_dlpack_cuda(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
+Tensor from_dlpack_cuda(py::handle obj, const std::string& op, const char* name, Allowed allowed, int device) {
 #ifndef KNNCLIP_WITH_CUDA
   (void)obj;
   (void)allowed;
+  (void)device;
   no_cuda(op, name);
 #else
-  // stream=1: the consumer's stream is the legacy default stream (where our kernels run), so the
-  // producer orders its pending work before it (current torch does not synchronise otherwise).
-  // A producer that predates the argument is asked without it.
+  // stream=: the ops' stream on the array's device, so the producer orders its pending work before
+  // ours (torch records an event on its current stream and makes ours wait for it). A producer
+  // that predates the argument is asked without it.
   py::object exported;
   try {
-    exported = obj.attr("__dlpack__")(py::arg("stream") = 1);
+    const uintptr_t stream = knnclip::cuda::stream_handle(device < 0 ? 0 : device);
+    exported = obj.attr("__dlpack__")(py::arg("stream") = py::int_(stream));
   } catch (py::error_already_set& e) {
     if (!e.matches(PyExc_TypeError)) throw;
     exported = obj.attr("__dlpack__")();
@@ -184,13 +186,22 @@ Tensor from_dlpack_cuda(py::handle obj, const std::string& op, const char* name,
 
 }  // namespace
 
+// Whether an array's __cuda_array_interface__ says which stream its producer wrote on (v3 with a
+// `stream` entry, None meaning no synchronisation is needed). torch's is version 2, without one.
+static bool names_stream(py::handle obj) {
+  py::dict cai = obj.attr("__cuda_array_interface__").cast<py::dict>();
+  return cai.contains("stream");
+}
+
 Tensor parse(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
   if (py::isinstance<py::array>(obj)) return from_numpy(obj, op, name, allowed);
-  if (py::hasattr(obj, "__cuda_array_interface__")) return from_cuda_array_interface(obj, op, name, allowed);
+  const bool dlpack = py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__");
+  if (py::hasattr(obj, "__cuda_array_interface__") && !(dlpack && !names_stream(obj)))
+    return from_cuda_array_interface(obj, op, name, allowed);
   if (py::hasattr(obj, "__dlpack_device__")) {
     const py::tuple dev = obj.attr("__dlpack_device__")().cast<py::tuple>();
     const int type = dev[0].cast<int>();
-    if (type == kDLCUDA || type == kDLCUDAManaged) return from_dlpack_cuda(obj, op, name, allowed);
+    if (type == kDLCUDA || type == kDLCUDAManaged) return from_dlpack_cuda(obj, op, name, allowed, dev[1].cast<int>());
     if (type == kDLCPU) {
       py::object arr = py::module_::import("numpy").attr("from_dlpack")(obj);
       return from_numpy(arr, op, name, allowed);
@@ -244,18 +255,18 @@ void check_host_finite(const std::string& op, const char* name, const Tensor& t)
 }
 
 
-Output make_output(const std::vector<int64_t>& shape, int device) {
+Output make_output(const std::vector<int64_t>& shape, int device, Element element) {
 #ifdef KNNCLIP_WITH_CUDA
   if (device >= 0) {
-    auto arr = std::make_shared<knnclip::DeviceArray>(shape, device);
-    float* data = arr->data();
-    return {py::cast(arr), data};
+    auto arr = std::make_shared<knnclip::DeviceArray>(shape, device, element);
+    return {py::cast(arr), arr->data(), arr->raw()};
   }
 #endif
   (void)device;
-  py::array_t<float> arr(shape);
-  float* data = arr.mutable_data();
-  return {std::move(arr), data};
+  const char* names[] = {"float32", "int32", "bool", "int64"};
+  py::array arr(py::dtype(names[static_cast<int>(element)]), shape);
+  void* raw = arr.mutable_data();
+  return {std::move(arr), static_cast<float*>(raw), raw};
 }
 
 }  // namespace knnclip::args

@@ -58,12 +58,13 @@ void require_finite_scalar(const std::string& op, const char* name, double v);
 void raise_flags(const std::string& op, uint32_t flags, const char* what);
 void check_host_finite(const std::string& op, const char* name, const Tensor& t);
 
-// A float32 result: a NumPy array on the host or a DeviceArray on `device`.
+// A result: a NumPy array on the host or a DeviceArray on `device` (float32 unless `element`).
 struct Output {
   py::object object;
-  float* data;
+  float* data;  // where the element type is float32
+  void* raw;
 };
-Output make_output(const std::vector<int64_t>& shape, int device);
+Output make_output(const std::vector<int64_t>& shape, int device, Element element = Element::F32);
 
 // Runs an op's kernel without the GIL: `on_device` when the arguments live on CUDA device
 // `device` (>= 0), `on_host` otherwise; each returns the kernel's error flags, which become the

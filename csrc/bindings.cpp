@@ -18,6 +18,7 @@
 #include "common.h"
 #include "cpu/ops_cpu.h"
 #include "array_args.h"
+#include "kernels/host_build.h"
 #include "util/convert.h"
 #include "util/crc32c.h"
 #ifdef KNNCLIP_WITH_CUDA
@@ -163,31 +164,28 @@ py::object semantic_merge(py::handle probs_obj, py::handle logits_obj, bool chec
   return out.object;
 }
 
-// The three post-processing ops below run on the CPU only: on a GPU, torch / CuPy do the same.
-void host_only(const std::string& op, int device) {
-  if (device >= 0)
-    fail_type(op, "runs on the CPU only (NumPy arrays); on a GPU resize and assign with torch or CuPy");
-}
-
-py::array_t<int32_t> semantic_argmax(py::handle probs_obj, py::handle logits_obj, bool check) {
+py::object semantic_argmax(py::handle probs_obj, py::handle logits_obj, bool check) {
   const std::string op = "semantic_argmax";
   MergeInputs in = parse_merge_inputs(op, probs_obj, logits_obj);
   const Tensor &p = in.p, &l = in.l;
   const int64_t N = in.N, C = in.C, H = in.H, W = in.W;
-  host_only(op, common_device(op, {&p, &l}));
+  const int device = common_device(op, {&p, &l});
   if (C < 1) fail_value(op, "needs at least one class");
   if (C > INT32_MAX) fail_value(op, "more than 2^31 classes");
-  if (check) {
+  if (device < 0 && check) {
     check_host_finite(op, "class_probs", p);
     check_host_finite(op, "mask_logits", l);
   }
-  py::array_t<int32_t> labels({H, W});
-  int32_t* out = labels.mutable_data();
-  {
-    py::gil_scoped_release release;
-    knnclip::cpu::semantic_argmax(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out);
-  }
-  return labels;
+  Output labels = make_output({H, W}, device, knnclip::Element::I32);
+  auto* out = static_cast<int32_t*>(labels.raw);
+  run_kernel(op, device, "class_probs or mask_logits",
+             KNNCLIP_CUDA_KERNEL(knnclip::cuda::semantic_argmax(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out,
+                                                                device, check)),
+             [&] {
+               knnclip::cpu::semantic_argmax(p.data, p.dtype, l.data, l.dtype, N, C, H * W, out);
+               return 0u;
+             });
+  return labels.object;
 }
 
 py::object resample(py::handle x_obj, py::handle rows_obj, py::handle cols_obj, bool check) {
@@ -198,23 +196,27 @@ py::object resample(py::handle x_obj, py::handle rows_obj, py::handle cols_obj, 
   expect_ndim(op, "x", x, {3}, "[N, h, w]");
   expect_ndim(op, "rows", r, {2}, "[H, h]");
   expect_ndim(op, "cols", c, {2}, "[W, w]");
-  host_only(op, common_device(op, {&x, &r, &c}));
+  const int device = common_device(op, {&x, &r, &c});
   if (r.dtype != DType::F32 || c.dtype != DType::F32) fail_type(op, "rows and cols must be float32");
   const int64_t N = x.dim(0), h = x.dim(1), w = x.dim(2), H = r.dim(0), W = c.dim(0);
   if (r.dim(1) != h || c.dim(1) != w)
     fail_value(op, "rows " + shape_str(r.shape) + " and cols " + shape_str(c.shape) + " do not match x " +
                        shape_str(x.shape) + " (need [H, h] and [W, w])");
-  if (check) {
+  if (device < 0 && check) {
     check_host_finite(op, "x", x);
     check_host_finite(op, "rows", r);
     check_host_finite(op, "cols", c);
   }
-  Output out = make_output({N, H, W}, -1);
-  {
-    py::gil_scoped_release release;
-    knnclip::cpu::resample(x.data, x.dtype, N, h, w, static_cast<const float*>(r.data), H,
-                           static_cast<const float*>(c.data), W, out.data);
-  }
+  Output out = make_output({N, H, W}, device);
+  const auto* rows = static_cast<const float*>(r.data);
+  const auto* cols = static_cast<const float*>(c.data);
+  run_kernel(op, device, "x, rows or cols",
+             KNNCLIP_CUDA_KERNEL(knnclip::cuda::resample(x.data, x.dtype, N, h, w, rows, H, cols, W, out.data, device,
+                                                         check)),
+             [&] {
+               knnclip::cpu::resample(x.data, x.dtype, N, h, w, rows, H, cols, W, out.data);
+               return 0u;
+             });
   return out.object;
 }
 
@@ -226,29 +228,108 @@ py::tuple panoptic_owner(py::handle scores_obj, py::handle masks_obj, py::handle
   expect_ndim(op, "scores", s, {1}, "[K]");
   expect_ndim(op, "mask_logits", m, {3}, "[Q, H, W]");
   expect_ndim(op, "queries", q, {1}, "[K]");
-  host_only(op, common_device(op, {&s, &m, &q}));
+  const int device = common_device(op, {&s, &m, &q});
   if (s.dtype != DType::F32) fail_type(op, "scores must be float32");
   const int64_t K = s.dim(0), Q = m.dim(0), H = m.dim(1), W = m.dim(2);
   if (q.dim(0) != K) fail_value(op, "scores " + shape_str(s.shape) + " and queries " + shape_str(q.shape) + " differ");
   if (K < 1) fail_value(op, "needs at least one query");
   const auto* qi = static_cast<const int64_t*>(q.data);
-  for (int64_t k = 0; k < K; ++k)
-    if (qi[k] < 0 || qi[k] >= Q) fail_value(op, "queries must index mask_logits' " + std::to_string(Q) + " masks");
-  if (check) {
-    check_host_finite(op, "scores", s);
-    check_host_finite(op, "mask_logits", m);
+  if (device < 0) {  // on a device, the kernel checks the queries before it reads through them
+    for (int64_t k = 0; k < K; ++k)
+      if (qi[k] < 0 || qi[k] >= Q) fail_value(op, "queries must index mask_logits' " + std::to_string(Q) + " masks");
+    if (check) {
+      check_host_finite(op, "scores", s);
+      check_host_finite(op, "mask_logits", m);
+    }
   }
-  py::array_t<int32_t> owner({H, W});
-  py::array_t<bool> own({H, W});
-  py::array_t<int64_t> mask_pixels(K);
-  int32_t* o = owner.mutable_data();
-  auto* w = reinterpret_cast<uint8_t*>(own.mutable_data());
-  int64_t* c = mask_pixels.mutable_data();
+  Output owner = make_output({H, W}, device, knnclip::Element::I32);
+  Output own = make_output({H, W}, device, knnclip::Element::Bool);
+  Output mask_pixels = make_output({K}, device, knnclip::Element::I64);
+  auto* o = static_cast<int32_t*>(owner.raw);
+  auto* w = static_cast<uint8_t*>(own.raw);
+  auto* c = static_cast<int64_t*>(mask_pixels.raw);
+  const auto* scores = static_cast<const float*>(s.data);
+  uint32_t flags = 0;
   {
     py::gil_scoped_release release;
-    knnclip::cpu::panoptic_owner(static_cast<const float*>(s.data), m.data, m.dtype, qi, K, H * W, o, w, c);
+    if (device >= 0) {
+      flags = KNNCLIP_CUDA_KERNEL(knnclip::cuda::panoptic_owner(scores, m.data, m.dtype, qi, K, Q, H * W, o, w, c,
+                                                                device, check))();
+    } else {
+      knnclip::cpu::panoptic_owner(scores, m.data, m.dtype, qi, K, H * W, o, w, c);
+    }
   }
+  if (flags & knnclip::kLabelOutOfRange)
+    fail_value(op, "queries must index mask_logits' " + std::to_string(Q) + " masks");
+  raise_flags(op, flags, "scores or mask_logits");
+  return py::make_tuple(owner.object, own.object, mask_pixels.object);
+}
+
+// ---- the host build of the CUDA kernels' bodies (knnclip._C.device_bodies), for the tests ------
+
+using F32Array = py::array_t<float, py::array::c_style>;
+
+F32Array f32_input(const py::array& a, const char* name, py::ssize_t ndim) {
+  if (!py::isinstance<F32Array>(a) || a.ndim() != ndim)
+    throw py::type_error(std::string("device_bodies: ") + name + " must be a C-contiguous float32 array of " +
+                         std::to_string(ndim) + " dimensions");
+  return py::reinterpret_borrow<F32Array>(a);
+}
+
+F32Array bodies_resample(const py::array& x_obj, const py::array& rows_obj, const py::array& cols_obj) {
+  F32Array x = f32_input(x_obj, "x", 3), rows = f32_input(rows_obj, "rows", 2), cols = f32_input(cols_obj, "cols", 2);
+  if (rows.shape(1) != x.shape(1) || cols.shape(1) != x.shape(2))
+    throw py::value_error("device_bodies.resample: rows [H, h] and cols [W, w] must match x [N, h, w]");
+  F32Array out({x.shape(0), rows.shape(0), cols.shape(0)});
+  knnclip::kernels::host::resample(x.data(), x.shape(0), x.shape(1), x.shape(2), rows.data(), rows.shape(0),
+                                   cols.data(), cols.shape(0), out.mutable_data());
+  return out;
+}
+
+py::array_t<int32_t> bodies_semantic_argmax(const py::array& probs_obj, const py::array& logits_obj) {
+  F32Array probs = f32_input(probs_obj, "class_probs", 2), logits = f32_input(logits_obj, "mask_logits", 3);
+  if (probs.shape(0) != logits.shape(0) || probs.shape(1) < 1)
+    throw py::value_error("device_bodies.semantic_argmax: class_probs [N, C >= 1] and mask_logits [N, H, W]");
+  py::array_t<int32_t> labels({logits.shape(1), logits.shape(2)});
+  knnclip::kernels::host::semantic_argmax(probs.data(), logits.data(), probs.shape(0), probs.shape(1),
+                                          logits.shape(1) * logits.shape(2), labels.mutable_data());
+  return labels;
+}
+
+py::tuple bodies_panoptic_owner(const py::array& scores_obj, const py::array& masks_obj,
+                                const py::array_t<int64_t, py::array::c_style>& queries) {
+  F32Array scores = f32_input(scores_obj, "scores", 1), masks = f32_input(masks_obj, "mask_logits", 3);
+  const int64_t K = scores.shape(0), P = masks.shape(1) * masks.shape(2);
+  if (queries.ndim() != 1 || queries.shape(0) != K || K < 1)
+    throw py::value_error("device_bodies.panoptic_owner: scores and queries must be [K], K >= 1");
+  for (int64_t k = 0; k < K; ++k)
+    if (queries.data()[k] < 0 || queries.data()[k] >= masks.shape(0))
+      throw py::value_error("device_bodies.panoptic_owner: queries must index mask_logits");
+  py::array_t<int32_t> owner({masks.shape(1), masks.shape(2)});
+  py::array_t<bool> own({masks.shape(1), masks.shape(2)});
+  py::array_t<int64_t> mask_pixels(K);
+  knnclip::kernels::host::panoptic_owner(scores.data(), masks.data(), queries.data(), K, P, owner.mutable_data(),
+                                         reinterpret_cast<uint8_t*>(own.mutable_data()), mask_pixels.mutable_data());
   return py::make_tuple(owner, own, mask_pixels);
+}
+
+F32Array bodies_fuse(const py::array& base_obj, const py::array& ret_obj, float threshold, float lam) {
+  F32Array base = f32_input(base_obj, "p_base", 2), ret = f32_input(ret_obj, "p_ret", 2);
+  if (base.shape(0) != ret.shape(0) || base.shape(1) != ret.shape(1))
+    throw py::value_error("device_bodies.fuse: p_base and p_ret must have the same shape");
+  F32Array out({base.shape(0), base.shape(1)});
+  knnclip::kernels::host::fuse(base.data(), ret.data(), base.shape(0), base.shape(1), threshold, lam,
+                               out.mutable_data());
+  return out;
+}
+
+py::array_t<bool> bodies_binarize(const py::array& masks_obj, int64_t height, int64_t width, float threshold) {
+  F32Array masks = f32_input(masks_obj, "mask_logits", 3);
+  if (height < 1 || width < 1) throw py::value_error("device_bodies.binarize: height and width must be >= 1");
+  py::array_t<bool> out({static_cast<int64_t>(masks.shape(0)), height, width});
+  knnclip::kernels::host::binarize(masks.data(), masks.shape(0), masks.shape(1), masks.shape(2), height, width,
+                                   threshold, reinterpret_cast<uint8_t*>(out.mutable_data()));
+  return out;
 }
 
 std::vector<std::string> split_csv(const std::string& s) {
@@ -377,16 +458,26 @@ PYBIND11_MODULE(_C, m) {
   m.def("semantic_argmax", &semantic_argmax, py::arg("class_probs"), py::arg("mask_logits"), py::kw_only(),
         py::arg("check") = true,
         "semantic_merge(class_probs, mask_logits).argmax(0) as int32 [H, W] (first of equals) without storing "
-        "the [C, H, W] scores. CPU only.");
+        "the [C, H, W] scores.");
   m.def("resample", &resample, py::arg("x"), py::arg("rows"), py::arg("cols"), py::kw_only(), py::arg("check") = true,
         "out[n] = rows @ x[n] @ cols.T for x[N,h,w], rows[H,h], cols[W,w] (float32), visiting only each row's band "
-        "of non-zeros: a separable resize (e.g. FC-CLIP's bilinear upsample, crop and resize) in O(taps) per pixel. "
-        "CPU only.");
+        "of non-zeros: a separable resize (e.g. FC-CLIP's bilinear upsample, crop and resize) in O(taps) per pixel.");
   m.def("panoptic_owner", &panoptic_owner, py::arg("scores"), py::arg("mask_logits"), py::arg("queries"),
         py::kw_only(), py::arg("check") = true,
         "Mask2Former's pixel assignment over the kept queries: owner[h, w] = argmax_k scores[k] * "
         "sigmoid(mask_logits[queries[k], h, w]) (first of equals, int32), own[h, w] = that mask's logit >= 0 "
-        "(bool), mask_pixels[k] = pixels where mask queries[k] is >= 0 (int64). CPU only.");
+        "(bool), mask_pixels[k] = pixels where mask queries[k] is >= 0 (int64).");
+
+  py::module_ bodies = m.def_submodule(
+      "device_bodies",
+      "The CUDA kernels' per-element bodies (csrc/kernels/bodies.h) compiled for the host, in the kernels' loops: "
+      "what the GPU computes, on NumPy float32 arrays, for tests against float64 references.");
+  bodies.def("resample", &bodies_resample, py::arg("x"), py::arg("rows"), py::arg("cols"));
+  bodies.def("semantic_argmax", &bodies_semantic_argmax, py::arg("class_probs"), py::arg("mask_logits"));
+  bodies.def("panoptic_owner", &bodies_panoptic_owner, py::arg("scores"), py::arg("mask_logits"), py::arg("queries"));
+  bodies.def("fuse", &bodies_fuse, py::arg("p_base"), py::arg("p_ret"), py::arg("T"), py::arg("lam"));
+  bodies.def("binarize", &bodies_binarize, py::arg("mask_logits"), py::arg("height"), py::arg("width"),
+             py::arg("threshold") = 0.0f);
 
   m.def("crc32c", &crc32c, py::arg("data"), py::arg("value") = 0, py::kw_only(),
         py::arg("implementation") = "auto",

@@ -18,6 +18,9 @@ inline const char* dtype_name(DType d) {
   return "?";
 }
 
+// The element types an op returns (float32 scores, int32 labels, bool flags, int64 counts).
+enum class Element : int { F32 = 0, I32 = 1, Bool = 2, I64 = 3 };
+
 // IEEE 754 binary16 -> binary32, exact for every input (subnormals, Inf, NaN included).
 inline float half_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

@@ -18,6 +18,46 @@ struct ExportContext {
   DLManagedTensor managed{};
 };
 
+size_t element_size(Element e) {
+  switch (e) {
+    case Element::F32: return 4;
+    case Element::I32: return 4;
+    case Element::Bool: return 1;
+    case Element::I64: return 8;
+  }
+  return 1;
+}
+
+const char* typestr(Element e) {
+  switch (e) {
+    case Element::F32: return "<f4";
+    case Element::I32: return "<i4";
+    case Element::Bool: return "|b1";
+    case Element::I64: return "<i8";
+  }
+  return "";
+}
+
+const char* dtype_str(Element e) {
+  switch (e) {
+    case Element::F32: return "float32";
+    case Element::I32: return "int32";
+    case Element::Bool: return "bool";
+    case Element::I64: return "int64";
+  }
+  return "";
+}
+
+DLDataType dl_type(Element e) {
+  switch (e) {
+    case Element::F32: return DLDataType{kDLFloat, 32, 1};
+    case Element::I32: return DLDataType{kDLInt, 32, 1};
+    case Element::Bool: return DLDataType{kDLBool, 8, 1};
+    case Element::I64: return DLDataType{kDLInt, 64, 1};
+  }
+  return DLDataType{kDLFloat, 32, 1};
+}
+
 void delete_export(DLManagedTensor* self) { delete static_cast<ExportContext*>(self->manager_ctx); }
 
 void capsule_destructor(PyObject* capsule) {
@@ -30,10 +70,10 @@ void capsule_destructor(PyObject* capsule) {
 
 }  // namespace
 
-DeviceArray::DeviceArray(std::vector<int64_t> shape, int device)
-    : shape_(std::move(shape)), device_(device) {
+DeviceArray::DeviceArray(std::vector<int64_t> shape, int device, Element element)
+    : shape_(std::move(shape)), device_(device), element_(element) {
   int64_t n = size();
-  void* p = cuda::device_malloc(static_cast<size_t>(n) * sizeof(float), device);
+  void* p = cuda::device_malloc(static_cast<size_t>(n) * element_size(element), device);
   buffer_ = std::shared_ptr<void>(p, [device](void* q) { cuda::device_free(q, device); });
 }
 
@@ -46,7 +86,7 @@ int64_t DeviceArray::size() const {
 py::dict DeviceArray::cuda_array_interface() const {
   py::dict d;
   d["shape"] = py::tuple(py::cast(shape_));
-  d["typestr"] = "<f4";
+  d["typestr"] = typestr(element_);
   d["data"] = py::make_tuple(reinterpret_cast<uintptr_t>(buffer_.get()), false);
   d["strides"] = py::none();
   d["version"] = 3;
@@ -60,7 +100,7 @@ py::capsule DeviceArray::dlpack() const {
   t.data = buffer_.get();
   t.device = DLDevice{kDLCUDA, device_};
   t.ndim = static_cast<int32_t>(ctx->shape.size());
-  t.dtype = DLDataType{kDLFloat, 32, 1};
+  t.dtype = dl_type(element_);
   t.shape = ctx->shape.data();
   t.strides = nullptr;
   t.byte_offset = 0;
@@ -70,20 +110,21 @@ py::capsule DeviceArray::dlpack() const {
 }
 
 py::object DeviceArray::to_numpy() const {
-  py::array_t<float> host(shape_);
+  py::array host(py::dtype(dtype_str(element_)), shape_);
   {
     py::gil_scoped_release release;
-    cuda::copy_to_host(host.mutable_data(), buffer_.get(), static_cast<size_t>(size()) * sizeof(float), device_);
+    cuda::copy_to_host(host.mutable_data(), buffer_.get(), static_cast<size_t>(size()) * element_size(element_),
+                       device_);
   }
   return std::move(host);
 }
 
 void register_device_array(py::module_& m) {
   py::class_<DeviceArray>(m, "DeviceArray",
-                          "float32 result of a CUDA op, owning device memory; consume it with "
+                          "Result of a CUDA op (float32, int32, bool or int64), owning device memory; consume it with "
                           "torch.as_tensor, cupy.asarray or any DLPack importer (no copy).")
       .def_property_readonly("shape", [](const DeviceArray& a) { return py::tuple(py::cast(a.shape())); })
-      .def_property_readonly("dtype", [](const DeviceArray&) { return "float32"; })
+      .def_property_readonly("dtype", [](const DeviceArray& a) { return dtype_str(a.element()); })
       .def_property_readonly("device", &DeviceArray::device)
       .def_property_readonly("__cuda_array_interface__", &DeviceArray::cuda_array_interface)
       .def(
@@ -101,7 +142,7 @@ void register_device_array(py::module_& m) {
       .def("__repr__", [](const DeviceArray& a) {
         std::string s = "DeviceArray(shape=(";
         for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
-        return s + "), dtype=float32, device=cuda:" + std::to_string(a.device()) + ")";
+        return s + "), dtype=" + dtype_str(a.element()) + ", device=cuda:" + std::to_string(a.device()) + ")";
       });
 }
 

@@ -1,5 +1,6 @@
-// DeviceArray: the result of a CUDA op. It owns a cudaMalloc'd float32 buffer and hands it to
-// PyTorch, CuPy or JAX without a copy, through __cuda_array_interface__ (v3) or DLPack.
+// DeviceArray: the result of a CUDA op. It owns device memory (float32 scores, int32 labels,
+// bool flags or int64 counts) and hands it to PyTorch, CuPy or JAX without a copy, through
+// __cuda_array_interface__ (v3) or DLPack.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -8,12 +9,16 @@
 #include <memory>
 #include <vector>
 
+#include "common.h"
+
 namespace knnclip {
 
 class DeviceArray {
  public:
-  DeviceArray(std::vector<int64_t> shape, int device);
+  DeviceArray(std::vector<int64_t> shape, int device, Element element = Element::F32);
   float* data() const { return static_cast<float*>(buffer_.get()); }
+  void* raw() const { return buffer_.get(); }
+  Element element() const { return element_; }
   const std::vector<int64_t>& shape() const { return shape_; }
   int device() const { return device_; }
   int64_t size() const;
@@ -26,6 +31,7 @@ class DeviceArray {
   std::shared_ptr<void> buffer_;  // shared with DLPack consumers that outlive this object
   std::vector<int64_t> shape_;
   int device_;
+  Element element_;
 };
 
 void register_device_array(pybind11::module_& m);

@@ -258,12 +258,12 @@ class TestResample:
         kinds=st.tuples(*[st.sampled_from(["bilinear", "dense", "holes"])] * 2),
         dtype=FLOAT_DTYPES,
     )
-    def test_matches_reference(self, cpu_isa, seed, n, hw, out_hw, kinds, dtype):
+    def test_matches_reference(self, cpu_isa, device, seed, n, hw, out_hw, kinds, dtype):
         rng = np.random.default_rng(seed)
         x = random_array(rng, (n, *hw), dtype, 4.0)
         rows = band_matrix(rng, out_hw[0], hw[0], kinds[0])
         cols = band_matrix(rng, out_hw[1], hw[1], kinds[1])
-        got = _C.resample(x, rows, cols)
+        got = device.get(_C.resample(device.put(x), device.put(rows), device.put(cols)))
         want = ref.resample(x, rows, cols)
         assert got.shape == (n, *out_hw) and got.dtype == np.float32
         scale = np.abs(rows).sum(1).max() * np.abs(cols).sum(1).max() * 4.0 * 8
@@ -304,12 +304,13 @@ class TestPanopticOwner:
         scale=st.sampled_from([1.0, 10.0, 120.0]),
         dtype=FLOAT_DTYPES,
     )
-    def test_matches_reference(self, cpu_isa, seed, q, hw, scale, dtype):
+    def test_matches_reference(self, cpu_isa, device, seed, q, hw, scale, dtype):
         rng = np.random.default_rng(seed)
         masks = random_array(rng, (q, *hw), dtype, scale)
         queries = rng.choice(q, int(rng.integers(1, q + 1)), replace=False).astype(np.int64)
         scores = rng.random(len(queries)).astype(np.float32)
-        owner, own, pixels = _C.panoptic_owner(scores, masks, queries)
+        found = _C.panoptic_owner(device.put(scores), device.put(masks), device.put(queries))
+        owner, own, pixels = (device.get(a) for a in found)
         values = ref.panoptic_scores(scores, masks, queries)
         best = values.max(0)
         chosen = np.take_along_axis(values, owner[None].astype(np.int64), 0)[0]
@@ -354,16 +355,16 @@ class TestSemanticArgmax:
         dtypes=st.tuples(FLOAT_DTYPES, FLOAT_DTYPES),
         ties=st.booleans(),
     )
-    def test_equals_argmax_of_semantic_merge(self, cpu_isa, seed, n, c, hw, dtypes, ties):
+    def test_equals_argmax_of_semantic_merge(self, cpu_isa, device, seed, n, c, hw, dtypes, ties):
         rng = np.random.default_rng(seed)
         probs = rng.random((n, c)).astype(dtypes[0])
         if ties:  # duplicated class columns: equal scores, the first must win
             probs[:, c // 2 :] = probs[:, : c - c // 2]
         logits = random_array(rng, (n, *hw), dtypes[1], 5.0)
-        got = _C.semantic_argmax(probs, logits)
-        want = _C.semantic_merge(probs, logits).argmax(0)  # the same float32 scores, NumPy's first-max rule
+        got = device.get(_C.semantic_argmax(device.put(probs), device.put(logits)))
         assert got.dtype == np.int32 and got.shape == hw
-        np.testing.assert_array_equal(got, want)
+        if device.kind == "cpu":  # the same float32 scores as semantic_merge's, NumPy's first-max rule
+            np.testing.assert_array_equal(got, _C.semantic_merge(probs, logits).argmax(0))
         scores = ref.semantic_merge(probs.astype(np.float64), logits.astype(np.float64))
         top2 = np.sort(scores, axis=0)[-2:] if c > 1 else np.stack([np.full(hw, -1.0), scores[0]])
         clear = top2[1] - top2[0] > 1e-4 * np.abs(top2[1])
