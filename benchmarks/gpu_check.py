@@ -1,17 +1,22 @@
 """What only a GPU can show, in one run: the CUDA kernels of knnclip._C against the CPU kernels
-at the real sizes (largest difference, fp32 and fp16 inputs) with their timings, and, where
-present, the GPU paths of the engine: each model on ONNX Runtime CUDA, torch CUDA and TensorRT
-against ONNX Runtime on the CPU, and the faiss-gpu search against the CPU index. Model timings
-include the host copies of inputs and outputs (``Session.infer`` takes and returns NumPy arrays).
+at the real sizes (largest difference, fp32 and fp16 inputs; the pixel decisions' agreement) with
+their timings, and, where present, the GPU paths of the engine: each model on ONNX Runtime CUDA,
+torch CUDA and TensorRT against ONNX Runtime on the CPU, the faiss-gpu search against the CPU
+index, and with ``--models`` the device-resident pipeline against the host pipeline on the same
+models and database (semantic agreement >= 99.9%, the same panoptic segments, instance scores
+within 1e-3; its per-stage device times and the bytes it moved per image). Model timings include
+the host copies of inputs and outputs (``Session.infer`` takes and returns NumPy arrays).
 
     python benchmarks/gpu_check.py                          # the ops
     python benchmarks/gpu_check.py --models knnclip-demo/models   # and the models on every GPU backend
+    python benchmarks/gpu_check.py --models knnclip-bench/models  # ... with torch weights: the pipeline too
 
 Writes benchmarks/results/gpu_check.{json,md}. Exit status: 0 when every check that ran passed,
 1 when one failed (marked FAIL; a backend that is not installed here is reported, not failed),
 3 when no CUDA device is usable, with the reason (built without CUDA, no driver, a driver older than
 the CUDA runtime, no device) and nothing written; ``--skip-without-gpu`` makes that case exit 0.
-``--dry-run`` runs every step with NumPy arrays on the CPU (CI runs it).
+``--dry-run`` runs every step with NumPy arrays on the CPU, and the device pipeline on torch
+tensors on the CPU (CI runs it).
 """
 
 from __future__ import annotations
@@ -131,7 +136,65 @@ def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tu
         ret = rng.dirichlet(np.ones(classes) * 0.05, 250).astype(np.float32)
         cases.append(("fuse", f"250x{classes}", "float32", lambda b, r: _C.fuse(b, r, 0.5, 0.5), (base, ret),
                       lambda b, r: ref.fuse(b, r, 0.5, 0.5)))  # fmt: skip
+    masks = (rng.standard_normal((50, *MASK_HW)) * 3).astype(np.float32)
+    from knnclip.engine.pipeline.postprocess import resize_matrices
+
+    rows, cols = resize_matrices(MASK_HW, (800, 1088), (800, 1066), (768, 1024))
+    cases.append(("resample", "50 masks 200x272 to 768x1024", "float32", _C.resample, (masks, rows, cols), None))
     return cases
+
+
+def decision_cases(rng: np.random.Generator) -> list[tuple[str, Callable, tuple]]:
+    """(op, function, NumPy inputs) of the ops that decide pixels: compared by agreement, since a
+    float32 near-tie may go either way on another summation order."""
+    logits = (rng.standard_normal((250, *MASK_HW)) * 3).astype(np.float32)
+    probs = rng.dirichlet(np.ones(150), 250).astype(np.float32)
+    queries = np.sort(rng.choice(250, 60, replace=False)).astype(np.int64)
+    scores = rng.random(60).astype(np.float32)
+    return [
+        ("semantic_argmax 250x150, masks 200x272", _C.semantic_argmax, (probs, logits)),
+        ("panoptic_owner 60 of 250 masks 200x272", _C.panoptic_owner, (scores, logits, queries)),
+    ]
+
+
+def check_decisions(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[str, Any]]:
+    """Each pixel decision on the device against the CPU kernel's: the fraction decided alike
+    (>= 99.9%) and, for panoptic_owner, each mask's pixel count exactly."""
+    rows = []
+    for size, fn, inputs in decision_cases(np.random.default_rng(2)):
+        cpu = fn(*inputs)
+        on_device = [dev.put(x) for x in inputs]
+        result = fn(*on_device)
+        dev.sync()
+        cpu_parts = cpu if isinstance(cpu, tuple) else (cpu,)
+        gpu_parts = [r.numpy() if _on_device(r) else np.asarray(r) for r in (result if isinstance(result, tuple)
+                                                                               else (result,))]  # fmt: skip
+        agreement = [float(np.mean(np.asarray(a) == g)) for a, g in zip(cpu_parts, gpu_parts, strict=True)]
+        row: dict[str, Any] = {"op": size.split()[0], "size": size, "agreement": agreement}
+        row["ok"] = min(agreement[:2]) >= 0.999 and (len(agreement) < 3 or agreement[2] == 1.0)
+        row["cpu"] = _time(lambda fn=fn, inputs=inputs: fn(*inputs), lambda: None, max(3, repeats // 4))
+        row["gpu"] = _time(lambda fn=fn, d=on_device: fn(*d), dev.sync, repeats)
+        rows.append(row)
+        print(f"{size:44s} agreement {agreement} {'ok' if row['ok'] else 'FAIL'}", flush=True)
+    return rows
+
+
+def check_pipeline(models: Path, dry_run: bool) -> dict[str, Any]:
+    """The device-resident pipeline against the host pipeline (engine/bench/device.py): on the GPU
+    with the torch backend (what the device machine has), on a dry run with torch tensors on the CPU."""
+    from knnclip.engine.bench.device import compare_pipelines
+    from knnclip.engine.demo.synthetic import make_split
+
+    images = [s.image for s in make_split(4, seed=5)]
+    backend, device = ("onnxruntime", "cpu") if dry_run else ("torch", "cuda")
+    try:
+        found = compare_pipelines(models, images, backend=backend, device=device, arrays_device=device)
+    except BackendUnavailableError as exc:  # not installed here: reported, not failed
+        return {"ok": None, "error": f"{type(exc).__name__}: {exc}"}
+    except Exception:
+        return {"ok": False, "error": traceback.format_exc(limit=3)}
+    print(f"pipeline: {'ok' if found['ok'] else 'FAIL'} {found['images']}", flush=True)
+    return found
 
 
 def check_ops(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[str, Any]]:
@@ -388,6 +451,31 @@ def markdown(result: dict[str, Any]) -> str:
         f64 = f" / {r['max_rel_diff_float64']:.1e}" if "max_rel_diff_float64" in r else ""
         lines.append(f"| {r['op']} | {r['size']} | {r['dtype']} | {r['max_rel_diff']:.1e}{f64} | {cpu:.3f} | {gpu:.3f} "
                      f"| {cpu / gpu:.1f}x | {'ok' if r['ok'] else 'FAIL'} |")  # fmt: skip
+    lines += ["", "## Pixel decisions: CUDA kernels against the CPU kernels", "",
+              "| op | size | pixels decided alike (owner, own, mask pixel counts) | CPU median ms | GPU median ms | |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result.get("decisions", []):
+        cpu, gpu = r["cpu"]["median_s"] * 1e3, r["gpu"]["median_s"] * 1e3
+        alike = ", ".join(f"{a:.4%}" for a in r["agreement"])
+        lines.append(f"| {r['op']} | {r['size']} | {alike} | {cpu:.3f} | {gpu:.3f} | {'ok' if r['ok'] else 'FAIL'} |")
+    p = result.get("pipeline")
+    if p:
+        lines += ["", "## The device-resident pipeline against the host pipeline", ""]
+        if "error" in p:
+            lines.append(f"not run: {p['error']}")
+        else:
+            lines.append(f"Arrays {p['arrays']}; sessions {', '.join(p['sessions'].values())}.")
+            lines += ["", "| image | semantic agreement | same segments | instances | max instance score diff | |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for i, r in enumerate(p["images"]):
+                lines.append(
+                    f"| {i} | {r['semantic_agreement']:.4%} | {r['same_segments']} ({r['segments']}) | "
+                    f"{r['instances']} | {r['max_instance_score_diff']:.1e} | {'ok' if r['ok'] else 'FAIL'} |"
+                )
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in p["stages_ms"].items())
+            moved = "; ".join(f"{d}: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in t.items())
+                              for d, t in p["bytes_moved_per_image"].items())  # fmt: skip
+            lines += ["", f"Median stage times (ms): {stages}.", "", f"Bytes moved per image: {moved}."]
     if result.get("models"):
         lines += ["", "## Models: GPU backends against ONNX Runtime on the CPU", "",
                   "| model | backend | max rel. diff per output | GPU median ms | CPU median ms |",
@@ -430,11 +518,13 @@ def main() -> int:
     result: dict[str, Any] = {"machine": machine(), "build": build, "gpu": dev.gpu, "arrays": dev.name,
                               "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}  # fmt: skip
     result["ops"] = check_ops(dev, args.repeats)
+    result["decisions"] = check_decisions(dev, args.repeats)
     result["errors"] = check_errors(dev)
     if not args.dry_run:
         result["interop"] = check_interop()
     if args.models:
         result["models"] = check_models(args.models, args.repeats, "cpu" if args.dry_run else "cuda")
+        result["pipeline"] = check_pipeline(args.models, args.dry_run)
     if not args.no_faiss and not args.dry_run:
         try:
             result["faiss_gpu"] = check_faiss_gpu(args.repeats)
@@ -444,7 +534,9 @@ def main() -> int:
     write_text("gpu_check.md", markdown(result), args.out)
     print(markdown(result))
     results = [r["ok"] for r in result["ops"]] + [r["ok"] for r in result.get("models", [])]
-    results += [r["ok"] for r in result.get("interop", []) + result["errors"]]
+    results += [r["ok"] for r in result.get("interop", []) + result["errors"] + result["decisions"]]
+    if "pipeline" in result:
+        results.append(result["pipeline"]["ok"])
     if "faiss_gpu" in result:
         results.append(result["faiss_gpu"].get("ok", False))  # None (not installed) is reported, not failed
     return 0 if all(ok is not False for ok in results) else 1

@@ -22,7 +22,27 @@ def test_dry_run_compares_every_op_and_writes_its_report(tmp_path):
     assert all(r["ok"] and r["max_rel_diff"] == 0.0 for r in report["ops"])  # same kernels on both sides
     assert sum("max_rel_diff_float64" in r for r in report["ops"]) >= 8  # and against the definitions
     assert report["errors"] and all(r["ok"] for r in report["errors"]), report["errors"]
+    assert {r["op"] for r in report["decisions"]} == {"semantic_argmax", "panoptic_owner"}
+    assert all(r["ok"] and min(r["agreement"]) == 1.0 for r in report["decisions"])
     assert "| mask_pool |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_dry_run_compares_the_device_pipeline_with_the_host_pipeline(tmp_path, demo_models):
+    """With --models, the device-resident pipeline (torch tensors on the CPU in a dry run) against
+    the host pipeline: every image agrees, and only images, constants, segment tables and results
+    cross between host and "device"."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--repeats", "1", "--no-faiss", "--models",
+                           str(demo_models), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pipeline = json.loads((tmp_path / "gpu_check.json").read_text())["pipeline"]
+    assert pipeline["ok"] and len(pipeline["images"]) == 3, pipeline
+    assert all(r["semantic_agreement"] >= 0.999 and r["same_segments"] for r in pipeline["images"])
+    moved = pipeline["bytes_moved_per_image"]
+    assert moved["to_device"]["image"] > 0 and moved["to_host"]["result"] > 0
+    assert set(moved["to_device"]) <= {"image", "segments"} and set(moved["to_host"]) <= {"result", "segments"}
+    assert {"fcclip", "dinov2", "search", "postprocess"} <= set(pipeline["stages_ms"])
+    assert "device-resident pipeline" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_without_a_gpu_it_fails_with_the_reason_and_writes_nothing(tmp_path):

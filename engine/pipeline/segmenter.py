@@ -99,17 +99,21 @@ class Segmenter:
         read_only: bool = False,
         text_cache: str | os.PathLike[str] | None = "default",
         search: str = "fp32",
+        arrays: ArrayModule | None = None,
+        device_scan: bool | None = None,
     ) -> Segmenter:
         """Open the models in ``models_dir`` and the database (a path is created when missing);
-        ``search="bf16"`` searches a flat database in bfloat16 (``Database.open``)."""
+        ``search="bf16"`` searches a flat database in bfloat16 (``Database.open``); ``arrays`` and
+        ``device_scan`` as for the constructor."""
         models = ModelSet(models_dir, backend, device)
+        where = {"arrays": arrays, "device_scan": device_scan}
         db: Database | None = None
         try:
             if isinstance(database, Database):
                 if search != "fp32":
                     raise InvalidInputError("search= applies when the database is opened here; pass a path, "
                                             "or open the Database with search= yourself")  # fmt: skip
-                return cls(models, database, config, text_cache=text_cache)
+                return cls(models, database, config, text_cache=text_cache, **where)
             path = Path(database)
             if path.exists():
                 db = Database.open(path, read_only=read_only, search=search)
@@ -120,7 +124,7 @@ class Segmenter:
                 if search != "fp32":
                     db.close()
                     db = Database.open(path, search=search)
-            return cls(models, db, config, text_cache=text_cache, owns_database=True)
+            return cls(models, db, config, text_cache=text_cache, owns_database=True, **where)
         except BaseException:
             # Nothing half-open stays behind: the database's lock and the sessions are released.
             if db is not None:
