@@ -93,3 +93,43 @@ def test_bench_tiny(tmp_path):
         chosen = report["pipelines"]["engine auto fp32"]["backend_per_model"]
         assert set(chosen) == {"fcclip", "text", "dinov2"} and set(chosen.values()) <= {"onnxruntime", "openvino"}
         assert f"fcclip on {chosen['fcclip']}" in table
+
+
+def test_device_bench_dry_run_reports_what_crosses_between_host_and_device(tmp_path):
+    """``--device cuda --dry-run``: the device pipeline's code on the CPU (torch tensors for the
+    GPU's arrays), side by side with the host pipeline and the torch reference; the report has the
+    bytes moved per image (only the image in, only results and the segment table out), batch
+    throughput and the floor arithmetic."""
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "knnclip.engine.cli", "bench", "--preset", "tiny", "--device", "cuda",
+               "--dry-run", "--work", str(tmp_path / "w"), "--out", str(out), "--name", "dry", "--json"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout[-2000:]
+    report = json.loads(done.stdout)
+    assert report["dry_run"] and report["command"].endswith("--device cuda --dry-run")
+    device = report["pipelines"]["engine device-path fp32 (dry run)"]
+    moved = device["bytes_moved_per_image"]
+    assert set(moved["to_device"]) <= {"image", "segments"} and moved["to_device"]["image"] > 0
+    assert set(moved["to_host"]) <= {"result", "segments"} and moved["to_host"]["result"] > 0
+    assert set(device["throughput_by_batch_images_per_s"]) == {"1", "4", "8"}
+    assert report["pipelines"]["engine onnxruntime fp32"]["bytes_moved_per_image"] == {"to_device": {}, "to_host": {}}
+    assert report["semantic_agreement_with_fp32"]["engine device-path fp32 (dry run)"] >= 0.999
+    assert "skipped" in report["pipelines"]["torch best"] and "stages" in report["pipelines"]["torch reference"]
+    floor = report["floor"]
+    assert floor["floor_ms"] == max(floor["compute_ms"], floor["memory_ms"]) > 0 and floor["weight_bytes_fp16"] > 0
+    assert "to the device per image" in (out / "dry.md").read_text()
+
+
+def test_device_bench_without_a_gpu_exits_3_with_the_reason(tmp_path):
+    from knnclip.engine.backends import cuda_usable
+
+    if cuda_usable():
+        return  # a GPU machine runs the real thing
+    command = [sys.executable, "-m", "knnclip.engine.cli", "bench", "--preset", "tiny", "--device", "cuda",
+               "--work", str(tmp_path / "w")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3 and "no model backend can run on a CUDA device" in done.stdout, done.stdout
+    assert not (tmp_path / "w").exists(), "nothing is built for a run that cannot happen"
+    dry_alone = subprocess.run(command[:-4] + ["--dry-run"], capture_output=True, text=True, timeout=300)
+    assert dry_alone.returncode == 2 and "--device cuda" in dry_alone.stderr + dry_alone.stdout

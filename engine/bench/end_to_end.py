@@ -1,6 +1,13 @@
 """``knnclip bench``: per-stage latency, throughput and memory of the engine, side by side with
 the PyTorch eager reference pipeline (:mod:`.reference`) on the same weights, images and
 database (:mod:`.build`). Each pipeline runs in its own process, so its peak memory is its own.
+
+On a GPU (``--device cuda``) the engine's pipelines keep their arrays on the device from the
+models' outputs to the label maps (:mod:`knnclip.engine.pipeline.arrays`); the report adds the
+bytes each moved between host and device per image, the device memory it held, throughput at
+batch 1, 4 and 8, and the floor a GPU's peak arithmetic and memory bandwidth put under the
+latency. ``--dry-run`` runs that device pipeline's code on the CPU, with torch tensors standing in
+for the device (CI runs it).
 """
 
 from __future__ import annotations
@@ -23,27 +30,53 @@ from knnclip.engine.config import RetrievalConfig
 WORKER_MODULE = "knnclip.engine.bench.end_to_end"
 
 
-# The two pipelines, each run in a worker process --------------------------------------------------
+BATCHES = (1, 4, 8)  # throughput is measured at these batch sizes on a GPU
+# A GPU's peak (dense fp16 tensor-core arithmetic, memory bandwidth) for the report's floor: an
+# H100 SXM's, from NVIDIA's data sheet.
+FLOOR_GPU = {"name": "H100 SXM", "fp16_flops": 989e12, "bytes_per_s": 3.35e12}
+
+
+# The pipelines, each run in a worker process ------------------------------------------------------
 def run_engine(
-    work: Path, preset: Preset, backend: str, device: str, fusion: str, save: str | None = None
+    work: Path,
+    preset: Preset,
+    backend: str,
+    device: str,
+    fusion: str,
+    save: str | None = None,
+    arrays: str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """The engine over the preset's images; ``save`` names a file for the semantic maps (the
-    agreement of each precision with fp32 is computed from them)."""
+    agreement of each precision with fp32 is computed from them); ``arrays="torch-cpu"`` keeps
+    the pipeline's arrays in torch on the CPU (the dry run of the device pipeline);
+    ``precision`` builds TensorRT's engines in it."""
     from knnclip.engine.pipeline.segmenter import Segmenter
 
     baseline = peak_rss_mib()
+    device_baseline = _device_memory_used(device)
     images_ = images(preset)
+    if precision is not None:
+        _record_tensorrt_precision(work / "models", precision)
+    xp = None
+    if arrays == "torch-cpu":
+        from knnclip.engine.pipeline.arrays import TorchArrays
+
+        xp = TorchArrays("cpu")
     # The bf16 pipeline is bf16 throughout: models and the database search.
     search = "bf16" if backend.endswith("bf16") else "fp32"
     seg = Segmenter.from_dir(work / "models", work / "db", backend=backend, device=device, read_only=True,
                              config=RetrievalConfig(fusion=fusion), text_cache=work / "text-cache",
-                             search=search)  # fmt: skip
+                             search=search, arrays=xp)  # fmt: skip
     for image in images_[:WARMUP]:  # warm-up: sessions, text embeddings, caches
         seg.segment(image)
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     semantic = []
+    moved = []
     for image in images_[WARMUP:]:
+        before = seg.xp.transfers.snapshot()
         r = seg.segment(image)
+        moved.append(seg.xp.transfers.since(before))
         semantic.append(r.semantic)
         for s in STAGES:
             stages[s].append(r.timings.get(s, 0.0) + (r.timings.get("classify", 0.0) if s == "fuse" else 0.0))
@@ -58,13 +91,69 @@ def run_engine(
     for t in threads:
         t.join()
     throughput["2"] = len(timed) / (time.perf_counter() - start)
+    on_device = not seg.xp.on_host
+    batches = _batch_throughput(seg, timed) if on_device else {}
     backends = seg.models.backends
     chosen = {part: getattr(seg.models, part).backend for part in ("fcclip", "text", "dinov2")}
+    arrays_used = repr(seg.xp)
     seg.close()
     if save is not None:
         np.savez_compressed(save, *semantic)
-    return {"stages_ms": stages, "throughput_images_per_s": throughput, "peak_rss_mib": peak_rss_mib() - baseline,
-            "backends": backends, "backend_per_model": chosen}  # fmt: skip
+    out = {"stages_ms": stages, "throughput_images_per_s": throughput, "peak_rss_mib": peak_rss_mib() - baseline,
+           "backends": backends, "backend_per_model": chosen, "arrays": arrays_used,
+           "bytes_moved_per_image": _median_bytes(moved)}  # fmt: skip
+    if batches:
+        out["throughput_by_batch_images_per_s"] = batches
+    used = _device_memory_used(device)
+    if used is not None and device_baseline is not None:
+        out["device_memory_mib"] = (used - device_baseline) / 2**20
+    return out
+
+
+def _batch_throughput(seg: Any, timed: list[np.ndarray]) -> dict[str, float]:
+    """Images per second through ``segment_batch`` at each of :data:`BATCHES` (the timed images
+    repeated to fill two batches of the largest size)."""
+    pool = [timed[i % len(timed)] for i in range(2 * max(BATCHES))]
+    out = {}
+    for size in BATCHES:
+        seg.segment_batch(pool[:size], batch_size=size)  # warm: the batch's shapes
+        start = time.perf_counter()
+        seg.segment_batch(pool, batch_size=size)
+        out[str(size)] = len(pool) / (time.perf_counter() - start)
+    return out
+
+
+def _device_memory_used(device: str) -> int | None:
+    """Bytes in use on the CUDA device (every allocator: TensorRT, ONNX Runtime, torch, the ops'
+    pool), or None on the CPU. Pools keep what they held, so after a run this is its high water."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+    except (ImportError, RuntimeError):
+        return None
+    return int(total - free)
+
+
+def _median_bytes(moved: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, float]]:
+    from knnclip.engine.bench.device import _median_bytes as median
+
+    return median(moved)
+
+
+def _record_tensorrt_precision(models: Path, precision: str) -> None:
+    """Have TensorRT build each artefact's engine in ``precision`` at batches up to 8, as
+    ``knnclip build --precision`` would (on TensorRT 11 the graph's own precision rules)."""
+    from knnclip.engine.artifact import read_manifest
+    from knnclip.engine.backends.tensorrt.builder import BuildSettings, record_build
+    from knnclip.engine.backends.tensorrt.cache import EngineCache
+
+    root = EngineCache().root
+    for part in ("fcclip/image", "fcclip/text", "dinov2"):
+        manifest = read_manifest(models / part)
+        record_build(root, manifest, BuildSettings(precision=precision, max_batch=max(BATCHES)))
 
 
 def run_reference(work: Path, preset: Preset, device: str, fusion: str, best: bool = False) -> dict[str, Any]:
@@ -105,7 +194,8 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
     preset, work = PRESETS[args["preset"]], Path(args["work"])
     if args["pipeline"] in ("reference", "best"):
         return run_reference(work, preset, args["device"], args["fusion"], best=args["pipeline"] == "best")
-    return run_engine(work, preset, args["backend"], args["device"], args["fusion"], args.get("save"))
+    return run_engine(work, preset, args["backend"], args["device"], args["fusion"], args.get("save"),
+                      args.get("arrays"), args.get("precision"))  # fmt: skip
 
 
 def run_bench(
@@ -115,19 +205,38 @@ def run_bench(
     name: str | None = None,
     say: Any = print,
     fusion: str = "out_of_vocab",
+    device: str = "auto",
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Build, run every pipeline available here in its own process, write JSON, Markdown and a plot."""
+    """Build, run every pipeline available here in its own process, write JSON, Markdown and a plot.
+
+    ``device``: ``"auto"`` (CUDA where a model backend can run there), ``"cpu"`` or ``"cuda"``
+    (a ``BackendUnavailableError`` where none can, unless ``dry_run``: then the device pipelines
+    run their code on the CPU, with torch tensors for the device's arrays)."""
     preset = PRESETS[preset_name]
-    work.mkdir(parents=True, exist_ok=True)
     from knnclip.engine.backends import cuda_usable
 
-    device = "cuda" if cuda_usable() else "cpu"
+    asked = device
+    if device == "auto":
+        device = "cuda" if cuda_usable() else "cpu"
+    elif device == "cuda" and not cuda_usable() and not dry_run:
+        from knnclip.engine.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "--device cuda: no model backend can run on a CUDA device here (a GPU, and onnxruntime-gpu, TensorRT "
+            "with pycuda or torch with CUDA: docs/backends.md); --dry-run runs the device pipeline's code on the CPU"
+        )
+    work.mkdir(parents=True, exist_ok=True)
+    run_on = "cpu" if dry_run else device
     # CPU backends run the GridSample form fastest (and OpenVINO's bf16 needs it); TensorRT the gathers.
-    sampling = "gather" if device == "cuda" else "grid"
+    sampling = "gather" if run_on == "cuda" else "grid"
     flops = build(preset, work, say, sampling=sampling)
-    pipelines = engine_pipelines(device)
-    pipelines.append(("torch reference", {"pipeline": "reference", "device": device}))
-    pipelines.append(("torch best", {"pipeline": "best", "device": device}))
+    pipelines = device_pipelines() if dry_run else engine_pipelines(device)
+    pipelines.append(("torch reference", {"pipeline": "reference", "device": run_on}))
+    best: dict[str, Any] = {"pipeline": "best", "device": run_on}
+    if dry_run:  # its first call compiles DINOv2, which on a CPU is most of the run and shows nothing
+        best["skip"] = "dry run: torch.compile's compilation would dominate a CPU run"
+    pipelines.append(("torch best", best))
     results = {}
     saved: dict[str, Path] = {}
     for label, args in pipelines:
@@ -154,13 +263,17 @@ def run_bench(
         stats = db.stats()
     report = {
         "command": f"knnclip bench --preset {preset_name}"
-        + ("" if fusion == "out_of_vocab" else f" --fusion {fusion}"),
+        + ("" if fusion == "out_of_vocab" else f" --fusion {fusion}")
+        + ("" if asked == "auto" else f" --device {asked}")
+        + (" --dry-run" if dry_run else ""),
+        "dry_run": dry_run,
         "fusion": fusion,
         "sampling": sampling,
         "preset": dataclasses.asdict(preset),
         "machine": harness.machine(),
         "device": device,
         "flops_per_image": flops,
+        "floor": floor(flops, work / "models", stats),
         "database": {
             "entries": stats["entries"],
             "dim": stats["dim"],
@@ -187,6 +300,36 @@ def run_bench(
     return report
 
 
+def device_pipelines() -> list[tuple[str, dict[str, Any]]]:
+    """The dry run's engine pipelines: the host pipeline and the device pipeline's code on the CPU."""
+    return [
+        ("engine onnxruntime fp32", {"pipeline": "engine", "backend": "onnxruntime", "device": "cpu"}),
+        ("engine device-path fp32 (dry run)",
+         {"pipeline": "engine", "backend": "onnxruntime", "device": "cpu", "arrays": "torch-cpu"}),
+    ]  # fmt: skip
+
+
+def floor(flops: dict[str, float], models: Path, stats: dict[str, Any]) -> dict[str, Any]:
+    """The least time an image can take on :data:`FLOOR_GPU`: its arithmetic at the GPU's fp16 peak,
+    and its memory traffic at the GPU's bandwidth (both models' weights read once in fp16, the
+    database's codes read once per search); the larger of the two is the floor."""
+    weights = sum((models / part / "model.onnx").stat().st_size for part in ("fcclip/image", "dinov2")
+                  if (models / part / "model.onnx").is_file()) // 2  # fmt: skip
+    searched = stats["entries"] * stats["code_bytes_per_entry"]
+    work = flops.get("fcclip", 0.0) + flops.get("dinov2", 0.0)
+    compute_ms = 1e3 * work / FLOOR_GPU["fp16_flops"]
+    memory_ms = 1e3 * (weights + searched) / FLOOR_GPU["bytes_per_s"]
+    return {
+        "gpu": FLOOR_GPU,
+        "flops": work,
+        "weight_bytes_fp16": weights,
+        "search_bytes": searched,
+        "compute_ms": compute_ms,
+        "memory_ms": memory_ms,
+        "floor_ms": max(compute_ms, memory_ms),
+    }
+
+
 def engine_pipelines(device: str) -> list[tuple[str, dict[str, Any]]]:
     """``engine <backend> <precision>`` for every backend and precision available here."""
     import importlib.util
@@ -198,7 +341,9 @@ def engine_pipelines(device: str) -> list[tuple[str, dict[str, Any]]]:
 
     out = [("engine onnxruntime fp32", engine("onnxruntime", device))]
     if device == "cuda":
+        out.append(("engine tensorrt fp16", {**engine("tensorrt", "cuda"), "precision": "fp16"}))
         out.append(("engine tensorrt fp32", engine("tensorrt", "cuda")))
+        out.append(("engine torch fp32", engine("torch", "cuda")))  # device outputs with torch alone
     if importlib.util.find_spec("openvino") is not None:
         out.append(("engine openvino fp32", engine("openvino", "cpu")))
         no_bf16 = bf16_missing()
@@ -265,7 +410,8 @@ def markdown(report: dict[str, Any]) -> str:
     pipes = {k: v for k, v in report["pipelines"].items() if _ran(v)}
     ref = pipes.get("torch reference")
     lines = [
-        f"# End to end: `{report['command']}` on {report['machine']['name']} ({report['device']})",
+        f"# End to end: `{report['command']}` on {report['machine']['name']} ({report['device']}"
+        + (", its code run on the CPU: the numbers are not the device's)" if report.get("dry_run") else ")"),
         "",
         "Per-stage latency per image, p50 (p90) in ms over the timed images after a warm-up image;"
         " ratio = reference p50 / engine p50 (above 1: the engine is faster). 'fuse' includes classification.",
@@ -339,7 +485,33 @@ def markdown(report: dict[str, Any]) -> str:
         f"{db['bytes_read_per_search'] / 2**20:.0f} MiB read per search (all queries of an image at once).",
         "",
     ]
+    lines += _device_lines(report, pipes)
     return "\n".join(lines)
+
+
+def _device_lines(report: dict[str, Any], pipes: dict[str, Any]) -> list[str]:
+    """Bytes moved between host and device, device memory, batch throughput and the floor."""
+    lines = []
+    moving = {k: p for k, p in pipes.items() if p.get("bytes_moved_per_image", {}).get("to_device")}
+    if moving:
+        lines += ["| pipeline | arrays | to the device per image | to the host per image | device memory | "
+                  "images/s at batch 1, 4, 8 |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for label, p in moving.items():
+            cells = [", ".join(f"{kind} {n / 1024:.0f} KiB" for kind, n in p["bytes_moved_per_image"][d].items())
+                     for d in ("to_device", "to_host")]  # fmt: skip
+            memory = f"{p['device_memory_mib']:.0f} MiB" if "device_memory_mib" in p else "-"
+            batches = ", ".join(f"{v:.1f}" for v in p.get("throughput_by_batch_images_per_s", {}).values()) or "-"
+            lines.append(f"| {label} | {p.get('arrays', '-')} | {cells[0]} | {cells[1]} | {memory} | {batches} |")
+        lines += ["", "Per image, only the image's tensors go in (per-vocabulary constants went once, before), and "
+                  "only the label maps, the segment table and the evidence come out."]  # fmt: skip
+    f = report.get("floor")
+    if f:
+        lines += ["", f"Floor on an {f['gpu']['name']} ({f['gpu']['fp16_flops'] / 1e12:.0f} TFLOP/s fp16, "
+                  f"{f['gpu']['bytes_per_s'] / 1e12:.2f} TB/s): {f['flops'] / 1e9:.0f} GFLOP of model arithmetic is "
+                  f"{f['compute_ms']:.2f} ms; {f['weight_bytes_fp16'] / 2**20:.0f} MiB of fp16 weights and "
+                  f"{f['search_bytes'] / 2**20:.0f} MiB of database codes read are {f['memory_ms']:.2f} ms; "
+                  f"no pipeline can beat {f['floor_ms']:.2f} ms per image there.", ""]  # fmt: skip
+    return lines
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
