@@ -87,7 +87,7 @@ def compare_pipelines(
         "sessions": sessions,
         "images": rows,
         "stages_ms": {k: float(np.median([s.get(k, 0.0) for s in stages])) for k in stages[0]} if stages else {},
-        "bytes_moved_per_image": _median_bytes(moved),
+        "bytes_moved_per_image": median_bytes(moved),
     }
 
 
@@ -111,7 +111,7 @@ def _agreement(want: Any, got: Any) -> dict[str, Any]:
     }
 
 
-def _median_bytes(moved: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, float]]:
+def median_bytes(moved: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, float]]:
     """Per direction and kind, the median bytes over the images (a kind missing from an image is 0)."""
     out: dict[str, dict[str, float]] = {}
     for direction in ("to_device", "to_host"):

@@ -24,6 +24,7 @@ import numpy as np
 
 from knnclip.engine.bench import harness
 from knnclip.engine.bench.build import PRESETS, STAGES, WARMUP, Preset, build, images
+from knnclip.engine.bench.device import median_bytes
 from knnclip.engine.bench.harness import peak_rss_mib, percentiles
 from knnclip.engine.config import RetrievalConfig
 
@@ -101,7 +102,7 @@ def run_engine(
         np.savez_compressed(save, *semantic)
     out = {"stages_ms": stages, "throughput_images_per_s": throughput, "peak_rss_mib": peak_rss_mib() - baseline,
            "backends": backends, "backend_per_model": chosen, "arrays": arrays_used,
-           "bytes_moved_per_image": _median_bytes(moved)}  # fmt: skip
+           "bytes_moved_per_image": median_bytes(moved)}  # fmt: skip
     if batches:
         out["throughput_by_batch_images_per_s"] = batches
     used = _device_memory_used(device)
@@ -135,12 +136,6 @@ def _device_memory_used(device: str) -> int | None:
     except (ImportError, RuntimeError):
         return None
     return int(total - free)
-
-
-def _median_bytes(moved: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, float]]:
-    from knnclip.engine.bench.device import _median_bytes as median
-
-    return median(moved)
 
 
 def _record_tensorrt_precision(models: Path, precision: str) -> None:
