@@ -294,8 +294,23 @@ def check_interop() -> list[dict[str, Any]]:
                 sleep(200_000_000)  # about 0.1 s of GPU cycles
             f.copy_(torch.from_numpy(features).cuda(non_blocking=True))
             m.copy_(torch.from_numpy(masks).cuda(non_blocking=True))
-            result = _C.mask_pool(f, m)  # CAI v3 names the side stream; the op must wait for it
+            # torch's interface names no stream, so the op reads the tensors through DLPack with
+            # stream= its own stream: torch must order the side stream's work before it
+            result = _C.mask_pool(f, m)
         return close(result)
+
+    def default_stream() -> bool:
+        # The same race on torch's default stream: the ops run on a non-blocking stream of their
+        # own, which the legacy default stream no longer orders implicitly.
+        f = torch.zeros(features.shape, device="cuda")
+        m = torch.zeros(masks.shape, device="cuda")
+        torch.cuda.synchronize()
+        sleep = getattr(torch.cuda, "_sleep", None)
+        if sleep is not None:
+            sleep(200_000_000)
+        f.copy_(torch.from_numpy(features).cuda(non_blocking=True))
+        m.copy_(torch.from_numpy(masks).cuda(non_blocking=True))
+        return close(_C.mask_pool(f, m))
 
     def via_dlpack() -> bool:
         class OnlyDlpack:
@@ -335,7 +350,8 @@ def check_interop() -> list[dict[str, Any]]:
             _C.mask_pool(f, m)
         return free_before - torch.cuda.mem_get_info()[0] < 64 << 20
 
-    record("side-stream producer (CAI v3 stream)", side_stream)
+    record("side-stream producer (torch, through DLPack's stream=)", side_stream)
+    record("default-stream producer (the ops' stream is non-blocking)", default_stream)
     record("DLPack-only inputs (stream argument)", via_dlpack)
     record("result outlives its inputs; consumed by torch.from_dlpack", outlives_producer)
     record("CuPy inputs", cupy_inputs)

@@ -70,6 +70,10 @@ class device_bodies:  # noqa: N801 - a submodule: the CUDA kernels' bodies built
         scores: npt.NDArray[np.float32], mask_logits: npt.NDArray[np.float32], queries: npt.NDArray[np.int64]
     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.int64]]: ...
     @staticmethod
+    def retrieval_probs(
+        sims: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], num_classes: int, tau: float
+    ) -> npt.NDArray[np.float32]: ...
+    @staticmethod
     def fuse(
         p_base: npt.NDArray[np.float32], p_ret: npt.NDArray[np.float32], T: float, lam: float
     ) -> npt.NDArray[np.float32]: ...

@@ -313,6 +313,19 @@ py::tuple bodies_panoptic_owner(const py::array& scores_obj, const py::array& ma
   return py::make_tuple(owner, own, mask_pixels);
 }
 
+F32Array bodies_retrieval_probs(const py::array& sims_obj, const py::array_t<int64_t, py::array::c_style>& labels,
+                                int64_t num_classes, float tau) {
+  F32Array sims = f32_input(sims_obj, "sims", 2);
+  if (labels.ndim() != 2 || labels.shape(0) != sims.shape(0) || labels.shape(1) != sims.shape(1))
+    throw py::value_error("device_bodies.retrieval_probs: sims and labels must both be [N, k]");
+  if (num_classes < 0 || !(tau > 0.0f)) throw py::value_error("device_bodies.retrieval_probs: num_classes >= 0, tau > 0");
+  F32Array out({static_cast<int64_t>(sims.shape(0)), num_classes});
+  const uint32_t flags = knnclip::kernels::host::retrieval_probs(sims.data(), labels.data(), sims.shape(0),
+                                                                 sims.shape(1), num_classes, tau, out.mutable_data());
+  raise_flags("device_bodies.retrieval_probs", flags, "sims (where labels != -1)");
+  return out;
+}
+
 F32Array bodies_fuse(const py::array& base_obj, const py::array& ret_obj, float threshold, float lam) {
   F32Array base = f32_input(base_obj, "p_base", 2), ret = f32_input(ret_obj, "p_ret", 2);
   if (base.shape(0) != ret.shape(0) || base.shape(1) != ret.shape(1))
@@ -475,6 +488,8 @@ PYBIND11_MODULE(_C, m) {
   bodies.def("resample", &bodies_resample, py::arg("x"), py::arg("rows"), py::arg("cols"));
   bodies.def("semantic_argmax", &bodies_semantic_argmax, py::arg("class_probs"), py::arg("mask_logits"));
   bodies.def("panoptic_owner", &bodies_panoptic_owner, py::arg("scores"), py::arg("mask_logits"), py::arg("queries"));
+  bodies.def("retrieval_probs", &bodies_retrieval_probs, py::arg("sims"), py::arg("labels"), py::arg("num_classes"),
+             py::arg("tau"));
   bodies.def("fuse", &bodies_fuse, py::arg("p_base"), py::arg("p_ret"), py::arg("T"), py::arg("lam"));
   bodies.def("binarize", &bodies_binarize, py::arg("mask_logits"), py::arg("height"), py::arg("width"),
              py::arg("threshold") = 0.0f);

@@ -128,3 +128,28 @@ def test_bad_input_is_refused():
         bodies.resample(np.zeros((1, 2, 2), np.float64), np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32))
     with pytest.raises(ValueError, match="queries must index"):
         bodies.panoptic_owner(np.ones(1, np.float32), np.zeros((2, 3, 3), np.float32), np.array([2]))
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(0, 30),
+    k=st.integers(1, 12),
+    c=st.integers(1, 20),
+    tau=st.sampled_from([1e-3, 0.07, 1.0]),
+)
+def test_retrieval_probs_matches_float64(seed, rows, k, c, tau):
+    rng = np.random.default_rng(seed)
+    sims = rng.uniform(-1, 1, (rows, k)).astype(np.float32)
+    labels = rng.integers(-1, c, (rows, k)).astype(np.int64)
+    got = bodies.retrieval_probs(sims, labels, c, tau)
+    np.testing.assert_allclose(got, ref.retrieval_probs(sims.astype(np.float64), labels, c, tau), atol=1e-6)
+
+
+def test_retrieval_probs_refuses_bad_neighbours():
+    sims = np.array([[0.5, np.nan]], np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        bodies.retrieval_probs(sims, np.array([[0, 1]]), 2, 0.1)
+    with pytest.raises(ValueError, match="labels must be"):
+        bodies.retrieval_probs(np.zeros((1, 2), np.float32), np.array([[0, 5]]), 2, 0.1)
+    # a NaN where there is no neighbour is never read
+    np.testing.assert_allclose(bodies.retrieval_probs(sims, np.array([[1, -1]]), 2, 0.1), [[0.0, 1.0]])

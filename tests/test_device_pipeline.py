@@ -172,3 +172,25 @@ def test_synonym_columns_give_reduceat():
     want = np.maximum.reduceat(logits[:, :-1], np.cumsum([0, *per_class])[:-1], axis=1)
     got = logits[:, postprocess.synonym_columns(per_class)].max(-1)
     np.testing.assert_array_equal(got, want)
+
+
+def test_running_out_of_device_memory_is_a_named_error(models, database):  # noqa: F811
+    """A device that runs out of memory in post-processing fails that image with OutOfMemoryError
+    naming the device and the image's size, as the host does for a MemoryError."""
+    from knnclip.engine.errors import OutOfMemoryError
+
+    class DeviceOutOfMemory(RuntimeError):
+        pass
+
+    class Full(StandInArrays):
+        def out_of_memory(self, exc: BaseException) -> bool:
+            return isinstance(exc, DeviceOutOfMemory)
+
+        def resample(self, *args):
+            raise DeviceOutOfMemory("out of memory")
+
+    with segmenter(models, database, Full(), stand_in=True) as dev:
+        with pytest.raises(OutOfMemoryError, match="330x250 image .* on stand-in"):
+            dev.segment(image())
+    assert TorchArrays("cpu").out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not TorchArrays("cpu").out_of_memory(RuntimeError("something else"))

@@ -292,38 +292,16 @@ __global__ void semantic_kernel(const TP* probs, const TL* logits, int64_t N, in
   }
 }
 
-// One row: softmax over the row's real neighbours, summed per class (out zeroed).
-template <typename T>
-__device__ void retrieval_row(const T* s, const int64_t* lab, int64_t k, int64_t C, float inv_tau,
-                              float* out, uint32_t* flags) {
-  float best = -INFINITY;
-  for (int64_t j = 0; j < k; ++j) {
-    if (lab[j] == -1) continue;
-    if (lab[j] < -1 || lab[j] >= C) {
-      if (flags) atomicOr(flags, static_cast<uint32_t>(kLabelOutOfRange));
-      return;
-    }
-    if (!is_finite(s[j])) {
-      if (flags) atomicOr(flags, static_cast<uint32_t>(kNonFinite));
-      return;
-    }
-    best = fmaxf(best, to_float(s[j]));
-  }
-  if (best == -INFINITY) return;
-  float total = 0.0f;
-  for (int64_t j = 0; j < k; ++j)
-    if (lab[j] >= 0) total += neighbour_weight(to_float(s[j]), best, inv_tau);
-  for (int64_t j = 0; j < k; ++j)
-    if (lab[j] >= 0) out[lab[j]] += neighbour_weight(to_float(s[j]), best, inv_tau) / total;
-}
-
 // Rows with a grid stride (any number of rows).
 template <typename T>
 __global__ void retrieval_kernel(const T* sims, const int64_t* labels, int64_t rows, int64_t k,
                                  int64_t C, float inv_tau, float* out, uint32_t* flags) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows;
        i += int64_t(blockDim.x) * gridDim.x)
-    retrieval_row(sims + i * k, labels + i * k, k, C, inv_tau, out + i * C, flags);
+  {
+    const uint32_t found = kernels::retrieval_row(sims + i * k, labels + i * k, k, C, inv_tau, out + i * C);
+    if (found != 0 && flags != nullptr) atomicOr(flags, found);
+  }
 }
 
 // One warp per row: confidence = max of the retrieval row, then the blend or the base row.

@@ -9,6 +9,8 @@
 
 #include <cmath>
 
+#include "common.h"
+
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
 #define KNNCLIP_HD __host__ __device__ __forceinline__
@@ -107,6 +109,29 @@ KNNCLIP_HD void panoptic_at(const float* scores, int64_t K, Logit logit, int32_t
     if (v > best) best = v, owner = static_cast<int32_t>(k), own_logit = x;
   }
   own = own_logit >= 0.0f;
+}
+
+// One row of retrieval_probs: the softmax over the row's real neighbours (labels != -1) of
+// sims / tau, summed per class into `out` (zeroed by the caller). Returns ErrorFlag bits: a label
+// outside [-1, C) or a non-finite similarity of a real neighbour leaves the row untouched.
+template <class T>
+KNNCLIP_HD uint32_t retrieval_row(const T* s, const int64_t* labels, int64_t k, int64_t C, float inv_tau,
+                                  float* out) {
+  float best = negative_infinity();
+  for (int64_t j = 0; j < k; ++j) {
+    if (labels[j] == -1) continue;
+    if (labels[j] < -1 || labels[j] >= C) return kLabelOutOfRange;
+    const float v = load(s[j]);
+    if (!(v - v == 0.0f)) return kNonFinite;  // NaN or Inf
+    best = fmaxf(best, v);
+  }
+  if (best == negative_infinity()) return 0;
+  float total = 0.0f;
+  for (int64_t j = 0; j < k; ++j)
+    if (labels[j] >= 0) total += neighbour_weight(load(s[j]), best, inv_tau);
+  for (int64_t j = 0; j < k; ++j)
+    if (labels[j] >= 0) out[labels[j]] += neighbour_weight(load(s[j]), best, inv_tau) / total;
+  return 0;
 }
 
 // The fused class probability of one element: lam * ret + (1 - lam) * base where the row's

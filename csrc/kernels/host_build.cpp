@@ -41,6 +41,15 @@ void panoptic_owner(const float* scores, const float* masks, const int64_t* quer
   }
 }
 
+uint32_t retrieval_probs(const float* sims, const int64_t* labels, int64_t rows, int64_t k, int64_t classes, float tau,
+                         float* out) {
+  uint32_t flags = 0;
+  for (int64_t i = 0; i < rows * classes; ++i) out[i] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r)
+    flags |= retrieval_row(sims + r * k, labels + r * k, k, classes, 1.0f / tau, out + r * classes);
+  return flags;
+}
+
 void fuse(const float* base, const float* ret, int64_t rows, int64_t classes, float threshold, float lam, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
     float best = negative_infinity();

@@ -18,6 +18,10 @@ void semantic_argmax(const float* probs, const float* logits, int64_t n, int64_t
 void panoptic_owner(const float* scores, const float* masks, const int64_t* queries, int64_t k, int64_t pixels,
                     int32_t* owner, uint8_t* own, int64_t* mask_pixels);
 
+// As the retrieval_probs op (out [rows, classes] zeroed here); returns ErrorFlag bits.
+uint32_t retrieval_probs(const float* sims, const int64_t* labels, int64_t rows, int64_t k, int64_t classes, float tau,
+                         float* out);
+
 // As the fuse op: rows whose max p_ret >= threshold blend, the others keep p_base.
 void fuse(const float* base, const float* ret, int64_t rows, int64_t classes, float threshold, float lam, float* out);
 

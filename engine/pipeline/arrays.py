@@ -100,6 +100,10 @@ class ArrayModule:
     def synchronize(self) -> None:
         """Wait for the work queued on this module's device (a no-op on the host)."""
 
+    def out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is this module's device running out of memory."""
+        return isinstance(exc, MemoryError)
+
     def constant(self, key: Hashable, make: Callable[[], np.ndarray]) -> Array:
         """The device copy of ``make()``, made and uploaded once per ``key`` (least recently used
         dropped past the cache's size)."""
@@ -376,6 +380,10 @@ class TorchArrays(ArrayModule):
     def synchronize(self) -> None:
         if self._cuda:
             self._torch.cuda.synchronize(self._dev)
+
+    def out_of_memory(self, exc: BaseException) -> bool:
+        oom = getattr(self._torch.cuda, "OutOfMemoryError", ())
+        return isinstance(exc, MemoryError) or (bool(oom) and isinstance(exc, oom))
 
     def empty(self, shape: Sequence[int], dtype: str) -> Any:
         return self._torch.empty(tuple(shape), dtype=self._dtype(dtype), device=self._dev)

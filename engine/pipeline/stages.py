@@ -243,12 +243,15 @@ def semantic_map(p: Proposal, mask_cls: Array) -> Array:
 def _memory_named(p: Proposal) -> Iterator[None]:
     try:
         yield
-    except MemoryError:
+    except Exception as exc:
+        if not (isinstance(exc, MemoryError) or p.xp.out_of_memory(exc)):
+            raise
         h, w = p.x.original
+        where = "" if p.xp.on_host else f" on {p.xp.device}"
         raise OutOfMemoryError(
-            f"a {w}x{h} image needs more memory than is free for its post-processing (about 32 bytes per "
-            f"pixel plus {postprocess.FULL_MASKS_BUDGET >> 20} MiB); downscale it or lower "
-            "KNNCLIP_MAX_IMAGE_PIXELS so such images are refused when decoded"
+            f"a {w}x{h} image needs more memory than is free{where} for its post-processing (about 32 bytes "
+            f"per pixel plus {postprocess.FULL_MASKS_BUDGET >> 20} MiB); downscale it or lower "
+            "KNNCLIP_MAX_IMAGE_PIXELS so such images are refused when decoded (or KNNCLIP_MASK_BUDGET_BYTES)"
         ) from None
 
 

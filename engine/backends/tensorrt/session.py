@@ -16,7 +16,8 @@ Not yet run on a GPU (TensorRT cannot be installed where this was written); its 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,48 +160,48 @@ class TensorRTSession(Session):
         finished writing it (the pipeline synchronises its stream before each model call)."""
         feed = {name: v if isinstance(v, np.ndarray) else cuda_array(v, name) for name, v in feed.items()}
         self.validate(feed)
-        with self._lock:
-            if self._ctx is None:
-                raise BackendUnavailableError(f"{self} is closed")
-            self._ctx.push()
-            try:
-                kept = [self._set_input(spec.name, feed[spec.name]) for spec in self.inputs]
-                outputs = {}
-                for name, shape in self._output_shapes().items():
-                    dtype = self._dtypes[name]
-                    allocation = self._cuda.mem_alloc(max(int(np.prod(shape)) * dtype.itemsize, 1))
-                    if not self._context.set_tensor_address(name, int(allocation)):
-                        raise BackendUnavailableError(f"{self}: TensorRT refused the address of tensor {name!r}")
-                    outputs[name] = DeviceBuffer(int(allocation), shape, dtype, self._device_id, allocation)
-                self._execute()
-                self._stream.synchronize()  # the outputs are ready, and the inputs no longer read
-                del kept
-                return outputs
-            finally:
-                self._ctx.pop()
+        with self._current():
+            kept = [self._set_input(spec.name, feed[spec.name]) for spec in self.inputs]
+            outputs = {}
+            for name, shape in self._output_shapes().items():
+                dtype = self._dtypes[name]
+                allocation = self._cuda.mem_alloc(max(int(np.prod(shape)) * dtype.itemsize, 1))
+                if not self._context.set_tensor_address(name, int(allocation)):
+                    raise BackendUnavailableError(f"{self}: TensorRT refused the address of tensor {name!r}")
+                outputs[name] = DeviceBuffer(int(allocation), shape, dtype, self._device_id, allocation)
+            self._execute()
+            self._stream.synchronize()  # the outputs are ready, and the inputs no longer read
+            del kept
+            return outputs
 
     def _run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         cuda = self._cuda
+        with self._current():
+            kept = [self._set_input(spec.name, feed[spec.name]) for spec in self.inputs]
+            shapes = self._output_shapes()
+            for name, shape in shapes.items():
+                self._buffer(name, int(np.prod(shape)) * self._dtypes[name].itemsize)
+            self._execute()
+            staged_out = {}
+            for spec in self.outputs:
+                nbytes = int(np.prod(shapes[spec.name])) * self._dtypes[spec.name].itemsize
+                staged_out[spec.name] = self._staging(spec.name, nbytes)
+                cuda.memcpy_dtoh_async(staged_out[spec.name], self._buffers[spec.name], self._stream)
+            self._stream.synchronize()
+            del kept  # the inputs are no longer read
+            # Copied out of the staging buffers, which the next call reuses.
+            return {name: staged.view(self._dtypes[name]).reshape(shapes[name]).copy()
+                    for name, staged in staged_out.items()}  # fmt: skip
+
+    @contextmanager
+    def _current(self) -> Iterator[None]:
+        """This session's lock held and its CUDA context current (refused once closed)."""
         with self._lock:
             if self._ctx is None:
                 raise BackendUnavailableError(f"{self} is closed")
             self._ctx.push()
             try:
-                kept = [self._set_input(spec.name, feed[spec.name]) for spec in self.inputs]
-                shapes = self._output_shapes()
-                for name, shape in shapes.items():
-                    self._buffer(name, int(np.prod(shape)) * self._dtypes[name].itemsize)
-                self._execute()
-                staged_out = {}
-                for spec in self.outputs:
-                    nbytes = int(np.prod(shapes[spec.name])) * self._dtypes[spec.name].itemsize
-                    staged_out[spec.name] = self._staging(spec.name, nbytes)
-                    cuda.memcpy_dtoh_async(staged_out[spec.name], self._buffers[spec.name], self._stream)
-                self._stream.synchronize()
-                del kept  # the inputs are no longer read
-                # Copied out of the staging buffers, which the next call reuses.
-                return {name: staged.view(self._dtypes[name]).reshape(shapes[name]).copy()
-                        for name, staged in staged_out.items()}  # fmt: skip
+                yield
             finally:
                 self._ctx.pop()
 
