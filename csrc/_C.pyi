@@ -82,6 +82,9 @@ class device_bodies:  # noqa: N801 - a submodule: the CUDA kernels' bodies built
         mask_logits: npt.NDArray[np.float32], height: int, width: int, threshold: float = 0.0
     ) -> npt.NDArray[np.bool_]: ...
 
+def input_protocol(array: Any) -> str:
+    """How the ops read `array`: 'numpy', 'cuda_array_interface', 'dlpack' or 'none'."""
+
 def crc32c(data: Any, value: int = 0, *, implementation: str = "auto") -> int:
     """CRC-32C (Castagnoli) of a C-contiguous buffer; pass the previous result as `value` to extend it."""
 

@@ -193,12 +193,32 @@ static bool names_stream(py::handle obj) {
   return cai.contains("stream");
 }
 
-Tensor parse(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
-  if (py::isinstance<py::array>(obj)) return from_numpy(obj, op, name, allowed);
+Protocol protocol_of(py::handle obj) {
+  if (py::isinstance<py::array>(obj)) return Protocol::kNumpy;
   const bool dlpack = py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__");
+  // An interface without a stream cannot order the producer's work before the ops' stream; DLPack's
+  // stream= can, so it is preferred wherever both are offered.
   if (py::hasattr(obj, "__cuda_array_interface__") && !(dlpack && !names_stream(obj)))
-    return from_cuda_array_interface(obj, op, name, allowed);
-  if (py::hasattr(obj, "__dlpack_device__")) {
+    return Protocol::kCudaArrayInterface;
+  if (py::hasattr(obj, "__dlpack_device__")) return Protocol::kDlpack;
+  return Protocol::kNone;
+}
+
+const char* protocol_name(Protocol p) {
+  switch (p) {
+    case Protocol::kNumpy: return "numpy";
+    case Protocol::kCudaArrayInterface: return "cuda_array_interface";
+    case Protocol::kDlpack: return "dlpack";
+    case Protocol::kNone: return "none";
+  }
+  return "none";
+}
+
+Tensor parse(py::handle obj, const std::string& op, const char* name, Allowed allowed) {
+  const Protocol protocol = protocol_of(obj);
+  if (protocol == Protocol::kNumpy) return from_numpy(obj, op, name, allowed);
+  if (protocol == Protocol::kCudaArrayInterface) return from_cuda_array_interface(obj, op, name, allowed);
+  if (protocol == Protocol::kDlpack) {
     const py::tuple dev = obj.attr("__dlpack_device__")().cast<py::tuple>();
     const int type = dev[0].cast<int>();
     if (type == kDLCUDA || type == kDLCUDAManaged) return from_dlpack_cuda(obj, op, name, allowed, dev[1].cast<int>());

@@ -45,6 +45,12 @@ struct Tensor {
 
 enum Allowed { kFloat, kInt64 };
 
+// How an argument is read: NumPy; __cuda_array_interface__ (when it names the producer's stream,
+// or DLPack is not offered); DLPack (with stream= the ops' stream; host producers via NumPy).
+enum class Protocol { kNumpy, kCudaArrayInterface, kDlpack, kNone };
+Protocol protocol_of(py::handle obj);
+const char* protocol_name(Protocol p);
+
 // Reads an argument: CUDA arrays first (by protocol), then NumPy (or any host DLPack producer).
 Tensor parse(py::handle obj, const std::string& op, const char* name, Allowed allowed);
 

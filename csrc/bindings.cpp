@@ -494,6 +494,12 @@ PYBIND11_MODULE(_C, m) {
   bodies.def("binarize", &bodies_binarize, py::arg("mask_logits"), py::arg("height"), py::arg("width"),
              py::arg("threshold") = 0.0f);
 
+  m.def(
+      "input_protocol", [](py::handle obj) { return std::string(protocol_name(protocol_of(obj))); },
+      py::arg("array"),
+      "How the ops read `array`: 'numpy', 'cuda_array_interface' (it names its producer's stream, or offers no "
+      "DLPack), 'dlpack' (read with stream= the ops' stream, so the producer orders its pending work first), or "
+      "'none'.");
   m.def("crc32c", &crc32c, py::arg("data"), py::arg("value") = 0, py::kw_only(),
         py::arg("implementation") = "auto",
         "CRC-32C (Castagnoli) of a C-contiguous buffer; pass the previous result as `value` to extend it. "

@@ -174,3 +174,32 @@ def test_an_ort_value_on_the_device_becomes_a_buffer_that_keeps_it():
     assert buffer.owner is value and buffer.__dlpack_device__() == (2, 1) and buffer.nbytes == 250 * 64 * 96 * 2
     with pytest.raises(BackendUnavailableError, match="tensor\\(string\\)"):
         ort_value_buffer(FakeOrtValue("tensor(string)"), 0)
+
+
+def test_the_ops_prefer_dlpack_where_the_array_interface_names_no_stream():
+    """torch exports __cuda_array_interface__ version 2, without the producer's stream: the ops'
+    own stream could not wait for it, so such arrays are read through DLPack (stream= the ops'
+    stream); an interface that names its stream (v3, CuPy, the engine's DeviceBuffers) is used."""
+    from knnclip import _C
+
+    class TorchLike(FakeCudaArray):
+        @property
+        def __cuda_array_interface__(self):
+            cai = dict(super().__cuda_array_interface__)
+            del cai["stream"]
+            cai["version"] = 2
+            return cai
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("not called by input_protocol")
+
+    class CupyLike(TorchLike):
+        @property
+        def __cuda_array_interface__(self):
+            return {**super().__cuda_array_interface__, "version": 3, "stream": 1}
+
+    assert _C.input_protocol(TorchLike((2,))) == "dlpack"
+    assert _C.input_protocol(CupyLike((2,))) == "cuda_array_interface"
+    assert _C.input_protocol(FakeCudaArray((2,))) == "cuda_array_interface"  # no DLPack offered
+    assert _C.input_protocol(np.zeros(2, np.float32)) == "numpy"
+    assert _C.input_protocol([1.0]) == "none"
