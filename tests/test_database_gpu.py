@@ -175,3 +175,38 @@ def test_faiss_gpu_runtime_errors_become_named_errors(monkeypatch, message, erro
     with pytest.raises(Exception) as info:
         mirror.search(clustered(2, 112, seed=4), 5, None)
     assert type(info.value).__name__ == error and "faiss-gpu could not search" in str(info.value)
+
+
+def test_queries_on_the_device_are_searched_there_and_agree_with_search(monkeypatch, tmp_path):
+    """Database.search_device: queries that live on the device (torch) go to faiss-gpu as they are
+    and the neighbours' class ids come back as tensors there (ids mapped on the device), equal to
+    search()'s; a zero cosine query has none; a search past faiss-gpu's limit, or a database not
+    opened on the GPU, is refused by name. The GPU is a stand-in whose index is faiss' own."""
+    torch = pytest.importorskip("torch")
+    from knnclip.engine import Database
+    from knnclip.engine.database import gpu
+    from knnclip.engine.errors import BackendUnavailableError
+
+    stand_in = _StandInFaissGpu()
+    stand_in.get_num_gpus = lambda: 1
+    monkeypatch.setattr(gpu, "faiss", stand_in)
+    vectors = clustered(400, 32, 5)
+    with Database.create(tmp_path / "db", 32, index="ivf-flat", index_params={"nlist": 4, "nprobe": 4}) as db:
+        db.train(vectors)
+        db.add(vectors, [f"c{i % 5}" for i in range(400)])
+    queries = clustered(6, 32, 9)
+    queries[2] = 0.0
+    with Database.open(tmp_path / "db", device="cuda", read_only=True) as db:
+        assert db.device_search is not None
+        want_sims, want_labels, _ = db.search(queries, 5)
+        sims, labels = db.search_device(torch.from_numpy(queries), 5)
+        assert isinstance(labels, torch.Tensor) and labels.dtype == torch.int64
+        np.testing.assert_array_equal(labels.numpy(), want_labels)
+        np.testing.assert_allclose(sims.numpy(), want_sims, rtol=1e-6)
+        assert (labels[2] == -1).all() and torch.isneginf(sims[2]).all()
+        with pytest.raises(BackendUnavailableError, match="2048"):
+            db.search_device(torch.from_numpy(queries), 4096)
+    with Database.open(tmp_path / "db", read_only=True) as db:
+        assert db.device_search is None
+        with pytest.raises(BackendUnavailableError, match="device='cuda'"):
+            db.search_device(torch.from_numpy(queries), 5)

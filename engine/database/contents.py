@@ -35,6 +35,8 @@ class Contents:
         # A search mirror kept in step with the index: on the GPU (database/gpu.py) or in bf16
         # (database/bf16_search.py); None searches the faiss index itself.
         self.mirror: Any = None
+        # The entry ids and class ids on a device, as of an lsn, for search_device (per device).
+        self._on_device: dict[str, tuple[int, Any, Any]] = {}
 
     @property
     def is_trained(self) -> bool:
@@ -93,6 +95,35 @@ class Contents:
             if self.mirror is not None:
                 self.mirror.rebuild(self.index)
         self.counts.pop(class_id, None)
+
+    def search_device(self, q: Any, k: int, params: Any) -> tuple[Any, Any]:
+        """(sims, class ids) [M, k] of normalised torch queries ``q`` through the mirror's
+        ``search_device``, on ``q``'s device: -inf / -1 where there is no neighbour (a cosine query
+        of zeros has none)."""
+        import torch
+
+        m, n = int(q.shape[0]), len(self.ids)
+        sims = torch.full((m, k), float("-inf"), dtype=torch.float32, device=q.device)
+        labels = torch.full((m, k), -1, dtype=torch.int64, device=q.device)
+        if m == 0 or n == 0:
+            return sims, labels
+        found_sims, found = self.mirror.search_device(q.contiguous(), k, params)
+        ids, classes = self._entries_on(q.device)
+        hit = found >= 0
+        if self.metric == "cosine":
+            hit = hit & (q != 0).any(dim=1, keepdim=True)
+        found = found.clamp_min(0)
+        pos = found if self.spec.positional else torch.searchsorted(ids, found).clamp_max(n - 1)
+        return torch.where(hit, found_sims.float(), sims), torch.where(hit, classes[pos], labels)
+
+    def _entries_on(self, device: Any) -> tuple[Any, Any]:
+        import torch
+
+        cached = self._on_device.get(str(device))
+        if cached is None or cached[0] != self.lsn:
+            ids, classes = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (self.ids, self.labels))
+            cached = self._on_device[str(device)] = (self.lsn, ids, classes)
+        return cached[1], cached[2]
 
     def search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sims, labels, ids) [M, k] of normalised queries ``q``; -inf / -1 where there is no neighbour."""

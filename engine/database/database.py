@@ -42,6 +42,7 @@ from knnclip.engine.database.wal import (
     encode_record,
 )
 from knnclip.engine.errors import (
+    BackendUnavailableError,
     DatabaseBusyError,
     DatabaseCorruptError,
     DatabaseExistsError,
@@ -461,6 +462,51 @@ class Database:
             self._check_open()
             params = search_parameters(self._c.spec, nprobe, ef_search)
             return SearchResult(*self._c.search(q, k, params))
+
+    @property
+    def device_search(self) -> str | None:
+        """Where :meth:`search_device` searches (the GPU copy's device), or None: the database was
+        not opened with ``device="cuda"``."""
+        mirror = self._c.mirror
+        return str(mirror.device) if mirror is not None and hasattr(mirror, "search_device") else None
+
+    def search_device(
+        self, queries: Any, k: int, *, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[Any, Any]:
+        """:meth:`search` for queries that are already on the GPU copy's device (a torch tensor
+        [M, dim]): ``(sims, labels)`` as tensors there, so the queries never leave the device
+        (faiss-gpu reads them in place). Needs the database opened with ``device="cuda"``; a search
+        faiss-gpu cannot make (k or nprobe past 2048) is a BackendUnavailableError: use :meth:`search`."""
+        if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 1 <= k <= _MAX_K:
+            raise InvalidInputError(f"k must be an integer in [1, {_MAX_K}], got {k!r}")
+        with self._mutex:
+            self._check_open()
+            params = search_parameters(self._c.spec, nprobe, ef_search)
+            mirror = self._c.mirror
+            if mirror is None or not hasattr(mirror, "search_device") or not mirror.can_search(k, params):
+                raise BackendUnavailableError(
+                    f"{self.path}: search_device needs the database opened with device='cuda' (faiss-gpu, or torch "
+                    "for a flat index) and k and nprobe within faiss-gpu's 2048; use search()"
+                )
+            return self._c.search_device(self._device_queries(queries), k, params)
+
+    def _device_queries(self, queries: Any) -> Any:
+        """Queries on a device checked as :meth:`search` checks them (shape, NaN/Inf) and, for a
+        cosine database, normalised there (a zero row stays zero: it has no neighbours)."""
+        import torch
+
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self._c.dim:
+            raise InvalidInputError(f"queries must be a torch tensor [N, {self._c.dim}], got {type(queries).__name__} "
+                                    f"{list(getattr(queries, 'shape', []))}")  # fmt: skip
+        if not queries.is_floating_point():
+            raise InvalidInputError(f"queries must be a float tensor, got {queries.dtype}")
+        q = queries.float()
+        if not bool(torch.isfinite(q).all()):
+            raise InvalidInputError("queries contain NaN or Inf (or overflow float32)")
+        if self._c.metric == "cosine":
+            norms = torch.linalg.vector_norm(q, dim=1, keepdim=True)
+            q = q / torch.where(norms == 0, torch.ones_like(norms), norms)
+        return q
 
     # Statistics ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -133,7 +133,8 @@ class FaissGpuMirror:
                     GPU_MAX_SELECTION)  # fmt: skip
         return False
 
-    def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare(self, params: Any) -> None:
+        """The queued appends added (one GPU add), and the search's nprobe set."""
         if self._pending:
             vectors = np.concatenate([v for v, _ in self._pending])
             ids = np.concatenate([i for _, i in self._pending])
@@ -144,6 +145,17 @@ class FaissGpuMirror:
             self._pending.clear()
         if params is not None and hasattr(params, "nprobe"):
             self._gpu.nprobe = params.nprobe  # GPU IVF indexes take nprobe as an attribute
+
+    def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        self._prepare(params)
+        return _faiss_call("search the GPU index", self._gpu.search, queries, k)
+
+    def search_device(self, queries: Any, k: int, params: Any) -> tuple[Any, Any]:
+        """:meth:`search` for a torch tensor of queries, which faiss-gpu reads in place on its
+        device: (similarities, positions or ids) as tensors there."""
+        import faiss.contrib.torch_utils  # noqa: F401 - faiss' indexes then take torch tensors (CUDA ones in place)
+
+        self._prepare(params)
         return _faiss_call("search the GPU index", self._gpu.search, queries, k)
 
 
@@ -213,20 +225,29 @@ class ArrayGpuMirror:
     def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
+        q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self._device)
+        sims, positions = self.search_device(q, k, params)
+        return sims.cpu().numpy(), positions.cpu().numpy()
+
+    def search_device(self, q: Any, k: int, params: Any) -> tuple[Any, Any]:
+        """The search for a torch tensor of queries on this copy's device: (similarities [M, k],
+        positions [M, k]) there, -inf and -1 past the stored entries."""
+        import torch
+
         if self._pending:
             extra = self._to_device(np.concatenate(self._pending))
             self._pending.clear()
             self._vectors = torch.cat([self._vectors, extra])
-        n = int(self._vectors.shape[0])
-        sims = np.full((len(queries), k), -np.inf, np.float32)
-        positions = np.full((len(queries), k), -1, np.int64)
+        n, m = int(self._vectors.shape[0]), int(q.shape[0])
+        sims = torch.full((m, k), float("-inf"), dtype=torch.float32, device=q.device)
+        positions = torch.full((m, k), -1, dtype=torch.int64, device=q.device)
         top = min(k, n)
-        if top == 0 or len(queries) == 0:
+        if top == 0 or m == 0:
             return sims, positions
-        q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self._device)
-        rows = max(top, self.SCORE_BYTES // (4 * len(queries)))
-        best_values = torch.empty((len(queries), 0), dtype=torch.float32, device=q.device)
-        best_index = torch.empty((len(queries), 0), dtype=torch.int64, device=q.device)
+        q = q.float()
+        rows = max(top, self.SCORE_BYTES // (4 * m))
+        best_values = torch.empty((m, 0), dtype=torch.float32, device=q.device)
+        best_index = torch.empty((m, 0), dtype=torch.int64, device=q.device)
         for start in range(0, n, rows):
             scores = q @ self._vectors[start : start + rows].float().T  # fp32 [queries, rows]
             values, index = torch.topk(scores, min(top, scores.shape[1]), dim=1)
@@ -235,5 +256,5 @@ class ArrayGpuMirror:
             if best_values.shape[1] > top:  # keep the running top-k (ties keep the earlier row)
                 best_values, order = torch.topk(best_values, top, dim=1)
                 best_index = torch.gather(best_index, 1, order)
-        sims[:, :top], positions[:, :top] = best_values.cpu().numpy(), best_index.cpu().numpy()
+        sims[:, :top], positions[:, :top] = best_values, best_index
         return sims, positions

@@ -9,8 +9,9 @@ product, with a running top-k: similarities are fp32 throughout (an fp16 product
 overflows past 65504 for inner products) and no [queries x entries] matrix is ever made
 (250 x 10^7 scores would be 10 GB).
 
-Other indexes (IVF, HNSW) are searched by faiss on the host: the queries go there and the
-neighbours come back, counted as ``search`` transfers.
+Other indexes (IVF) are searched by faiss-gpu in place where the database was opened with
+``device="cuda"`` (:meth:`Database.search_device`), and otherwise by faiss on the host: the
+queries go there and the neighbours come back, counted as ``search`` transfers.
 """
 
 from __future__ import annotations
@@ -108,13 +109,16 @@ def search_neighbours(
     database: Database, queries: Array, k: int, *, xp: ArrayModule = HOST, scan: DeviceScan | None = None
 ) -> tuple[Array, Array]:
     """The ``k`` nearest entries of each query on ``xp``'s device: (similarities [Q, k], class ids
-    [Q, k], -1 where there is no neighbour). With ``scan`` (a flat database's device copy) the
-    queries stay on the device; otherwise faiss searches them on the host."""
+    [Q, k], -1 where there is no neighbour). With ``scan`` (a flat database's device copy), or a
+    database opened on the GPU (faiss-gpu), the queries stay on the device; otherwise faiss
+    searches them on the host."""
     if scan is not None:
         return scan.search(queries, k)
     if xp.on_host:
         sims, labels, _ = database.search(queries, k)
         return sims, labels
+    if xp.name == "torch" and database.device_search is not None:  # faiss-gpu reads the queries in place
+        return database.search_device(queries, k)
     sims, labels, _ = database.search(xp.to_host(queries, "search"), k)
     return xp.upload(sims, "search"), xp.upload(labels, "search")
 
