@@ -191,7 +191,7 @@ def check_pipeline(models: Path, dry_run: bool) -> dict[str, Any]:
         found = compare_pipelines(models, images, backend=backend, device=device, arrays_device=device)
     except BackendUnavailableError as exc:  # not installed here: reported, not failed
         return {"ok": None, "error": f"{type(exc).__name__}: {exc}"}
-    except Exception:
+    except Exception:  # noqa: BLE001 - a failed check is reported, not raised
         return {"ok": False, "error": traceback.format_exc(limit=3)}
     print(f"pipeline: {'ok' if found['ok'] else 'FAIL'} {found['images']}", flush=True)
     return found
@@ -244,7 +244,7 @@ def check_errors(dev: DeviceArrays | HostArrays) -> list[dict[str, Any]]:
             ok, got = False, "no error"
         except expected as exc:
             ok, got = True, f"{type(exc).__name__}: {exc}"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed check is reported, not raised
             ok, got = False, f"{type(exc).__name__}: {exc}"
         rows.append({"check": name, "ok": ok, "error": None if ok else got, "raised": got})
         print(f"error path: {name:30s} {'ok' if ok else 'FAIL ' + got}", flush=True)
@@ -260,7 +260,7 @@ def check_interop() -> list[dict[str, Any]]:
     def record(name: str, run: Callable[[], bool]) -> None:
         try:
             ok, error = bool(run()), None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed check is reported, not raised
             ok, error = False, f"{type(exc).__name__}: {exc}"
         rows.append({"check": name, "ok": ok, "error": error})
         print(f"{name:60s} {'ok' if ok else 'FAIL ' + str(error)}", flush=True)
@@ -386,7 +386,7 @@ def check_models(models: Path, repeats: int, device: str = "cuda") -> list[dict[
                 session.close()
             except BackendUnavailableError as exc:  # not installed here: reported, not failed
                 row["error"] = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # installed but broken: a failure
+            except Exception as exc:  # noqa: BLE001 - installed but broken: a failure
                 row["error"], row["ok"] = f"{type(exc).__name__}: {exc}", False
             rows.append(row)
             print(f"{part:14s} {backend:12s} {row.get('error') or row['max_rel_diff']}", flush=True)
@@ -424,7 +424,7 @@ def check_faiss_gpu(repeats: int) -> dict[str, Any]:
             Database.open(probe, device="cuda", read_only=True).close()
         except BackendUnavailableError as exc:  # neither faiss-gpu nor torch with CUDA: not installed
             return {"error": f"not installed: {exc}", "ok": None}
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed check is reported, not raised
             return {"error": f"{type(exc).__name__}: {exc}", "ok": False}
         path = Path(work) / "db"
         db = Database.create(path, 1536)
@@ -438,7 +438,7 @@ def check_faiss_gpu(repeats: int) -> dict[str, Any]:
         db.close()
         try:
             gpu_db = Database.open(path, device="cuda", read_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed check is reported, not raised
             return {"error": f"{type(exc).__name__}: {exc}"}
         gpu = gpu_db.search(queries, 10)
         agreement = float(np.mean(cpu.labels[:, 0] == gpu.labels[:, 0]))
@@ -544,7 +544,7 @@ def main() -> int:
     if not args.no_faiss and not args.dry_run:
         try:
             result["faiss_gpu"] = check_faiss_gpu(args.repeats)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a failed check is reported, not raised
             result["faiss_gpu"] = {"error": traceback.format_exc(limit=2), "ok": False}
     write_json("gpu_check", result, args.out)
     write_text("gpu_check.md", markdown(result), args.out)

@@ -129,7 +129,7 @@ def main() -> None:
             "embedded batch=1": (("--max-batch", "1", "--max-queue", "64"), False),
         }
         try:
-            import ray  # noqa: F401
+            import ray
 
             if not args.no_ray:
                 servers["ray 2 replicas"] = (

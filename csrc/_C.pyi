@@ -56,7 +56,7 @@ def panoptic_owner(
     scores: Array, mask_logits: Array, queries: Array, *, check: bool = True
 ) -> tuple[Array, Array, Array]: ...
 
-class device_bodies:  # noqa: N801 - a submodule: the CUDA kernels' bodies built for the host
+class device_bodies:
     @staticmethod
     def resample(
         x: npt.NDArray[np.float32], rows: npt.NDArray[np.float32], cols: npt.NDArray[np.float32]

@@ -15,7 +15,7 @@ from typing import Any
 # chose a policy. It only takes effect if no OpenMP runtime was loaded before knnclip (torch loads one).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from knnclip.engine.version import __version__  # noqa: E402
+from knnclip.engine.version import __version__
 
 __all__ = ["Database", "RetrievalConfig", "Segmenter", "__version__"]
 

@@ -31,7 +31,7 @@ def cpu_name() -> str:
 def _module_version(name: str) -> str | None:
     try:
         module = importlib.import_module(name)
-    except Exception:  # an optional package may be missing or broken; report, don't raise
+    except Exception:  # noqa: BLE001 - an optional package may be missing or broken; report, don't raise
         return None
     return str(getattr(module, "__version__", "unknown"))
 
@@ -72,7 +72,7 @@ def _openvino() -> dict[str, Any]:
 
     try:
         capabilities = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    except Exception:  # a broken plugin: report it, don't raise
+    except Exception:  # noqa: BLE001 - a broken plugin: report it, don't raise
         capabilities = []
     return {"installed": True, "version": version, "cpu_capabilities": capabilities}
 

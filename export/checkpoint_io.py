@@ -34,7 +34,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
         return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors alike for a bad file
+    except Exception as exc:  # noqa: BLE001 - torch raises pickle, zip and runtime errors alike for a bad file
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
     for _ in range(3):
         if isinstance(obj, Mapping) and not _is_tensor_dict(obj):

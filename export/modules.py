@@ -48,7 +48,7 @@ def build_module(directory: Path, manifest: dict[str, Any]) -> torch.nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         module.load_state_dict(state, strict=True, assign=True)
-    except Exception as exc:  # torch raises pickle, zip, runtime and key errors alike for a bad file
+    except Exception as exc:  # noqa: BLE001 - torch raises pickle, zip, runtime and key errors alike for a bad file
         raise ArtifactCorruptError(
             path, f"torch weights do not load ({type(exc).__name__}: {exc}); re-export the artefact"
         ) from None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from knnclip.engine import Database  # noqa: E402
-from tests.db_helpers import CRASH_BATCH, crash_batch  # noqa: E402
+from knnclip.engine import Database
+from tests.db_helpers import CRASH_BATCH, crash_batch
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def _refuse(what: str) -> HostConversion:
 def _operand(value: Any) -> Any:
     """A device array's data, or a Python/NumPy scalar; a host array is refused."""
     if isinstance(value, DeviceArray):
-        return value._data
+        return value.payload
     if isinstance(value, np.ndarray):
         raise HostConversion(f"a host array {value.shape} {value.dtype} mixed with a device array")
     if isinstance(value, (list, tuple)):
@@ -63,23 +63,23 @@ class DeviceArray:
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, data: np.ndarray) -> None:
-        self._data = data
+        self.payload = data  # what the device holds: read by the stand-in's own module and sessions only
 
-    shape = property(lambda self: self._data.shape)
-    dtype = property(lambda self: self._data.dtype)
-    ndim = property(lambda self: self._data.ndim)
+    shape = property(lambda self: self.payload.shape)
+    dtype = property(lambda self: self.payload.dtype)
+    ndim = property(lambda self: self.payload.ndim)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self.payload)
 
     def __getitem__(self, key: Any) -> DeviceArray:
-        return _wrap(self._data[_index(key)])
+        return _wrap(self.payload[_index(key)])
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._data[_index(key)] = _operand(value)
+        self.payload[_index(key)] = _operand(value)
 
     def reshape(self, *shape: Any) -> DeviceArray:
-        return DeviceArray(self._data.reshape(*shape))
+        return DeviceArray(self.payload.reshape(*shape))
 
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype})"
@@ -115,7 +115,7 @@ class DeviceArray:
 
 def _binary(op: Any, reflected: bool = False) -> Any:
     def method(self: DeviceArray, other: Any) -> DeviceArray:
-        a, b = (_operand(other), self._data) if reflected else (self._data, _operand(other))
+        a, b = (_operand(other), self.payload) if reflected else (self.payload, _operand(other))
         return DeviceArray(np.asarray(op(a, b)))
 
     return method
@@ -126,8 +126,8 @@ for _name in ("add", "sub", "mul", "truediv", "gt", "ge", "lt", "le", "eq", "ne"
     setattr(DeviceArray, f"__{_name}__", _binary(_op))
     if _name in ("add", "sub", "mul", "truediv", "and", "or", "matmul"):
         setattr(DeviceArray, f"__r{_name}__", _binary(_op, reflected=True))
-DeviceArray.__neg__ = lambda self: DeviceArray(-self._data)  # type: ignore[method-assign]
-DeviceArray.__invert__ = lambda self: DeviceArray(~self._data)  # type: ignore[method-assign]
+DeviceArray.__neg__ = lambda self: DeviceArray(-self.payload)  # type: ignore[method-assign]
+DeviceArray.__invert__ = lambda self: DeviceArray(~self.payload)  # type: ignore[method-assign]
 
 
 class StandInArrays(ArrayModule):
@@ -150,8 +150,8 @@ class StandInArrays(ArrayModule):
     def to_host(self, a: DeviceArray, kind: str) -> np.ndarray:
         if not isinstance(a, DeviceArray):
             raise TypeError(f"to_host takes a device array, got {type(a).__name__}")
-        self.transfers.count("to_host", kind, a._data.nbytes)
-        return a._data.copy()
+        self.transfers.count("to_host", kind, a.payload.nbytes)
+        return a.payload.copy()
 
     def adopt(self, output: Any) -> DeviceArray:
         if not isinstance(output, DeviceArray):
@@ -189,7 +189,7 @@ class StandInSession:
         for name, value in feed.items():
             if not isinstance(value, DeviceArray):
                 raise HostConversion(f"input {name!r} was not uploaded: {type(value).__name__}")
-        outputs = self._session.infer({name: value._data for name, value in feed.items()})
+        outputs = self._session.infer({name: value.payload for name, value in feed.items()})
         return {name: DeviceArray(np.asarray(value)) for name, value in outputs.items()}
 
     def infer(self, feed: Mapping[str, Any]) -> Any:

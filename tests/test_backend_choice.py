@@ -77,7 +77,7 @@ class Opens:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.names: list[str] = []
-        real = backends._open
+        real = backends._open  # noqa: SLF001 - the one function every backend is opened through
 
         def counted(name, *args, **kwargs):
             self.names.append(name)

@@ -28,18 +28,16 @@ def test_without_bf16_the_bf16_pipeline_is_skipped_with_its_reason(monkeypatch):
 
 
 def test_torch_best_stays_fp32_where_bf16_would_be_emulated(monkeypatch):
-    import types
-
     import torch
 
-    from knnclip.engine.bench.reference import BestTorchPipeline
+    from knnclip.engine.bench.reference import fastest_precision
 
-    cpu = types.SimpleNamespace(torch=torch, dev=torch.device("cpu"))
+    cpu = torch.device("cpu")
     monkeypatch.setenv(BF16_OVERRIDE, "0")
-    dtype, why = BestTorchPipeline._fastest_precision(cpu)
+    dtype, why = fastest_precision(torch, cpu)
     assert dtype == torch.float32 and why.startswith("fp32: ")
     monkeypatch.delenv(BF16_OVERRIDE)
-    dtype, why = BestTorchPipeline._fastest_precision(cpu)
+    dtype, why = fastest_precision(torch, cpu)
     assert (dtype == torch.bfloat16) == (bf16_missing() is None), why
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="the demo models are built with torch")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from knnclip.engine.cli.segment import MAX_STEM_BYTES, output_stems  # noqa: E402
-from knnclip.engine.demo.run import build_database  # noqa: E402
-from knnclip.engine.demo.synthetic import make_split  # noqa: E402
+from knnclip.engine.cli.segment import MAX_STEM_BYTES, output_stems
+from knnclip.engine.demo.run import build_database
+from knnclip.engine.demo.synthetic import make_split
 
 SIZE = (96, 128)
 

@@ -16,15 +16,15 @@ import pytest
 pytest.importorskip("torch", reason="the test models are built with torch (pip install torch)")
 pytest.importorskip("onnx", reason="the test models are exported to ONNX (pip install onnx)")
 
-from knnclip.engine.config import RetrievalConfig  # noqa: E402
-from knnclip.engine.errors import InvalidInputError  # noqa: E402
-from knnclip.engine.eval.continual import ContinualSettings, class_steps, run_continual  # noqa: E402
-from knnclip.engine.eval.datasets import open_dataset  # noqa: E402
-from knnclip.engine.eval.evaluate import add_dataset, class_lut, evaluate, register_classes  # noqa: E402
-from knnclip.engine.eval.sweep import SweepGrid, run_sweep, split_held_out  # noqa: E402
-from knnclip.engine.pipeline.segmenter import Segmenter  # noqa: E402
-from tests.dataset_writers import samples, write_panoptic, write_semantic  # noqa: E402
-from tests.test_metrics import reference_iou, reference_pq  # noqa: E402
+from knnclip.engine.config import RetrievalConfig
+from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.eval.continual import ContinualSettings, class_steps, run_continual
+from knnclip.engine.eval.datasets import open_dataset
+from knnclip.engine.eval.evaluate import add_dataset, class_lut, evaluate, register_classes
+from knnclip.engine.eval.sweep import SweepGrid, run_sweep, split_held_out
+from knnclip.engine.pipeline.segmenter import Segmenter
+from tests.dataset_writers import samples, write_panoptic, write_semantic
+from tests.test_metrics import reference_iou, reference_pq
 
 
 @pytest.fixture(scope="module")

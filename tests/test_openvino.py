@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install 'knnclip[openvino]')")
 pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
 
-from knnclip.engine.artifact import artifact_digest, read_manifest  # noqa: E402
-from knnclip.engine.backends import open_session  # noqa: E402
-from knnclip.engine.errors import InvalidInputError  # noqa: E402
+from knnclip.engine.artifact import artifact_digest, read_manifest
+from knnclip.engine.backends import open_session
+from knnclip.engine.errors import InvalidInputError
 
 # Relative L2 error per output against ONNX Runtime fp32 (docs/backends.md).
 FP32_TOLERANCE = 1e-4

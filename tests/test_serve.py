@@ -416,6 +416,16 @@ def test_load_failure_exits_with_the_reason(models, tmp_path):
     assert proc.wait(timeout=60) == 3 and "corrupt" in proc.log()
 
 
+# schemathesis' CLI with Hypothesis' targeting turned off: schemathesis feeds every fuzzed request's
+# success rate to hypothesis.target(), and Hypothesis' optimiser that then hill-climbs on it has
+# crashed twice in one run with an IndexError of its own (hypothesis 6.170, conjecture/optimiser.py:
+# nodes[i] past the end). Generation and the checks are unchanged; only that optimiser is idle.
+WITHOUT_TARGETS = (
+    "import runpy, sys, hypothesis; hypothesis.target = lambda *args, **kwargs: None; "
+    "sys.argv = ['schemathesis', *sys.argv[1:]]; runpy.run_module('schemathesis.cli', run_name='__main__')"
+)
+
+
 @pytest.mark.slow
 def test_fuzzing_finds_no_server_errors(models, seeded_db, tmp_path):
     """schemathesis against the OpenAPI document, with the token (so mutations run too)."""
@@ -425,7 +435,7 @@ def test_fuzzing_finds_no_server_errors(models, seeded_db, tmp_path):
     with ServerProcess(models, fresh_db(seeded_db, tmp_path), "--token-file", str(token_file(tmp_path))) as proc:
         for seed in (1, 2):
             run = subprocess.run(
-                [sys.executable, "-m", "schemathesis.cli", "run", f"{proc.url}/openapi.json", "--checks",
+                [sys.executable, "-c", WITHOUT_TARGETS, "run", f"{proc.url}/openapi.json", "--checks",
                  "not_a_server_error", "--max-examples", "25", "--max-time", "90", "-H",
                  f"Authorization: Bearer {TOKEN}", "--seed", str(seed), "--no-color", "--request-timeout", "60"],
                 capture_output=True, text=True, timeout=300,

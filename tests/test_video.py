@@ -104,7 +104,7 @@ class _ClipHandler(http.server.BaseHTTPRequestHandler):
     body = b""
     stall_after: int | None = None
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "video/x-matroska")
         self.send_header("Content-Length", str(len(self.body)))

@@ -94,7 +94,7 @@ def machine_key(manifest: dict[str, Any], candidates: Sequence[str]) -> dict[str
     for name in candidates:  # the modules' own versions: onnxruntime-gpu installs the module onnxruntime
         try:
             versions[name] = str(importlib.import_module(name).__version__)
-        except Exception:  # missing or broken: that candidate will not open either
+        except Exception:  # noqa: BLE001 - missing or broken: that candidate will not open either
             versions[name] = None
     return {
         "artifact": artifact_digest(manifest),
@@ -203,7 +203,7 @@ def _open_recorded(
         session = opener(recorded.backend)
     except KnnclipError:
         raise
-    except Exception as exc:  # a runtime that stopped working here since it was measured
+    except Exception as exc:  # noqa: BLE001 - a runtime that stopped working here since it was measured
         log.warning("%s: the recorded choice %s does not open (%s: %s); measuring again",
                     directory, recorded.backend, type(exc).__name__, exc)  # fmt: skip
         return None
@@ -231,7 +231,7 @@ def _measure(
                 continue
             except KnnclipError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported by the caller
                 failed[name] = f"could not open: {type(exc).__name__}: {exc}"
                 log.warning("%s %s; not a candidate", name, failed[name])
                 continue
@@ -240,7 +240,7 @@ def _measure(
                 ms[name] = time_session(session, sample_feed(session.inputs, manifest))
             except KnnclipError:
                 raise
-            except Exception as exc:  # a runtime that opens the graph but cannot run it
+            except Exception as exc:  # noqa: BLE001 - a runtime that opens the graph but cannot run it
                 failed[name] = f"could not run: {type(exc).__name__}: {exc}"
                 log.warning("%s %s; not a candidate", name, failed[name])
                 sessions.pop(name).close()

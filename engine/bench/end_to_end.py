@@ -371,7 +371,7 @@ def output_agreement(work: Path, pipelines: list[tuple[str, dict[str, Any]]]) ->
             try:
                 with open_session(work / "models" / part, args["backend"], args["device"]) as session:
                     got = session.infer(feed)
-            except Exception as exc:  # reported beside the pipeline's own error, if any
+            except Exception as exc:  # noqa: BLE001 - reported beside the pipeline's own error, if any
                 out.setdefault(label, {})[part] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             row = {name: float(np.linalg.norm(got[name] - w) / (np.linalg.norm(w) or 1.0)) for name, w in want.items()}

@@ -195,7 +195,7 @@ class BestTorchPipeline(ReferencePipeline):
 
         torch = self.torch
         set_sampling(self.fcclip, "grid")
-        self.half, self.precision_reason = self._fastest_precision()
+        self.half, self.precision_reason = fastest_precision(torch, self.dev)
         self.compiled = "eager"
         compiled = torch.compile(self.dinov2)
         try:  # torch.compile compiles on the first call: make that call here, at the benchmark's size
@@ -203,21 +203,10 @@ class BestTorchPipeline(ReferencePipeline):
             with torch.inference_mode(), self._autocast():
                 compiled(torch.zeros(1, 3, size, size, device=self.dev))
             self.dinov2, self.compiled = compiled, "torch.compile"
-        except Exception:  # a platform or model it cannot compile: eager it is, and the report says so
+        except Exception:  # noqa: BLE001 - a platform or model it cannot compile: eager it is, and the report says so
             pass
         vectors = self.index.reconstruct_n(0, self.index.ntotal)
         self.vectors = torch.from_numpy(vectors).to(self.dev, self.half)
-
-    def _fastest_precision(self) -> tuple[Any, str]:
-        torch = self.torch
-        if self.dev.type != "cpu":
-            return torch.float16, "fp16 autocast on the GPU"
-        from knnclip.engine.cpu_features import bf16_missing
-
-        missing = bf16_missing()
-        if missing is not None:
-            return torch.float32, f"fp32: {missing}"
-        return torch.bfloat16, "bf16 autocast: the CPU has bfloat16 arithmetic"
 
     def _autocast(self) -> Any:
         if self.half == self.torch.float32:
@@ -238,3 +227,16 @@ class BestTorchPipeline(ReferencePipeline):
         scores = torch.from_numpy(q).to(self.dev, self.half) @ self.vectors.T
         values, index = torch.topk(scores.float(), min(self.retrieval.k, len(self.vectors)), dim=1)
         return values.cpu().numpy(), index.cpu().numpy()
+
+
+def fastest_precision(torch: Any, device: Any) -> tuple[Any, str]:
+    """The precision the best torch pipeline runs in on ``device``, and why: fp16 on a GPU, bf16
+    on a CPU with bfloat16 arithmetic, fp32 on one without (emulated bf16 is slower)."""
+    if device.type != "cpu":
+        return torch.float16, "fp16 autocast on the GPU"
+    from knnclip.engine.cpu_features import bf16_missing
+
+    missing = bf16_missing()
+    if missing is not None:
+        return torch.float32, f"fp32: {missing}"
+    return torch.bfloat16, "bf16 autocast: the CPU has bfloat16 arithmetic"

@@ -172,27 +172,32 @@ class Database:
         lock = None if read_only else WriterLock(directory)
         try:
             db = cls._load(directory, read_only, retry=read_only)
-            db._lock = lock
-            if not read_only:
-                db._log = LogWriter(directory / WAL_NAME, db._log_state.valid_end)
-                if db._log.tail_kept is not None:
-                    log.warning("%s: the torn tail of the log is kept in %s", directory / WAL_NAME, db._log.tail_kept)
-                disk.remove_stale_files(directory, db._manifest)
-                if db._log_state.version < 2:  # an older log format: rewrite it in the current one
-                    db.checkpoint()
-            if device == "cuda":
-                from knnclip.engine.database.gpu import open_gpu_mirror
-
-                db._c.mirror = open_gpu_mirror(db._c.spec, db._c.dim, db._c.index)
-            elif search == "bf16":
-                from knnclip.engine.database.bf16_search import Bf16SearchMirror
-
-                db._c.mirror = Bf16SearchMirror(db._c.spec, db._c.dim, db._c.index)
+            db._attach(lock, device, search)  # noqa: SLF001 - the instance this constructor is making
             return db
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
+
+    def _attach(self, lock: WriterLock | None, device: str, search: str) -> None:
+        """What :meth:`open` adds to the loaded contents: a writer's lock and log (and the rewrite
+        of an older log format), and the search mirror on the GPU or in bf16."""
+        self._lock = lock
+        if not self._read_only:
+            self._log = LogWriter(self.path / WAL_NAME, self._log_state.valid_end)
+            if self._log.tail_kept is not None:
+                log.warning("%s: the torn tail of the log is kept in %s", self.path / WAL_NAME, self._log.tail_kept)
+            disk.remove_stale_files(self.path, self._manifest)
+            if self._log_state.version < 2:  # an older log format: rewrite it in the current one
+                self.checkpoint()
+        if device == "cuda":
+            from knnclip.engine.database.gpu import open_gpu_mirror
+
+            self._c.mirror = open_gpu_mirror(self._c.spec, self._c.dim, self._c.index)
+        elif search == "bf16":
+            from knnclip.engine.database.bf16_search import Bf16SearchMirror
+
+            self._c.mirror = Bf16SearchMirror(self._c.spec, self._c.dim, self._c.index)
 
     @classmethod
     def _load(cls, directory: Path, read_only: bool, retry: bool) -> Database:

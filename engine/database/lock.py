@@ -22,10 +22,7 @@ _HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()
 def _drop_inherited_locks() -> None:
     """In a forked child: close the inherited lock files (the parent's own stay open and locked)."""
     for lock in list(_HELD):
-        if lock._fd >= 0:
-            lock._finalizer.detach()
-            os.close(lock._fd)
-            lock._fd = -1
+        lock.close_inherited()
 
 
 if hasattr(os, "register_at_fork"):
@@ -70,3 +67,11 @@ class WriterLock:
         if self._fd >= 0:
             self._fd = -1
             self._finalizer()
+
+    def close_inherited(self) -> None:
+        """In a forked child: close this process's copy of the lock file without releasing the
+        lock (the parent's descriptor still holds it)."""
+        if self._fd >= 0:
+            self._finalizer.detach()
+            os.close(self._fd)
+            self._fd = -1

@@ -136,10 +136,14 @@ class Segmenter:
         """A segmenter over another database that shares this one's models and text embeddings
         (closing it closes neither)."""
         other = copy.copy(self)
-        other.db, other._owns_database, other._owns_models = database, False, False
-        other._classifiers = ClassifierCache(self.text, self.models.head)
-        other._scan = device_scan_for(database, self.xp, self._device_scan)
+        other._borrow(database)  # noqa: SLF001 - a copy of this segmenter, made here
         return other
+
+    def _borrow(self, database: Database) -> None:
+        """Search ``database`` with models and text embeddings owned elsewhere (closing closes neither)."""
+        self.db, self._owns_database, self._owns_models = database, False, False
+        self._classifiers = ClassifierCache(self.text, self.models.head)
+        self._scan = device_scan_for(database, self.xp, self._device_scan)
 
     def close(self) -> None:
         if self._owns_database:

@@ -420,7 +420,7 @@ async def _form(request: Any) -> Any:
         return await request.form(max_files=4, max_fields=8, max_part_size=1 << 20)
     except (PayloadTooLarge, BodyTimeout):  # the guard's own: 413 / 408, not a malformed body
         raise
-    except Exception as exc:  # starlette's MultiPartException and the parser's own errors
+    except Exception as exc:  # noqa: BLE001 - starlette's MultiPartException and the parser's own errors
         raise InvalidInputError(f"the multipart body is malformed ({exc})") from None
 
 

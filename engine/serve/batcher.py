@@ -166,7 +166,7 @@ class Batcher(Generic[Item]):
         self.in_flight += len(live)
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
-        except Exception as exc:  # the batch function itself failed: every item gets the error
+        except Exception as exc:  # noqa: BLE001 - the batch function itself failed: every item gets the error
             results = [exc] * len(live)
         finally:
             self.in_flight -= len(live)

@@ -226,7 +226,7 @@ class LocalService:
                 backends = ", ".join(f"{part} on {session.backend}" for part, session in parts)
                 log.info("ready: models (%s) and %s (search: %s) loaded in %.1f s", backends, s.db,
                          self.segmenter.db.stats()["search"], time.perf_counter() - start)  # fmt: skip
-            except BaseException as exc:  # reported by /readyz and by the server's exit code
+            except BaseException as exc:  # noqa: BLE001 - reported by /readyz and by the server's exit code
                 self.load_error = exc
                 log.error("could not load the models or the database: %s", exc)
             finally:

@@ -42,7 +42,7 @@ def download_dinov2(
         local = snapshot_download(
             repo, revision=revision, cache_dir=cache_dir, allow_patterns=["config.json", "model.safetensors"]
         )
-    except Exception as exc:  # huggingface_hub raises many types: offline, HTTP, missing repo, OS errors
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types: offline, HTTP, missing repo, OS errors
         raise ModelDownloadError(
             f"could not download {repo} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
             "Check the network (or HF_HUB_OFFLINE), the repository name and your access; or download "
