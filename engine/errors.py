@@ -136,7 +136,7 @@ class DatabaseWriteError(DatabaseError, OSError):
         self.cause = cause
         errno_ = getattr(cause, "errno", None)
         reason = os.strerror(errno_) if isinstance(errno_, int) else str(cause)
-        fix = FIXES.get(errno_, "fix the cause and retry")
+        fix = FIXES.get(errno_, "fix the cause and retry") if isinstance(errno_, int) else "fix the cause and retry"
         super().__init__(f"{self.path}: could not {action} ({reason}); {changed}; {fix}")
         self.errno = errno_
 

@@ -76,7 +76,7 @@ def check_state_dict(
     )
     if missing or unexpected or misshaped:
         config = getattr(model, "config", None)
-        name = config.describe() if hasattr(config, "describe") else type(model).__name__
+        name = config.describe() if config is not None and hasattr(config, "describe") else type(model).__name__
         parts = [f"{source} does not match the model {name} ({config})"]
         for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if names:

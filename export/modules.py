@@ -4,7 +4,7 @@ for the torch backend (``knnclip.engine.backends.torch``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -28,14 +28,16 @@ def build_module(directory: Path, manifest: dict[str, Any]) -> torch.nn.Module:
     config = manifest["model"]["config"]
     with torch.device("meta"):
         if kind == KIND_DINOV2_KEYS:
-            from knnclip.export.dinov2 import DinoV2, resolve_config
+            from knnclip.export.dinov2 import DinoV2
+            from knnclip.export.dinov2 import resolve_config as dinov2_config
 
-            module: torch.nn.Module = DinoV2(resolve_config(config))
+            module: torch.nn.Module = DinoV2(dinov2_config(config))
         elif kind in ("fcclip-image", "fcclip-text"):
-            from knnclip.export.fcclip import FCCLIP, resolve_config
+            from knnclip.export.fcclip import FCCLIP
+            from knnclip.export.fcclip import resolve_config as fcclip_config
             from knnclip.export.fcclip.onnx import ImageGraph, TextGraph
 
-            model = FCCLIP(resolve_config(config))
+            model = FCCLIP(fcclip_config(config))
             # artefacts exported before the dense map left the run-time graph still list it
             dense = any(o["name"] == "clip_dense" for o in manifest["outputs"])
             module = ImageGraph(model, dense=dense) if kind == "fcclip-image" else TextGraph(model.clip)
@@ -53,5 +55,5 @@ def build_module(directory: Path, manifest: dict[str, Any]) -> torch.nn.Module:
             path, f"torch weights do not load ({type(exc).__name__}: {exc}); re-export the artefact"
         ) from None
     if kind == KIND_DINOV2_KEYS:
-        module.fix_input_size(*manifest["input_size"])
+        cast(Any, module).fix_input_size(*manifest["input_size"])  # a DinoV2
     return module.eval().requires_grad_(False)

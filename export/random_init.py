@@ -9,6 +9,7 @@ DETR's direction grid, logit scales log(1/0.07).
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -55,8 +56,10 @@ def seeded_init_(module: nn.Module, seed: int) -> nn.Module:
         else:
             normal(p, 0.1 if leaf in ("positional_embedding", "pos_embed") else 1.0)
     for m in module.modules():  # after the generic pass, which set these linears like any other
-        if isinstance(getattr(m, "sampling_offsets", None), nn.Linear):
-            _offset_grid_(m.sampling_offsets, m.heads, m.levels, m.points, g)
+        offsets = getattr(m, "sampling_offsets", None)
+        if isinstance(offsets, nn.Linear):  # a deformable attention: its heads, levels and points are ints
+            attention = cast(Any, m)
+            _offset_grid_(offsets, attention.heads, attention.levels, attention.points, g)
     return module
 
 

@@ -12,6 +12,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         for (_, prev_end, prev, *_), (begin, _, name, *_) in zip(spans, spans[1:], strict=False):
             if begin < prev_end:
                 raise CheckpointError(f"{path}: tensors {prev!r} and {name!r} overlap; the file is damaged")
-        tensors = {}
+        tensors: dict[str, Any] = {}
         if not spans:
             return tensors
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:

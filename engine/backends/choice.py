@@ -90,7 +90,7 @@ def machine_key(manifest: dict[str, Any], candidates: Sequence[str]) -> dict[str
         usable_cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable_cpus = os.cpu_count() or 1
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in candidates:  # the modules' own versions: onnxruntime-gpu installs the module onnxruntime
         try:
             versions[name] = str(importlib.import_module(name).__version__)

@@ -49,9 +49,9 @@ def providers_for(device: str, cache_dir: Path | None = None, dynamic_shapes: bo
     cuda: dict[str, Any] = {"device_id": str(index)}
     if dynamic_shapes:
         cuda |= {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
-    wanted = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in wanted]
-    if wanted[0] != "TensorrtExecutionProvider":
-        return list(wanted)
+    chosen: list[Any] = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in wanted]
+    if chosen[0] != "TensorrtExecutionProvider":
+        return chosen
     from knnclip.engine.backends.tensorrt.cache import default_root
 
     cache = str(cache_dir or default_root() / "onnxruntime-tensorrt")
@@ -59,7 +59,7 @@ def providers_for(device: str, cache_dir: Path | None = None, dynamic_shapes: bo
         "device_id": str(index), "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
         "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
     }  # fmt: skip
-    return [("TensorrtExecutionProvider", options), *wanted[1:]]
+    return [("TensorrtExecutionProvider", options), *chosen[1:]]
 
 
 def available_providers() -> list[str]:
@@ -167,7 +167,7 @@ class OrtSession(Session):
                 binding.get_outputs(), strict=True)}  # fmt: skip
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
     def __repr__(self) -> str:
         return f"OrtSession({self.kind}, providers={getattr(self, 'providers', None)}, {self.directory})"

@@ -56,4 +56,4 @@ class TorchSession(Session):
         return self._forward(tensors)
 
     def close(self) -> None:
-        self.module = None  # type: ignore[assignment]
+        self.module = None  # type: ignore[assignment]  # closed: unusable from here on

@@ -105,10 +105,10 @@ def seeded_models(preset: Preset) -> tuple[Any, Any]:
     if preset.dinov2 == "tiny":
         dinov2 = seeded_dinov2()
     else:
-        cfg = DINO_PRESETS[preset.dinov2]
+        dino_cfg = DINO_PRESETS[preset.dinov2]
         if preset.dinov2_depth:
-            cfg = dataclasses.replace(cfg, depth=preset.dinov2_depth)
-        dinov2 = seeded_init_(DinoV2(cfg), seed=2).eval()
+            dino_cfg = dataclasses.replace(dino_cfg, depth=preset.dinov2_depth)
+        dinov2 = seeded_init_(DinoV2(dino_cfg), seed=2).eval()
     return fcclip.requires_grad_(False), dinov2.requires_grad_(False)
 
 

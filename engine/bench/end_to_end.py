@@ -34,7 +34,7 @@ WORKER_MODULE = "knnclip.engine.bench.end_to_end"
 BATCHES = (1, 4, 8)  # throughput is measured at these batch sizes on a GPU
 # A GPU's peak (dense fp16 tensor-core arithmetic, memory bandwidth) for the report's floor: an
 # H100 SXM's, from NVIDIA's data sheet.
-FLOOR_GPU = {"name": "H100 SXM", "fp16_flops": 989e12, "bytes_per_s": 3.35e12}
+FLOOR_GPU: dict[str, Any] = {"name": "H100 SXM", "fp16_flops": 989e12, "bytes_per_s": 3.35e12}
 
 
 # The pipelines, each run in a worker process ------------------------------------------------------
@@ -159,8 +159,7 @@ def run_reference(work: Path, preset: Preset, device: str, fusion: str, best: bo
     from knnclip.engine.bench.reference import BestTorchPipeline, ReferencePipeline
 
     baseline = peak_rss_mib()
-    kind = BestTorchPipeline if best else ReferencePipeline
-    pipeline = kind(work, device, RetrievalConfig(fusion=fusion))
+    pipeline = (BestTorchPipeline if best else ReferencePipeline)(work, device, RetrievalConfig(fusion=fusion))
     images_ = images(preset)
     for image in images_[:WARMUP]:
         pipeline.segment(image)
@@ -177,7 +176,7 @@ def run_reference(work: Path, preset: Preset, device: str, fusion: str, best: bo
             "all": (
                 f"torch {torch.__version__} on {device}: grid_sample, {pipeline.precision_reason}, DINOv2 "
                 f"{pipeline.compiled}, {str(pipeline.half).removeprefix('torch.')} matmul + topk search"
-                if best
+                if isinstance(pipeline, BestTorchPipeline)
                 else f"torch {torch.__version__} eager on {device}, faiss IndexFlatIP fp32"
             )
         },  # fmt: skip
@@ -423,6 +422,7 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append(f"{s['p50']:.1f} ({s['p90']:.1f})" if s else "-")
         ratios = []
         for engine in engines.values():
+            assert ref is not None  # engines are compared only where the reference ran
             e = engine["stages"].get(stage, {}).get("p50")
             r = ref["stages"].get(stage, {}).get("p50")
             ratios.append(f"{r / e:.2f}x" if e and r else "-")

@@ -168,7 +168,8 @@ def time_torch(model: Any, x: Any, device: str, warmup: int, repeats: int, basel
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stats = time_calls(run, warmup, repeats)
-    out = {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": peak_rss_mib(),
+                           "threads": torch.get_num_threads()}  # fmt: skip
     if device == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu"] = torch.cuda.get_device_name()

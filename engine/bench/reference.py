@@ -9,12 +9,16 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from knnclip.engine.bench.build import STAGES
 from knnclip.engine.config import RetrievalConfig
+
+if TYPE_CHECKING:  # the torch side, imported when a pipeline is made
+    from knnclip.export.dinov2 import DinoV2
+    from knnclip.export.fcclip import FCCLIP
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,8 +42,10 @@ class ReferencePipeline:
         self.dev = torch.device(device)
         models = work / "models"
         image_manifest = read_manifest(models / "fcclip" / "image", verify_files=False)
-        self.fcclip = build_module(models / "fcclip" / "image", image_manifest).model.to(self.dev)
-        self.dinov2 = build_module(models / "dinov2", read_manifest(models / "dinov2", verify_files=False)).to(self.dev)
+        image_graph = cast(Any, build_module(models / "fcclip" / "image", image_manifest))  # an ImageGraph
+        self.fcclip: FCCLIP = image_graph.model.to(self.dev)
+        dinov2_manifest = read_manifest(models / "dinov2", verify_files=False)
+        self.dinov2: DinoV2 = cast("DinoV2", build_module(models / "dinov2", dinov2_manifest)).to(self.dev)
         self.cfg = self.fcclip.config.inference
         with Database.open(work / "db", read_only=True) as db:
             entry_ids, self.labels = db.entries()  # index order: faiss position i is entry i here
@@ -133,8 +139,8 @@ class ReferencePipeline:
             fused_ov = torch.cat([fused_ov, ov_logits[..., -1:]], dim=-1)
             return fc.ensemble(in_logits, fused_ov, self.seen, cfg.alpha, cfg.beta)
         probs = fc.ensemble(in_logits, ov_logits, self.seen, cfg.alpha, cfg.beta).softmax(-1).cpu().numpy()
-        for qi in np.flatnonzero(confident):
-            probs[qi, :-1] = rc.lam * p_ret[qi] * (1 - probs[qi, -1]) + (1 - rc.lam) * probs[qi, :-1]
+        for row in np.flatnonzero(confident):
+            probs[row, :-1] = rc.lam * p_ret[row] * (1 - probs[row, -1]) + (1 - rc.lam) * probs[row, :-1]
         return torch.log(torch.from_numpy(probs).to(self.dev) + 1e-8)
 
     def postprocess(self, mask_cls: Any, masks: Any, size: tuple[int, int], original: tuple[int, int]) -> None:

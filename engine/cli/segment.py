@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from knnclip.engine.cli.common import backend_options, open_segmenter, progress_items, search_option
 from knnclip.engine.errors import KnnclipError, UsageError
@@ -72,7 +73,7 @@ def _segment(args: argparse.Namespace) -> int:
     formats = set(args.format)
     failures = 0
     report = []
-    coco = {"images": [], "instances": [], "panoptic": []}
+    coco: dict[str, list[Any]] = {"images": [], "instances": [], "panoptic": []}
     stems = dict(zip(args.images, output_stems(args.images), strict=True))
     with open_segmenter(args, read_only=True) as seg:
         for image_id, path in enumerate(progress_items(args.images, "segment", args.json), 1):

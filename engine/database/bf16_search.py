@@ -49,7 +49,9 @@ class Bf16SearchMirror:
     def rebuild(self, cpu_index: faiss.Index | None) -> None:
         self._pending.clear()
         n = cpu_index.ntotal if cpu_index is not None and cpu_index.is_trained else 0
-        self._vectors = cpu_index.reconstruct_n(0, n) if n else np.zeros((0, self._dim), np.float32)
+        self._vectors = (
+            cpu_index.reconstruct_n(0, n) if n and cpu_index is not None else np.zeros((0, self._dim), np.float32)
+        )
         self._compiled = None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:

@@ -145,6 +145,7 @@ class Contents:
             elif self.spec.kind == "flat" and self.spec.storage in ("fp16", "sq8"):
                 found_sims[searched], found[searched] = flat_scan.scan(self.index, self.spec.storage, sub, k)
             else:
+                assert self.index is not None  # entries exist, so the index does
                 found_sims[searched], found[searched] = self.index.search(sub, k, params=params)
         hit = found >= 0
         pos = found[hit] if self.spec.positional else np.searchsorted(self.ids, found[hit])

@@ -296,11 +296,15 @@ class Database:
             found[found] = self._c.ids[pos[found]] == want[found]
             if not found.all():
                 raise InvalidInputError(f"no entries with ids {want[~found][:10].tolist()} in {self.path}")
-            if len(pos) and np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))):  # a run: one call
-                return np.asarray(self._c.index.reconstruct_n(int(pos[0]), len(pos)), np.float32).reshape(len(pos), -1)
             out = np.empty((len(pos), self._c.dim), np.float32)
+            if not len(pos):
+                return out
+            index = self._c.index
+            assert index is not None  # entries exist, so the index does
+            if np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))):  # a run: one call
+                return np.asarray(index.reconstruct_n(int(pos[0]), len(pos)), np.float32).reshape(len(pos), -1)
             for row, p in enumerate(pos.tolist()):
-                out[row] = self._c.index.reconstruct(int(p))
+                out[row] = index.reconstruct(int(p))
             return out
 
     def __repr__(self) -> str:
@@ -329,9 +333,10 @@ class Database:
                     f"{self.path}: the {self._c.spec.kind}/{self._c.spec.storage} index must be trained first: "
                     f"db.train(samples) with at least {self._c.spec.min_training_points()} representative vectors"
                 )
-            meta = {"first_id": self._c.next_id, "n": n, "dim": self._c.dim, "classes": [c.to_json() for c in changed]}
+            first = self._c.next_id
+            meta = {"first_id": first, "n": n, "dim": self._c.dim, "classes": [c.to_json() for c in changed]}
             self._commit(RecordKind.ADD, meta, class_ids.tobytes(), vectors.tobytes())
-            return np.arange(meta["first_id"], meta["first_id"] + n, dtype=np.int64)
+            return np.arange(first, first + n, dtype=np.int64)
 
     def add_class(self, name: str, synonyms: Sequence[str] = (), *, thing: bool | None = None) -> ClassInfo:
         """Register a class (or add synonyms to an existing one, or set whether it is a ``thing``)
@@ -407,6 +412,7 @@ class Database:
             # so appending to it stays correct; the next checkpoint empties it.
             log.warning("%s: checkpoint written, but the log could not be emptied (%s)", self.path, exc)
         else:
+            assert self._log is not None  # a writer's checkpoint
             self._log.close()
             self._log = LogWriter(self.path / WAL_NAME, HEADER_BYTES)
         for name in old - {f.name for f in manifest.files.values()}:
@@ -611,29 +617,31 @@ class Database:
     def _commit(self, kind: RecordKind, meta: dict[str, Any], *body: bytes) -> None:
         """Log (durably), then apply. The caller has validated everything that could fail in apply."""
         record_bytes = encode_record(self._c.lsn + 1, kind, meta, *body)
+        wal = self._log
+        assert wal is not None  # _check_writable passed: a writer has its log
         try:
-            self._log.append(record_bytes)
+            wal.append(record_bytes)
         except OSError as exc:
-            if self._log.broken:
+            if wal.broken:
                 raise DatabaseWriteError(
-                    self._log.path, "append to the log", exc,
+                    wal.path, "append to the log", exc,
                     "the partial record could not be cut off, so nothing more is written; nothing was applied",
                 ) from exc  # fmt: skip
-            raise DatabaseWriteError(self._log.path, "append to the log", exc) from exc
+            raise DatabaseWriteError(wal.path, "append to the log", exc) from exc
         try:
             self._c.apply(Record(self._c.lsn + 1, kind, meta, memoryview(b"".join(body))))
         except BaseException:
             # The log has the change but memory does not: refuse further use rather than diverge.
             self._read_only = True
             raise
-        if self._log.size > max(self.auto_checkpoint_bytes, self._checkpoint_deferred_until):
+        if wal.size > max(self.auto_checkpoint_bytes, self._checkpoint_deferred_until):
             # The change is durable and applied: a checkpoint that fails now must not make the
             # caller think it was not (a retry would store it twice). Try again once the log
             # has grown by as much again.
             try:
                 self.checkpoint()
             except DatabaseWriteError as exc:
-                self._checkpoint_deferred_until = self._log.size + self.auto_checkpoint_bytes
+                self._checkpoint_deferred_until = wal.size + self.auto_checkpoint_bytes
                 log.warning("%s; the change itself is stored (in the log)", exc)
             else:
                 self._checkpoint_deferred_until = 0

@@ -155,7 +155,8 @@ def _evaluate(seg: Any, samples: list[Sample]) -> tuple[ConfusionMatrix, list[An
     """Segment ``samples``; confusion over the synthetic class indices, the results, timings."""
     to_index = {seg.class_id(c.name): i for i, c in enumerate(CLASSES) if seg.db.vocabulary.find(c.name)}
     cm = ConfusionMatrix(len(CLASSES))
-    results, timings = [], {}
+    results: list[Any] = []
+    timings: dict[str, list[float]] = {}
     for s in samples:
         r = seg.segment(s.image)
         lut = np.full(max(r.classes) + 1, -1, np.int64)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -64,7 +64,9 @@ def add_dataset(
     panoptic one. Returns counts and seconds."""
     start = time.perf_counter()
     register_classes(seg, ds.classes, classes)
-    images, masks, labels = [], [], []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    labels: list[list[str]] = []
     added = offered = used = 0
 
     def flush() -> None:
@@ -151,7 +153,7 @@ def evaluate(
 
 
 def _update_panoptic(metric: PanopticQuality, r: Any, lut: np.ndarray, ds: Dataset, i: int, keep) -> None:
-    ids, info = ds.segments(i)  # type: ignore[attr-defined]
+    ids, info = cast(Any, ds).segments(i)  # a panoptic dataset (has_panoptic)
     if keep is not None:  # segments of classes outside the restriction become void
         gone = [sid for sid, (c, _) in info.items() if not keep[c]]
         if gone:

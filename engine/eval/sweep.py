@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def run_sweep(
         if report_progress is not None:
             report_progress(done, len(held))
     rows = [{"config": c.to_json(), "miou": json_score(cm.miou())} for c, cm in zip(configs, scores, strict=True)]
-    best = max(rows, key=lambda r: -1.0 if r["miou"] is None else r["miou"])  # first of equals: grid order
+    best = max(rows, key=lambda r: -1.0 if r["miou"] is None else float(cast(float, r["miou"])))  # first of equals
     return {
         "protocol": "sweep",
         "dataset": {

@@ -287,7 +287,7 @@ class NumpyArrays(ArrayModule):
         return a.sum(axis=axis, keepdims=keepdims)
 
     def any(self, a: np.ndarray, axis: int) -> np.ndarray:
-        return a.any(axis=axis)
+        return np.asarray(a.any(axis=axis))
 
     def bincount(self, x: np.ndarray, minlength: int, weights: np.ndarray | None = None) -> np.ndarray:
         return np.bincount(x.ravel(), weights=None if weights is None else weights.ravel(), minlength=minlength)

@@ -68,7 +68,8 @@ def add_examples(
         raise InvalidInputError(
             f"images, masks and labels must have the same length: {len(images)}, {len(masks)}, {len(labels)}"
         )
-    vectors, names = [], []
+    vectors: list[np.ndarray] = []
+    names: list[str] = []
     for i, (image, image_masks, image_labels) in enumerate(zip(images, masks, labels, strict=True)):
         n = 1 if np.asarray(image_masks).ndim == 2 else len(image_masks)
         if len(image_labels) != n:

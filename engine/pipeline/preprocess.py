@@ -10,6 +10,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -48,7 +49,7 @@ def load_image(image: ImageInput, name: str | None = None) -> np.ndarray:
     raise InvalidInputError(f"{label}: an image is a path, bytes, a PIL image or a uint8 array")
 
 
-def _decode(stream: io.IOBase | io.BytesIO, label: str) -> np.ndarray:
+def _decode(stream: IO[bytes], label: str) -> np.ndarray:
     try:
         with Image.open(stream) as img:
             width, height = img.size

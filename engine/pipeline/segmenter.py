@@ -106,7 +106,7 @@ class Segmenter:
         ``search="bf16"`` searches a flat database in bfloat16 (``Database.open``); ``arrays`` and
         ``device_scan`` as for the constructor."""
         models = ModelSet(models_dir, backend, device)
-        where = {"arrays": arrays, "device_scan": device_scan}
+        where: dict[str, Any] = {"arrays": arrays, "device_scan": device_scan}
         db: Database | None = None
         try:
             if isinstance(database, Database):

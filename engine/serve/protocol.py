@@ -31,7 +31,7 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
     """An :class:`H11Protocol` subclass with these limits, for ``uvicorn.Config(http=...)``."""
 
     class GuardedH11Protocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._header_deadline: Any = None
             if len(self.connections) > max_connections:

@@ -249,17 +249,17 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, replica_gpu
         def __init__(self, segmenters_handle: Any, owner_handle: Any) -> None:
             attach_service(app, RayService(segmenters_handle, owner_handle))
 
-    return Api.bind(segmenters.bind(settings), owner.bind(settings))
+    return Api.bind(segmenters.bind(settings), owner.bind(settings))  # type: ignore[attr-defined]  # Ray's decorator adds bind
 
 
 def _batched(replica_class: type, settings: ServeSettings) -> type:
     """``replica_class`` with ``segment`` gathered by ``@serve.batch`` at the settings' sizes."""
     from ray import serve
 
-    class Batched(replica_class):  # type: ignore[misc, valid-type]
+    class Batched(replica_class):  # a subclass of a class given at run time
         @serve.batch(max_batch_size=settings.max_batch, batch_wait_timeout_s=settings.max_wait_ms / 1000.0)
         async def segment(self, requests: list[SegmentRequest]) -> list[Any]:
-            return await replica_class.segment(self, requests)
+            return await replica_class.segment(self, requests)  # type: ignore[attr-defined]
 
     Batched.__name__ = Batched.__qualname__ = "SegmenterReplica"
     return Batched

@@ -9,6 +9,7 @@ line ``knnclip serve: listening on http://HOST:PORT`` on standard output names i
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import sys
 from contextlib import asynccontextmanager
@@ -61,7 +62,8 @@ def serve(settings: ServeSettings, *, graceful_s: float = 30.0, log_level: str =
     app, service = build(settings)
     sock = _bind(settings.host, settings.port)
     config = uvicorn.Config(
-        app, log_level=log_level, timeout_graceful_shutdown=graceful_s, server_header=False, date_header=True,
+        app, log_level=log_level, timeout_graceful_shutdown=math.ceil(graceful_s), server_header=False,
+        date_header=True,
         limit_max_requests=None, timeout_keep_alive=5,
         http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
     )  # fmt: skip

@@ -67,7 +67,39 @@ def find_bpe_file(search: Sequence[str | os.PathLike[str]] = ()) -> Path:
     )
 
 
-class ClipTokenizer:
+class FramedTokenizer:
+    """What CLIP's tokenizers share: ids framed by ``<start>`` and ``<end>`` and zero-padded to
+    the context; a subclass gives ``encode`` and the two ids."""
+
+    sot: int
+    eot: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
+        """int64 ``[N, context_length]``: ``<start> ids <end>`` zero-padded; too long a text is cut
+        (its last kept token becomes ``<end>``) with a warning naming it."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidInputError(f"texts to tokenise are strings, got {type(text).__name__} {text!r}")
+            ids = [self.sot, *self.encode(text), self.eot]
+            if len(ids) > context_length:
+                warnings.warn(
+                    f"{text!r} is {len(ids)} tokens, longer than CLIP's context of {context_length}: "
+                    "cut to fit (its end is lost)",
+                    stacklevel=2,
+                )
+                ids = ids[:context_length]
+                ids[-1] = self.eot
+            out[row, : len(ids)] = ids
+        return out
+
+
+class ClipTokenizer(FramedTokenizer):
     """``tokenizer(["a photo of a cat."]) -> int64 [1, 77]``; ``tokenizer.encode(text)`` -> BPE ids."""
 
     def __init__(self, bpe_path: str | os.PathLike[str] | None = None) -> None:
@@ -129,27 +161,6 @@ class ClipTokenizer:
             ids.extend(self.encoder[s] for s in self._bpe(symbols))
         return ids
 
-    def __call__(self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
-        """int64 ``[N, context_length]``: ``<start> ids <end>`` zero-padded; too long a text is cut
-        (its last kept token becomes ``<end>``) with a warning naming it."""
-        if isinstance(texts, str):
-            texts = [texts]
-        out = np.zeros((len(texts), context_length), dtype=np.int64)
-        for row, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InvalidInputError(f"texts to tokenise are strings, got {type(text).__name__} {text!r}")
-            ids = [self.sot, *self.encode(text), self.eot]
-            if len(ids) > context_length:
-                warnings.warn(
-                    f"{text!r} is {len(ids)} tokens, longer than CLIP's context of {context_length}: "
-                    "cut to fit (its end is lost)",
-                    stacklevel=2,
-                )
-                ids = ids[:context_length]
-                ids[-1] = self.eot
-            out[row, : len(ids)] = ids
-        return out
-
 
 def clean_text(text: str) -> str:
     """open_clip's default cleaning: ftfy (if installed), HTML entities decoded twice, whitespace
@@ -164,7 +175,7 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-class ByteTokenizer:
+class ByteTokenizer(FramedTokenizer):
     """A tokenizer without a vocabulary file, for models trained (or seeded) with it: the ids of
     a text are its cleaned UTF-8 bytes, framed and padded as CLIP's. The demo's seeded models use
     it, so the demo needs no download; real CLIP models need :class:`ClipTokenizer`."""
@@ -178,8 +189,6 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(clean_text(text).encode("utf-8"))
-
-    __call__ = ClipTokenizer.__call__
 
 
 def make_tokenizer(spec: dict, search: Sequence[str | os.PathLike[str]] = ()) -> ClipTokenizer | ByteTokenizer:

@@ -116,6 +116,7 @@ class VideoOutputs:
             self._stream = self._container.add_stream(self.encoder, rate=rate)
             self._stream.height, self._stream.width = self._size
             self._stream.pix_fmt = "yuv420p"
+        assert self._size is not None  # set with the container, above
         h, w = self._size
         if rgb.shape[:2] != (h, w):  # pad to the first frame's (even) size
             padded = np.zeros((h, w, 3), np.uint8)

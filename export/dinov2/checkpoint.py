@@ -142,11 +142,12 @@ def load_dinov2(
     if isinstance(checkpoint, Mapping):
         sd = dict(checkpoint)
     else:
+        location = checkpoint
         if isinstance(checkpoint, str) and checkpoint.startswith("hf://"):
             from knnclip.export.dinov2.hub import download_dinov2
 
-            checkpoint = download_dinov2(checkpoint[len("hf://") :])
-        path = Path(checkpoint)
+            location = download_dinov2(checkpoint[len("hf://") :])
+        path = Path(location)
         source = str(path)
         sd = strip_prefix(read_state_dict(path), ("backbone.",))  # DINOv2 training saves: teacher.backbone.*
         if config is None:

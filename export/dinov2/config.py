@@ -93,7 +93,7 @@ class DinoV2Config:
 
 
 _ARCH_NAMES = {(384, 12, 6): "ViT-S", (768, 12, 12): "ViT-B", (1024, 24, 16): "ViT-L", (1536, 40, 24): "ViT-g"}
-_ARCHS = {
+_ARCHS: dict[str, dict[str, Any]] = {
     "vits14": dict(embed_dim=384, depth=12, num_heads=6, ffn_layer="mlp"),
     "vitb14": dict(embed_dim=768, depth=12, num_heads=12, ffn_layer="mlp"),
     "vitl14": dict(embed_dim=1024, depth=24, num_heads=16, ffn_layer="mlp"),
@@ -101,8 +101,8 @@ _ARCHS = {
 }
 # The hub entries: without registers the position embedding is resized with the historical
 # +0.1 offset and no antialiasing; the register models switched to antialiased resizing to size.
-_NO_REGISTERS = dict(num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1)
-_REGISTERS = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+_NO_REGISTERS: dict[str, Any] = dict(num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1)
+_REGISTERS: dict[str, Any] = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
 
 PRESETS: dict[str, DinoV2Config] = {}
 for _name, _arch in _ARCHS.items():
@@ -188,8 +188,8 @@ def _config_from_hf(values: dict[str, Any]) -> DinoV2Config:
         in_chans=int(values.get("num_channels", 3)),
         init_values=float(values.get("layerscale_value", 1.0)),
         qkv_bias=bool(values.get("qkv_bias", True)),
-        interpolate_antialias=resize["interpolate_antialias"],
-        interpolate_offset=resize["interpolate_offset"],
+        interpolate_antialias=bool(resize["interpolate_antialias"]),
+        interpolate_offset=float(resize["interpolate_offset"]),
     )
 
 

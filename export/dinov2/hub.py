@@ -38,9 +38,10 @@ def download_dinov2(
             "downloading DINOv2 weights needs huggingface_hub: pip install huggingface_hub "
             "(or download the checkpoint yourself and pass its path)"
         ) from None
+    cache_root = None if cache_dir is None else str(cache_dir)
     try:
         local = snapshot_download(
-            repo, revision=revision, cache_dir=cache_dir, allow_patterns=["config.json", "model.safetensors"]
+            repo, revision=revision, cache_dir=cache_root, allow_patterns=["config.json", "model.safetensors"]
         )
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types: offline, HTTP, missing repo, OS errors
         raise ModelDownloadError(

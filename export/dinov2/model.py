@@ -8,6 +8,8 @@ Parameter names follow the official checkpoints (``blocks.{i}.attn.qkv``, ``bloc
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -220,7 +222,7 @@ class DinoV2(nn.Module):
         x = self.tokens(images)
         for block in self.blocks[:-1]:
             x = block(x)
-        last = self.blocks[-1]
+        last = cast(Block, self.blocks[-1])
         keys = last.attn.keys(last.norm1(x))[:, 1 + self.config.num_register_tokens :].float()
         return self._grid(keys, images.shape[-2], images.shape[-1])
 
@@ -230,7 +232,7 @@ class DinoV2(nn.Module):
         x = self.tokens(images)
         for block in self.blocks[:-1]:
             x = block(x)
-        last = self.blocks[-1]
+        last = cast(Block, self.blocks[-1])
         start = 1 + self.config.num_register_tokens
         keys = last.attn.keys(last.norm1(x))[:, start:].float()
         x = self.norm(last(x))

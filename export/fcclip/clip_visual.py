@@ -60,7 +60,7 @@ class ConvNeXtStage(nn.Module):
                 LayerNorm2d(in_dim, eps=CONVNEXT_EPS), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2)
             )
         else:
-            self.downsample = nn.Identity()
+            self.downsample = nn.Identity()  # type: ignore[assignment]  # any module mapping x to x
         self.blocks = nn.Sequential(*(ConvNeXtBlock(out_dim) for _ in range(depth)))
 
     def forward(self, x: Tensor) -> Tensor:

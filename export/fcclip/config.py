@@ -137,7 +137,7 @@ def config_from_dict(values: dict[str, Any]) -> FCCLIPConfig:
             hidden_dim=int(td["hidden_dim"]), heads=int(td["nheads"]), ffn_dim=int(td["dim_feedforward"]),
             layers=int(layers), num_queries=int(td["num_queries"]),
         )  # fmt: skip
-        inf = {}
+        inf: dict[str, Any] = {}
         for ours, theirs in (
             ("pixel_mean", "pixel_mean"), ("pixel_std", "pixel_std"), ("size_divisibility", "size_divisibility"),
             ("alpha", "geometric_ensemble_alpha"), ("beta", "geometric_ensemble_beta"),

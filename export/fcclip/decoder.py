@@ -3,6 +3,8 @@ query plus its mask-pooled pixel features, projected into CLIP space and scored 
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -157,14 +159,14 @@ class TransformerDecoder(nn.Module):
         batch = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         x = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
-        predictions = [self.heads(x, mask_features, sizes[0])]
+        predictions = [self.heads(x, mask_features, cast(tuple[int, int], sizes[0]))]
         for i in range(self.cfg.layers):
             level = i % levels
             attn_mask = predictions[-1][2].expand(-1, self.cfg.heads, -1, -1)
             x = self.transformer_cross_attention_layers[i](x, src[level], attn_mask, pos[level], query_pos)
             x = self.transformer_self_attention_layers[i](x, query_pos)
             x = self.transformer_ffn_layers[i](x)
-            predictions.append(self.heads(x, mask_features, sizes[(i + 1) % levels]))
+            predictions.append(self.heads(x, mask_features, cast(tuple[int, int], sizes[(i + 1) % levels])))
         class_embed, masks, _ = predictions[-1]
         return class_embed, masks, [(c, m) for c, m, _ in predictions[:-1]]
 

@@ -214,6 +214,7 @@ def _export_fcclip(
         short = -(-cfg_min_size(model) // 32) * 32
         height, width = short, -(-round(short * 4 / 3) // 32) * 32
     else:
+        assert size is not None
         height, width = parse_size(size)
     cfg = model.config
     if tokenizer not in ("clip-bpe", "bytes"):

@@ -166,9 +166,8 @@ def engine_key(manifest: dict[str, Any], settings: BuildSettings, trt_version: s
     name, capability = gpu_identity()
     settings = settings.for_artifact(manifest)
     profiles = tuple((n, tuple(a), tuple(b), tuple(c)) for n, a, b, c in profiles_for(manifest, settings))
-    precision = (
-        f"{settings.precision}+tf32" if settings.precision == "fp32" and settings.allow_tf32 else settings.precision
-    )
+    resolved = settings.precision or "fp32"  # for_artifact resolved it; an artefact without one is fp32
+    precision = f"{resolved}+tf32" if resolved == "fp32" and settings.allow_tf32 else resolved
     return EngineKey(artifact_digest(manifest), trt_version, name, capability, precision, profiles)
 
 
