@@ -103,6 +103,15 @@ class _StrictClonerOptions:
         self.useFloat16 = False
 
 
+class _StandInResources:
+    """faiss.StandardGpuResources: its stream is the host's, so waiting for it waits for nothing."""
+
+    synced = 0
+
+    def syncDefaultStreamCurrentDevice(self) -> None:  # faiss' name
+        _StandInResources.synced += 1
+
+
 class _StandInFaissGpu:
     """faiss with a stand-in GPU: the CPU functions are faiss' own, the GPU ones record their calls."""
 
@@ -110,9 +119,11 @@ class _StandInFaissGpu:
         self.copied_with = None
         self.fail_search = fail_search
         self.GpuClonerOptions = _StrictClonerOptions
-        self.StandardGpuResources = object
+        self.StandardGpuResources = _StandInResources
         self.extract_index_ivf = faiss.extract_index_ivf
         self.downcast_index = faiss.downcast_index
+        self.cast_integer_to_float_ptr = faiss.cast_integer_to_float_ptr
+        self.cast_integer_to_idx_t_ptr = faiss.cast_integer_to_idx_t_ptr
 
     def index_cpu_to_gpu(self, resources, device, index, options):
         import types
@@ -124,7 +135,8 @@ class _StandInFaissGpu:
                 raise RuntimeError(self.fail_search)
             return index.search(queries, k)
 
-        return types.SimpleNamespace(search=search, add=index.add, add_with_ids=index.add_with_ids)
+        return types.SimpleNamespace(search=search, search_c=index.search_c, add=index.add,
+                                     add_with_ids=index.add_with_ids)  # fmt: skip
 
 
 _KEEP_ALIVE: list = []  # SWIG does not keep an IVF index's quantizer alive by itself
@@ -204,8 +216,12 @@ def test_queries_on_the_device_are_searched_there_and_agree_with_search(monkeypa
         np.testing.assert_array_equal(labels.numpy(), want_labels)
         np.testing.assert_allclose(sims.numpy(), want_sims, rtol=1e-6)
         assert (labels[2] == -1).all() and torch.isneginf(sims[2]).all()
+        assert _StandInResources.synced >= 1, "faiss' stream is waited for before the results are handed over"
         with pytest.raises(BackendUnavailableError, match="2048"):
             db.search_device(torch.from_numpy(queries), 4096)
+    probe = faiss.IndexFlatIP(2)  # faiss' own classes are not patched for torch in this process
+    probe.add(np.eye(2, dtype=np.float32))
+    assert isinstance(probe.reconstruct_n(0, 2), np.ndarray)
     with Database.open(tmp_path / "db", read_only=True) as db:
         assert db.device_search is None
         with pytest.raises(BackendUnavailableError, match="device='cuda'"):

@@ -152,11 +152,26 @@ class FaissGpuMirror:
 
     def search_device(self, queries: Any, k: int, params: Any) -> tuple[Any, Any]:
         """:meth:`search` for a torch tensor of queries, which faiss-gpu reads in place on its
-        device: (similarities, positions or ids) as tensors there."""
-        import faiss.contrib.torch_utils  # noqa: F401 - faiss' indexes then take torch tensors (CUDA ones in place)
+        device: (similarities, positions or ids) as tensors there.
+
+        Through ``search_c`` and the tensors' addresses, as ``faiss.contrib.torch_utils`` does it
+        without importing that module, which patches every faiss index in the process (its
+        ``reconstruct_n`` then returns torch tensors to every caller). The queries' stream is
+        finished first, and faiss' own before the results are handed over."""
+        import torch
 
         self._prepare(params)
-        return _faiss_call("search the GPU index", self._gpu.search, queries, k)
+        queries = queries.contiguous()
+        n = int(queries.shape[0])
+        sims = torch.empty((n, k), dtype=torch.float32, device=queries.device)
+        found = torch.empty((n, k), dtype=torch.int64, device=queries.device)
+        if queries.is_cuda:
+            torch.cuda.current_stream(queries.device).synchronize()
+        _faiss_call("search the GPU index", self._gpu.search_c, n, faiss.cast_integer_to_float_ptr(queries.data_ptr()),
+                    k, faiss.cast_integer_to_float_ptr(sims.data_ptr()),
+                    faiss.cast_integer_to_idx_t_ptr(found.data_ptr()))  # fmt: skip
+        self._res.syncDefaultStreamCurrentDevice()
+        return sims, found
 
 
 def _cannot_move(problems: list[str]) -> BackendUnavailableError:
