@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
 Progress = Callable[[int, int], None]
 
@@ -33,7 +36,7 @@ def retrieval_config(args: argparse.Namespace) -> Any:
     return base.replace(**{k: v for k in ("k", "tau", "T", "lam") if (v := getattr(args, k, None)) is not None})
 
 
-def open_segmenter(args: argparse.Namespace, read_only: bool) -> Any:
+def open_segmenter(args: argparse.Namespace, read_only: bool) -> Segmenter:
     """The segmenter of ``--models`` and ``--db`` (created when missing unless ``read_only``)."""
     from knnclip.engine.pipeline.segmenter import Segmenter
 

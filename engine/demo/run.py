@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.demo.synthetic import CLASSES, Sample, class_index, make_split
 from knnclip.engine.errors import needs_extra
 from knnclip.engine.eval.metrics import ConfusionMatrix
+
+if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
 BASE_CLASSES = ("sky", "grass", "sand", "ball", "box", "tree")
 NEW_CLASSES = ("water", "star")
@@ -136,7 +139,7 @@ def build_database(models: Path, path: Path, samples: list[Sample], text_cache: 
     return path
 
 
-def _add_split(seg: Any, samples: list[Sample], classes: tuple[str, ...]) -> int:
+def _add_split(seg: Segmenter, samples: list[Sample], classes: tuple[str, ...]) -> int:
     """Add the masks of ``classes`` in ``samples`` to the database; returns how many were added."""
     thing = {c.name: c.thing for c in CLASSES}
     for name in classes:
@@ -151,7 +154,7 @@ def _add_split(seg: Any, samples: list[Sample], classes: tuple[str, ...]) -> int
     return len(seg.add_examples(images, masks, labels))
 
 
-def _evaluate(seg: Any, samples: list[Sample]) -> tuple[ConfusionMatrix, list[Any], dict[str, list[float]]]:
+def _evaluate(seg: Segmenter, samples: list[Sample]) -> tuple[ConfusionMatrix, list[Any], dict[str, list[float]]]:
     """Segment ``samples``; confusion over the synthetic class indices, the results, timings."""
     to_index = {seg.class_id(c.name): i for i, c in enumerate(CLASSES) if seg.db.vocabulary.find(c.name)}
     cm = ConfusionMatrix(len(CLASSES))

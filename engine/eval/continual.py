@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from knnclip.engine.database import Database
 from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.eval.datasets import Dataset
 from knnclip.engine.eval.evaluate import Progress, add_dataset, evaluate, json_score, semantic_summary
+
+if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def _mean(iou: np.ndarray, classes: list[int]) -> float | None:
 
 
 def run_continual(
-    seg: Any,
+    seg: Segmenter,
     train: Dataset,
     val: Dataset,
     settings: ContinualSettings = ContinualSettings(),
@@ -138,7 +141,7 @@ def run_continual(
 
 
 def _forgetting(
-    seg: Any, val: Dataset, old: list[int], new: list[int], previous_iou: np.ndarray, scratch: Path
+    seg: Segmenter, val: Dataset, old: list[int], new: list[int], previous_iou: np.ndarray, scratch: Path
 ) -> dict[str, Any]:
     """Repeat the previous step's evaluation on a copy of the current database without the new
     classes; compare IoU on the old classes."""

@@ -14,19 +14,22 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from knnclip.engine.eval.datasets import Dataset, DatasetClass
 from knnclip.engine.eval.metrics import ConfusionMatrix, PanopticQuality
 
+if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.segmenter import Segmenter
+
 log = logging.getLogger("knnclip.evaluation")
 
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-def register_classes(seg: Any, classes: Sequence[DatasetClass], which: Collection[int] | None = None) -> int:
+def register_classes(seg: Segmenter, classes: Sequence[DatasetClass], which: Collection[int] | None = None) -> int:
     """Add the dataset's classes (all, or the indices in ``which``) that the vocabulary lacks;
     returns how many were added."""
     added = 0
@@ -39,7 +42,7 @@ def register_classes(seg: Any, classes: Sequence[DatasetClass], which: Collectio
     return added
 
 
-def class_lut(seg: Any, classes: Sequence[DatasetClass]) -> np.ndarray:
+def class_lut(seg: Segmenter, classes: Sequence[DatasetClass]) -> np.ndarray:
     """Database class id -> dataset class index (-1 for classes the dataset lacks)."""
     vocab = seg.db.vocabulary
     size = max(vocab, default=-1) + 1
@@ -52,7 +55,7 @@ def class_lut(seg: Any, classes: Sequence[DatasetClass]) -> np.ndarray:
 
 
 def add_dataset(
-    seg: Any,
+    seg: Segmenter,
     ds: Dataset,
     *,
     classes: Collection[int] | None = None,
@@ -117,7 +120,7 @@ def _restricted(labels: np.ndarray, keep: np.ndarray | None, ignore: int) -> np.
 
 
 def evaluate(
-    seg: Any,
+    seg: Segmenter,
     ds: Dataset,
     *,
     restrict: Collection[int] | None = None,

@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from knnclip.engine.eval.evaluate import Progress, add_dataset, class_lut, json_
 from knnclip.engine.eval.metrics import ConfusionMatrix
 from knnclip.engine.pipeline import stages
 from knnclip.engine.pipeline.timing import Timer
+
+if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def split_held_out(n: int, held_out: float, seed: int) -> tuple[list[int], list[
 
 
 def run_sweep(
-    seg: Any,
+    seg: Segmenter,
     train: Dataset,
     grid: SweepGrid = SweepGrid(),
     *,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.errors import DatabaseWriteError, InvalidInputError, KnnclipError
 from knnclip.engine.serve import encoding
 from knnclip.engine.serve.batcher import Batcher
+
+if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
 log = logging.getLogger("knnclip.serve")
 
@@ -158,7 +161,7 @@ def snapshot_database(db: Any, snapshot_dir: Path | None) -> dict[str, Any]:
     return {"checkpointed": True, "snapshot": name, "entries": len(db)}
 
 
-def segment_requests(segmenter: Any, requests: Sequence[SegmentRequest], max_batch: int) -> list[Any]:
+def segment_requests(segmenter: Segmenter, requests: Sequence[SegmentRequest], max_batch: int) -> list[Any]:
     """Run requests through ``segment_batch``, grouped by what they ask for; each entry is the
     JSON payload or the request's exception."""
     out: list[Any] = [None] * len(requests)
@@ -185,7 +188,7 @@ class LocalService:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.segmenter: Any = None
+        self.segmenter: Segmenter | None = None
         self.load_error: BaseException | None = None
         self._loaded = threading.Event()
         self._rw = ReadWriteLock()

@@ -18,11 +18,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from knnclip.engine.pipeline.results import Result
 from knnclip.engine.video.outputs import VideoOutputs
 from knnclip.engine.video.source import Frame, VideoSource
+
+if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.segmenter import Segmenter
 
 _END = object()
 
@@ -96,7 +99,7 @@ class VideoReport:
 
 
 def segment_video(
-    seg: Any,
+    seg: Segmenter,
     source: VideoSource,
     outputs: VideoOutputs | None,
     *,
