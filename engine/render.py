@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import colorsys
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -62,20 +62,6 @@ def overlay(
         draw.rectangle([x, y + 2, x + 9, y + 11], fill=class_colour(c))
         draw.text((x + 13, y), classes[c][:24], fill=(235, 235, 235))
     return canvas
-
-
-def evidence_panel(segment_name: str, neighbours: Sequence[tuple[str, float]], width: int = 320) -> Image.Image:
-    """A bar chart of a segment's nearest database entries: class and cosine similarity each."""
-    rows = max(len(neighbours), 1)
-    img = Image.new("RGB", (width, 20 + rows * 16), (250, 250, 250))
-    draw = ImageDraw.Draw(img)
-    draw.text((6, 4), f"nearest entries of segment '{segment_name}'", fill=(0, 0, 0))
-    for i, (name, sim) in enumerate(neighbours):
-        y = 20 + i * 16
-        bar = int(max(0.0, min(1.0, sim)) * (width - 140))
-        draw.rectangle([130, y + 2, 130 + bar, y + 12], fill=(70, 120, 200))
-        draw.text((6, y), f"{name[:14]} {sim:.3f}", fill=(0, 0, 0))
-    return img
 
 
 def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> None:

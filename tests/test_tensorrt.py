@@ -236,17 +236,6 @@ def test_host_copies_go_through_reused_page_locked_buffers(monkeypatch, tmp_path
     session.close()
 
 
-def test_onnxruntime_tensorrt_provider_caches_its_engines(tmp_path):
-    from knnclip.engine.backends.onnxruntime import providers_for
-
-    (name, options), *rest = providers_for("tensorrt", tmp_path / "cache")
-    assert name == "TensorrtExecutionProvider" and rest == [("CUDAExecutionProvider", {"device_id": "0"}),
-                                                            "CPUExecutionProvider"]  # fmt: skip
-    assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == str(tmp_path / "cache")
-    assert options["trt_timing_cache_enable"] == "True"
-    assert providers_for("cpu") == ["CPUExecutionProvider"]
-
-
 def test_auto_backend_falls_back_when_a_runtime_fails_to_open(monkeypatch, tmp_path, caplog):
     """A provider or driver failure while creating a session moves 'auto' on to the next backend
     with a warning; naming the backend still raises it."""

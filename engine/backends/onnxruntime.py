@@ -23,7 +23,6 @@ from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 
 
@@ -35,13 +34,12 @@ def split_device(device: str) -> tuple[str, int]:
     return kind, int(index or 0)
 
 
-def providers_for(device: str, cache_dir: Path | None = None, dynamic_shapes: bool = False) -> list[Any]:
+def providers_for(device: str, dynamic_shapes: bool = False) -> list[Any]:
     """ONNX Runtime's providers for ``device`` (``cuda:N`` picks the GPU). The CUDA provider runs
     on the device's index; for graphs whose input sizes change from call to call
     (``dynamic_shapes``) it picks convolution algorithms by heuristics and grows its arena by
-    what is asked, instead of benchmarking every new shape and keeping power-of-two blocks. The
-    TensorRT provider keeps its engines and timing cache in ``cache_dir`` (inside the engine
-    cache), so it does not rebuild on every session."""
+    what is asked, instead of benchmarking every new shape and keeping power-of-two blocks.
+    (TensorRT runs through the tensorrt backend, with its own engine cache, not this provider.)"""
     kind, index = split_device(device)
     wanted = _PROVIDERS.get(kind)
     if wanted is None:
@@ -49,23 +47,7 @@ def providers_for(device: str, cache_dir: Path | None = None, dynamic_shapes: bo
     cuda: dict[str, Any] = {"device_id": str(index)}
     if dynamic_shapes:
         cuda |= {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
-    chosen: list[Any] = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in wanted]
-    if chosen[0] != "TensorrtExecutionProvider":
-        return chosen
-    from knnclip.engine.backends.tensorrt.cache import default_root
-
-    cache = str(cache_dir or default_root() / "onnxruntime-tensorrt")
-    options = {
-        "device_id": str(index), "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
-        "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
-    }  # fmt: skip
-    return [("TensorrtExecutionProvider", options), *chosen[1:]]
-
-
-def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
+    return [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in wanted]
 
 
 class OrtSession(Session):
