@@ -73,6 +73,11 @@ class OutOfMemoryError(KnnclipError, MemoryError):
     names the input and its size."""
 
 
+class InferenceError(KnnclipError, RuntimeError):
+    """A model runtime (ONNX Runtime, TensorRT, OpenVINO, torch, CUDA) failed on one input with an
+    error of its own; the others are unaffected. The message names the runtime's error."""
+
+
 class ArtifactCorruptError(KnnclipError):
     """An exported artefact (ONNX model, engine) is damaged, incomplete, stale or of another kind.
 

@@ -181,7 +181,7 @@ class StandInSession:
     """A host session run "on the stand-in device": device arrays in, device arrays out."""
 
     def __init__(self, session: Any) -> None:
-        self._session = session
+        self.session = session
 
     device_outputs = True
 
@@ -189,11 +189,11 @@ class StandInSession:
         for name, value in feed.items():
             if not isinstance(value, DeviceArray):
                 raise HostConversion(f"input {name!r} was not uploaded: {type(value).__name__}")
-        outputs = self._session.infer({name: value.payload for name, value in feed.items()})
+        outputs = self.session.infer({name: value.payload for name, value in feed.items()})
         return {name: DeviceArray(np.asarray(value)) for name, value in outputs.items()}
 
     def infer(self, feed: Mapping[str, Any]) -> Any:
         raise HostConversion("the device pipeline called a model's host path")
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
+        return getattr(self.session, name)

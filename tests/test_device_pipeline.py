@@ -194,3 +194,25 @@ def test_running_out_of_device_memory_is_a_named_error(models, database):  # noq
             dev.segment(image())
     assert TorchArrays("cpu").out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not TorchArrays("cpu").out_of_memory(RuntimeError("something else"))
+
+
+def test_a_runtime_error_fails_one_image_of_a_batch_only(models, database, caplog):  # noqa: F811
+    """segment_batch's promise holds for a model runtime's own errors, not only the library's: the
+    batch is retried image by image, the image that breaks the runtime gets InferenceError naming
+    the runtime's error (logged whole), and the others get their results."""
+    from knnclip.engine.errors import InferenceError
+
+    class Fragile(StandInSession):
+        def infer_device(self, feed):
+            if any(sample.mean() > 1.0 for sample in feed["images"].payload):  # a white image: the poisoned one
+                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 700")
+            return super().infer_device(feed)
+
+    poisoned = np.full_like(image(), 255)
+    with segmenter(models, database, StandInArrays(), stand_in=True) as dev:
+        dev.models.fcclip = Fragile(dev.models.fcclip.session)
+        with caplog.at_level("ERROR", logger="knnclip.pipeline"):
+            results = dev.segment_batch([image(), poisoned, image()[:, ::-1].copy()], batch_size=3)
+    assert [type(r).__name__ for r in results] == ["Result", "InferenceError", "Result"]
+    assert isinstance(results[1], InferenceError) and "CUDA failure 700" in str(results[1])
+    assert "RUNTIME_EXCEPTION" in caplog.text

@@ -18,6 +18,7 @@ examples. ``add_class`` registers a name (FC-CLIP can then predict it from text 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.database import Database
 from knnclip.engine.database.vocabulary import ClassInfo
-from knnclip.engine.errors import InvalidInputError, KnnclipError, UnknownClassError
+from knnclip.engine.errors import InferenceError, InvalidInputError, KnnclipError, UnknownClassError
 from knnclip.engine.pipeline import growth, stages
 from knnclip.engine.pipeline.arrays import ArrayModule
 from knnclip.engine.pipeline.classifier import Classifier, ClassifierCache
@@ -41,6 +42,8 @@ from knnclip.engine.pipeline.timing import Timer
 from knnclip.engine.text.textbank import TextBank
 
 __all__ = ["Evidence", "PanopticSegment", "Result", "Segmenter"]
+
+log = logging.getLogger("knnclip.pipeline")
 
 
 class Segmenter:
@@ -209,7 +212,8 @@ class Segmenter:
     ) -> list[Result | KnnclipError]:
         """Segment several images, up to ``batch_size`` at a time through each model and one
         database search per batch. An image that fails yields its error in place of a result and
-        the others are unaffected: a batch whose models fail is retried one image at a time.
+        the others are unaffected: a batch that fails (a library error, or a model runtime's own:
+        then an :class:`InferenceError` for the image that caused it) is retried one image at a time.
 
         Stages run once per batch (``preprocess``, ``fcclip``, ``dinov2``, ``search``) report the
         batch's time in every result of it, with ``timings["batch_size"]``.
@@ -232,8 +236,8 @@ class Segmenter:
             batch = [pixels for _, _, pixels, _ in chunk]
             try:
                 results: list[Result | KnnclipError] = list(self._segment_chunk(batch, wanted))
-            except KnnclipError:
-                results = [self._segment_or_error(pixels, wanted) for pixels in batch]  # find the culprit
+            except Exception:  # noqa: BLE001 - a library or runtime error: each image alone finds the culprit
+                results = [self._segment_or_error(pixels, wanted) for pixels in batch]
             for (i, name, _, decode), result in zip(chunk, results, strict=True):
                 if isinstance(result, Result):
                     result.timings["total"] += decode.ms["decode"]
@@ -265,6 +269,9 @@ class Segmenter:
                 result = self._segment_pixels(pixels, timer, wanted)
         except KnnclipError as exc:
             return exc
+        except Exception as exc:  # a runtime's own error fails this image only, and is logged whole
+            log.exception("segmenting an image failed in the model runtime")
+            return InferenceError(f"the model runtime failed on this image ({type(exc).__name__}: {exc})")
         result.timings = timer.ms
         return result
 

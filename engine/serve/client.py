@@ -178,6 +178,7 @@ _MESSAGE_ONLY = {
         "InvalidInputError",
         "UnknownClassError",
         "OutOfMemoryError",
+        "InferenceError",
         "ReadOnlyDatabaseError",
         "DatabaseLockedError",
         "DatasetError",
