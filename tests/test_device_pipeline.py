@@ -166,6 +166,28 @@ class TestDeviceScan:
         db.close()
 
 
+def test_the_copy_survives_entries_removed_while_it_reads_them(tmp_path, monkeypatch):
+    """A class removed between reading the entries' ids and their vectors (another thread's
+    remove_class) makes the device copy read them again, not fail the search."""
+    from knnclip.engine.errors import InvalidInputError
+
+    db = Database.create(tmp_path / "db", 4)
+    db.add(np.eye(4, dtype=np.float32)[:2], ["a", "b"])
+    real, calls = db.vectors, []
+
+    def racing(ids):
+        calls.append(len(ids))
+        if len(calls) == 1:
+            raise InvalidInputError("no entries with ids [0]: removed meanwhile")
+        return real(ids)
+
+    monkeypatch.setattr(db, "vectors", racing)
+    xp = StandInArrays()
+    labels = DeviceScan(db, xp).search(xp.upload(np.array([[0, 1, 0, 0]], np.float32), "image"), 1)[1]
+    assert xp.to_host(labels, "result").tolist() == [[db.vocabulary.find("b").id]] and len(calls) == 2
+    db.close()
+
+
 def test_synonym_columns_give_reduceat():
     logits = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
     per_class = (1, 3, 2, 1)

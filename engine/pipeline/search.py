@@ -21,6 +21,7 @@ import threading
 import numpy as np
 
 from knnclip.engine.database import Database
+from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.pipeline.arrays import HOST, Array, ArrayModule
 
 
@@ -51,6 +52,14 @@ class DeviceScan:
         return self.xp.concatenate(pieces) if pieces else self.xp.zeros((0, self.db.dim), dtype)
 
     def _sync(self) -> None:
+        for attempt in range(3):
+            try:
+                return self._sync_once()
+            except InvalidInputError:  # entries removed between reading their ids and their vectors
+                if attempt == 2:
+                    raise
+
+    def _sync_once(self) -> None:
         lsn = self.db.lsn
         if lsn == self._lsn:
             return
@@ -89,7 +98,7 @@ class DeviceScan:
             scores = xp.matmul(q, xp.transpose(xp.astype(vectors[start : start + rows], "float32")))
             values, index = xp.topk(scores, min(top, int(scores.shape[1])))
             index = index + start
-            if best_values is not None:  # the running top-k (ties keep the earlier row)
+            if best_values is not None:  # the running top-k (which of equal similarities stays is open, as in faiss)
                 values = xp.concatenate([best_values, values], axis=1)
                 index = xp.concatenate([best_index, index], axis=1)
                 values, order = xp.topk(values, top)
