@@ -328,8 +328,8 @@ class TorchArrays(ArrayModule):
     the CUDA kernels for CUDA tensors (their results come back zero-copy through DLPack), the
     CPU kernels for CPU tensors (through zero-copy NumPy views).
 
-    torch orders the ops after the models' work on its current stream: the CUDA kernels wait
-    for it (``order_after_stream``) before they read."""
+    The compiled ops read torch's tensors through DLPack with ``stream=`` their own stream, so torch
+    orders the work it has queued on its current stream before the kernels read (docs/ops.md)."""
 
     name = "torch"
 
