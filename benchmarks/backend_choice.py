@@ -33,7 +33,7 @@ PARTS = ("fcclip/image", "fcclip/text", "dinov2")
 def measure(models: Path, repeats: int) -> dict[str, Any]:
     from knnclip.engine.artifact import read_manifest
     from knnclip.engine.backends import choice, open_session
-    from knnclip.engine.backends.tensorrt.cache import default_root
+    from knnclip.engine.cache import engine_cache_root
 
     out: dict[str, Any] = {}
     for part in PARTS:
@@ -46,7 +46,7 @@ def measure(models: Path, repeats: int) -> dict[str, Any]:
         open_session(models / part, "auto", "cpu").close()
         second_open = time.perf_counter() - start
         key = choice.machine_key(read_manifest(models / part), choice.CANDIDATES)
-        record = json.loads(choice.record_path(default_root(), key).read_text())
+        record = json.loads(choice.record_path(engine_cache_root(), key).read_text())
         start = time.perf_counter()
         sessions = {"onnxruntime": open_session(models / part, "onnxruntime", "cpu")}
         named_open = time.perf_counter() - start

@@ -79,10 +79,10 @@ def _openvino() -> dict[str, Any]:
 
 def _backend_choices() -> dict[str, Any]:
     """What ``backend="auto"`` measured on this machine (backends/choice.py), per record."""
-    from knnclip.engine.backends.tensorrt.cache import default_root
+    from knnclip.engine.cache import engine_cache_root
     from knnclip.engine.fsutil import read_regular_file
 
-    folder = default_root() / "backend-choice"
+    folder = engine_cache_root() / "backend-choice"
     chosen: dict[str, int] = {}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:  # read_regular_file: a FIFO planted there must not block info

@@ -23,6 +23,7 @@ import torch
 
 from knnclip.engine.artifact import read_manifest, write_manifest
 from knnclip.engine.errors import ArtifactExistsError, InvalidInputError, KnnclipError
+from knnclip.engine.pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from knnclip.export.dinov2.model import DinoV2
 
 MIN_OPSET = 17
@@ -32,8 +33,6 @@ Comparison = Callable[[Sequence[np.ndarray], Sequence[torch.Tensor]], tuple[dict
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 KIND_DINOV2_KEYS = "dinov2-keys"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Relative L2 error between ONNX Runtime and the fp32 torch model that an export must reach.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 # Protobuf caps a model file at 2 GiB; above this the weights go to one external data file.

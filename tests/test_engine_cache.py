@@ -282,13 +282,13 @@ def test_tensorrt_11_builds_the_artifacts_precision_by_default(monkeypatch, tmp_
 
 
 def test_the_engine_cache_lives_in_knnclips_cache_unless_named(monkeypatch, tmp_path):
-    from knnclip.engine.backends.tensorrt.cache import default_root
+    from knnclip.engine.cache import engine_cache_root
 
     monkeypatch.delenv("KNNCLIP_ENGINE_CACHE", raising=False)
     monkeypatch.delenv("KNNCLIP_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_root() == tmp_path / "home" / ".cache" / "knnclip" / "engines"
+    assert engine_cache_root() == tmp_path / "home" / ".cache" / "knnclip" / "engines"
     monkeypatch.setenv("KNNCLIP_CACHE", str(tmp_path / "cache"))
-    assert default_root() == tmp_path / "cache" / "engines"
+    assert engine_cache_root() == tmp_path / "cache" / "engines"
     monkeypatch.setenv("KNNCLIP_ENGINE_CACHE", str(tmp_path / "engines"))
-    assert default_root() == tmp_path / "engines"
+    assert engine_cache_root() == tmp_path / "engines"

@@ -128,10 +128,10 @@ def open_session(
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and device == "cpu" and _measure_cpu_backends():
         from knnclip.engine.backends import choice
-        from knnclip.engine.backends.tensorrt.cache import default_root
+        from knnclip.engine.cache import engine_cache_root
 
         session = choice.open_fastest(directory, manifest, lambda name: _open(name, directory, manifest, device),
-                                      default_root())  # fmt: skip
+                                      engine_cache_root())  # fmt: skip
         if session is not None:
             log.info("opened %r: %s", session, session.selection)
             return session

@@ -31,9 +31,9 @@ HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
 
 def cache_dir() -> Path:
-    from knnclip.engine.backends.tensorrt.cache import default_root
+    from knnclip.engine.cache import engine_cache_root
 
-    return default_root() / "openvino"
+    return engine_cache_root() / "openvino"
 
 
 class OpenVinoSession(Session):

@@ -15,13 +15,11 @@ import numpy as np
 
 from knnclip.engine.bench.build import STAGES
 from knnclip.engine.config import RetrievalConfig
+from knnclip.engine.pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:  # the torch side, imported when a pipeline is made
     from knnclip.export.dinov2 import DinoV2
     from knnclip.export.fcclip import FCCLIP
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ReferencePipeline:

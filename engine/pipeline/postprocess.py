@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from knnclip.engine import ops
+from knnclip.engine.config import FUSIONS
 from knnclip.engine.pipeline.arrays import HOST, Array, ArrayModule
 
 LOG_EPS = 1e-8  # FC-CLIP: log(p + 1e-8) before semantic/panoptic inference
@@ -118,9 +119,6 @@ def geometric_ensemble(
     w = weights if weights is not None else xp.upload(ensemble_weights(seen, alpha, beta), "constant")
     void = xp.softmax(in_vocab_logits)[..., -1:]
     return ClassProbabilities(ensemble(p_in, p_out, w, xp=xp), void, p_in, p_out, w)
-
-
-FUSIONS = ("out_of_vocab", "final")
 
 
 def fuse_retrieval(

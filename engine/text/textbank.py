@@ -21,6 +21,7 @@ import numpy as np
 
 from knnclip.engine.artifact import TEXT_BATCH
 from knnclip.engine.backends import Session
+from knnclip.engine.cache import cache_root
 from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file, unsafe_folder
 from knnclip.engine.text.prompts import text_classifier
 from knnclip.engine.text.tokenizer import ByteTokenizer, ClipTokenizer
@@ -28,10 +29,6 @@ from knnclip.engine.text.tokenizer import ByteTokenizer, ClipTokenizer
 log = logging.getLogger("knnclip.textbank")
 _BATCH = TEXT_BATCH  # prompts per text-session call
 _CACHE_LIMIT = 1 << 30  # bytes; a larger cache file is not read
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KNNCLIP_CACHE") or Path.home() / ".cache" / "knnclip")
 
 
 class TextBank:
@@ -54,7 +51,7 @@ class TextBank:
         self._rows: dict[str, np.ndarray] = {}
         self._rebuild_cache = False
         if cache_dir == "default":
-            cache_dir = default_cache_dir()
+            cache_dir = cache_root()
         # A row depends on the weights, the templates, the context length and the tokenizer: the key holds them all.
         key = [model_sha256, self.templates, context_length, type(tokenizer).__name__]
         self.cache_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from knnclip.engine.cache import engine_cache_root
 from knnclip.engine.fsutil import atomic_write_bytes, clear_for_file, read_regular_file, waiting_lock
 
 log = logging.getLogger("knnclip.engine_cache")
@@ -50,13 +51,6 @@ class EngineKey:
         return [f"{k}: built for {other.get(k)!r}, here {v!r}" for k, v in mine.items() if other.get(k) != v]
 
 
-def default_root() -> Path:
-    """``$KNNCLIP_ENGINE_CACHE``, else ``engines`` in knnclip's cache (``$KNNCLIP_CACHE`` or ``~/.cache/knnclip``)."""
-    if os.environ.get("KNNCLIP_ENGINE_CACHE"):
-        return Path(os.environ["KNNCLIP_ENGINE_CACHE"])
-    return Path(os.environ.get("KNNCLIP_CACHE") or Path.home() / ".cache" / "knnclip") / "engines"
-
-
 _MANIFEST_LIMIT = 1 << 20  # bytes
 _PLAN_LIMIT = 1 << 36  # 64 GiB: no plausible engine is larger
 
@@ -67,7 +61,7 @@ class StaleEngineError(Exception):
 
 class EngineCache:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(root) if root is not None else engine_cache_root()
 
     def _paths(self, key: EngineKey) -> tuple[Path, Path, Path]:
         stem = self.root / key.digest()
