@@ -7,7 +7,6 @@ reported as missing, never raised.
 from __future__ import annotations
 
 import importlib
-import json
 import platform
 import shutil
 import subprocess
@@ -79,18 +78,11 @@ def _openvino() -> dict[str, Any]:
 
 def _backend_choices() -> dict[str, Any]:
     """What ``backend="auto"`` measured on this machine (backends/choice.py), per record."""
+    from knnclip.engine.backends.choice import RECORDS_FOLDER, recorded_choices
     from knnclip.engine.cache import engine_cache_root
-    from knnclip.engine.fsutil import read_regular_file
 
-    folder = engine_cache_root() / "backend-choice"
-    chosen: dict[str, int] = {}
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:  # read_regular_file: a FIFO planted there must not block info
-            backend = str(json.loads(read_regular_file(path, 1 << 16) or b"")["backend"])
-        except (ValueError, KeyError, TypeError):
-            backend = "unreadable"
-        chosen[backend] = chosen.get(backend, 0) + 1
-    return {"folder": str(folder), "chosen": chosen}
+    root = engine_cache_root()
+    return {"folder": str(root / RECORDS_FOLDER), "chosen": recorded_choices(root)}
 
 
 def _gpus() -> list[str]:

@@ -105,9 +105,25 @@ def machine_key(manifest: dict[str, Any], candidates: Sequence[str]) -> dict[str
     }
 
 
+RECORDS_FOLDER = "backend-choice"  # in the engine cache, one JSON record per artefact and machine
+
+
 def record_path(cache_root: Path, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return Path(cache_root) / "backend-choice" / f"{digest[:32]}.json"
+    return Path(cache_root) / RECORDS_FOLDER / f"{digest[:32]}.json"
+
+
+def recorded_choices(cache_root: Path) -> dict[str, int]:
+    """How many records under ``cache_root`` chose each backend ("unreadable" for a damaged one)."""
+    folder = Path(cache_root) / RECORDS_FOLDER
+    chosen: dict[str, int] = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:  # read_regular_file: a FIFO planted there must not block the caller
+            backend = str(json.loads(read_regular_file(path, _RECORD_LIMIT) or b"")["backend"])
+        except (ValueError, KeyError, TypeError):
+            backend = "unreadable"
+        chosen[backend] = chosen.get(backend, 0) + 1
+    return chosen
 
 
 def read_choice(path: Path, key: dict[str, Any], candidates: Sequence[str]) -> Choice | None:
