@@ -144,16 +144,16 @@ def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tu
     return cases
 
 
-def decision_cases(rng: np.random.Generator) -> list[tuple[str, Callable, tuple]]:
-    """(op, function, NumPy inputs) of the ops that decide pixels: compared by agreement, since a
+def decision_cases(rng: np.random.Generator) -> list[tuple[str, str, Callable, tuple]]:
+    """(op, size, function, NumPy inputs) of the ops that decide pixels: compared by agreement, since a
     float32 near-tie may go either way on another summation order."""
     logits = (rng.standard_normal((250, *MASK_HW)) * 3).astype(np.float32)
     probs = rng.dirichlet(np.ones(150), 250).astype(np.float32)
     queries = np.sort(rng.choice(250, 60, replace=False)).astype(np.int64)
     scores = rng.random(60).astype(np.float32)
     return [
-        ("semantic_argmax 250x150, masks 200x272", _C.semantic_argmax, (probs, logits)),
-        ("panoptic_owner 60 of 250 masks 200x272", _C.panoptic_owner, (scores, logits, queries)),
+        ("semantic_argmax", "250x150, masks 200x272", _C.semantic_argmax, (probs, logits)),
+        ("panoptic_owner", "60 of 250 masks 200x272", _C.panoptic_owner, (scores, logits, queries)),
     ]
 
 
@@ -161,7 +161,7 @@ def check_decisions(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[s
     """Each pixel decision on the device against the CPU kernel's: the fraction decided alike
     (>= 99.9%) and, for panoptic_owner, each mask's pixel count exactly."""
     rows = []
-    for size, fn, inputs in decision_cases(np.random.default_rng(2)):
+    for op, size, fn, inputs in decision_cases(np.random.default_rng(2)):
         cpu = fn(*inputs)
         on_device = [dev.put(x) for x in inputs]
         result = fn(*on_device)
@@ -170,12 +170,12 @@ def check_decisions(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[s
         gpu_parts = [r.numpy() if _on_device(r) else np.asarray(r) for r in (result if isinstance(result, tuple)
                                                                                else (result,))]  # fmt: skip
         agreement = [float(np.mean(np.asarray(a) == g)) for a, g in zip(cpu_parts, gpu_parts, strict=True)]
-        row: dict[str, Any] = {"op": size.split()[0], "size": size, "agreement": agreement}
+        row: dict[str, Any] = {"op": op, "size": size, "agreement": agreement}
         row["ok"] = min(agreement[:2]) >= 0.999 and (len(agreement) < 3 or agreement[2] == 1.0)
         row["cpu"] = _time(lambda fn=fn, inputs=inputs: fn(*inputs), lambda: None, max(3, repeats // 4))
         row["gpu"] = _time(lambda fn=fn, d=on_device: fn(*d), dev.sync, repeats)
         rows.append(row)
-        print(f"{size:44s} agreement {agreement} {'ok' if row['ok'] else 'FAIL'}", flush=True)
+        print(f"{op:16s} {size:28s} agreement {agreement} {'ok' if row['ok'] else 'FAIL'}", flush=True)
     return rows
 
 

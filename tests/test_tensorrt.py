@@ -264,6 +264,7 @@ def test_device_outputs_stay_on_the_device_in_buffers_of_their_own(monkeypatch, 
     """infer_device: a CUDA input is read in place (its address given to TensorRT, nothing copied
     in), each output is a fresh allocation handed over as a DeviceBuffer with the shape TensorRT
     resolved, so a second call cannot overwrite the first one's outputs, and nothing is copied out."""
+    import gc
     import sys
 
     from knnclip.engine.backends.device_buffer import DeviceBuffer
@@ -283,4 +284,19 @@ def test_device_outputs_stay_on_the_device_in_buffers_of_their_own(monkeypatch, 
     assert first.__cuda_array_interface__["data"] == (first.pointer, False)
     assert engine.context.addresses["images"] == images.array.ctypes.data, "the input is read in place"
     assert sys.modules["pycuda.driver"].device_memory == {} and _PINNED == [], "no host copy either way"
-    session.close()
+    # An output let go of is reused by the next call of its size: no allocation (and free) per call.
+    released, allocated = first.pointer, len(_Buffer.allocations)
+    del first
+    gc.collect()
+    third = session.infer_device({"images": images})["masks"]
+    assert third.pointer == released and len(_Buffer.allocations) == allocated
+    assert third.pointer != second.pointer, "one still held is never handed out again"
+    del second
+    gc.collect()
+    pushes.clear()
+    _Buffer.freed_in = pushes
+    try:
+        session.close()  # the spare output is freed under the session's context
+    finally:
+        _Buffer.freed_in = None
+    assert pushes[:3] == ["push", "sync", "free"] and pushes[-2:] == ["pop", "detach"], pushes

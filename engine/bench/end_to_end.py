@@ -306,9 +306,15 @@ def device_pipelines() -> list[tuple[str, dict[str, Any]]]:
 def floor(flops: dict[str, float], models: Path, stats: dict[str, Any]) -> dict[str, Any]:
     """The least time an image can take on :data:`FLOOR_GPU`: its arithmetic at the GPU's fp16 peak,
     and its memory traffic at the GPU's bandwidth (both models' weights read once in fp16, the
-    database's codes read once per search); the larger of the two is the floor."""
-    weights = sum((models / part / "model.onnx").stat().st_size for part in ("fcclip/image", "dinov2")
-                  if (models / part / "model.onnx").is_file()) // 2  # fmt: skip
+    database's codes read once per search); the larger of the two is the floor. The fp32 weights
+    are the ONNX graph's files as the manifests list them (the graph, and its external data past
+    2 GiB), halved for fp16."""
+    from knnclip.engine.artifact import read_manifest
+
+    weights = 0
+    for part in ("fcclip/image", "dinov2"):
+        files = read_manifest(models / part, verify_files=False)["files"]
+        weights += sum(int(files[role]["bytes"]) for role in ("model", "data") if role in files) // 2
     searched = stats["entries"] * stats["code_bytes_per_entry"]
     work = flops.get("fcclip", 0.0) + flops.get("dinov2", 0.0)
     compute_ms = 1e3 * work / FLOOR_GPU["fp16_flops"]

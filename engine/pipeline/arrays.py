@@ -231,6 +231,9 @@ class NumpyArrays(ArrayModule):
     def adopt(self, output: Any) -> np.ndarray:
         return np.asarray(output)
 
+    def constant(self, key: Hashable, make: Callable[[], np.ndarray]) -> np.ndarray:
+        return make()  # nothing to upload: no cache (whose entries would only keep old arrays alive)
+
     def empty(self, shape: Sequence[int], dtype: str) -> np.ndarray:
         return np.empty(tuple(shape), dtype)
 
@@ -368,7 +371,9 @@ class TorchArrays(ArrayModule):
     def adopt(self, output: Any) -> Any:
         torch = self._torch
         if isinstance(output, np.ndarray):
-            return self.upload(output, "image") if self._cuda else torch.from_numpy(output)
+            if self._cuda:  # a session whose outputs came back to the host: infer_device's contract broken
+                raise ValueError(f"a model output on the host given to the pipeline on {self._dev}")
+            return torch.from_numpy(output)
         if not isinstance(output, torch.Tensor):
             # __cuda_array_interface__ (TensorRT's and ONNX Runtime's buffers) or DLPack
             has_cai = hasattr(output, "__cuda_array_interface__")

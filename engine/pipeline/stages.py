@@ -75,20 +75,17 @@ class ClassifierTables:
     """A classifier's arrays on ``xp``'s device, uploaded once per vocabulary and device."""
 
     rows: Array  # [S + 1, E]
-    weights: Array  # [C] the ensemble's w (alpha for seen classes, beta otherwise)
     lut: Array  # database class id + 1 -> class index
     ids: Array  # [C] database class ids
 
 
-def classifier_tables(head: FCCLIPHead, classifier: Classifier, xp: ArrayModule) -> ClassifierTables:
+def classifier_tables(classifier: Classifier, xp: ArrayModule) -> ClassifierTables:
     key = classifier.key
     return ClassifierTables(
         rows=xp.constant(("classifier_rows", key), lambda: classifier.rows),
-        weights=xp.constant(("ensemble_weights", key, head.alpha, head.beta),
-                            lambda: postprocess.ensemble_weights(classifier.seen, head.alpha, head.beta)),
         lut=xp.constant(("class_lut", key), lambda: classifier.lut),
         ids=xp.constant(("class_ids", key), lambda: classifier.ids),
-    )  # fmt: skip
+    )
 
 
 def infer(session: Session, feed: dict[str, np.ndarray], xp: ArrayModule) -> dict[str, Array]:
@@ -147,12 +144,12 @@ def classify(
 ) -> postprocess.ClassProbabilities:
     """P_base: in-vocabulary and CLIP (out-of-vocabulary) classification, FC-CLIP's ensemble."""
     per_class = classifier.synonyms_per_class
-    tables = classifier_tables(head, classifier, xp)
-    in_vocab = postprocess.classification_logits(class_embed, tables.rows, head.in_vocab_logit_scale, per_class, xp=xp)
-    ov = postprocess.classification_logits(ov_embed, tables.rows, head.clip_logit_scale, per_class, xp=xp)
-    return postprocess.geometric_ensemble(
-        in_vocab, ov, classifier.seen, head.alpha, head.beta, xp=xp, weights=tables.weights
-    )
+    rows = classifier_tables(classifier, xp).rows
+    weights = xp.constant(("ensemble_weights", classifier.key, head.alpha, head.beta),
+                          lambda: postprocess.ensemble_weights(classifier.seen, head.alpha, head.beta))  # fmt: skip
+    in_vocab = postprocess.classification_logits(class_embed, rows, head.in_vocab_logit_scale, per_class, xp=xp)
+    ov = postprocess.classification_logits(ov_embed, rows, head.clip_logit_scale, per_class, xp=xp)
+    return postprocess.geometric_ensemble(in_vocab, ov, classifier.seen, head.alpha, head.beta, xp=xp, weights=weights)
 
 
 # Propose ----------------------------------------------------------------------------------------
@@ -218,7 +215,7 @@ def fuse(p: Proposal, sims: Array, labels: Array, cfg: RetrievalConfig) -> Fusio
     """Neighbours to P_ret, and its fusion where retrieval is confident (``cfg.fusion`` says where:
     into FC-CLIP's out-of-vocabulary branch before its ensemble, or into the ensembled P_base)."""
     classifier, xp = p.classifier, p.xp
-    lut = xp.constant(("class_lut", classifier.key), lambda: classifier.lut)
+    lut = classifier_tables(classifier, xp).lut
     # The classifier is the vocabulary this call started with: a neighbour of a class added since
     # (an id past the table) or removed since (-1 in it) is no evidence for this call.
     known = (labels >= 0) & (labels < len(classifier.lut) - 1)
@@ -236,7 +233,7 @@ def semantic_map(p: Proposal, mask_cls: Array) -> Array:
     proposal's device)."""
     xp = p.xp
     labels = postprocess.semantic_labels(postprocess.semantic_probs(mask_cls, xp=xp), p.image_masks(), xp=xp)
-    return xp.take(xp.constant(("class_ids", p.classifier.key), lambda: p.classifier.ids), labels)
+    return xp.take(classifier_tables(p.classifier, xp).ids, labels)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ Not yet run on a GPU (TensorRT cannot be installed where this was written); its 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,7 @@ class TensorRTSession(Session):
         finally:
             self._ctx.pop()
         self._lock = threading.Lock()
+        self._outputs = OutputPool(cuda.mem_alloc)  # infer_device's outputs, reused once let go of
         self._buffers: dict[str, Any] = {}  # device buffers, grown to the largest size a call needed
         self._capacity: dict[str, int] = {}
         self._pinned: dict[str, np.ndarray] = {}  # page-locked host staging, per tensor
@@ -155,9 +157,10 @@ class TensorRTSession(Session):
 
     def infer_device(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         """Inputs on the GPU (read in place) or on the host (copied in), outputs left on the GPU:
-        each in a buffer of its own (:class:`DeviceBuffer`, owning its pycuda allocation), so the
+        each in a buffer of its own (:class:`DeviceBuffer`, leased from :class:`OutputPool`), so the
         next call cannot overwrite what the caller holds. The producer of a CUDA input must have
-        finished writing it (the pipeline synchronises its stream before each model call)."""
+        finished writing it, and work that reads an output must have finished when the last
+        reference to it goes (the pipeline synchronises its stream before each model call)."""
         feed = {name: v if isinstance(v, np.ndarray) else cuda_array(v, name) for name, v in feed.items()}
         self.validate(feed)
         with self._current():
@@ -165,10 +168,10 @@ class TensorRTSession(Session):
             outputs = {}
             for name, shape in self._output_shapes().items():
                 dtype = self._dtypes[name]
-                allocation = self._cuda.mem_alloc(max(int(np.prod(shape)) * dtype.itemsize, 1))
-                if not self._context.set_tensor_address(name, int(allocation)):
+                lease = self._outputs.lease(int(np.prod(shape)) * dtype.itemsize)
+                if not self._context.set_tensor_address(name, lease.address):
                     raise BackendUnavailableError(f"{self}: TensorRT refused the address of tensor {name!r}")
-                outputs[name] = DeviceBuffer(int(allocation), shape, dtype, self._device_id, allocation)
+                outputs[name] = DeviceBuffer(lease.address, shape, dtype, self._device_id, lease)
             self._execute()
             self._stream.synchronize()  # the outputs are ready, and the inputs no longer read
             del kept
@@ -217,6 +220,7 @@ class TensorRTSession(Session):
                 for buffer in self._buffers.values():
                     buffer.free()
                 self._buffers.clear()
+                self._outputs.close()  # the spare outputs; leased ones are freed when let go of
                 self._capacity.clear()
                 self._pinned.clear()
                 self._context = self._engine = self._runtime = self._stream = None
@@ -224,3 +228,51 @@ class TensorRTSession(Session):
                 self._ctx.pop()
                 self._ctx.detach()  # the retained primary context
                 self._ctx = None
+
+
+class OutputLease:
+    """One output allocation lent to a caller; it returns to its pool when this object goes."""
+
+    def __init__(self, allocation: Any) -> None:
+        self.allocation = allocation
+        self.address = int(allocation)
+
+
+class OutputPool:
+    """Device allocations for ``infer_device``'s outputs, reused: an output the caller let go of
+    comes back here (a finaliser on its lease) and the next call of that size takes it, instead
+    of a cudaMalloc per output per call and a cudaFree, which synchronises the device. At most
+    :attr:`KEEP` spares are kept per size; the others are dropped (pycuda frees them)."""
+
+    KEEP = 4
+
+    def __init__(self, allocate: Any) -> None:
+        self._allocate = allocate
+        # Its own lock: a finaliser may run in any thread, also one inside the session's lock.
+        self._lock = threading.Lock()
+        self._spare: dict[int, list[Any]] = {}
+        self._closed = False
+
+    def lease(self, nbytes: int) -> OutputLease:
+        nbytes = max(int(nbytes), 1)
+        with self._lock:
+            spare = self._spare.get(nbytes)
+            allocation = spare.pop() if spare else None
+        lease = OutputLease(allocation if allocation is not None else self._allocate(nbytes))
+        weakref.finalize(lease, self._give_back, nbytes, lease.allocation)
+        return lease
+
+    def _give_back(self, nbytes: int, allocation: Any) -> None:
+        with self._lock:
+            spare = self._spare.setdefault(nbytes, [])
+            if not self._closed and len(spare) < self.KEEP:
+                spare.append(allocation)
+
+    def close(self) -> None:
+        """Free the spares (the caller has the allocations' context current); later returns are dropped."""
+        with self._lock:
+            self._closed = True
+            spares = [a for allocations in self._spare.values() for a in allocations]
+            self._spare.clear()
+        for allocation in spares:
+            allocation.free()
