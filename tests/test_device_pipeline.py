@@ -238,3 +238,14 @@ def test_a_runtime_error_fails_one_image_of_a_batch_only(models, database, caplo
     assert [type(r).__name__ for r in results] == ["Result", "InferenceError", "Result"]
     assert isinstance(results[1], InferenceError) and "CUDA failure 700" in str(results[1])
     assert "RUNTIME_EXCEPTION" in caplog.text
+
+
+def test_an_exact_scan_of_an_index_that_is_not_flat_is_refused_by_name(tmp_path):
+    from knnclip.engine.errors import InvalidInputError
+    from knnclip.engine.pipeline.search import device_scan_for
+
+    db = Database.create(tmp_path / "db", 8, index="hnsw")
+    with pytest.raises(InvalidInputError, match="flat indexes; this database's is hnsw"):
+        device_scan_for(db, HOST, wanted=True)
+    assert device_scan_for(db, StandInArrays()) is None, "by default such an index is searched by faiss"
+    db.close()

@@ -33,7 +33,7 @@ class DeviceScan:
 
     def __init__(self, database: Database, xp: ArrayModule) -> None:
         if database.index_spec.kind != "flat":
-            raise ValueError(f"an exact device scan is for flat indexes, not {database.index_spec.kind}")
+            raise InvalidInputError(f"an exact device scan is for flat indexes, not {database.index_spec.kind}")
         self.db, self.xp = database, xp
         self._half = database.index_spec.storage != "fp32"
         self._lock = threading.Lock()
@@ -137,7 +137,9 @@ def device_scan_for(database: Database, xp: ArrayModule, wanted: bool | None = N
     live on a device), else None (faiss searches)."""
     flat = database.index_spec.kind == "flat"
     if wanted and not flat:
-        raise ValueError(f"an exact scan is for flat indexes; this database's is {database.index_spec.kind}")
+        raise InvalidInputError(
+            f"device_scan=True is an exact scan, for flat indexes; this database's is {database.index_spec.kind}"
+        )
     if not flat or not (wanted if wanted is not None else not xp.on_host):
         return None
     return DeviceScan(database, xp)
