@@ -109,7 +109,7 @@ class TestBasePrediction:
         stages = {"decode", "preprocess", "fcclip", "dinov2", "classify", "pool", "search", "fuse", "postprocess"}
         assert stages <= set(result.timings) and result.timings["total"] >= sum(result.timings[s] for s in stages)
         data = json.loads(json.dumps(result.to_json()))
-        assert data["image"] == "fixture" and data["size"] == [250, 330]
+        assert data["image"] == "fixture" and (data["height"], data["width"]) == (250, 330)
 
 
 class TestRetrieval:
@@ -311,7 +311,7 @@ def test_cli_segment_and_add_class(models, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "a.json").read_text())
     semantic = np.asarray(Image.open(tmp_path / "out" / "a.semantic.png"))
     assert semantic.shape == (250, 330)
-    assert set(np.unique(semantic).tolist()) <= {int(c) for c in report["semantic_classes"]}
+    assert {report["classes"][c] for c in np.unique(semantic).tolist()} <= set(report["classes"]) - {None}
     assert (tmp_path / "out" / "a.overlay.png").is_file() and (tmp_path / "out" / "a.panoptic.png").is_file()
 
 

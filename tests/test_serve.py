@@ -35,7 +35,7 @@ from knnclip.engine.demo.run import build_database  # noqa: E402
 from knnclip.engine.demo.synthetic import make_split  # noqa: E402
 from knnclip.engine.errors import InvalidInputError, ServiceError, UnknownClassError  # noqa: E402
 from knnclip.engine.serve.client import Client  # noqa: E402
-from knnclip.engine.serve.encoding import label_map, label_rle  # noqa: E402
+from knnclip.engine.formats import label_map, label_rle  # noqa: E402
 from tests.serve_helpers import TOKEN, ServerProcess, token_file, wait_for_metrics  # noqa: E402
 
 SIZE = (96, 128)
@@ -118,7 +118,7 @@ class TestLabelMapEncoding:
         assert encoded["counts"] == [n for n, _ in runs] and encoded["values"] == [v for _, v in runs]
 
     def test_png_maps_refuse_ids_past_16_bits_instead_of_wrapping(self):
-        from knnclip.engine.serve.encoding import label_png
+        from knnclip.engine.formats import label_png
 
         assert label_map({"size": [1, 2], "png": label_png(np.array([[0, 65535]]))}).tolist() == [[0, 65535]]
         with pytest.raises(InvalidInputError, match="0..65535.*largest 65544"):
@@ -162,11 +162,15 @@ class TestReads:
                 local = seg.segment(pixels)
                 np.testing.assert_array_equal(remote.semantic, local.semantic)
                 np.testing.assert_array_equal(remote.panoptic, local.panoptic)
-                assert [s["class"] for s in remote.segments] == [s.name for s in local.segments]
-                assert [s["area"] for s in remote.segments] == [s.area for s in local.segments]
+                # The library's own dataclasses, evidence and all (scores travel rounded to 6 places).
+                key = [(s.id, s.class_id, s.name, s.area, s.is_thing, s.evidence.base_class) for s in local.segments]
+                assert [(s.id, s.class_id, s.name, s.area, s.is_thing, s.evidence.base_class)
+                        for s in remote.segments] == key  # fmt: skip
+                np.testing.assert_allclose([s.score for s in remote.segments], [s.score for s in local.segments],
+                                           atol=1e-6)  # fmt: skip
                 for s in remote.segments:
-                    assert s["area"] == int((remote.panoptic == s["id"]).sum())
-                assert (remote.raw["height"], remote.raw["width"]) == SIZE
+                    assert s.area == int((remote.panoptic == s.id).sum())
+                assert (remote.record["height"], remote.record["width"]) == SIZE
             seg.close()
 
     def test_multipart_png_and_coco_formats(self, server, images):
@@ -274,7 +278,7 @@ class TestMutations:
                                headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
             assert reply.status_code == 201, reply.text
             assert {c["name"]: c for c in client.classes()}["stripes"]["entries"] == before + 2
-            assert "stripes" in client.segment(images[2]).classes  # the next request classifies it
+            assert "stripes" in client.segment(images[2]).classes.values()  # the next request classifies it
             removed = client.remove_class("stripes")
             assert removed["entries_removed"] == before + 2
             assert "stripes" not in {c["name"] for c in client.classes()}
@@ -502,8 +506,8 @@ def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded
             replies: list = []
             for _ in range(3):  # Ray routes by queue length: enough rounds to reach both replicas
                 replies += concurrently(lambda i: client.segment(images[i % len(images)]), 8)
-            assert all("unicorn" in r.classes for r in replies)
-            assert len({r.raw["replica"] for r in replies}) == 2
+            assert all("unicorn" in r.classes.values() for r in replies)
+            assert len({r.record["replica"] for r in replies}) == 2
             labels = np.zeros(SIZE, np.uint8)
             labels[10:60, 10:60] = 1
             assert client.add_examples(images[0], labels, [None, "unicorn"])["added"] == 1

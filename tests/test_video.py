@@ -94,7 +94,7 @@ def test_file_outputs_match_the_in_memory_results(models: Path, db: Path, clip: 
     for record, result in zip(records, expected, strict=True):
         assert [(s["id"], s["class"]) for s in record["segments"]] == [(s.id, s.name) for s in result.segments]
         for s in record["segments"]:
-            mask = coco_mask.decode({"size": s["mask"]["size"], "counts": s["mask"]["counts"].encode()})
+            mask = coco_mask.decode({"size": s["segmentation"]["size"], "counts": s["segmentation"]["counts"].encode()})
             np.testing.assert_array_equal(mask.astype(bool), result.panoptic == s["id"])
     report = json.loads((out / "report.json").read_text())
     assert report["frames_segmented"] == 12 and report["dropped"] == 0 and report["corrupt_frames"] == 0

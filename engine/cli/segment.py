@@ -1,10 +1,11 @@
 """``knnclip segment``, ``knnclip add-class`` and ``knnclip add-concept``.
 
-``segment`` writes, per image, ``NAME.json`` (segments, evidence, timings), ``NAME.semantic.png``
-(class ids; 8-bit, 16-bit past 255), ``NAME.panoptic.png`` (segment ids, 0 = void) and, with
-``--overlay``, ``NAME.overlay.png``; ``--format`` adds COCO instance results and COCO panoptic
-(``knnclip.engine.formats``). A failed image is reported and the others go on; the exit code is 1 if
-any image failed.
+``segment`` runs images through ``segment_batch``, ``--batch-size`` at a time, and writes them
+with :class:`knnclip.engine.formats.ResultWriter`: per image ``NAME.json`` (the result record),
+``NAME.semantic.png`` (class ids; 8-bit, 16-bit past 255), ``NAME.panoptic.png`` (segment ids,
+0 = void) and, with ``--overlay``, ``NAME.overlay.png``; ``--format`` adds COCO instance results
+and COCO panoptic. A failed image is reported and the others go on; the exit code is 1 if any
+image failed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +46,7 @@ def output_stems(inputs: list[str]) -> list[str]:
     return stems
 
 
-def write_json(path: Path, payload: object, indent: int | None = None) -> None:
-    """Atomically (a new file renamed over ``path``): a link planted at the name is replaced, never followed."""
-    from knnclip.engine.fsutil import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps(payload, indent=indent).encode())
-
-
 def _segment(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from knnclip.engine import formats as formats_
-    from knnclip.engine.pipeline.preprocess import load_image
-    from knnclip.engine.render import overlay, save_png
     from knnclip.engine.video.source import is_video_source
 
     if args.server:
@@ -68,97 +58,80 @@ def _segment(args: argparse.Namespace) -> int:
         if len(args.images) != 1:
             raise UsageError("segment one video (file, stream, camera or -) at a time, without images beside it")
         return _segment_video(args, videos[0])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    formats = set(args.format)
-    failures = 0
-    report = []
-    coco: dict[str, list[Any]] = {"images": [], "instances": [], "panoptic": []}
+    from knnclip.engine.formats import ResultWriter
+    from knnclip.engine.pipeline.preprocess import load_image
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    writer = ResultWriter(Path(args.out), args.format, panoptic=args.panoptic, overlay=args.overlay)
+    report: list[dict[str, Any]] = []
     stems = dict(zip(args.images, output_stems(args.images), strict=True))
     with open_segmenter(args, read_only=True) as seg:
-        for image_id, path in enumerate(progress_items(args.images, "segment", args.json), 1):
-            stem = stems[path]
-            try:
-                pixels = load_image(path)
-                result = seg.segment(pixels, name=path, instance="coco-instances" in formats)
-                data = result.to_json()
-                if "json" in formats:
-                    write_json(out / f"{stem}.json", data, indent=1)
-                if "label-png" in formats:
-                    formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
-                    if args.panoptic:
-                        formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
-                if "coco-panoptic" in formats:
-                    rgb, annotation = formats_.coco_panoptic(result, image_id, f"{stem}.png")
-                    (out / "panoptic").mkdir(exist_ok=True)
-                    save_png(Image.fromarray(rgb), out / "panoptic" / f"{stem}.png")
-                if args.overlay:
-                    panoptic = result.panoptic if args.panoptic else None
-                    save_png(overlay(pixels, result.semantic, result.classes, panoptic), out / f"{stem}.overlay.png")
-            except (KnnclipError, OSError) as exc:  # this image fails alone; the others go on
-                failures += 1
-                report.append({"image": path, "error": str(exc)})
-                print(f"knnclip: {path}: {exc}", file=sys.stderr)
-                continue
-            h, w = result.semantic.shape
-            coco["images"].append({"id": image_id, "file_name": Path(path).name, "height": h, "width": w})
-            if "coco-instances" in formats:
-                coco["instances"] += formats_.coco_instances(result, image_id)
-            if "coco-panoptic" in formats:
-                coco["panoptic"].append(annotation)
-            report.append({**data, "outputs": stem})  # the stem of its files (inputs can share one)
-            if not args.json:
-                names = ", ".join(sorted({s.name for s in result.segments})) or "no segments"
-                print(f"{path}: {names} ({result.timings['total']:.0f} ms)")
-        cats = formats_.categories(seg.db.vocabulary.values())
-    if "coco-instances" in formats:
-        write_json(out / "coco_instances.json", coco["instances"])
-        write_json(out / "coco_images.json", {"images": coco["images"], "categories": cats})
-    if "coco-panoptic" in formats:
-        panoptic_json = {"images": coco["images"], "annotations": coco["panoptic"], "categories": cats}
-        write_json(out / "panoptic.json", panoptic_json)
+        for paths in _chunks(progress_items(args.images, "segment", args.json), args.batch_size):
+            results = seg.segment_batch(paths, instance="coco-instances" in writer.formats, batch_size=len(paths))
+            for path, result in zip(paths, results, strict=True):
+                try:
+                    if isinstance(result, BaseException):
+                        raise result
+                    pixels = load_image(path) if args.overlay else None
+                    record = writer.write(stems[path], result, pixels)
+                except (KnnclipError, OSError) as exc:  # this image fails alone; the others go on
+                    report.append({"image": path, "error": str(exc)})
+                    print(f"knnclip: {path}: {exc}", file=sys.stderr)
+                    continue
+                report.append({**record, "outputs": stems[path]})  # the stem of its files (inputs can share one)
+                if not args.json:
+                    names = ", ".join(sorted({s.name for s in result.segments})) or "no segments"
+                    print(f"{path}: {names} ({result.timings['total']:.0f} ms)")
+        writer.close(seg.db.vocabulary.values())
     if args.json:
         print(json.dumps(report, indent=1))
-    return 1 if failures else 0
+    return 1 if any("error" in r for r in report) else 0
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _segment_remote(args: argparse.Namespace) -> int:
-    """``--server URL``: each image through a knnclip server; NAME.json and the label PNGs."""
+    """``--server URL``: each image through a knnclip server, written as local results are."""
     import os
 
-    from knnclip.engine import formats as formats_
+    from knnclip.engine.formats import ResultWriter
     from knnclip.engine.serve.client import Client
 
     unsupported = set(args.format) - {"json", "label-png"}
     if unsupported or args.overlay:
         raise UsageError("with --server, segment writes json and label-png (no COCO files or overlays)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = ResultWriter(Path(args.out), args.format, panoptic=args.panoptic)
     failures = 0
     with Client(args.server, os.environ.get("KNNCLIP_SERVE_TOKEN") or None, retries=3) as client:
         stems = dict(zip(args.images, output_stems(args.images), strict=True))
         for path in progress_items(args.images, "segment", args.json):
-            stem = stems[path]
             try:
                 result = client.segment(Path(path), panoptic=True)
-                if "json" in args.format:
-                    write_json(out / f"{stem}.json", {"image": path, **result.raw}, indent=1)
-                if "label-png" in args.format:
-                    formats_.write_label_png(result.semantic, out / f"{stem}.semantic.png")
-                    if args.panoptic:
-                        formats_.write_label_png(result.panoptic, out / f"{stem}.panoptic.png")
+                result.name = path
+                writer.write(stems[path], result)
             except (KnnclipError, OSError) as exc:  # this image fails alone; the others go on
                 failures += 1
                 print(f"knnclip: {path}: {exc}", file=sys.stderr)
                 continue
             if not args.json:
-                names = ", ".join(sorted({s["class"] for s in result.segments})) or "no segments"
+                names = ", ".join(sorted({s.name for s in result.segments})) or "no segments"
                 print(f"{path}: {names} ({result.timings.get('total', 0.0):.0f} ms on the server)")
     return 1 if failures else 0
 
 
 def _segment_video(args: argparse.Namespace, spec: str) -> int:
     """A video source: the annotated video, frames.jsonl and optional PNGs into ``--out``."""
+    from knnclip.engine.formats import write_json
     from knnclip.engine.video.outputs import VideoOutputs
     from knnclip.engine.video.pipeline import segment_video
     from knnclip.engine.video.source import VideoSource
@@ -252,6 +225,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "panoptic.json); default json label-png",
     )  # fmt: skip
     seg.add_argument("--overlay", action="store_true", help="also write an overlay PNG per image")
+    seg.add_argument("--batch-size", type=int, default=4, help="images (or video frames) per model call")
     for name, kind, text in (("k", int, "neighbours"), ("tau", float, "temperature"), ("T", float, "fusion threshold"),
                              ("lam", float, "fusion weight")):  # fmt: skip
         seg.add_argument(f"--{name}", type=kind, help=f"retrieval {text} (default: RetrievalConfig)")
@@ -263,7 +237,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     video.add_argument("--stride", type=int, default=1, help="segment every N-th frame")
     video.add_argument("--max-fps", type=float, help="segment at most this many frames per second of video")
-    video.add_argument("--batch-size", type=int, default=4, help="frames per model call")
     video.add_argument("--png-frames", action="store_true", help="also write frames/NNNNNN.png overlays")
     video.add_argument("--no-video", action="store_true", help="write frames.jsonl only, no annotated video")
     video.add_argument("--video-codec", help="encoder of the annotated video (default: the source's family)")

@@ -3,7 +3,6 @@ retrieval evidence behind its class."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,20 +30,6 @@ class PanopticSegment:
     is_thing: bool
     evidence: Evidence
 
-    def to_json(self) -> dict[str, Any]:
-        evidence = dataclasses.asdict(self.evidence)
-        evidence["retrieval_confidence"] = round(evidence["retrieval_confidence"], 6)
-        evidence["neighbours"] = [[name, round(sim, 6)] for name, sim in self.evidence.neighbours]
-        return {
-            "id": self.id,
-            "class_id": self.class_id,
-            "name": self.name,
-            "score": round(self.score, 6),
-            "area": self.area,
-            "is_thing": self.is_thing,
-            "evidence": evidence,
-        }
-
 
 def bbox(mask: np.ndarray) -> list[int]:
     """COCO ``[x, y, width, height]`` of a boolean mask ([0, 0, 0, 0] when empty).
@@ -68,11 +53,6 @@ class InstanceMask:
     score: float
     mask: np.ndarray
 
-    def to_json(self) -> dict[str, Any]:
-        area = int(self.mask.sum())
-        return {"class_id": self.class_id, "name": self.name, "score": round(self.score, 6), "area": area,
-                "bbox": bbox(self.mask)}  # fmt: skip
-
 
 @dataclass
 class Result:
@@ -93,12 +73,7 @@ class Result:
     instances: list[InstanceMask] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        present = np.unique(self.semantic).tolist()
-        return {
-            "image": self.name,
-            "size": list(self.semantic.shape),
-            "semantic_classes": {str(c): self.classes[c] for c in present if c in self.classes},
-            "segments": [s.to_json() for s in self.segments],
-            "instances": [i.to_json() for i in self.instances],
-            "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
-        }
+        """The result record of :mod:`knnclip.engine.formats`, what ``knnclip segment`` writes."""
+        from knnclip.engine.formats import result_record  # formats renders results: it imports this module
+
+        return result_record(self)

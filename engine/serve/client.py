@@ -7,7 +7,7 @@ HTTP status and, for 503, ``retry_after``.
 >>> with Client("http://127.0.0.1:8080", token="...") as c:         # doctest: +SKIP
 ...     c.add_class("zebra", thing=True)
 ...     r = c.segment("photo.jpg")
-...     r.semantic.shape, [s["class"] for s in r.segments]
+...     r.semantic.shape, [s.name for s in r.segments]
 """
 
 from __future__ import annotations
@@ -16,34 +16,28 @@ import io
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from knnclip.engine import errors
-from knnclip.engine.serve.encoding import label_map
+from knnclip.engine.formats import result_from_record
+from knnclip.engine.pipeline.results import Result
 
 
 @dataclass
-class Segmentation:
-    """A ``POST /v1/segment`` reply with its label maps decoded."""
+class RemoteResult(Result):
+    """A ``POST /v1/segment`` reply as the library's :class:`Result` (label maps decoded, segments
+    and instances as their dataclasses), with the reply itself as ``record``."""
 
-    semantic: np.ndarray
-    panoptic: np.ndarray
-    classes: list[str | None]
-    segments: list[dict[str, Any]]
-    instances: list[dict[str, Any]]
-    timings: dict[str, float]
-    raw: dict[str, Any] = field(repr=False)
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Segmentation:
-        return cls(
-            label_map(data["semantic"]), label_map(data["panoptic"]), data["classes"], data["segments"],
-            data.get("instances", []), data.get("timings", {}), data,
-        )  # fmt: skip
+    def from_record(cls, record: dict[str, Any]) -> RemoteResult:
+        result = result_from_record(record)
+        return cls(**{f.name: getattr(result, f.name) for f in fields(Result)}, record=record)
 
 
 def _image_bytes(image: Any) -> bytes:
@@ -95,11 +89,15 @@ class Client:
     # Requests ----------------------------------------------------------------------------------
     def segment(
         self, image: Any, *, panoptic: bool = True, instance: bool = False, format: str = "json"
-    ) -> Segmentation:
+    ) -> RemoteResult:
+        """Segment one image on the server. ``format`` is how the label maps travel (``json``: RLE,
+        ``label-png``); instances come with their masks (``coco-instances``, decoded by pycocotools)."""
+        if instance:
+            format = "coco-instances"
         params = {"panoptic": str(panoptic).lower(), "instance": str(instance).lower(), "format": format}
         body = _image_bytes(image)
         headers = {"Content-Type": "application/octet-stream"}
-        return Segmentation.from_json(self._call("POST", "/v1/segment", params=params, content=body, headers=headers))
+        return RemoteResult.from_record(self._call("POST", "/v1/segment", params=params, content=body, headers=headers))
 
     def classes(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/classes")["classes"]

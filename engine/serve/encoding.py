@@ -1,15 +1,8 @@
-"""What travels over HTTP: request images and masks in, results out, errors as status codes.
-
-Label maps (semantic class ids, panoptic segment ids) travel run-length encoded in COCO's order
-(column-major, runs from the top-left pixel down each column): ``{"size": [h, w], "counts":
-[run lengths], "values": [the id of each run]}``. COCO's own RLE is binary; a label map needs the
-value of each run, hence ``values``. ``format=png`` sends a base64 PNG instead (8-bit when every id
-fits, else 16-bit) and ``format=coco`` adds pycocotools' RLE of each segment's mask.
-"""
+"""What travels over HTTP besides results: request images and masks in, errors as status codes.
+A result goes out as :mod:`knnclip.engine.formats`' record (:func:`result_payload`)."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import math
@@ -20,93 +13,17 @@ import numpy as np
 from PIL import Image
 
 from knnclip.engine import errors
-from knnclip.engine.pipeline.results import Result, bbox
-
-FORMATS = ("json", "png", "coco")
-
-
-def label_rle(labels: np.ndarray) -> dict[str, Any]:
-    """Run-length encoding of an integer label map [H, W] in column-major order.
-
-    >>> label_rle(np.array([[1, 1], [2, 1]]))
-    {'size': [2, 2], 'counts': [1, 1, 2], 'values': [1, 2, 1]}
-    """
-    flat = np.asarray(labels).ravel(order="F")
-    if not flat.size:
-        return {"size": [int(s) for s in labels.shape], "counts": [], "values": []}
-    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
-    counts = np.diff(np.append(starts, flat.size))
-    return {"size": [int(s) for s in labels.shape], "counts": counts.tolist(), "values": flat[starts].tolist()}
-
-
-def label_map(encoded: dict[str, Any]) -> np.ndarray:
-    """The label map [H, W] int32 of :func:`label_rle`'s or ``format=png``'s encoding.
-
-    >>> label_map(label_rle(np.array([[3, 0], [3, 3]]))).tolist()
-    [[3, 0], [3, 3]]
-    """
-    h, w = (int(s) for s in encoded["size"])
-    if "png" in encoded:
-        with Image.open(io.BytesIO(base64.b64decode(encoded["png"]))) as img:
-            return np.asarray(img).astype(np.int32)
-    counts = np.asarray(encoded["counts"], np.int64)
-    values = np.asarray(encoded["values"], np.int32)
-    if counts.sum() != h * w or len(counts) != len(values):
-        raise errors.InvalidInputError(f"a label-map RLE of size {h}x{w} has {counts.sum()} pixels in its runs")
-    return np.repeat(values, counts).reshape((h, w), order="F")
-
-
-def label_png(labels: np.ndarray) -> str:
-    """Base64 PNG of non-negative ids (:func:`formats.label_image`: 8 or 16 bits, larger ids refused)."""
-    from knnclip.engine.formats import label_image
-
-    buf = io.BytesIO()
-    label_image(labels, "format=png (format=json holds any id)").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _encode_map(labels: np.ndarray, fmt: str) -> dict[str, Any]:
-    if fmt == "png":
-        return {"size": [int(s) for s in labels.shape], "png": label_png(labels)}
-    return label_rle(labels)
+from knnclip.engine.formats import reply_encoding, result_record
+from knnclip.engine.pipeline.results import Result
 
 
 def result_payload(result: Result, fmt: str = "json") -> dict[str, Any]:
-    """The JSON reply of ``POST /v1/segment`` (docs/serving.md)."""
-    if fmt not in FORMATS:
-        raise errors.InvalidInputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    rle = _coco_rle() if fmt == "coco" else None
-    top = max(result.classes, default=-1)
-    segments = []
-    for s in result.segments:
-        mask = result.panoptic == s.id
-        seg: dict[str, Any] = {
-            "id": s.id, "class": s.name, "class_id": s.class_id, "score": round(s.score, 6), "area": s.area,
-            "thing": s.is_thing, "bbox": bbox(mask), "evidence": s.to_json()["evidence"],
-        }  # fmt: skip
-        if rle is not None:
-            seg["segmentation"] = rle(mask)
-        segments.append(seg)
-    instances = []
-    for inst in result.instances:
-        item = inst.to_json()
-        item["class"] = item.pop("name")
-        if rle is not None:
-            item["segmentation"] = rle(inst.mask)
-        instances.append(item)
-    h, w = result.semantic.shape
-    return {
-        "height": int(h), "width": int(w), "classes": [result.classes.get(i) for i in range(top + 1)],
-        "semantic": _encode_map(result.semantic, fmt), "panoptic": _encode_map(result.panoptic, fmt),
-        "segments": segments, "instances": instances,
-        "timings": {k: round(v, 3) for k, v in result.timings.items()},
-    }  # fmt: skip
-
-
-def _coco_rle() -> Any:
-    from knnclip.engine.formats import rle
-
-    return rle
+    """The JSON reply of ``POST /v1/segment`` (docs/serving.md): the result record with its
+    label maps, encoded as ``fmt`` asks."""
+    maps, masks = reply_encoding(fmt)
+    record = result_record(result, maps=maps, masks=masks)
+    record.pop("image", None)  # the server was sent bytes: the name is only a place in its batch
+    return record
 
 
 # Requests --------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
   a legend, in the source's codec family (H.264, MPEG-4, VP8/VP9; H.264 otherwise) at the rate of
   the frames kept, or a chosen codec. Closed properly even when the run is interrupted, so the file
   always plays.
-- ``frames.jsonl``: one line per frame, in order: frame index, timestamp, and the panoptic
-  segments with COCO RLE masks (pycocotools' encoding), or the error of a frame that failed.
+- ``frames.jsonl``: one line per frame, in order: frame index, timestamp, and the result record
+  of :mod:`knnclip.engine.formats` with each mask's COCO RLE (pycocotools' encoding), or the
+  error of a frame that failed.
 - ``frames/NNNNNN.png`` (optional): the overlay of each frame.
 """
 
@@ -20,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.errors import BackendUnavailableError
-from knnclip.engine.formats import rle
+from knnclip.engine.formats import ResultWriter, result_record
 from knnclip.engine.fsutil import open_new_file
 from knnclip.engine.pipeline.results import Result
-from knnclip.engine.render import overlay, save_png
+from knnclip.engine.render import overlay
 from knnclip.engine.video.source import Frame, import_av
 
 LEGEND_ROWS = 3  # up to 9 classes named under each frame: every frame has the same size
@@ -31,20 +32,13 @@ ENCODERS = {"h264": "libx264", "mpeg4": "mpeg4", "vp8": "libvpx", "vp9": "libvpx
 
 
 def frame_record(frame: Frame, result: Result | Exception) -> dict[str, Any]:
-    """The JSON Lines record of one frame."""
+    """The JSON Lines record of one frame: its index and time, then the result record with each
+    mask's COCO RLE (:func:`knnclip.engine.formats.result_record`), or the frame's error."""
     record: dict[str, Any] = {"frame": frame.index, "time": round(frame.time, 6)}
     if isinstance(result, Exception):
         record["error"] = str(result)
         return record
-    record["size"] = list(result.semantic.shape)
-    record["segments"] = [
-        {
-            "id": s.id, "class": s.name, "class_id": s.class_id, "score": round(s.score, 6), "area": s.area,
-            "thing": s.is_thing, "mask": rle(result.panoptic == s.id),
-        }
-        for s in result.segments
-    ]  # fmt: skip
-    return record
+    return {**record, **result_record(result, masks=True)}
 
 
 def encoder_for(source_codec: str, chosen: str | None, available: set[str]) -> tuple[str, str]:
@@ -88,8 +82,9 @@ class VideoOutputs:
         self._stream: Any = None
         self._size: tuple[int, int] | None = None
         self.frames_written = 0
-        if pngs:
-            (out_dir / "frames").mkdir(exist_ok=True)
+        # The frame PNGs are written as knnclip segment writes an image's overlay.
+        self._frames = ResultWriter(out_dir / "frames", (), panoptic=True, overlay=True, overlay_suffix=".png",
+                                    legend_rows=LEGEND_ROWS) if pngs else None  # fmt: skip
 
     def write(self, frame: Frame, result: Result | Exception) -> None:
         self._jsonl.write(json.dumps(frame_record(frame, result)) + "\n")
@@ -98,10 +93,10 @@ class VideoOutputs:
             return
         if not (self.write_video or self.pngs):
             return
-        picture = overlay(frame.image, result.semantic, result.classes, result.panoptic, legend_rows=LEGEND_ROWS)
-        if self.pngs:
-            save_png(picture, self.out_dir / "frames" / f"{frame.index:06d}.png")
+        if self._frames is not None:
+            self._frames.write(f"{frame.index:06d}", result, frame.image)
         if self.write_video:
+            picture = overlay(frame.image, result.semantic, result.classes, result.panoptic, legend_rows=LEGEND_ROWS)
             self._encode(np.asarray(picture))
 
     def _encode(self, rgb: np.ndarray) -> None:
