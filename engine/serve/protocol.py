@@ -6,7 +6,7 @@ descriptor for ever in plain uvicorn, and about a thousand of them lock everyone
 checks included. Here a request whose headers are not complete within ``header_timeout`` seconds
 is answered 408 and closed, and a connection past ``max_connections`` is answered 503 at once and
 closed, so the cap frees itself within the header deadline and the server keeps answering.
-The body's own deadline is the application's (``app.RequestGuard``).
+The body's own deadline is the application's (``middleware.RequestGuard``).
 """
 
 from __future__ import annotations

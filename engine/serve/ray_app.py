@@ -169,7 +169,7 @@ class DatabaseOwner:
 
 
 class RayService:
-    """The routes' :class:`~knnclip.engine.serve.app.Service` over the two deployments' handles."""
+    """The routes' :class:`~knnclip.engine.serve.routes.Service` over the two deployments' handles."""
 
     def __init__(self, segmenters: Any, owner: Any) -> None:
         self._segmenters, self._owner = segmenters, owner
@@ -223,8 +223,9 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, replica_gpu
     import ray
     from ray import serve
 
-    from knnclip.engine.serve.app import attach_service, create_app
+    from knnclip.engine.serve.app import create_app
     from knnclip.engine.serve.auth import TokenAuth, load_token
+    from knnclip.engine.serve.routes import attach_service
 
     if replica_gpus is None:
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1

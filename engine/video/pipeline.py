@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,13 +89,16 @@ class VideoReport:
     interrupted: bool = False
     seconds: float = 0.0
     busy_seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "infer": 0.0, "write": 0.0})
+    started: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
     def fps(self) -> float:
         return self.frames_segmented / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "fps": round(self.fps, 3)}
+        data = asdict(self)
+        del data["started"]  # a clock reading, meaningless outside this process
+        return {**data, "fps": round(self.fps, 3)}
 
 
 def segment_video(
@@ -117,119 +120,156 @@ def segment_video(
     if batch_size < 1 or stride < 1 or (max_fps is not None and max_fps <= 0):
         raise ValueError("batch_size and stride must be >= 1, max_fps > 0")
     report = VideoReport(source.spec, source.fps)
-    start = time.perf_counter()
-    frames_in = FrameQueue(2 * batch_size, drop_oldest=realtime)
-    results_out = FrameQueue(2 * batch_size, drop_oldest=False)
-    stop = threading.Event()
-    failure: list[BaseException] = []
-    sampler = _Sampler(stride, max_fps, report)
-
-    def emit(frame: Frame, result: Result | Exception) -> None:
-        t = time.perf_counter()
-        if outputs is not None:
-            outputs.write(frame, result)
-        if on_result is not None:
-            on_result(frame, result)
-        report.busy_seconds["write"] += time.perf_counter() - t
-
-    def infer(batch: list[Frame]) -> list[tuple[Frame, Result | Exception]]:
-        t = time.perf_counter()
-        results = seg.segment_batch([f.image for f in batch], batch_size=batch_size)
-        report.busy_seconds["infer"] += time.perf_counter() - t
-        for result in results:
-            if isinstance(result, Exception):
-                report.frames_failed += 1
-            else:
-                report.frames_segmented += 1
-        return list(zip(batch, results, strict=True))
-
-    def read() -> None:
-        try:
-            t = time.perf_counter()
-            for frame in source:
-                report.busy_seconds["decode"] += time.perf_counter() - t
-                if stop.is_set() or (sampler.keep(frame) and not frames_in.put(frame)):
-                    break
-                t = time.perf_counter()
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            failure.append(exc)
-        finally:
-            frames_in.put(_END, force=True)
-
-    def write() -> None:
-        try:
-            while (item := results_out.get()) is not _END:
-                emit(*item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            failure.append(exc)
-            results_out.close()
-
+    run = VideoRun(seg, source, outputs, batch_size, on_result, report, _Sampler(stride, max_fps, report))
     try:
-        if not overlap:
-            batch: list[Frame] = []
-            t = time.perf_counter()
-            for frame in source:
-                report.busy_seconds["decode"] += time.perf_counter() - t
-                if not sampler.keep(frame):
-                    t = time.perf_counter()
-                    continue
-                batch.append(frame)
-                if len(batch) == batch_size:
-                    for item in infer(batch):
-                        emit(*item)
-                    batch = []
-                t = time.perf_counter()
-            for item in infer(batch) if batch else []:
-                emit(*item)
+        if overlap:
+            OverlappedRunner(run, realtime).run()
         else:
-            reader = threading.Thread(target=read, name="knnclip-video-reader", daemon=True)
-            writer = threading.Thread(target=write, name="knnclip-video-writer", daemon=True)
-            reader.start()
-            writer.start()
-            try:
-                done = False
-                while not done and not failure:
-                    batch = []
-                    while len(batch) < batch_size:
-                        # a live source takes what has arrived; a file fills the batch
-                        item = frames_in.get(wait=not batch or not realtime)
-                        if item is None:
-                            break
-                        if item is _END:
-                            done = True
-                            break
-                        batch.append(item)
-                    for pair in infer(batch) if batch else []:
-                        if not results_out.put(pair):
-                            break
-            except KeyboardInterrupt:
-                report.interrupted = True
-                raise
-            finally:
-                stop.set()
-                frames_in.close()
-                results_out.put(_END, force=True)
-                writer.join()
-                reader.join(timeout=5.0)
+            run_sequential(run)
     except KeyboardInterrupt:
-        report.interrupted = True
+        run.report.interrupted = True
         raise
     finally:
-        source.close()
-        if outputs is not None:
-            outputs.close()
-        report.seconds = time.perf_counter() - start
-        s = source.stats
+        run.finish()
+    return run.report
+
+
+@dataclass
+class VideoRun:
+    """One video's run: what it reads, segments and writes, and the report it keeps. A runner
+    decides what runs where (:func:`run_sequential`, :class:`OverlappedRunner`)."""
+
+    seg: Segmenter
+    source: VideoSource
+    outputs: VideoOutputs | None
+    batch_size: int
+    on_result: Callable[[Frame, Result | Exception], None] | None
+    report: VideoReport
+    sampler: _Sampler
+    dropped: int = 0
+
+    def kept_frames(self) -> Iterator[Frame]:
+        """The source's frames that the sampler keeps, their decoding timed."""
+        t = time.perf_counter()
+        for frame in self.source:
+            self.report.busy_seconds["decode"] += time.perf_counter() - t
+            if self.sampler.keep(frame):
+                yield frame
+            t = time.perf_counter()
+
+    def infer(self, batch: list[Frame]) -> list[tuple[Frame, Result | Exception]]:
+        if not batch:
+            return []
+        t = time.perf_counter()
+        results = self.seg.segment_batch([f.image for f in batch], batch_size=self.batch_size)
+        self.report.busy_seconds["infer"] += time.perf_counter() - t
+        failed = sum(isinstance(r, Exception) for r in results)
+        self.report.frames_failed += failed
+        self.report.frames_segmented += len(results) - failed
+        return list(zip(batch, results, strict=True))
+
+    def emit(self, frame: Frame, result: Result | Exception) -> None:
+        t = time.perf_counter()
+        if self.outputs is not None:
+            self.outputs.write(frame, result)
+        if self.on_result is not None:
+            self.on_result(frame, result)
+        self.report.busy_seconds["write"] += time.perf_counter() - t
+
+    def finish(self) -> None:
+        """Close the source and the outputs, and complete the report from the source's counts."""
+        report = self.report
+        self.source.close()
+        if self.outputs is not None:
+            self.outputs.close()
+        report.seconds = time.perf_counter() - report.started
+        s = self.source.stats
         report.frames_read, report.corrupt_frames, report.reconnects = s.frames, s.corrupt_frames, s.reconnects
-        report.time_resets = s.time_resets
-        report.stalled, report.error = s.stalled, s.error
-        report.dropped = frames_in.dropped
+        report.time_resets, report.stalled, report.error = s.time_resets, s.stalled, s.error
+        report.dropped = self.dropped
         if report.error is None and report.frames_read == 0 and not report.interrupted:
             # An empty pipe, a truncated file or bytes that are not a video: nothing to segment is a failure.
             report.error = f"{report.source}: the source yielded no video frame (empty, truncated, or not a video)"
-    if failure:
-        raise failure[0]
-    return report
+
+
+def run_sequential(run: VideoRun) -> None:
+    """Decode, segment and write one after another, in this thread."""
+    batch: list[Frame] = []
+    for frame in run.kept_frames():
+        batch.append(frame)
+        if len(batch) == run.batch_size:
+            for pair in run.infer(batch):
+                run.emit(*pair)
+            batch = []
+    for pair in run.infer(batch):
+        run.emit(*pair)
+
+
+class OverlappedRunner:
+    """A reader thread decodes into a bounded queue, this thread segments batches from it, and a
+    writer thread writes from a second queue. With ``realtime`` the first queue drops its oldest
+    frame when full and a batch takes what has arrived; otherwise the reader waits and batches fill.
+    An error in either thread stops the run and is raised here."""
+
+    def __init__(self, run: VideoRun, realtime: bool) -> None:
+        self.run_, self.realtime = run, realtime
+        self.frames_in = FrameQueue(2 * run.batch_size, drop_oldest=realtime)
+        self.results_out = FrameQueue(2 * run.batch_size, drop_oldest=False)
+        self.stop = threading.Event()
+        self.failure: list[BaseException] = []
+        self.reader_done = False  # the end mark was taken from frames_in
+
+    def run(self) -> None:
+        reader = threading.Thread(target=self._read, name="knnclip-video-reader", daemon=True)
+        writer = threading.Thread(target=self._write, name="knnclip-video-writer", daemon=True)
+        reader.start()
+        writer.start()
+        try:
+            while not self.failure and (batch := self._next_batch()) is not None:
+                for pair in self.run_.infer(batch):
+                    if not self.results_out.put(pair):
+                        break
+        finally:
+            self.stop.set()
+            self.frames_in.close()
+            self.results_out.put(_END, force=True)
+            writer.join()
+            reader.join(timeout=5.0)
+            self.run_.dropped = self.frames_in.dropped
+        if self.failure:
+            raise self.failure[0]
+
+    def _next_batch(self) -> list[Frame] | None:
+        """Up to a batch of frames; None once the reader has finished and nothing is left."""
+        batch: list[Frame] = []
+        while not self.reader_done and len(batch) < self.run_.batch_size:
+            # a live source takes what has arrived; a file fills the batch
+            item = self.frames_in.get(wait=not batch or not self.realtime)
+            if item is None:
+                break
+            if item is _END:
+                self.reader_done = True
+                break
+            batch.append(item)
+        return batch or None
+
+    def _read(self) -> None:
+        try:
+            for frame in self.run_.kept_frames():
+                if self.stop.is_set() or not self.frames_in.put(frame):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            self.failure.append(exc)
+        finally:
+            self.frames_in.put(_END, force=True)
+
+    def _write(self) -> None:
+        try:
+            while (item := self.results_out.get()) is not _END:
+                self.run_.emit(*item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            self.failure.append(exc)
+            self.results_out.close()
 
 
 class _Sampler:

@@ -1,0 +1,242 @@
+"""The HTTP routes (docs/serving.md), at module level: each reads what it needs from its
+application's state (``request.app.state``: the service, the token check, the limits, the
+metrics) that :func:`knnclip.engine.serve.app.create_app` set."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, Protocol
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from knnclip.engine.errors import InvalidInputError
+from knnclip.engine.serve import encoding
+from knnclip.engine.serve.middleware import BodyTimeout, PayloadTooLarge
+from knnclip.engine.serve.service import NotReady, SegmentRequest
+
+# Module level: FastAPI (and Ray Serve's ingress, which re-reads the routes) resolve annotations
+# in the module's namespace.
+Credentials = Annotated[
+    HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False, description="the token of --token-file"))
+]
+# formats.REPLY_FORMATS, and the first version's names for two of them (formats.FORMAT_ALIASES).
+ReplyFormat = Literal["json", "label-png", "coco-instances", "png", "coco"]
+
+_BINARY = {"type": "string", "format": "binary"}
+_IMAGE_TYPES = {
+    "application/octet-stream": {"schema": _BINARY},
+    "image/*": {"schema": _BINARY},
+    "multipart/form-data": {
+        "schema": {"type": "object", "required": ["image"], "properties": {"image": _BINARY}},
+    },
+}
+_EXAMPLE_FORM = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["image", "masks", "classes"],
+            "properties": {
+                "image": {**_BINARY, "description": "the image"},
+                "masks": {
+                    **_BINARY,
+                    "description": "a PNG of class indices, or an .npz of 'masks' [N, H, W] or 'labels' [H, W]",
+                },
+                "classes": {"type": "string", "description": "JSON: the name of each index (list or object)"},
+                "things": {"type": "string", "description": "JSON object: class name -> is a thing"},
+            },
+        }
+    }
+}
+
+
+def _header(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return f"{credentials.scheme} {credentials.credentials}" if credentials else None
+
+
+def read_access(request: Request, credentials: Credentials) -> None:
+    request.app.state.auth.check(_header(credentials), mutation=False)
+
+
+def write_access(request: Request, credentials: Credentials) -> None:
+    request.app.state.auth.check(_header(credentials), mutation=True)
+
+
+class Service(Protocol):
+    """What the routes need of the engine behind them (``LocalService``, ``ray_app.RayService``)."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def load_error(self) -> BaseException | None: ...
+    def queue_depth(self) -> int: ...
+    def entries(self) -> int: ...
+    async def segment(self, request: SegmentRequest) -> dict[str, Any]: ...
+    async def classes(self) -> list[dict[str, Any]]: ...
+    async def add_class(self, name: str, synonyms: Sequence[str], thing: bool | None) -> dict[str, Any]: ...
+    async def add_examples(
+        self, image: bytes, masks: np.ndarray, names: list[str], things: dict[str, bool] | None
+    ) -> dict[str, Any]: ...
+    async def remove_class(self, name: str) -> dict[str, Any]: ...
+    async def snapshot(self) -> dict[str, Any]: ...
+
+
+_ATTACHED: dict[str, Service] = {}
+
+
+def attach_service(app: Any, service: Service) -> None:
+    """Give ``app`` (or a copy of it, as Ray Serve's ingress makes) its service later: the
+    copies share ``app.state.service_key``, and this process's registry holds the service."""
+    _ATTACHED[app.state.service_key] = service
+
+
+def service_of(app: Any) -> Service | None:
+    return app.state.service or _ATTACHED.get(app.state.service_key)
+
+
+def service(request: Request) -> Service:
+    """The application's service, or 503 while it has none."""
+    current = service_of(request.app)
+    if current is None:
+        raise NotReady("the service is starting")
+    return current
+
+
+class NewClass(BaseModel):
+    """The body of ``POST /v1/classes``."""
+
+    name: str = Field(min_length=1, max_length=256, description="the class name ('name,synonym' allowed)")
+    synonyms: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=63)
+    thing: bool | None = Field(None, description="a countable object (true) or stuff (false)")
+
+
+router = APIRouter()
+reads, writes = [Depends(read_access)], [Depends(write_access)]
+
+
+# Health ------------------------------------------------------------------------------------------
+@router.get("/healthz", dependencies=reads, tags=["health"])
+async def healthz() -> dict[str, str]:
+    """The process is alive (it answers while models load)."""
+    return {"status": "alive"}
+
+
+@router.get("/readyz", dependencies=reads, tags=["health"],
+            responses={503: {"description": "loading, failed to load, or draining"}})  # fmt: skip
+async def readyz(request: Request) -> Any:
+    """Models loaded and the database open."""
+    current = service_of(request.app)
+    if current is not None and current.ready:
+        return {"status": "ready", "entries": current.entries()}
+    problem = current.load_error if current is not None else None
+    body = {"status": "failed" if problem else "loading", "error": str(problem) if problem else None}
+    return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", dependencies=reads, tags=["health"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
+async def prometheus(request: Request) -> Any:
+    """Prometheus metrics."""
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+# Segmentation ------------------------------------------------------------------------------------
+@router.post("/v1/segment", dependencies=reads, tags=["segment"],
+             openapi_extra={"requestBody": {"required": True, "content": _IMAGE_TYPES}})  # fmt: skip
+async def segment(
+    request: Request,
+    panoptic: Annotated[bool, Query(description="run the panoptic inference")] = True,
+    instance: Annotated[bool, Query(description="run FC-CLIP's instance inference")] = False,
+    format: Annotated[ReplyFormat, Query(description="how label maps (and masks) are encoded")] = "json",
+) -> Any:
+    """Segment one image: the body is the image file, or multipart/form-data with a part `image`."""
+    data = await _image_bytes(request, "image")
+    await asyncio.to_thread(encoding.image_size, data, request.app.state.max_pixels)  # headers can be costly
+    payload = await service(request).segment(SegmentRequest(data, panoptic, instance, format))
+    request.app.state.metrics.observe_stages(payload.get("timings", {}))
+    return payload
+
+
+# Vocabulary --------------------------------------------------------------------------------------
+@router.get("/v1/classes", dependencies=reads, tags=["vocabulary"])
+async def get_classes(request: Request) -> dict[str, Any]:
+    """Every class: id, name, synonyms, thing, number of examples."""
+    return {"classes": await service(request).classes()}
+
+
+@router.post("/v1/classes", dependencies=writes, tags=["vocabulary"], status_code=201)
+async def post_class(request: Request, body: NewClass) -> dict[str, Any]:
+    """Add a class by name (classified from its text embedding alone), or synonyms to one."""
+    return await service(request).add_class(body.name, body.synonyms, body.thing)
+
+
+@router.delete("/v1/classes/{name:path}", dependencies=writes, tags=["vocabulary"])
+async def delete_class(request: Request, name: str) -> dict[str, Any]:
+    """Delete a class and its examples."""
+    return await service(request).remove_class(name)
+
+
+@router.post("/v1/examples", dependencies=writes, tags=["vocabulary"], status_code=201,
+             openapi_extra={"requestBody": {"required": True, "content": _EXAMPLE_FORM}})  # fmt: skip
+async def post_examples(request: Request) -> dict[str, Any]:
+    """Add labelled examples: an image, its masks and the names of the masks' values."""
+    form = await _form(request)
+    image = await _part(form, "image")
+    masks = await _part(form, "masks")
+    size = await asyncio.to_thread(encoding.image_size, image, request.app.state.max_pixels)
+    names = encoding.parse_names(_field(form, "classes"), "classes")
+    things = encoding.parse_names(_field(form, "things"), "things")
+    if things is not None and not (isinstance(things, dict) and all(isinstance(v, bool) for v in things.values())):
+        raise InvalidInputError("'things' must be a JSON object of class name -> true/false")
+    filename = getattr(form.get("masks"), "filename", "") or ""
+    masks_array, labels = await asyncio.to_thread(encoding.example_masks, masks, filename, names, size)
+    return await service(request).add_examples(image, masks_array, labels, things)
+
+
+@router.post("/v1/snapshot", dependencies=writes, tags=["vocabulary"])
+async def snapshot(request: Request) -> dict[str, Any]:
+    """Checkpoint the database (and copy it into --snapshot-dir when configured)."""
+    return await service(request).snapshot()
+
+
+# Bodies ------------------------------------------------------------------------------------------
+async def _form(request: Any) -> Any:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidInputError("this endpoint takes multipart/form-data")
+    try:
+        return await request.form(max_files=4, max_fields=8, max_part_size=1 << 20)
+    except (PayloadTooLarge, BodyTimeout):  # the guard's own: 413 / 408, not a malformed body
+        raise
+    except Exception as exc:  # noqa: BLE001 - starlette's MultiPartException and the parser's own errors
+        raise InvalidInputError(f"the multipart body is malformed ({exc})") from None
+
+
+async def _part(form: Any, name: str) -> bytes:
+    part = form.get(name)
+    if part is None or isinstance(part, str):
+        raise InvalidInputError(f"the multipart body needs a file part {name!r}")
+    data = await part.read()
+    if not data:
+        raise InvalidInputError(f"the part {name!r} is empty")
+    return data
+
+
+def _field(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"the part {name!r} must be a text field")
+    return value
+
+
+async def _image_bytes(request: Any, part: str) -> bytes:
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await _part(await _form(request), part)
+    data = await request.body()
+    if not data:
+        raise InvalidInputError("the request body is empty: send the image's bytes, or multipart with a part 'image'")
+    return data
