@@ -3,7 +3,6 @@ also behind ``knnclip bench``) with ``benchmarks/results/`` as the default place
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,6 @@ __all__ = [
     "write_json", "write_text",
 ]  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # so the scripts can import tests.reference_ops
-    sys.path.insert(0, str(REPO))
 
 rss_mib = peak_rss_mib
 

@@ -38,7 +38,7 @@ def main() -> None:
                 result = export_fcclip_onnx(
                     model, Path(work) / f"fc{i}", size=(512, 704), seen_names=[], torch_weights=torch_weights
                 )
-                v = result.image.manifest["verification"]
+                v = result.image.manifest.body["verification"]
                 row = {"seed": seed, "torch_weights": torch_weights, "refused": None,
                        "errors": {k: float(f"{e:.3g}") for k, e in v["rel_l2_error_per_output"].items()},
                        "mask_flips": v["ov_embed_mask_flips"],

@@ -102,7 +102,7 @@ def _time(fn: Callable[[], Any], sync: Callable[[], None], repeats: int) -> dict
 
 def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tuple, Callable | None]]:
     """(op, size, dtype, function, NumPy inputs, its NumPy float64 definition or None)."""
-    import tests.reference_ops as ref
+    from knnclip.engine.bench import reference_ops as ref
 
     cases = []
     for dtype in ("float32", "float16"):
@@ -397,7 +397,7 @@ def sample_feed(session: Any, rng: np.random.Generator) -> dict[str, np.ndarray]
     """Inputs at the sizes the graph is built for: a dynamic image graph at its manifest's
     optimum size (TensorRT's profile is tuned there; 1x1 is outside it), a text graph at a full
     class's prompts (14 templates of 2 synonyms) of real token ids, a batch of 1."""
-    optimum = (session.manifest.get("input_range") or {}).get("opt")
+    optimum = (session.manifest.body.get("input_range") or {}).get("opt")
     sizes = {"batch": 1, "texts": 28}
     if optimum:
         sizes |= {"height": int(optimum[0]), "width": int(optimum[1])}

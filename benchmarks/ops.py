@@ -21,7 +21,7 @@ import numpy as np
 from common import RESULTS, machine, pyplot, timeit_interleaved, write_json, write_text
 
 from knnclip import _C
-from tests import reference_ops as ref
+from knnclip.engine.bench import reference_ops as ref
 
 MASK_HW = (200, 272)  # FC-CLIP mask logits of an 800x1088 input (stride 4)
 

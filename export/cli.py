@@ -30,11 +30,11 @@ def _dinov2(args: argparse.Namespace) -> int:
         extra=_checkpoint_record(args.checkpoint), torch_weights=args.torch_weights,
     )  # fmt: skip
     if args.json:
-        print(json.dumps(result.manifest, indent=1))
+        print(json.dumps(result.manifest.to_json(), indent=1))
     else:
         m = result.manifest
         print(
-            f"exported {m['model']['name']} keys at {size[0]}x{size[1]} ({m['precision']}, opset {m['opset']}) "
+            f"exported {m.model['name']} keys at {size[0]}x{size[1]} ({m.precision}, opset {m.body['opset']}) "
             f"to {result.model_path}; ONNX Runtime vs torch: {result.rel_l2_error:.2e} relative L2 error"
         )
     return 0
@@ -82,11 +82,11 @@ def _fcclip(args: argparse.Namespace) -> int:
         sampling=args.sampling,
     )  # fmt: skip
     if args.json:
-        print(json.dumps({"image": result.image.manifest, "text": result.text.manifest}, indent=1))
+        print(json.dumps({"image": result.image.manifest.to_json(), "text": result.text.manifest.to_json()}, indent=1))
     else:
         for part in (result.image, result.text):
             print(
-                f"exported {part.manifest['kind']} to {part.model_path}; ONNX Runtime vs torch: "
+                f"exported {part.manifest.kind} to {part.model_path}; ONNX Runtime vs torch: "
                 f"{part.rel_l2_error:.2e} relative L2 error (largest over outputs)"
             )
     return 0

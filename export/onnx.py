@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from knnclip.engine.artifact import read_manifest, write_manifest
+from knnclip.engine.artifact import KIND_DINOV2, Manifest, read_manifest, write_manifest
 from knnclip.engine.errors import ArtifactExistsError, InvalidInputError, KnnclipError
 from knnclip.engine.pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from knnclip.export.dinov2.model import DinoV2
@@ -32,7 +32,7 @@ DEFAULT_OPSET = 17
 Comparison = Callable[[Sequence[np.ndarray], Sequence[torch.Tensor]], tuple[dict[str, float], dict[str, Any]]]
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
-KIND_DINOV2_KEYS = "dinov2-keys"
+KIND_DINOV2_KEYS = KIND_DINOV2  # the run time reads the kinds it knows from knnclip.engine.artifact
 # Relative L2 error between ONNX Runtime and the fp32 torch model that an export must reach.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 # Protobuf caps a model file at 2 GiB; above this the weights go to one external data file.
@@ -47,11 +47,11 @@ class ExportVerificationError(KnnclipError):
 class ExportResult:
     directory: Path
     model_path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def rel_l2_error(self) -> float:
-        return float(self.manifest["verification"]["rel_l2_error"])
+        return float(self.manifest.body["verification"]["rel_l2_error"])
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

@@ -6,6 +6,7 @@ one test, which is what they are for; hence the function_scoped_fixture health c
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,59 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from knnclip import _C
+
+# What a test file imports at its top, beyond the base install, by file (or folder) under tests/.
+# A file whose needs are missing is skipped with the reason instead of failing to import, so
+# the files themselves import plainly at the top.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "export": ("torch", "onnx"),
+    "bench/test_bench.py": ("torch", "onnx"),
+    "backends/test_openvino.py": ("openvino", "torch"),
+    "cli/test_cli_outputs.py": ("torch",),
+    "database/test_database_bf16.py": ("openvino",),
+    "demo/test_demo.py": ("torch", "onnx"),
+    "eval/test_evaluation.py": ("torch", "onnx"),
+    "pipeline/test_device_pipeline.py": ("torch", "onnx"),
+    "pipeline/test_segmenter.py": ("torch", "onnx"),
+    "serve/test_serve.py": ("fastapi", "httpx", "torch"),
+    "serve/test_serve_hostile.py": ("fastapi", "httpx"),
+    "video/test_video.py": ("av", "pycocotools", "torch"),
+    "test_docs.py": ("torch", "onnx"),
+    "test_formats.py": ("torch", "pycocotools"),
+    "test_result_record.py": ("pycocotools",),
+}
+INSTALL = {
+    "torch": "pip install torch==2.13.0",
+    "onnx": 'pip install ".[export]"',
+    "openvino": 'pip install ".[openvino]"',
+    "fastapi": 'pip install ".[serve]"',
+    "httpx": 'pip install ".[serve]"',
+    "av": 'pip install ".[video]"',
+    "pycocotools": 'pip install ".[video]"',
+}
+TESTS = Path(__file__).resolve().parent
+
+
+class MissingNeeds(pytest.Module):
+    """A test file whose imports are not installed: collected as one skip that names them."""
+
+    missing: tuple[str, ...] = ()
+
+    def collect(self) -> list:
+        hints = sorted({INSTALL[m] for m in self.missing})
+        pytest.skip(f"needs {', '.join(self.missing)} ({'; '.join(hints)})")
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    rel = module_path.resolve().relative_to(TESTS).as_posix()
+    needs = [m for key, ms in NEEDS.items() if rel == key or rel.startswith(key + "/") for m in ms]
+    missing = tuple(m for m in dict.fromkeys(needs) if importlib.util.find_spec(m) is None)
+    if not missing:
+        return None
+    module = MissingNeeds.from_parent(parent, path=module_path)
+    module.missing = missing
+    return module
+
 
 _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 settings.register_profile("default", max_examples=60, deadline=None, suppress_health_check=_SUPPRESSED)
@@ -103,7 +157,7 @@ def device(request: pytest.FixtureRequest) -> Device:
 @pytest.fixture(scope="session")
 def fixture_io() -> dict[str, np.ndarray]:
     """The DINOv2 parity fixture's arrays (image, keys, patch, cls, registers)."""
-    from tests.fixture_files import fixture_dir
+    from tests.support.fixture_files import fixture_dir
 
     return dict(np.load(fixture_dir("dinov2") / "io.npz"))
 

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-torch = pytest.importorskip("torch", reason="the examples build models with torch (pip install torch)")
-pytest.importorskip("onnx", reason="the examples export to ONNX (pip install onnx)")
-
-from PIL import Image  # noqa: E402
-
-from knnclip.engine.demo.synthetic import make_split  # noqa: E402
-from tests.fixture_files import fixture_dir  # noqa: E402
+from knnclip.engine.demo.synthetic import make_split
+from tests.support.fixture_files import fixture_dir
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -141,7 +138,7 @@ def test_python_example_runs(name, code, workdir, sample, demo_models):
 
 
 def wait_ready(url: str, timeout: float = 120) -> None:
-    from tests.serve_helpers import answers_ok
+    from tests.support.serve_helpers import answers_ok
 
     assert answers_ok(f"{url}/readyz", timeout), f"{url} was not ready within {timeout} s"
 

@@ -12,14 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import coco as coco
+from pycocotools import mask as coco_mask
 
-pytest.importorskip("torch", reason="the models are built with torch (pip install torch)")
-coco = pytest.importorskip("pycocotools.coco", reason="COCO formats need pycocotools")
-from pycocotools import mask as coco_mask  # noqa: E402
-
-from knnclip.engine import Database, Segmenter  # noqa: E402
-from knnclip.engine.demo.synthetic import CLASSES, make_split  # noqa: E402
-from knnclip.engine.formats import write_label_png  # noqa: E402
+from knnclip.engine import Database, Segmenter
+from knnclip.engine.demo.synthetic import CLASSES, make_split
+from knnclip.engine.formats import write_label_png
 
 
 @pytest.fixture(scope="module")

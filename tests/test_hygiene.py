@@ -231,3 +231,33 @@ def test_the_readme_lines_build_once_in_one_environment():
         assert "--group build" in line and "--no-build-isolation" in line and '".[cpu,' in line, line
     groups = _pyproject()["dependency-groups"]["build"]
     assert {_name(r) for r in groups} >= {"scikit-build-core", "pybind11", "cmake", "ninja"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_test_imports_another_test_and_benchmarks_import_no_test():
+    """Shared helpers live in tests/support/; a benchmark's references in knnclip.engine.bench."""
+    offending = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        tests_imported = [m for m in _imported_modules(path) if m.startswith("tests.")]
+        offending += [f"{path.relative_to(REPO)}: {m}" for m in tests_imported if m.split(".")[-1].startswith("test_")]
+    for path in sorted((REPO / "benchmarks").rglob("*.py")):
+        offending += [f"{path.relative_to(REPO)}: {m}" for m in _imported_modules(path) if m.split(".")[0] == "tests"]
+    assert not offending, offending
+
+
+def test_tests_mirror_the_engine_folders():
+    engine = {p.name for p in (REPO / "engine").iterdir() if (p / "__init__.py").exists()}
+    tests = {p.name for p in (REPO / "tests").iterdir() if (p / "__init__.py").exists()}
+    # Folders of tests cover engine/'s folders; export/ (knnclip.export), ops/ (knnclip._C) and
+    # support/ (shared helpers) are the others.
+    assert tests - engine == {"export", "ops", "support"}, tests - engine
+    assert engine - tests == set(), f"engine folders without tests: {engine - tests}"

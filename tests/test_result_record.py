@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
+from pycocotools import mask as coco_mask
 
 from knnclip.engine import formats
 from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.pipeline.results import Evidence, InstanceMask, PanopticSegment, Result
 from knnclip.engine.serve.encoding import result_payload
-
-coco_mask = pytest.importorskip("pycocotools.mask", reason="COCO RLE masks need pycocotools")
 
 
 def handmade_result() -> Result:

@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from knnclip.engine.artifact import read_manifest
+from knnclip.engine.artifact import Manifest, read_manifest
 from knnclip.engine.backends.base import Session, TensorSpec
 from knnclip.engine.errors import BackendUnavailableError, KnnclipError
 
@@ -174,7 +174,7 @@ def _measure_cpu_backends() -> bool:
     return all(found) and measuring_enabled()
 
 
-def _open(name: str, directory: Path, manifest: dict, device: str) -> Session:
+def _open(name: str, directory: Path, manifest: Manifest, device: str) -> Session:
     if name == "onnxruntime":
         from knnclip.engine.backends.onnxruntime import OrtSession
 

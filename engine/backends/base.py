@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from knnclip.engine.artifact import Manifest, TensorEntry
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
@@ -28,8 +29,8 @@ class TensorSpec:
     shape: tuple[Dim, ...]
 
     @classmethod
-    def from_manifest(cls, entry: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(entry["name"]), np.dtype(entry["dtype"]), tuple(entry["shape"]))
+    def from_manifest(cls, entry: TensorEntry) -> TensorSpec:
+        return cls(entry.name, np.dtype(entry.dtype), entry.shape)
 
     def check(self, array: Any, owner: str) -> None:
         """Raise ``InvalidInputError`` unless ``array`` has this dtype and a matching shape
@@ -54,16 +55,16 @@ class Session(ABC):
     backend: str = "?"
     selection: str | None = None  # why ``backend="auto"`` opened this one, where it measured
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], device: str) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, device: str) -> None:
         self.directory = directory
         self.manifest = manifest
         self.device = device
-        self.inputs = tuple(TensorSpec.from_manifest(e) for e in manifest["inputs"])
-        self.outputs = tuple(TensorSpec.from_manifest(e) for e in manifest["outputs"])
+        self.inputs = tuple(TensorSpec.from_manifest(e) for e in manifest.inputs)
+        self.outputs = tuple(TensorSpec.from_manifest(e) for e in manifest.outputs)
 
     @property
     def kind(self) -> str:
-        return str(self.manifest["kind"])
+        return self.manifest.kind
 
     def validate(self, feed: Mapping[str, Any]) -> None:
         names = {spec.name for spec in self.inputs}

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from knnclip.engine.artifact import artifact_digest
+from knnclip.engine.artifact import FCCLIPImageManifest, Manifest, artifact_digest
 from knnclip.engine.backends.base import Session, TensorSpec
 from knnclip.engine.errors import BackendUnavailableError, KnnclipError
 from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file, waiting_lock
@@ -82,7 +82,7 @@ def pick(ms: Mapping[str, float], candidates: Sequence[str] = CANDIDATES, margin
     return min(challengers, key=lambda name: ms[name]) if challengers else incumbent
 
 
-def machine_key(manifest: dict[str, Any], candidates: Sequence[str]) -> dict[str, Any]:
+def machine_key(manifest: Manifest, candidates: Sequence[str]) -> dict[str, Any]:
     """Everything the timings depend on: the artefact's files, the CPU, the threads, the runtimes."""
     from knnclip.engine.info import cpu_name
 
@@ -150,12 +150,13 @@ def write_choice(choice: Choice, key: dict[str, Any], failed: Mapping[str, str] 
     atomic_write_bytes(choice.path, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def sample_feed(inputs: Sequence[TensorSpec], manifest: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+def sample_feed(inputs: Sequence[TensorSpec], manifest: Manifest, seed: int = 0) -> dict[str, np.ndarray]:
     """One input of each kind the session takes: the first (batch) axis 1, other named axes at the
     artefact's own input size where it has one; floats uniform in [0, 1), integers zero (a valid
     index for any embedding)."""
     rng = np.random.default_rng(seed)
-    size = manifest.get("input_size") or [int(manifest.get("preprocessing", {}).get("min_size_test", 224))] * 2
+    side = manifest.min_size if isinstance(manifest, FCCLIPImageManifest) else 224
+    size = manifest.input_size or (side, side)
     feed = {}
     for spec in inputs:
         spatial = [i for i, dim in enumerate(spec.shape) if isinstance(dim, str) and i != 0]
@@ -184,7 +185,7 @@ def time_session(session: Session, feed: Mapping[str, np.ndarray]) -> float:
 
 def open_fastest(
     directory: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     opener: Callable[[str], Session],
     cache_root: Path,
     candidates: Sequence[str] = CANDIDATES,
@@ -229,7 +230,7 @@ def _open_recorded(
 
 def _measure(
     directory: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     opener: Callable[[str], Session],
     path: Path,
     key: dict[str, Any],

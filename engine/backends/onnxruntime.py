@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from knnclip.engine.artifact import Manifest
 from knnclip.engine.backends.base import Session
 from knnclip.engine.backends.device_buffer import DeviceBuffer, cuda_array, device_input
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError
@@ -59,9 +60,7 @@ class OrtSession(Session):
 
     backend = "onnxruntime"
 
-    def __init__(
-        self, directory: Path, manifest: dict[str, Any], device: str = "cpu", *, threads: int | None = None
-    ) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, device: str = "cpu", *, threads: int | None = None) -> None:
         kind, device_id = split_device(device)
         super().__init__(directory, manifest, kind)
         import onnxruntime as ort
@@ -87,7 +86,7 @@ class OrtSession(Session):
         # The arena keeps peak-size buffers for the next call: right for a server running one size.
         options.enable_cpu_mem_arena = True
         self._session = ort.InferenceSession(
-            str(directory / manifest["files"]["model"]["name"]), sess_options=options, providers=wanted
+            str(directory / manifest.files["model"].name), sess_options=options, providers=wanted
         )
         self.providers = self._session.get_providers()
         if first not in self.providers:

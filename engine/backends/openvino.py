@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from knnclip.engine.artifact import artifact_digest
+from knnclip.engine.artifact import FCCLIPImageManifest, Manifest, artifact_digest
 from knnclip.engine.backends.base import Session
 from knnclip.engine.errors import BackendUnavailableError, InvalidInputError, needs_extra
 
@@ -42,7 +42,7 @@ class OpenVinoSession(Session):
     def __init__(
         self,
         directory: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         device: str = "cpu",
         *,
         precision: str = "fp32",
@@ -54,7 +54,7 @@ class OpenVinoSession(Session):
             raise BackendUnavailableError("the OpenVINO backend runs on the CPU; use device='cpu'")
         if precision not in PRECISIONS:
             raise InvalidInputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        if precision == "bf16" and manifest.get("kind") == "fcclip-image" and manifest.get("sampling") != "grid":
+        if precision == "bf16" and isinstance(manifest, FCCLIPImageManifest) and manifest.sampling != "grid":
             # Checked here: OpenVINO would fail in the first call instead ("GatherElements ... index < axisDimSize").
             raise BackendUnavailableError(
                 f"{directory}: OpenVINO's bf16 cannot run FC-CLIP's gather-sampling graph (its bf16 index arithmetic "
@@ -84,7 +84,7 @@ class OpenVinoSession(Session):
             threads = int(os.environ.get("KNNCLIP_OV_THREADS", "0"))
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
-        model = core.read_model(str(directory / manifest["files"]["model"]["name"]))
+        model = core.read_model(str(directory / manifest.files["model"].name))
         self._compiled = core.compile_model(model, "CPU", config)
         self.precision, self.hint = precision, hint
         self._outputs = {spec.name: self._port(spec.name) for spec in self.outputs}

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from knnclip.engine.artifact import Manifest
 from knnclip.engine.backends.base import Session
 from knnclip.engine.errors import BackendUnavailableError
 
@@ -20,7 +21,7 @@ from knnclip.engine.errors import BackendUnavailableError
 class TorchSession(Session):
     backend = "torch"
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], device: str = "cpu") -> None:
+    def __init__(self, directory: Path, manifest: Manifest, device: str = "cpu") -> None:
         super().__init__(directory, manifest, device)
         try:
             import torch

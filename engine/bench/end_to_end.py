@@ -313,8 +313,8 @@ def floor(flops: dict[str, float], models: Path, stats: dict[str, Any]) -> dict[
 
     weights = 0
     for part in ("fcclip/image", "dinov2"):
-        files = read_manifest(models / part, verify_files=False)["files"]
-        weights += sum(int(files[role]["bytes"]) for role in ("model", "data") if role in files) // 2
+        files = read_manifest(models / part, verify_files=False).files
+        weights += sum(files[role].bytes for role in ("model", "data") if role in files) // 2
     searched = stats["entries"] * stats["code_bytes_per_entry"]
     work = flops.get("fcclip", 0.0) + flops.get("dinov2", 0.0)
     compute_ms = 1e3 * work / FLOOR_GPU["fp16_flops"]

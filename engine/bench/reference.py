@@ -29,7 +29,7 @@ class ReferencePipeline:
         import faiss
         import torch
 
-        from knnclip.engine.artifact import read_manifest
+        from knnclip.engine.artifact import FCCLIPTextManifest, read_manifest
         from knnclip.engine.backends import open_session
         from knnclip.engine.database import Database
         from knnclip.engine.text.textbank import TextBank
@@ -52,17 +52,17 @@ class ReferencePipeline:
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
         text_manifest = read_manifest(models / "fcclip" / "text", verify_files=False)
-        text = TextBank(
-            open_session(models / "fcclip" / "text", "onnxruntime", "cpu"), ByteTokenizer(), text_manifest["templates"],
-            text_manifest["weights_sha256"], cache_dir=work / "text-cache",
-        )  # fmt: skip
+        assert isinstance(text_manifest, FCCLIPTextManifest)  # read_manifest's type for that kind
+        text_session = open_session(models / "fcclip" / "text", "onnxruntime", "cpu")
+        weights_sha256 = text_manifest.weights_sha256 or ""
+        text = TextBank(text_session, ByteTokenizer(), list(text_manifest.templates), weights_sha256,
+                        cache_dir=work / "text-cache")  # fmt: skip
         rows = text.rows([c.name for c in self.vocab])
         self.classifier = self.fcclip.classifier_with_void(torch.from_numpy(rows).to(self.dev))
         self.id_to_index = {c.id: i for i, c in enumerate(self.vocab)}
         self.retrieval = retrieval or RetrievalConfig()
         self.seen = torch.zeros(len(self.vocab), device=self.dev)
-        size = image_manifest.get("input_size")
-        self.fixed: tuple[int, int] | None = tuple(size) if size else None  # None: each image its own size
+        self.fixed: tuple[int, int] | None = image_manifest.input_size  # None: each image its own size
         self.dino_size = self.dinov2.config.img_size
 
     # The models and the search, one method each so that a better torch pipeline can replace them.

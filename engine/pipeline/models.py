@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from knnclip.engine.artifact import DINOv2Manifest, FCCLIPImageManifest, FCCLIPTextManifest
 from knnclip.engine.backends import Session, open_session, resolve_device
 from knnclip.engine.errors import ArtifactCorruptError, BackendUnavailableError, ModelFileError
 from knnclip.engine.pipeline.arrays import HOST, ArrayModule, TorchArrays
@@ -43,6 +44,12 @@ class FCCLIPHead:
     max_size: int
 
 
+def _three(values: tuple[float, ...]) -> tuple[float, float, float]:
+    """A per-channel (RGB) constant; the manifest reader checked there are three."""
+    r, g, b = values
+    return r, g, b
+
+
 class ModelSet:
     """The three sessions (FC-CLIP image, CLIP text, DINOv2 keys), the tokenizer and FC-CLIP's
     head constants, opened from ``models_dir``."""
@@ -65,30 +72,34 @@ class ModelSet:
             if session.kind != kind:
                 raise ArtifactCorruptError(session.directory, f"expected a {kind} artefact here, found {session.kind}")
         # the BPE merges the text artefact carries, else a copy in the models directory
-        self.tokenizer = make_tokenizer(self.text.manifest["tokenizer"], [self.text.directory, root])
-        m = self.fcclip.manifest
-        pre, head, inf = m["preprocessing"], m["head"], m["inference"]
+        m, text, dinov2 = self.fcclip.manifest, self.text.manifest, self.dinov2.manifest
+        # the session kinds are checked above, and read_manifest types a manifest by its kind
+        assert isinstance(m, FCCLIPImageManifest) and isinstance(text, FCCLIPTextManifest)
+        assert isinstance(dinov2, DINOv2Manifest) and dinov2.input_size is not None
+        # the BPE merges the text artefact carries, else a copy in the models directory
+        self.tokenizer = make_tokenizer(text.tokenizer, [self.text.directory, root])
         self.head = FCCLIPHead(
-            in_vocab_logit_scale=float(head["in_vocab_logit_scale"]),
-            clip_logit_scale=float(head["clip_logit_scale"]),
-            void_embedding=np.asarray(head["void_embedding"], np.float32),
-            alpha=float(inf["alpha"]),
-            beta=float(inf["beta"]),
-            object_mask_threshold=float(inf["object_mask_threshold"]),
-            overlap_threshold=float(inf["overlap_threshold"]),
-            seen_names=frozenset(m.get("seen_names", [])),
-            pixel_mean=tuple(pre["mean"]),
-            pixel_std=tuple(pre["std"]),
-            min_size=int(pre["min_size_test"]),
-            max_size=int(pre["max_size_test"]),
+            in_vocab_logit_scale=m.in_vocab_logit_scale,
+            clip_logit_scale=m.clip_logit_scale,
+            void_embedding=np.asarray(m.void_embedding, np.float32),
+            alpha=m.alpha,
+            beta=m.beta,
+            object_mask_threshold=m.object_mask_threshold,
+            overlap_threshold=m.overlap_threshold,
+            seen_names=m.seen_names,
+            pixel_mean=_three(m.pixel_mean),
+            pixel_std=_three(m.pixel_std),
+            min_size=m.min_size,
+            max_size=m.max_size,
         )
         # None: a graph with dynamic spatial axes, fed each image at FC-CLIP's own test size
-        self.fcclip_size: tuple[int, int] | None = tuple(m["input_size"]) if m.get("input_size") else None
-        self.dinov2_size: tuple[int, int] = tuple(self.dinov2.manifest["input_size"])
+        self.fcclip_size: tuple[int, int] | None = m.input_size
+        self.dinov2_size: tuple[int, int] = dinov2.input_size
+        self.dinov2_mean, self.dinov2_std = _three(dinov2.mean), _three(dinov2.std)
         self.embedding_dim = int(self.dinov2.outputs[0].shape[1])
-        self.text_weights_sha256 = str(self.text.manifest["weights_sha256"])
-        self.templates: list[str] = list(self.text.manifest["templates"])
-        self.context_length = int(self.text.manifest["tokenizer"]["context_length"])
+        self.text_weights_sha256 = text.weights_sha256 or ""
+        self.templates: list[str] = list(text.templates)
+        self.context_length = text.context_length
 
     def sessions(self) -> tuple[Session, Session, Session]:
         return self.fcclip, self.text, self.dinov2
@@ -119,7 +130,7 @@ class ModelSet:
     def identity(self) -> dict[str, str]:
         """Which weights these are: the models directory and each artefact's weights SHA-256."""
         sessions = (("fcclip", self.fcclip), ("text", self.text), ("dinov2", self.dinov2))
-        weights = {f"{n}_weights_sha256": str(s.manifest["weights_sha256"]) for n, s in sessions}
+        weights = {f"{n}_weights_sha256": str(s.manifest.weights_sha256) for n, s in sessions}
         return {"dir": str(self.root), **weights}
 
     def close(self) -> None:

@@ -188,9 +188,15 @@ def fcclip_input(
     return FCCLIPInput(tensor, size, original)
 
 
-def dinov2_input(image: np.ndarray, size: tuple[int, int] = (518, 518)) -> np.ndarray:
+def dinov2_input(
+    image: np.ndarray,
+    size: tuple[int, int] = (518, 518),
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> np.ndarray:
     """DINOv2's input: the whole image resized to ``size`` (bicubic, as DINOv2's evaluation
-    transforms) and normalised with ImageNet's mean and std -> float32 ``[1, 3, H, W]``."""
+    transforms) and normalised with the 0..1-scale ``mean`` and ``std`` (its manifest's;
+    ImageNet's, which DINOv2 was trained with, by default) -> float32 ``[1, 3, H, W]``."""
     resized = resize(image, size, Image.Resampling.BICUBIC).astype(np.float32) / 255.0
-    chw = (resized - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    chw = (resized - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(chw.transpose(2, 0, 1)[None])

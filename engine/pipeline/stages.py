@@ -130,7 +130,8 @@ def valid_masks(masks: Array, resized: tuple[int, int], xp: ArrayModule = HOST) 
 # Embed ------------------------------------------------------------------------------------------
 def dinov2_keys(models: ModelSet, images: Sequence[np.ndarray], *, xp: ArrayModule = HOST) -> Array:
     """DINOv2 keys [B, D, h, w] of uint8 images, all through the model in one call."""
-    batch = np.concatenate([dinov2_input(pixels, models.dinov2_size) for pixels in images])
+    size, mean, std = models.dinov2_size, models.dinov2_mean, models.dinov2_std  # from DINOv2's manifest
+    batch = np.concatenate([dinov2_input(pixels, size, mean, std) for pixels in images])
     return infer(models.dinov2, {"images": batch}, xp)["keys"]
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from knnclip.engine.artifact import KIND_FCCLIP_IMAGE, KIND_FCCLIP_TEXT
 from knnclip.engine.errors import InvalidInputError
 from knnclip.engine.text.prompts import TEMPLATES
 from knnclip.engine.text.tokenizer import find_bpe_file
@@ -33,8 +34,8 @@ from knnclip.export.fcclip.vocabularies import COCO_PANOPTIC, coco_panoptic_seen
 from knnclip.export.onnx import DEFAULT_OPSET, Comparison, ExportResult, Graph, export_graph, parse_size, rel_l2
 from knnclip.export.precision import half_compute_copy
 
-KIND_IMAGE = "fcclip-image"
-KIND_TEXT = "fcclip-text"
+KIND_IMAGE = KIND_FCCLIP_IMAGE
+KIND_TEXT = KIND_FCCLIP_TEXT
 # FC-CLIP's decoder binarises masks (attention masks, mask pooling), so a last-bit difference can
 # flip a pixel; the acceptance figure for ONNX Runtime parity is 1e-3.
 TOLERANCE = 1e-3

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from knnclip.engine.artifact import TEXT_BATCH, artifact_digest, read_manifest
+from knnclip.engine.artifact import TEXT_BATCH, Manifest, artifact_digest, read_manifest
 from knnclip.engine.backends.tensorrt.cache import EngineKey
 from knnclip.engine.errors import InvalidInputError, KnnclipError, needs_extra
 from knnclip.engine.fsutil import atomic_write_bytes, read_regular_file
@@ -59,19 +59,19 @@ class BuildSettings:
         if self.max_batch < 1:
             raise InvalidInputError(f"max_batch must be at least 1, got {self.max_batch}")
 
-    def for_artifact(self, manifest: dict[str, Any]) -> BuildSettings:
+    def for_artifact(self, manifest: Manifest) -> BuildSettings:
         """These settings with the precision resolved against the artefact's."""
-        return self if self.precision is not None else replace(self, precision=manifest.get("precision", "fp32"))
+        return self if self.precision is not None else replace(self, precision=manifest.precision)
 
 
 _RECORDED = ("precision", "max_batch", "workspace_bytes", "allow_tf32")
 
 
-def _record_path(cache_root: Path, manifest: dict[str, Any]) -> Path:
+def _record_path(cache_root: Path, manifest: Manifest) -> Path:
     return Path(cache_root) / "builds" / f"{artifact_digest(manifest)[:32]}.json"
 
 
-def record_build(cache_root: Path, manifest: dict[str, Any], settings: BuildSettings) -> None:
+def record_build(cache_root: Path, manifest: Manifest, settings: BuildSettings) -> None:
     """Remember how ``knnclip build`` built this artefact's engine, for the run time to use."""
     record = {k: v for k, v in asdict(settings.for_artifact(manifest)).items() if k in _RECORDED}
     path = _record_path(cache_root, manifest)
@@ -79,7 +79,7 @@ def record_build(cache_root: Path, manifest: dict[str, Any], settings: BuildSett
     atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
-def settings_for(cache_root: Path, manifest: dict[str, Any]) -> BuildSettings:
+def settings_for(cache_root: Path, manifest: Manifest) -> BuildSettings:
     """The settings ``knnclip build`` recorded for this artefact, else its precision at batch 1;
     the timing caches beside the engines either way."""
     timing = Path(cache_root) / "timing"
@@ -113,17 +113,17 @@ def import_tensorrt() -> Any:
 TEXT_AXIS = (1, TEXT_BATCH, TEXT_BATCH)
 
 
-def profiles_for(manifest: dict[str, Any], settings: BuildSettings) -> list[tuple[str, tuple, tuple, tuple]]:
+def profiles_for(manifest: Manifest, settings: BuildSettings) -> list[tuple[str, tuple, tuple, tuple]]:
     """(name, min, opt, max) per input, each named axis with its own range: ``batch`` runs
     1..max_batch; ``texts`` (the text graph's prompts) 1..TEXT_BATCH; ``height``/``width`` (an
     image graph with dynamic spatial axes) cover the manifest's ``input_range``, tuned for its
     ``opt`` size; fixed axes are as they are. An axis of another name is refused: its range would
     be a guess, and a wrong one rejects every call at run time."""
-    spatial = manifest.get("input_range") or {}
+    spatial = manifest.body.get("input_range") or {}
     axis = {"height": 0, "width": 1}
     out = []
-    for spec in manifest["inputs"]:
-        name = spec["name"]
+    for spec in manifest.inputs:
+        name = spec.name
         if name in settings.extra_profiles:
             lo, opt, hi = settings.extra_profiles[name]
             out.append((name, tuple(lo), tuple(opt), tuple(hi)))
@@ -144,7 +144,7 @@ def profiles_for(manifest: dict[str, Any], settings: BuildSettings) -> list[tupl
                 "BuildSettings.extra_profiles as (min, opt, max) shapes"
             )
 
-        lo, opt, hi = (tuple(bound(d, which) for d in spec["shape"]) for which in ("min", "opt", "max"))
+        lo, opt, hi = (tuple(bound(d, which) for d in spec.shape) for which in ("min", "opt", "max"))
         out.append((name, lo, opt, hi))
     return out
 
@@ -161,7 +161,7 @@ def gpu_identity() -> tuple[str, str]:
     return device.name(), f"{major}.{minor}"
 
 
-def engine_key(manifest: dict[str, Any], settings: BuildSettings, trt_version: str) -> EngineKey:
+def engine_key(manifest: Manifest, settings: BuildSettings, trt_version: str) -> EngineKey:
     """What an engine built from the artefact ``manifest`` with ``settings`` on this GPU is valid for."""
     name, capability = gpu_identity()
     settings = settings.for_artifact(manifest)
@@ -186,7 +186,7 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_dir / manifest["files"]["model"]["name"])):
+    if not parser.parse_from_file(str(onnx_dir / manifest.files["model"].name)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"{onnx_dir}: TensorRT could not parse the ONNX graph: {errors}")
     config = builder.create_builder_config()
@@ -195,9 +195,9 @@ def build_engine(onnx_dir: str | Path, settings: BuildSettings) -> bytes:
         config.clear_flag(trt.BuilderFlag.TF32)  # on by default: an "fp32" engine would round to 10 bits
     if major < 11 and settings.precision in ("fp16", "bf16"):
         config.set_flag(trt.BuilderFlag.FP16 if settings.precision == "fp16" else trt.BuilderFlag.BF16)
-    elif major >= 11 and settings.precision != manifest.get("precision", "fp32"):
+    elif major >= 11 and settings.precision != manifest.precision:
         raise EngineBuildError(
-            f"TensorRT {trt.__version__} builds the graph's own precision ({manifest.get('precision')}); "
+            f"TensorRT {trt.__version__} builds the graph's own precision ({manifest.precision}); "
             f"export an {settings.precision} ONNX graph for an {settings.precision} engine"
         )
     profile = builder.create_optimization_profile()

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from knnclip.engine.artifact import Manifest
 from knnclip.engine.backends.base import Session
 from knnclip.engine.backends.device_buffer import DeviceBuffer, cuda_array, device_input
 from knnclip.engine.backends.tensorrt.cache import EngineCache
 from knnclip.engine.errors import ArtifactCorruptError, BackendUnavailableError, InvalidInputError
 
 
-def open_tensorrt(directory: Path, manifest: dict[str, Any], device: str) -> TensorRTSession:
+def open_tensorrt(directory: Path, manifest: Manifest, device: str) -> TensorRTSession:
     if device != "cuda":
         raise BackendUnavailableError("TensorRT runs on CUDA devices only")
     try:
@@ -48,7 +49,7 @@ def open_tensorrt(directory: Path, manifest: dict[str, Any], device: str) -> Ten
 class TensorRTSession(Session):
     backend = "tensorrt"
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], plan: bytes) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, plan: bytes) -> None:
         super().__init__(directory, manifest, "cuda")
         import pycuda.driver as cuda
         import tensorrt as trt

@@ -1,0 +1,1 @@
+"""Tests of the compiled ops (knnclip._C, csrc/) and their Python face, knnclip.engine.ops."""
