@@ -48,7 +48,7 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
     backend = case["backend"]
     images = np.random.default_rng(0).standard_normal((case["batch"], 3, SIZE, SIZE), np.float32)
     if backend == "export":
-        from knnclip.export.onnx import export_dinov2_onnx
+        from knnclip.export.dinov2.onnx import export_dinov2_onnx
 
         result = export_dinov2_onnx(_model(case), case["onnx"], size=SIZE, fp16=case["fp16"])
         return {"rel_l2_error": result.rel_l2_error}

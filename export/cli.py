@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _dinov2(args: argparse.Namespace) -> int:
     from knnclip.export.dinov2 import load_dinov2
-    from knnclip.export.onnx import export_dinov2_onnx, parse_size
+    from knnclip.export.dinov2.onnx import export_dinov2_onnx
+    from knnclip.export.onnx import parse_size
 
     size = parse_size(args.size)
     model = load_dinov2(args.checkpoint, args.config)

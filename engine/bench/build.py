@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from knnclip.engine.demo.synthetic import IMAGE_SIZE
+
 WARMUP = 1  # untimed images per pipeline: sessions, text embeddings and caches are ready after one
 STAGES = ("decode", "preprocess", "fcclip", "dinov2", "pool", "search", "fuse", "postprocess", "total")
 
@@ -35,7 +37,7 @@ class Preset:
 
 
 PRESETS = {
-    "tiny": Preset("tiny", None, (192, 256), "tiny", None, 1000, 3, (192, 256)),
+    "tiny": Preset("tiny", None, IMAGE_SIZE, "tiny", None, 1000, 3, IMAGE_SIZE),  # the demo's models
     "quick": Preset("quick", (3, 3, 9, 3), (384, 512), "vitg14_reg4", 4, 100_000, 3, (384, 512)),
     "full": Preset("full", (3, 3, 27, 3), (800, 1088), "vitg14_reg4", None, 1_000_000, 50, (768, 1024)),
 }
@@ -49,8 +51,8 @@ def build(preset: Preset, work: Path, say: Any = print, sampling: str = "gather"
     import torch
 
     from knnclip.engine.database import Database
+    from knnclip.export.dinov2.onnx import export_dinov2_onnx
     from knnclip.export.fcclip.onnx import ImageGraph, export_fcclip_onnx
-    from knnclip.export.onnx import export_dinov2_onnx
 
     fcclip, dinov2 = seeded_models(preset)
     models = work / "models"
@@ -85,7 +87,7 @@ def build(preset: Preset, work: Path, say: Any = print, sampling: str = "gather"
 
 
 def seeded_models(preset: Preset) -> tuple[Any, Any]:
-    from knnclip.engine.demo.run import seeded_dinov2, seeded_fcclip
+    from knnclip.engine.demo.models import seeded_dinov2, seeded_fcclip
     from knnclip.export.dinov2 import PRESETS as DINO_PRESETS
     from knnclip.export.dinov2 import DinoV2
     from knnclip.export.fcclip import FCCLIP, FCCLIPConfig

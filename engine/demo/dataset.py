@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from knnclip.engine.demo.synthetic import CLASSES, IGNORE, class_index, make_split
+from knnclip.engine.demo.synthetic import CLASSES, IGNORE, IMAGE_SIZE, Sample, class_index, make_split
 from knnclip.engine.eval.datasets.classes import DatasetClass
 from knnclip.engine.eval.datasets.readers import Dataset
 
@@ -17,26 +17,28 @@ class SyntheticDataset(Dataset):
     panoptic = True
     ignore = IGNORE
 
-    def __init__(self, split: str, images: int | None = None, size: tuple[int, int] = (192, 256)) -> None:
-        count, seed = SPLITS[split]
+    def __init__(
+        self, split: str, images: int | None = None, size: tuple[int, int] = IMAGE_SIZE, seed: int | None = None
+    ) -> None:
+        count, default_seed = SPLITS[split]
         self.key, self.split = "synthetic", split
         self.classes = [DatasetClass((c.name,), c.thing) for c in CLASSES]
-        self._samples = make_split(images or count, seed, size)
-        self.names = [f"{split}_{i:05d}" for i in range(len(self._samples))]
+        self.samples: list[Sample] = make_split(images or count, default_seed if seed is None else seed, size)
+        self.names = [f"{split}_{i:05d}" for i in range(len(self.samples))]
 
     def image(self, i: int) -> np.ndarray:
-        return self._samples[self._check(i)].image
+        return self.samples[self._check(i)].image
 
     def semantic(self, i: int) -> np.ndarray:
-        return self._samples[self._check(i)].labels.astype(np.int64)
+        return self.samples[self._check(i)].labels.astype(np.int64)
 
     def segments(self, i: int) -> tuple[np.ndarray, dict[int, tuple[int, bool]]]:
-        s = self._samples[self._check(i)]
+        s = self.samples[self._check(i)]
         ids = np.zeros(s.labels.shape, np.int64)
         for k, mask in enumerate(s.masks):
             ids[mask] = k + 1
         return ids, {k + 1: (class_index(name), False) for k, name in enumerate(s.names)}
 
     def masks(self, i: int) -> tuple[np.ndarray, list[int]]:
-        s = self._samples[self._check(i)]
+        s = self.samples[self._check(i)]
         return s.masks, [class_index(n) for n in s.names]

@@ -27,17 +27,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from knnclip.engine.config import RetrievalConfig
-from knnclip.engine.demo.synthetic import CLASSES, Sample, class_index, make_split
+from knnclip.engine.demo.dataset import SyntheticDataset
+from knnclip.engine.demo.models import DINOV2_SIZE, seeded_dinov2, seeded_fcclip
+from knnclip.engine.demo.synthetic import CLASSES, IMAGE_SIZE, Sample, class_index
 from knnclip.engine.errors import needs_extra
-from knnclip.engine.eval.metrics import ConfusionMatrix
+from knnclip.engine.eval.evaluate import Evaluation, evaluate
 
 if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.results import Result
     from knnclip.engine.pipeline.segmenter import Segmenter
 
 BASE_CLASSES = ("sky", "grass", "sand", "ball", "box", "tree")
 NEW_CLASSES = ("water", "star")
-IMAGE_SIZE = (192, 256)  # synthetic images and the FC-CLIP export size
-DINOV2_SIZE = 224
 _MODELS_VERSION = 2  # bump when the seeded demo models change
 
 
@@ -57,41 +58,14 @@ class DemoSettings:
     search: str = "fp32"
 
 
-def seeded_fcclip() -> Any:
-    from knnclip.export.fcclip import FCCLIP, FCCLIPConfig
-    from knnclip.export.fcclip.config import ClipConfig, DecoderConfig, InferenceConfig, PixelDecoderConfig
-    from knnclip.export.random_init import seeded_init_
-
-    cfg = FCCLIPConfig(
-        clip=ClipConfig(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), embed_dim=64, text_width=64, text_layers=2,
-                        text_heads=4),
-        pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, encoder_layers=1, encoder_heads=4,
-                                         encoder_ffn_dim=128),
-        decoder=DecoderConfig(hidden_dim=64, heads=4, ffn_dim=128, layers=3, num_queries=50),
-        inference=InferenceConfig(min_size_test=IMAGE_SIZE[0]),
-    )  # fmt: skip
-    return seeded_init_(FCCLIP(cfg), seed=1).eval()
-
-
-def seeded_dinov2() -> Any:
-    from knnclip.export.dinov2 import DinoV2, DinoV2Config
-    from knnclip.export.random_init import seeded_init_
-
-    cfg = DinoV2Config(
-        embed_dim=96, depth=3, num_heads=4, ffn_layer="mlp", num_register_tokens=4, img_size=DINOV2_SIZE,
-        init_values=1.0,
-    )  # fmt: skip
-    return seeded_init_(DinoV2(cfg), seed=2).eval()
-
-
 def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
     """Export the demo's models (seeded, or the given checkpoints) under ``out/models``; reuse
     them when an earlier run made the same ones."""
     try:
         import torch  # noqa: F401
 
+        from knnclip.export.dinov2.onnx import export_dinov2_onnx
         from knnclip.export.fcclip.onnx import export_fcclip_onnx
-        from knnclip.export.onnx import export_dinov2_onnx
     except ImportError as exc:
         raise needs_extra(f"the demo builds its models with torch and onnx ({exc}); it", "export") from None
     models = settings.out / "models"
@@ -154,24 +128,6 @@ def _add_split(seg: Segmenter, samples: list[Sample], classes: tuple[str, ...]) 
     return len(seg.add_examples(images, masks, labels))
 
 
-def _evaluate(seg: Segmenter, samples: list[Sample]) -> tuple[ConfusionMatrix, list[Any], dict[str, list[float]]]:
-    """Segment ``samples``; confusion over the synthetic class indices, the results, timings."""
-    to_index = {seg.class_id(c.name): i for i, c in enumerate(CLASSES) if seg.db.vocabulary.find(c.name)}
-    cm = ConfusionMatrix(len(CLASSES))
-    results: list[Any] = []
-    timings: dict[str, list[float]] = {}
-    for s in samples:
-        r = seg.segment(s.image)
-        lut = np.full(max(r.classes) + 1, -1, np.int64)
-        for class_id, index in to_index.items():
-            lut[class_id] = index
-        cm.update(lut[r.semantic], s.labels)
-        results.append(r)
-        for stage, ms in r.timings.items():
-            timings.setdefault(stage, []).append(ms)
-    return cm, results, timings
-
-
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns what it printed as data (IoU per class before/after, changes, timings)."""
     from knnclip.engine.pipeline.segmenter import Segmenter
@@ -184,8 +140,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
             "knnclip demo --fcclip fcclip_cocopan.pth --dinov2 dinov2_vitg14_reg4_pretrain.pth"
         )
     models = build_models(settings, say)
-    train = make_split(settings.train, settings.seed, IMAGE_SIZE)
-    val = make_split(settings.val, settings.seed + 1, IMAGE_SIZE)
+    train = SyntheticDataset("train", settings.train, seed=settings.seed).samples
+    val = SyntheticDataset("val", settings.val, seed=settings.seed + 1)
     db_path = settings.out / "demo.db"
     shutil.rmtree(db_path, ignore_errors=True)  # each run starts from an empty database
     with Segmenter.from_dir(models, db_path, config=RetrievalConfig(), text_cache=settings.out / "cache",
@@ -197,24 +153,26 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
         n_base = _add_split(seg, train, BASE_CLASSES)
         say(f"database: {n_base} masks of {len(BASE_CLASSES)} base classes from {len(train)} training images "
             f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
-        before, _, _ = _evaluate(seg, val)
+        before = evaluate(seg, val)
         start = time.perf_counter()
         n_new = _add_split(seg, train, NEW_CLASSES)
         elapsed = time.perf_counter() - start
         say(f"database: + {n_new} masks of the new classes {', '.join(NEW_CLASSES)} in {elapsed:.1f} s "
             f"({len(seg.db)} entries in all)")  # fmt: skip
-        after, results, timings = _evaluate(seg, val)
+        results: list[Result] = []
+        after = evaluate(seg, val, on_result=lambda i, r: results.append(r))
         overlay_dir = settings.out / "overlays"
         overlay_dir.mkdir(exist_ok=True)
-        for i, (s, r) in enumerate(zip(val[: settings.overlays], results, strict=False)):
-            save_png(overlay(s.image, r.semantic, r.classes, r.panoptic), overlay_dir / f"val_{i:02d}.png")
-    report = {**_report(before, after, results, timings), "runtime": runtime}
+        for i, r in enumerate(results[: settings.overlays]):
+            save_png(overlay(val.image(i), r.semantic, r.classes, r.panoptic), overlay_dir / f"val_{i:02d}.png")
+    report = {**_report(before, after, results), "runtime": runtime}
     say(_format(report, overlay_dir))
     (settings.out / "demo.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def _report(before: ConfusionMatrix, after: ConfusionMatrix, results: list[Any], timings: dict) -> dict[str, Any]:
+def _report(before_eval: Evaluation, after_eval: Evaluation, results: list[Result]) -> dict[str, Any]:
+    before, after = before_eval.confusion, after_eval.confusion
     iou_b, iou_a = before.iou(), after.iou()
     segments = [s for r in results for s in r.segments]
     return {
@@ -235,7 +193,7 @@ def _report(before: ConfusionMatrix, after: ConfusionMatrix, results: list[Any],
         "pixel_accuracy_after": after.pixel_accuracy(),
         "segments": len(segments),
         "segments_changed_by_retrieval": sum(s.evidence.changed for s in segments),
-        "latency_ms_median": {k: float(np.median(v)) for k, v in timings.items()},
+        "latency_ms_median": {k: float(np.median(v)) for k, v in after_eval.timings_ms.items()},
     }
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 IGNORE = 255
+IMAGE_SIZE = (192, 256)  # (height, width) of the synthetic images, and of the demo's FC-CLIP export
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _shape_mask(shape: str, h: int, w: int, cy: float, cx: float, r: float, angl
 
 
 def make_sample(
-    rng: np.random.Generator, size: tuple[int, int] = (192, 256), objects: tuple[str, ...] = ("ball", "box", "tree")
+    rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE, objects: tuple[str, ...] = ("ball", "box", "tree")
 ) -> Sample:
     """One image with a sky, one ground class and 1..3 objects drawn from ``objects``."""
     h, w = size
@@ -136,7 +137,7 @@ def make_sample(
     return Sample(np.clip(image, 0, 255).astype(np.uint8), labels, np.stack(masks), names)
 
 
-def make_split(n: int, seed: int, size: tuple[int, int] = (192, 256), objects: tuple[str, ...] = ()) -> list[Sample]:
+def make_split(n: int, seed: int, size: tuple[int, int] = IMAGE_SIZE, objects: tuple[str, ...] = ()) -> list[Sample]:
     """``n`` samples from ``seed``; ``objects`` defaults to every thing class."""
     rng = np.random.default_rng(seed)
     things = objects or tuple(c.name for c in CLASSES if c.thing)

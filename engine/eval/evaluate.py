@@ -22,6 +22,7 @@ from knnclip.engine.eval.datasets import Dataset, DatasetClass
 from knnclip.engine.eval.metrics import ConfusionMatrix, PanopticQuality
 
 if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
+    from knnclip.engine.pipeline.results import Result
     from knnclip.engine.pipeline.segmenter import Segmenter
 
 log = logging.getLogger("knnclip.evaluation")
@@ -126,10 +127,12 @@ def evaluate(
     restrict: Collection[int] | None = None,
     panoptic: bool | None = None,
     progress: Progress | None = None,
+    on_result: Callable[[int, Result], None] | None = None,
 ) -> Evaluation:
     """Segment every image of ``ds`` and accumulate mIoU (and PQ for a panoptic dataset, unless
     ``panoptic=False``). With ``restrict``, ground truth of the other class indices is ignored
-    (the continual protocol's "classes seen so far")."""
+    (the continual protocol's "classes seen so far"). ``on_result(i, result)`` sees each image's
+    result (the demo draws its overlays from them)."""
     start = time.perf_counter()
     n = len(ds.classes)
     keep = None if restrict is None else np.isin(np.arange(n), list(restrict))
@@ -148,6 +151,8 @@ def evaluate(
             _update_panoptic(result.panoptic, r, lut, ds, i, keep)
         for stage, ms in r.timings.items():
             result.timings_ms.setdefault(stage, []).append(ms)
+        if on_result is not None:
+            on_result(i, r)
         if progress is not None:
             progress(i + 1, len(ds))
     result.images = len(ds)

@@ -58,8 +58,8 @@ def test_sample_feeds_follow_the_manifest():
 @pytest.fixture
 def artefact(tmp_path: Path) -> Path:
     pytest.importorskip("torch", reason="the artefact is exported from torch")
-    from knnclip.engine.demo.run import seeded_dinov2
-    from knnclip.export.onnx import export_dinov2_onnx
+    from knnclip.engine.demo.models import seeded_dinov2
+    from knnclip.export.dinov2.onnx import export_dinov2_onnx
 
     export_dinov2_onnx(seeded_dinov2(), tmp_path / "dinov2", size=56)
     return tmp_path / "dinov2"

@@ -128,7 +128,7 @@ def test_a_twin_artefact_with_other_weights_gets_its_own_compiled_model(tmp_path
     import torch
 
     from knnclip.export.dinov2 import load_dinov2
-    from knnclip.export.onnx import export_dinov2_onnx
+    from knnclip.export.dinov2.onnx import export_dinov2_onnx
     from tests.support.fixture_files import fixture_dir
 
     config = json.loads((fixture_dir("dinov2") / "config.json").read_text())

@@ -245,8 +245,8 @@ def test_auto_backend_falls_back_when_a_runtime_fails_to_open(monkeypatch, tmp_p
     pytest.importorskip("torch", reason="the fallback here is the torch backend")
     from knnclip.engine import backends
     from knnclip.engine.backends import onnxruntime as ort_backend
-    from knnclip.engine.demo.run import seeded_dinov2
-    from knnclip.export.onnx import export_dinov2_onnx
+    from knnclip.engine.demo.models import seeded_dinov2
+    from knnclip.export.dinov2.onnx import export_dinov2_onnx
 
     export_dinov2_onnx(seeded_dinov2(), tmp_path / "dinov2", size=56, torch_weights=True)
 

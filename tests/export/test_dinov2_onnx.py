@@ -17,6 +17,7 @@ from knnclip.engine.cli import main
 from knnclip.engine.errors import ArtifactCorruptError, ArtifactExistsError, InvalidInputError
 from knnclip.export import onnx as onnx_export
 from knnclip.export.dinov2 import load_dinov2
+from knnclip.export.dinov2 import onnx as dinov2_onnx
 from tests.support.dinov2_reference import (
     ARCHITECTURES,
     FIXTURE,
@@ -38,7 +39,7 @@ def model(fixture_io):
 def exports(model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("onnx")
     return {
-        precision: onnx_export.export_dinov2_onnx(model, root / precision, fp16=precision == "fp16").directory
+        precision: dinov2_onnx.export_dinov2_onnx(model, root / precision, fp16=precision == "fp16").directory
         for precision in ("fp32", "fp16")
     }
 
@@ -89,7 +90,7 @@ class TestParity:
         args = ARCHITECTURES[name]
         sd = random_official_checkpoint(args, seed=3)
         size = (3 * args["patch_size"], 7 * args["patch_size"])
-        result = onnx_export.export_dinov2_onnx(
+        result = dinov2_onnx.export_dinov2_onnx(
             load_dinov2(to_torch(sd), args), tmp_path / "m", size=f"{size[0]}x{size[1]}"
         )
         images = np.random.default_rng(4).standard_normal((2, 3, *size)).astype(np.float32)
@@ -102,7 +103,7 @@ class TestManifest:
     """Catches an artefact whose manifest does not describe it or does not catch damage."""
 
     def test_fields(self, exports, model):
-        m = read_manifest(exports["fp16"], onnx_export.KIND_DINOV2_KEYS).to_json()
+        m = read_manifest(exports["fp16"], dinov2_onnx.KIND_DINOV2_KEYS).to_json()
         assert m["precision"] == "fp16" and m["opset"] >= 17 and m["input_size"] == [518, 518]
         assert m["model"]["config"]["embed_dim"] == 96 and m["model"]["config"]["num_register_tokens"] == 4
         assert m["inputs"][0]["shape"] == ["batch", 3, 518, 518]
@@ -170,26 +171,26 @@ class TestPublishing:
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "keep.txt").write_text("mine")
         with pytest.raises(ArtifactExistsError, match="--overwrite"):
-            onnx_export.export_dinov2_onnx(model, tmp_path / "out")
+            dinov2_onnx.export_dinov2_onnx(model, tmp_path / "out")
         assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
     def test_overwrite_replaces_whole_directory(self, model, tmp_path):
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "stale.onnx").write_text("old")
-        onnx_export.export_dinov2_onnx(model, tmp_path / "out", overwrite=True)
+        dinov2_onnx.export_dinov2_onnx(model, tmp_path / "out", overwrite=True)
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.onnx"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old copy left
 
     def test_failed_verification_publishes_nothing(self, model, tmp_path, monkeypatch):
         monkeypatch.setitem(onnx_export.TOLERANCE, "fp32", 0.0)
         with pytest.raises(onnx_export.ExportVerificationError, match="nothing was written"):
-            onnx_export.export_dinov2_onnx(model, tmp_path / "out")
+            dinov2_onnx.export_dinov2_onnx(model, tmp_path / "out")
         assert list(tmp_path.iterdir()) == []
 
     def test_external_data(self, model, tmp_path, monkeypatch, fixture_io):
         """Models over 2 GiB (ViT-g in fp32) keep their weights in one model.onnx.data file."""
         monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
-        result = onnx_export.export_dinov2_onnx(model, tmp_path / "out")
+        result = dinov2_onnx.export_dinov2_onnx(model, tmp_path / "out")
         assert set(result.manifest.body["files"]) == {"model", "data"}
         assert (
             (tmp_path / "out" / "model.onnx").stat().st_size
@@ -212,7 +213,7 @@ class TestPublishing:
     )
     def test_bad_arguments(self, model, tmp_path, kwargs, problem):
         with pytest.raises(InvalidInputError, match=problem):
-            onnx_export.export_dinov2_onnx(model, tmp_path / "out", **kwargs)
+            dinov2_onnx.export_dinov2_onnx(model, tmp_path / "out", **kwargs)
         assert list(tmp_path.iterdir()) == []
 
 

@@ -169,7 +169,7 @@ def test_cli_export(tmp_path, capsys):
 def test_training_vocabulary_defaults_to_coco_panoptic(tmp_path):
     """Without seen_names the manifest records COCO panoptic's 133 classes with every synonym."""
     from knnclip.engine.artifact import read_manifest
-    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.engine.demo.models import seeded_fcclip
     from knnclip.export.fcclip.vocabularies import coco_panoptic_classes
 
     result = export_fcclip_onnx(seeded_fcclip(), tmp_path / "fc", size=(64, 96), tokenizer="bytes")
@@ -189,7 +189,7 @@ def test_text_artefact_carries_the_bpe_vocabulary(tmp_path):
     import hashlib
 
     from knnclip.engine.artifact import read_manifest
-    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.engine.demo.models import seeded_fcclip
     from knnclip.engine.text.tokenizer import BPE_FILENAME, find_bpe_file, make_tokenizer
 
     result = export_fcclip_onnx(seeded_fcclip(), tmp_path / "fc", size=(64, 96), seen_names=[])
@@ -212,7 +212,7 @@ def test_text_artefact_carries_the_bpe_vocabulary(tmp_path):
 def outputs(tmp_path_factory):
     import onnxruntime as ort
 
-    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.engine.demo.models import seeded_fcclip
     from knnclip.export.fcclip.onnx import ImageGraph, image_comparison
 
     model = seeded_fcclip()

@@ -22,7 +22,7 @@ def test_grid_sample_equals_the_gathers(height, width):
 
 
 def test_the_whole_model_agrees_and_the_mode_is_restored():
-    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.engine.demo.models import seeded_fcclip
     from knnclip.export.fcclip.onnx import ImageGraph
 
     model = seeded_fcclip()
@@ -42,7 +42,7 @@ def test_the_whole_model_agrees_and_the_mode_is_restored():
 def test_grid_export_runs_on_onnxruntime_and_openvino_bf16(tmp_path, monkeypatch):
     from knnclip.engine.artifact import read_manifest
     from knnclip.engine.backends import open_session
-    from knnclip.engine.demo.run import seeded_fcclip
+    from knnclip.engine.demo.models import seeded_fcclip
     from knnclip.export.fcclip.onnx import export_fcclip_onnx
 
     monkeypatch.setenv("KNNCLIP_ENGINE_CACHE", str(tmp_path / "engines"))

@@ -16,8 +16,8 @@ from tests.support.fixture_files import fixture_dir
 def export_fixture_models(root: Path) -> Path:
     """The resize fixture's FC-CLIP (288x384) and the DINOv2 fixture, exported with torch weights."""
     from knnclip.export.dinov2 import load_dinov2
+    from knnclip.export.dinov2.onnx import export_dinov2_onnx
     from knnclip.export.fcclip.onnx import export_fcclip_onnx
-    from knnclip.export.onnx import export_dinov2_onnx
 
     fx = load_fixture("fcclip_resize")
     export_fcclip_onnx(fx.model, root / "fcclip", size=fx.padded, seen_names=seen_names(fx), torch_weights=True)
