@@ -10,16 +10,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from knnclip.engine.database.database import Database, SearchResult
+    from knnclip.engine.database.database import Database, DatabaseState, SearchResult
     from knnclip.engine.database.indexes import IndexSpec
     from knnclip.engine.database.kinds import INDEX_KINDS, METRICS, STORAGES
     from knnclip.engine.database.vocabulary import ClassInfo, Vocabulary
 
 _HOMES = {
-    "Database": "database", "SearchResult": "database", "IndexSpec": "indexes", "INDEX_KINDS": "kinds",
+    "Database": "database", "DatabaseState": "database", "SearchResult": "database", "IndexSpec": "indexes", "INDEX_KINDS": "kinds",
     "METRICS": "kinds", "STORAGES": "kinds", "ClassInfo": "vocabulary", "Vocabulary": "vocabulary",
 }  # fmt: skip
-__all__ = ["INDEX_KINDS", "METRICS", "STORAGES", "ClassInfo", "Database", "IndexSpec", "SearchResult", "Vocabulary"]
+__all__ = [
+    "INDEX_KINDS", "METRICS", "STORAGES", "ClassInfo", "Database", "DatabaseState", "IndexSpec", "SearchResult",
+    "Vocabulary",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

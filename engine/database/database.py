@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import logging
 import os
 import threading
@@ -61,6 +62,15 @@ _MAX_K = 1 << 16
 _READER_RETRIES = 50  # a reader that keeps racing a writer's checkpoints retries this often
 
 
+class DatabaseState(str, enum.Enum):
+    """Where a :class:`Database` stands; each refusal says which and why."""
+
+    WRITER = "writer"  # holds the writer lock: changes are accepted
+    READ_ONLY = "read-only"  # opened with read_only=True: searches only
+    FAILED = "failed"  # a writer whose change failed part-way: nothing more is accepted until reopened
+    CLOSED = "closed"
+
+
 class SearchResult(NamedTuple):
     """``sims[M, k]`` float32 (-inf where no neighbour), ``labels[M, k]`` and ``ids[M, k]`` int64 (-1 there)."""
 
@@ -96,8 +106,8 @@ class Database:
             raise TypeError("use Database.create(...) or Database.open(...)")
         self.path = path
         self._manifest = manifest
-        self._read_only = read_only
-        self._closed = False
+        self._state = DatabaseState.READ_ONLY if read_only else DatabaseState.WRITER
+        self._failure = ""  # why, when the state is FAILED
         self._mutex = threading.RLock()
         self._c = Contents(manifest)
         self._lock: WriterLock | None = None
@@ -145,7 +155,7 @@ class Database:
         if not spec.needs_training:
             db._c.index = build_index(spec, db._c.dim, metric)
         db._write_directory(target, db._manifest.uuid, generation=1)
-        db._closed = True
+        db._state = DatabaseState.CLOSED
         return cls.open(target)
 
     @classmethod
@@ -183,7 +193,7 @@ class Database:
         """What :meth:`open` adds to the loaded contents: a writer's lock and log (and the rewrite
         of an older log format), and the search mirror on the GPU or in bf16."""
         self._lock = lock
-        if not self._read_only:
+        if self._state is DatabaseState.WRITER:
             self._log = LogWriter(self.path / WAL_NAME, self._log_state.valid_end)
             if self._log.tail_kept is not None:
                 log.warning("%s: the torn tail of the log is kept in %s", self.path / WAL_NAME, self._log.tail_kept)
@@ -251,8 +261,13 @@ class Database:
         return self._c.spec
 
     @property
+    def state(self) -> DatabaseState:
+        return self._state
+
+    @property
     def read_only(self) -> bool:
-        return self._read_only
+        """True unless this is a writer that accepts changes (read-only, failed or closed)."""
+        return self._state is not DatabaseState.WRITER
 
     @property
     def is_trained(self) -> bool:
@@ -308,7 +323,7 @@ class Database:
             return out
 
     def __repr__(self) -> str:
-        mode = "closed" if self._closed else ("read-only" if self._read_only else "writer")
+        mode = self._state.value
         return (
             f"Database({str(self.path)!r}, {len(self._c.ids)} entries, {len(self._c.vocab)} classes, "
             f"{self._c.spec.kind}/{self._c.spec.storage}, dim={self._c.dim}, {mode})"
@@ -436,15 +451,17 @@ class Database:
         replayed on the next open).
         """
         with self._mutex:
-            if self._closed:
+            if self._state is DatabaseState.CLOSED:
                 return
             try:
-                if self._log is not None and self._log.size > HEADER_BYTES and checkpoint is not False:
+                # (a failed writer's memory is not what its log says: the next open replays the log)
+                wants = checkpoint is not False and self._state is DatabaseState.WRITER
+                if self._log is not None and self._log.size > HEADER_BYTES and wants:
                     index_rec = self._manifest.files.get("index")
                     if checkpoint or index_rec is None or self._log.size * 4 >= index_rec.bytes:
                         self.checkpoint()
             finally:
-                self._closed = True
+                self._state = DatabaseState.CLOSED
                 if self._log is not None:
                     self._log.close()
                 if self._lock is not None:
@@ -551,19 +568,28 @@ class Database:
                 "checkpoint_lsn": self._manifest.checkpoint_lsn,
                 "device": self._c.mirror.device if self._c.mirror is not None else "cpu",
                 "search": type(self._c.mirror).__name__ if self._c.mirror is not None else "faiss",
-                "read_only": self._read_only,
+                "read_only": self.read_only,
+                "state": self._state.value,
                 "uuid": str(self._manifest.uuid),
             }
 
     # Internals -------------------------------------------------------------------------------
     def _check_open(self) -> None:
-        if self._closed:
+        if self._state is DatabaseState.CLOSED:
             raise ReadOnlyDatabaseError(f"{self.path}: the database is closed")
 
     def _check_writable(self) -> None:
         self._check_open()
-        if self._read_only:
+        if self._state is DatabaseState.READ_ONLY:
             raise ReadOnlyDatabaseError(f"{self.path}: opened read_only=True; open it without read_only to change it")
+        if self._state is DatabaseState.FAILED:
+            raise ReadOnlyDatabaseError(
+                f"{self.path}: this writer takes no more changes: {self._failure}; close and reopen the database "
+                "(the log replays every change that was made durable)"
+            )
+
+    def _fail(self, why: str) -> None:
+        self._state, self._failure = DatabaseState.FAILED, why
 
     def _validated_vectors(self, x: Any, what: str, allow_zero: bool = False) -> np.ndarray:
         arr = np.asarray(x)
@@ -623,6 +649,7 @@ class Database:
             wal.append(record_bytes)
         except OSError as exc:
             if wal.broken:
+                self._fail(f"a record only partly written to {wal.path} could not be cut off ({exc})")
                 raise DatabaseWriteError(
                     wal.path, "append to the log", exc,
                     "the partial record could not be cut off, so nothing more is written; nothing was applied",
@@ -630,9 +657,9 @@ class Database:
             raise DatabaseWriteError(wal.path, "append to the log", exc) from exc
         try:
             self._c.apply(Record(self._c.lsn + 1, kind, meta, memoryview(b"".join(body))))
-        except BaseException:
+        except BaseException as exc:
             # The log has the change but memory does not: refuse further use rather than diverge.
-            self._read_only = True
+            self._fail(f"a change was logged but could not be applied in memory ({type(exc).__name__}: {exc})")
             raise
         if wal.size > max(self.auto_checkpoint_bytes, self._checkpoint_deferred_until):
             # The change is durable and applied: a checkpoint that fails now must not make the

@@ -334,3 +334,34 @@ def test_readers_racing_checkpoints_never_fail(tmp_path: Path) -> None:
         t.join()
     writer.close()
     assert failures == [] and reads[0] > 10
+
+
+def test_a_writer_whose_change_fails_after_logging_says_so_and_reopens_whole(tmp_path: Path, monkeypatch) -> None:
+    """The log holds the change but memory could not take it (here: memory runs out in apply):
+    the writer refuses everything after, naming what failed, not "opened read_only"; a reopen
+    replays the durable change."""
+    from knnclip.engine.database import DatabaseState
+    from knnclip.engine.database.contents import Contents
+    from knnclip.engine.errors import ReadOnlyDatabaseError
+
+    path = tmp_path / "db"
+    db = Database.create(path, DIM)
+    db.add(np.eye(DIM)[:2], ["a", "b"])
+    assert db.state is DatabaseState.WRITER and "writer" in repr(db)
+
+    def out_of_memory(self, record):
+        raise MemoryError("no room for the new rows")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Contents, "apply", out_of_memory)
+        with pytest.raises(MemoryError):
+            db.add(np.eye(DIM)[2:3], ["c"])
+    assert db.state is DatabaseState.FAILED and db.read_only and "failed" in repr(db)
+    with pytest.raises(ReadOnlyDatabaseError, match="logged but could not be applied.*MemoryError.*reopen"):
+        db.add(np.eye(DIM)[3:4], ["d"])
+    assert len(db) == 2, "searches still see what was applied"
+    db.close()  # no checkpoint of memory that differs from the log
+    assert db.state is DatabaseState.CLOSED
+    with Database.open(path, read_only=True) as again:
+        assert again.state is DatabaseState.READ_ONLY
+        assert len(again) == 3 and again.classes == {"a": 1, "b": 1, "c": 1}
