@@ -19,9 +19,18 @@ from knnclip.engine.bench.harness import (
 )
 
 __all__ = [
-    "RESULTS", "machine", "pyplot", "rss_mib", "spawn", "summarize", "time_calls", "time_torch", "timeit_interleaved",
-    "write_json", "write_text",
-]  # fmt: skip
+    "RESULTS",
+    "machine",
+    "pyplot",
+    "rss_mib",
+    "spawn",
+    "summarize",
+    "time_calls",
+    "time_torch",
+    "timeit_interleaved",
+    "write_json",
+    "write_text",
+]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 rss_mib = peak_rss_mib

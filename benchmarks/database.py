@@ -222,8 +222,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax1.plot(n, [r["search"]["p50_ms"] for r in rows], "o-", label=f"{storage} (knnclip)")
         faiss_rows = [r for r in rows if "faiss_scan" in r]
         if faiss_rows:
-            ax1.plot([r["entries"] for r in faiss_rows], [r["faiss_scan"]["p50_ms"] for r in faiss_rows], "x--",
-                     label=f"{storage} (FAISS scan)")  # fmt: skip
+            ax1.plot(
+                [r["entries"] for r in faiss_rows],
+                [r["faiss_scan"]["p50_ms"] for r in faiss_rows],
+                "x--",
+                label=f"{storage} (FAISS scan)",
+            )
         ax2.plot(n, [r["add_entries_per_s"] for r in rows], "o-", label=storage)
     ax1.set(xscale="log", yscale="log", xlabel="entries", ylabel=f"search p50 ms ({QUERIES} queries, k={K})")
     ax2.set(xscale="log", xlabel="entries", ylabel="durable add entries/s")

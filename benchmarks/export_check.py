@@ -39,27 +39,39 @@ def main() -> None:
                     model, Path(work) / f"fc{i}", size=(512, 704), seen_names=[], torch_weights=torch_weights
                 )
                 v = result.image.manifest.body["verification"]
-                row = {"seed": seed, "torch_weights": torch_weights, "refused": None,
-                       "errors": {k: float(f"{e:.3g}") for k, e in v["rel_l2_error_per_output"].items()},
-                       "mask_flips": v["ov_embed_mask_flips"],
-                       "ov_embed_vs_torch_masks": float(f"{v['ov_embed_rel_l2_vs_torch_masks']:.3g}")}  # fmt: skip
+                row = {
+                    "seed": seed,
+                    "torch_weights": torch_weights,
+                    "refused": None,
+                    "errors": {k: float(f"{e:.3g}") for k, e in v["rel_l2_error_per_output"].items()},
+                    "mask_flips": v["ov_embed_mask_flips"],
+                    "ov_embed_vs_torch_masks": float(f"{v['ov_embed_rel_l2_vs_torch_masks']:.3g}"),
+                }
             except KnnclipError as exc:
                 row = {"seed": seed, "torch_weights": torch_weights, "refused": str(exc)}
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             print(row)
-    payload = {"machine": machine(), "command": "python benchmarks/export_check.py", "size": [512, 704],
-               "queries": cfg.decoder.num_queries, "depths": list(cfg.clip.depths), "rows": rows}  # fmt: skip
+    payload = {
+        "machine": machine(),
+        "command": "python benchmarks/export_check.py",
+        "size": [512, 704],
+        "queries": cfg.decoder.num_queries,
+        "depths": list(cfg.clip.depths),
+        "rows": rows,
+    }
     write_json("export-check", payload)
     lines = [
-        "# FC-CLIP export check at real decoder sizes (`python benchmarks/export_check.py`)", "",
+        "# FC-CLIP export check at real decoder sizes (`python benchmarks/export_check.py`)",
+        "",
         f"ConvNeXt-L widths, stage depths {payload['depths']}, {payload['queries']} queries, 512x704, seeded weights. "
         "'ov_embed' is checked against torch's pooling of ONNX Runtime's own binary masks; 'flips' counts the "
         "mask pixels at the CLIP map's resolution that landed on the other side of 0 (allowed within noise); "
-        "'vs torch masks' is the plain comparison the check used to apply.", "",
+        "'vs torch masks' is the plain comparison the check used to apply.",
+        "",
         "| seed | torch weights | refused | mask_logits | class_embed | ov_embed | flips | vs torch masks |",
         "|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         e = r.get("errors", {})
         lines.append(

@@ -109,13 +109,22 @@ def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tu
         for size, shape in (("DINOv2 keys 1536x37x37", (1536, 37, 37)), ("CLIP dense 1536x25x34", (1536, 25, 34))):
             features = rng.standard_normal(shape).astype(dtype)
             masks = (rng.standard_normal((250, *MASK_HW)) * 3).astype(dtype)
-            cases.append(("mask_pool", f"{size}, 250 masks 200x272", dtype, _C.mask_pool, (features, masks),
-                          ref.mask_pool))  # fmt: skip
+            cases.append(
+                ("mask_pool", f"{size}, 250 masks 200x272", dtype, _C.mask_pool, (features, masks), ref.mask_pool)
+            )
         for classes in (150, 847):
             probs = rng.dirichlet(np.ones(classes), 250).astype(dtype)
             logits = (rng.standard_normal((250, *MASK_HW)) * 3).astype(dtype)
-            cases.append(("semantic_merge", f"250x{classes}, masks 200x272", dtype, _C.semantic_merge,
-                          (probs, logits), ref.semantic_merge if classes == 150 else None))  # fmt: skip
+            cases.append(
+                (
+                    "semantic_merge",
+                    f"250x{classes}, masks 200x272",
+                    dtype,
+                    _C.semantic_merge,
+                    (probs, logits),
+                    ref.semantic_merge if classes == 150 else None,
+                )
+            )
     features = rng.standard_normal((2, 1536, 37, 37)).astype(np.float32)
     masks = (rng.standard_normal((2, 250, *MASK_HW)) * 3).astype(np.float32)
     cases.append(("mask_pool", "batch of 2, 250 masks each", "float32", _C.mask_pool, (features, masks), ref.mask_pool))
@@ -124,18 +133,41 @@ def op_cases(rng: np.random.Generator) -> list[tuple[str, str, str, Callable, tu
     rows = 8_500_000  # past 65,535 blocks x 128 threads: the grid-stride loop's rows
     sims = rng.uniform(-1, 1, (rows, 1)).astype(np.float32)
     labels = rng.integers(-1, 2, (rows, 1)).astype(np.int64)
-    cases.append(("retrieval_probs", f"{rows}x1, 2 classes (grid stride)", "float32",
-                  lambda s, lab: _C.retrieval_probs(s, lab, 2, 0.05), (sims, labels), None))  # fmt: skip
+    cases.append(
+        (
+            "retrieval_probs",
+            f"{rows}x1, 2 classes (grid stride)",
+            "float32",
+            lambda s, lab: _C.retrieval_probs(s, lab, 2, 0.05),
+            (sims, labels),
+            None,
+        )
+    )
     for classes in (150, 847):
         sims = rng.uniform(-1, 1, (250, 10)).astype(np.float32)
         labels = rng.integers(-1, classes, (250, 10)).astype(np.int64)
-        cases.append(("retrieval_probs", f"250x10, {classes} classes", "float32",
-                      lambda s, lab, c=classes: _C.retrieval_probs(s, lab, c, 0.05), (sims, labels),
-                      lambda s, lab, c=classes: ref.retrieval_probs(s, lab, c, 0.05)))  # fmt: skip
+        cases.append(
+            (
+                "retrieval_probs",
+                f"250x10, {classes} classes",
+                "float32",
+                lambda s, lab, c=classes: _C.retrieval_probs(s, lab, c, 0.05),
+                (sims, labels),
+                lambda s, lab, c=classes: ref.retrieval_probs(s, lab, c, 0.05),
+            )
+        )
         base = rng.dirichlet(np.ones(classes), 250).astype(np.float32)
         ret = rng.dirichlet(np.ones(classes) * 0.05, 250).astype(np.float32)
-        cases.append(("fuse", f"250x{classes}", "float32", lambda b, r: _C.fuse(b, r, 0.5, 0.5), (base, ret),
-                      lambda b, r: ref.fuse(b, r, 0.5, 0.5)))  # fmt: skip
+        cases.append(
+            (
+                "fuse",
+                f"250x{classes}",
+                "float32",
+                lambda b, r: _C.fuse(b, r, 0.5, 0.5),
+                (base, ret),
+                lambda b, r: ref.fuse(b, r, 0.5, 0.5),
+            )
+        )
     masks = (rng.standard_normal((50, *MASK_HW)) * 3).astype(np.float32)
     from knnclip.engine.pipeline.postprocess import resize_matrices
 
@@ -167,8 +199,9 @@ def check_decisions(dev: DeviceArrays | HostArrays, repeats: int) -> list[dict[s
         result = fn(*on_device)
         dev.sync()
         cpu_parts = cpu if isinstance(cpu, tuple) else (cpu,)
-        gpu_parts = [r.numpy() if _on_device(r) else np.asarray(r) for r in (result if isinstance(result, tuple)
-                                                                               else (result,))]  # fmt: skip
+        gpu_parts = [
+            r.numpy() if _on_device(r) else np.asarray(r) for r in (result if isinstance(result, tuple) else (result,))
+        ]
         agreement = [float(np.mean(np.asarray(a) == g)) for a, g in zip(cpu_parts, gpu_parts, strict=True)]
         row: dict[str, Any] = {"op": op, "size": size, "agreement": agreement}
         row["ok"] = min(agreement[:2]) >= 0.999 and (len(agreement) < 3 or agreement[2] == 1.0)
@@ -232,11 +265,17 @@ def check_errors(dev: DeviceArrays | HostArrays) -> list[dict[str, Any]]:
     cases = [
         ("NaN in the features", ValueError, lambda: _C.mask_pool(dev.put(nan), dev.put(masks))),
         ("float64 features", TypeError, lambda: _C.mask_pool(dev.put(features.astype(np.float64)), dev.put(masks))),
-        ("label past num_classes", ValueError,
-         lambda: _C.retrieval_probs(dev.put(np.ones((1, 2), np.float32)), dev.put(labels), 3, 0.1)),
-        ("mismatched masks", ValueError,
-         lambda: _C.semantic_merge(dev.put(np.ones((2, 4), np.float32)), dev.put(masks))),
-    ]  # fmt: skip
+        (
+            "label past num_classes",
+            ValueError,
+            lambda: _C.retrieval_probs(dev.put(np.ones((1, 2), np.float32)), dev.put(labels), 3, 0.1),
+        ),
+        (
+            "mismatched masks",
+            ValueError,
+            lambda: _C.semantic_merge(dev.put(np.ones((2, 4), np.float32)), dev.put(masks)),
+        ),
+    ]
     rows = []
     for name, expected, call in cases:
         try:
@@ -456,20 +495,32 @@ def check_faiss_gpu(repeats: int) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"# GPU check: {result['gpu']}", "",
-             f"Host {m['cpu']}, {m['cores']} cores; knnclip._C archs {result['build']['cuda_archs']}, CUDA runtime "
-             f"{result['build']['cuda_runtime']}; device arrays from {result['arrays']}. Produced by "
-             f"`{result['command']}`.", "", "## knnclip._C: CUDA kernels against the CPU kernels", "",
-             "| op | size | dtype | max rel. diff to CPU / float64 | CPU median ms | GPU median ms | speed-up | |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# GPU check: {result['gpu']}",
+        "",
+        f"Host {m['cpu']}, {m['cores']} cores; knnclip._C archs {result['build']['cuda_archs']}, CUDA runtime "
+        f"{result['build']['cuda_runtime']}; device arrays from {result['arrays']}. Produced by "
+        f"`{result['command']}`.",
+        "",
+        "## knnclip._C: CUDA kernels against the CPU kernels",
+        "",
+        "| op | size | dtype | max rel. diff to CPU / float64 | CPU median ms | GPU median ms | speed-up | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["ops"]:
         cpu, gpu = r["cpu"]["median_s"] * 1e3, r["gpu"]["median_s"] * 1e3
         f64 = f" / {r['max_rel_diff_float64']:.1e}" if "max_rel_diff_float64" in r else ""
-        lines.append(f"| {r['op']} | {r['size']} | {r['dtype']} | {r['max_rel_diff']:.1e}{f64} | {cpu:.3f} | {gpu:.3f} "
-                     f"| {cpu / gpu:.1f}x | {'ok' if r['ok'] else 'FAIL'} |")  # fmt: skip
-    lines += ["", "## Pixel decisions: CUDA kernels against the CPU kernels", "",
-              "| op | size | pixels decided alike (owner, own, mask pixel counts) | CPU median ms | GPU median ms | |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {r['op']} | {r['size']} | {r['dtype']} | {r['max_rel_diff']:.1e}{f64} | {cpu:.3f} | {gpu:.3f} "
+            f"| {cpu / gpu:.1f}x | {'ok' if r['ok'] else 'FAIL'} |"
+        )
+    lines += [
+        "",
+        "## Pixel decisions: CUDA kernels against the CPU kernels",
+        "",
+        "| op | size | pixels decided alike (owner, own, mask pixel counts) | CPU median ms | GPU median ms | |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result.get("decisions", []):
         cpu, gpu = r["cpu"]["median_s"] * 1e3, r["gpu"]["median_s"] * 1e3
         alike = ", ".join(f"{a:.4%}" for a in r["agreement"])
@@ -481,28 +532,39 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"not run: {p['error']}")
         else:
             lines.append(f"Arrays {p['arrays']}; sessions {', '.join(p['sessions'].values())}.")
-            lines += ["", "| image | semantic agreement | same segments | instances | max instance score diff | |",
-                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                "| image | semantic agreement | same segments | instances | max instance score diff | |",
+                "|---|---|---|---|---|---|",
+            ]
             for i, r in enumerate(p["images"]):
                 lines.append(
                     f"| {i} | {r['semantic_agreement']:.4%} | {r['same_segments']} ({r['segments']}) | "
                     f"{r['instances']} | {r['max_instance_score_diff']:.1e} | {'ok' if r['ok'] else 'FAIL'} |"
                 )
             stages = ", ".join(f"{k} {v:.2f}" for k, v in p["stages_ms"].items())
-            moved = "; ".join(f"{d}: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in t.items())
-                              for d, t in p["bytes_moved_per_image"].items())  # fmt: skip
+            moved = "; ".join(
+                f"{d}: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in t.items())
+                for d, t in p["bytes_moved_per_image"].items()
+            )
             lines += ["", f"Median stage times (ms): {stages}.", "", f"Bytes moved per image: {moved}."]
     if result.get("models"):
-        lines += ["", "## Models: GPU backends against ONNX Runtime on the CPU", "",
-                  "| model | backend | max rel. diff per output | GPU median ms | CPU median ms |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Models: GPU backends against ONNX Runtime on the CPU",
+            "",
+            "| model | backend | max rel. diff per output | GPU median ms | CPU median ms |",
+            "|---|---|---|---|---|",
+        ]
         for r in result["models"]:
             if "error" in r:
                 lines.append(f"| {r['model']} | {r['backend']} | not run: {r['error'][:120]} | - | - |")
                 continue
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_diff"].items())
-            lines.append(f"| {r['model']} | {r['backend']} | {diffs} | {r['gpu']['median_s'] * 1e3:.2f} | "
-                         f"{r['cpu_onnxruntime']['median_s'] * 1e3:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {r['model']} | {r['backend']} | {diffs} | {r['gpu']['median_s'] * 1e3:.2f} | "
+                f"{r['cpu_onnxruntime']['median_s'] * 1e3:.1f} |"
+            )
     if result.get("interop") or result.get("errors"):
         lines += ["", "## Error paths and interop: streams, DLPack, lifetime, memory", "", "| check | |", "|---|---|"]
         for r in result.get("errors", []) + result.get("interop", []):
@@ -511,9 +573,12 @@ def markdown(result: dict[str, Any]) -> str:
     f = result.get("faiss_gpu")
     if f:
         lines += ["", "## Database search on the GPU (faiss-gpu), 10^5 x 1536, 250 queries, k=10", ""]
-        lines.append(f"not run: {f['error']}" if "error" in f else
-                     f"top-1 agreement {f['top1_agreement']:.4f}, max similarity difference {f['max_sim_diff']:.1e}, "
-                     f"CPU {f['cpu']['median_s'] * 1e3:.1f} ms, GPU {f['gpu']['median_s'] * 1e3:.2f} ms")  # fmt: skip
+        lines.append(
+            f"not run: {f['error']}"
+            if "error" in f
+            else f"top-1 agreement {f['top1_agreement']:.4f}, max similarity difference {f['max_sim_diff']:.1e}, "
+            f"CPU {f['cpu']['median_s'] * 1e3:.1f} ms, GPU {f['gpu']['median_s'] * 1e3:.2f} ms"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -531,8 +596,13 @@ def main() -> int:
         print(f"gpu_check: no usable CUDA device: {_C.cuda_status()}; nothing was checked")
         return 0 if args.skip_without_gpu else 3
     dev = HostArrays() if args.dry_run else DeviceArrays()
-    result: dict[str, Any] = {"machine": machine(), "build": build, "gpu": dev.gpu, "arrays": dev.name,
-                              "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "build": build,
+        "gpu": dev.gpu,
+        "arrays": dev.name,
+        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+    }
     result["ops"] = check_ops(dev, args.repeats)
     result["decisions"] = check_decisions(dev, args.repeats)
     result["errors"] = check_errors(dev)

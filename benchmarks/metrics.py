@@ -48,20 +48,36 @@ def main() -> None:
         for i in range(args.images):
             cm.update(*pairs[i % len(pairs)])
         seconds = time.perf_counter() - start
-        rows.append({"metric": f"mIoU, {classes} classes", "images": args.images, "seconds": round(seconds, 2),
-                     "ms_per_image": round(1e3 * seconds / args.images, 3)})  # fmt: skip
+        rows.append(
+            {
+                "metric": f"mIoU, {classes} classes",
+                "images": args.images,
+                "seconds": round(seconds, 2),
+                "ms_per_image": round(1e3 * seconds / args.images, 3),
+            }
+        )
     pq = PanopticQuality(150, [i % 2 == 0 for i in range(150)])
     cases = [segment_maps(rng) for _ in range(20)]
     start = time.perf_counter()
     for i in range(args.images):
         pq.update(*cases[i % len(cases)])
     seconds = time.perf_counter() - start
-    rows.append({"metric": "PQ, 150 classes, 40 segments", "images": args.images, "seconds": round(seconds, 2),
-                 "ms_per_image": round(1e3 * seconds / args.images, 3)})  # fmt: skip
+    rows.append(
+        {
+            "metric": "PQ, 150 classes, 40 segments",
+            "images": args.images,
+            "seconds": round(seconds, 2),
+            "ms_per_image": round(1e3 * seconds / args.images, 3),
+        }
+    )
     payload = {"machine": machine(), "image_size": [512, 683], "rows": rows}
     write_json("metrics", payload)
-    lines = [f"# Metric accumulation ({payload['machine']['cpu']}, {payload['machine']['cores']} cores)", "",
-             "| metric | images | seconds | ms / image |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Metric accumulation ({payload['machine']['cpu']}, {payload['machine']['cores']} cores)",
+        "",
+        "| metric | images | seconds | ms / image |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['metric']} | {r['images']} | {r['seconds']} | {r['ms_per_image']} |" for r in rows]
     write_text("metrics.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -116,18 +116,36 @@ def cases(rng: np.random.Generator) -> list[dict[str, Any]]:
                     "args": (p_base.astype(dtype), masks.astype(dtype)),
                 }
             )
-        out.append({"op": "semantic_argmax", "size": f"250x{classes} probs, 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
-                    "dtype": "float32", "args": (p_base, masks)})  # fmt: skip
+        out.append(
+            {
+                "op": "semantic_argmax",
+                "size": f"250x{classes} probs, 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
+                "dtype": "float32",
+                "args": (p_base, masks),
+            }
+        )
     from knnclip.engine.pipeline.postprocess import resize_matrices
 
     small = (rng.standard_normal((250, 160, 216)) * 4).astype(np.float32)
     rows, cols = resize_matrices((160, 216), (640, 864), (640, 853), (512, 683))
-    out.append({"op": "resample", "size": "250 masks 160x216 -> 512x683 (FC-CLIP's upsample, crop, resize)",
-                "dtype": "float32", "args": (small, rows, cols)})  # fmt: skip
+    out.append(
+        {
+            "op": "resample",
+            "size": "250 masks 160x216 -> 512x683 (FC-CLIP's upsample, crop, resize)",
+            "dtype": "float32",
+            "args": (small, rows, cols),
+        }
+    )
     queries = np.sort(rng.choice(250, 100, replace=False)).astype(np.int64)
     scores = rng.uniform(0.3, 1.0, 100).astype(np.float32)
-    out.append({"op": "panoptic_owner", "size": f"100 of 250 masks {MASK_HW[0]}x{MASK_HW[1]}", "dtype": "float32",
-                "args": (scores, masks, queries)})  # fmt: skip
+    out.append(
+        {
+            "op": "panoptic_owner",
+            "size": f"100 of 250 masks {MASK_HW[0]}x{MASK_HW[1]}",
+            "dtype": "float32",
+            "args": (scores, masks, queries),
+        }
+    )
     return out
 
 

@@ -78,14 +78,15 @@ def stages_worker(spec: dict[str, Any]) -> dict[str, Any]:
         mask_cls = np.concatenate([ops.fuse(base, p_ret, 0.5, 0.5), np.full((queries, 1), 1e-3, np.float32)], 1)
         full = postprocess.resize_masks(masks, PADDED, RESIZED, output)
         return {
-            "queries": queries, "image": list(output),
+            "queries": queries,
+            "image": list(output),
             "pool": _time(lambda: ops.mask_pool(keys, valid), r),
             "search": _time(lambda: db.search(pooled, K), r),
             "fuse": _time(lambda: ops.fuse(base, ops.retrieval_probs(sims, labels, CLASSES, 0.05), 0.5, 0.5), r),
             "resize": _time(lambda: postprocess.resize_masks(masks, PADDED, RESIZED, output), r),
             "semantic": _time(lambda: postprocess.semantic_labels(postprocess.semantic_probs(mask_cls), full), r),
             "panoptic": _time(lambda: postprocess.panoptic_inference(mask_cls, full, is_thing, 0.0, 0.8), r),
-        }  # fmt: skip
+        }
 
     rows = [measure(q, tuple(spec["image"])) for q in spec["queries"]]
     rows += [measure(spec["queries"][-1], tuple(size)) for size in spec["sizes"]]
@@ -107,10 +108,14 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rss_open = _rss_mib()
     search = _time(lambda: db.search(queries, K), spec["repeats"])
     result = {
-        "entries": spec["entries"], "storage": spec["storage"], "rss_mib": rss_open - rss_before,
-        "rss_after_search_mib": _rss_mib() - rss_before, "peak_rss_mib": peak_rss_mib(),
-        "code_bytes": db.stats()["code_bytes_per_entry"] * spec["entries"], "search": search,
-    }  # fmt: skip
+        "entries": spec["entries"],
+        "storage": spec["storage"],
+        "rss_mib": rss_open - rss_before,
+        "rss_after_search_mib": _rss_mib() - rss_before,
+        "peak_rss_mib": peak_rss_mib(),
+        "code_bytes": db.stats()["code_bytes_per_entry"] * spec["entries"],
+        "search": search,
+    }
     db.close()
     return result
 
@@ -147,25 +152,42 @@ def markdown(result: dict[str, Any]) -> str:
     for row in result["stages"][:n_q]:
         cells = [row[s]["median_s"] * 1e3 for s in stages]
         lines.append(f"| {row['queries']} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {sum(cells):.1f} |")
-    lines += ["", "## Against the image size (250 queries)", "", "| image | pool | search | fuse | resize | semantic "
-              "| panoptic | sum |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Against the image size (250 queries)",
+        "",
+        "| image | pool | search | fuse | resize | semantic | panoptic | sum |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in result["stages"][n_q:]:
         cells = [row[s]["median_s"] * 1e3 for s in stages]
-        lines.append(f"| {row['image'][0]}x{row['image'][1]} | " + " | ".join(f"{c:.1f}" for c in cells)
-                     + f" | {sum(cells):.1f} |")  # fmt: skip
-    lines += ["", "## Database memory and search against size and storage (flat index, 250 queries, k=10)", "",
-              "| storage | entries | code MiB | resident MiB after open | search median ms |",
-              "|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {row['image'][0]}x{row['image'][1]} | "
+            + " | ".join(f"{c:.1f}" for c in cells)
+            + f" | {sum(cells):.1f} |"
+        )
+    lines += [
+        "",
+        "## Database memory and search against size and storage (flat index, 250 queries, k=10)",
+        "",
+        "| storage | entries | code MiB | resident MiB after open | search median ms |",
+        "|---|---|---|---|---|",
+    ]
     for row in result["memory"]:
-        lines.append(f"| {row['storage']} | {row['entries']:,} | {row['code_bytes'] / 2**20:.1f} | "
-                     f"{row['rss_mib']:.1f} | {row['search']['median_s'] * 1e3:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {row['storage']} | {row['entries']:,} | {row['code_bytes'] / 2**20:.1f} | "
+            f"{row['rss_mib']:.1f} | {row['search']['median_s'] * 1e3:.1f} |"
+        )
     lines += [
         "",
         "Resident memory is read in the process that built the database, so the smallest sizes read "
         "low (the allocator reuses what building freed); at 10^5 entries it matches the codes.",
     ]
-    lines += ["", "Not measured here: 10^7 entries (fp16 needs 29 GiB, more than this machine has), and the GPU "
-              "paths (no GPU was available)."]  # fmt: skip
+    lines += [
+        "",
+        "Not measured here: 10^7 entries (fp16 needs 29 GiB, more than this machine has), and the GPU "
+        "paths (no GPU was available).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -203,15 +225,27 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [1000, 10000, 100000] + ([] if args.quick else [1000000])
     settings = {
-        "entries": 100000, "queries": [50, 100, 150, 200, 250], "image": [512, 683],
-        "sizes": [[256, 341], [512, 683], [768, 1024], [1024, 1365]], "repeats": args.repeats,
-        "memory_sizes": sizes, "storages": ["fp32", "fp16", "sq8"],
-    }  # fmt: skip
+        "entries": 100000,
+        "queries": [50, 100, 150, 200, 250],
+        "image": [512, 683],
+        "sizes": [[256, 341], [512, 683], [768, 1024], [1024, 1365]],
+        "repeats": args.repeats,
+        "memory_sizes": sizes,
+        "storages": ["fp32", "fp16", "sq8"],
+    }
     stages = _spawn("stages", settings)["rows"]
-    memory = [_spawn("memory", {"entries": n, "storage": s, "repeats": args.repeats})
-              for s in settings["storages"] for n in sizes]  # fmt: skip
-    result = {"machine": machine(), "settings": settings, "stages": stages, "memory": memory,
-              "command": "python benchmarks/scaling.py" + (" --quick" if args.quick else "")}  # fmt: skip
+    memory = [
+        _spawn("memory", {"entries": n, "storage": s, "repeats": args.repeats})
+        for s in settings["storages"]
+        for n in sizes
+    ]
+    result = {
+        "machine": machine(),
+        "settings": settings,
+        "stages": stages,
+        "memory": memory,
+        "command": "python benchmarks/scaling.py" + (" --quick" if args.quick else ""),
+    }
     write_json("scaling", result)
     write_text("scaling.md", markdown(result))
     plot(result, RESULTS / "scaling.png")

@@ -45,8 +45,21 @@ def free_port() -> int:
 class Server:
     def __init__(self, models: Path, db: Path, log: Path, *args: str, ray: bool = False) -> None:
         self.port = free_port()
-        command = [sys.executable, "-m", "knnclip.engine.cli", "serve", "--models", str(models), "--db", str(db),
-                   "--device", "cpu", "--port", str(self.port), *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "knnclip.engine.cli",
+            "serve",
+            "--models",
+            str(models),
+            "--db",
+            str(db),
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         self.log = log.open("wb")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -91,10 +104,14 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
         elapsed = time.perf_counter() - started
     total = sum(codes.values())
     row: dict[str, Any] = {
-        "clients": clients, "seconds": round(elapsed, 2), "ok": codes.get(200, 0), "shed": codes.get(503, 0),
-        "other": total - codes.get(200, 0) - codes.get(503, 0), "throughput_rps": codes.get(200, 0) / elapsed,
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "ok": codes.get(200, 0),
+        "shed": codes.get(503, 0),
+        "other": total - codes.get(200, 0) - codes.get(503, 0),
+        "throughput_rps": codes.get(200, 0) / elapsed,
         "shed_rate": codes.get(503, 0) / total if total else 0.0,
-    }  # fmt: skip
+    }
     if latencies:
         p = percentiles(latencies)
         row.update(p50_ms=p["p50"] * 1000, p99_ms=p["p99"] * 1000)
@@ -147,9 +164,11 @@ def main() -> None:
                 for clients in args.levels:
                     row = asyncio.run(load(server.url, bodies, clients, args.seconds))
                     results[name].append(row)
-                    print(f"  {clients:>3} clients: {row['throughput_rps']:.2f} req/s, "
-                          f"p50 {row.get('p50_ms', 0):.0f} ms, p99 {row.get('p99_ms', 0):.0f} ms, "
-                          f"shed {row['shed_rate']:.1%}")  # fmt: skip
+                    print(
+                        f"  {clients:>3} clients: {row['throughput_rps']:.2f} req/s, "
+                        f"p50 {row.get('p50_ms', 0):.0f} ms, p99 {row.get('p99_ms', 0):.0f} ms, "
+                        f"shed {row['shed_rate']:.1%}"
+                    )
             finally:
                 server.stop()
         print("overload: starting")
@@ -160,8 +179,13 @@ def main() -> None:
                 healthy_after = http.get("/healthz").status_code == 200
         finally:
             server.stop()
-    report = {"machine": machine(), "seconds_per_level": args.seconds, "image": "192x256 PNG", "results": results,
-              "healthy_after_overload": healthy_after}  # fmt: skip
+    report = {
+        "machine": machine(),
+        "seconds_per_level": args.seconds,
+        "image": "192x256 PNG",
+        "results": results,
+        "healthy_after_overload": healthy_after,
+    }
     write_json("serve", report)
     write_text("serve.md", markdown(report))
 
@@ -180,8 +204,10 @@ def markdown(report: dict[str, Any]) -> str:
     for name, rows in report["results"].items():
         for r in rows:
             p50, p99 = r.get("p50_ms", float("nan")), r.get("p99_ms", float("nan"))
-            lines.append(f"| {name} | {r['clients']} | {r['throughput_rps']:.2f} | {p50:.0f} | {p99:.0f} | "
-                         f"{r['shed_rate']:.1%} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['clients']} | {r['throughput_rps']:.2f} | {p50:.0f} | {p99:.0f} | "
+                f"{r['shed_rate']:.1%} |"
+            )
     batched, single = report["results"].get("embedded batch=4"), report["results"].get("embedded batch=1")
     if batched and single:
         lines += ["", "Gain from dynamic batching (batch=4 over batch=1 throughput, same clients):", ""]

@@ -67,9 +67,12 @@ def main() -> None:
                     for mode in ("overlapped", "serial"):
                         outputs = VideoOutputs(work / f"out-{mode}-{round_}", 10.0, "h264")
                         report = segment_video(
-                            seg, VideoSource(str(clip)), outputs, batch_size=args.batch_size,
+                            seg,
+                            VideoSource(str(clip)),
+                            outputs,
+                            batch_size=args.batch_size,
                             overlap=mode == "overlapped",
-                        )  # fmt: skip
+                        )
                         assert report.frames_segmented == args.frames, report
                         fps[mode].append(report.fps)
                         busy[mode] = {k: round(v, 3) for k, v in report.busy_seconds.items()}
@@ -85,9 +88,12 @@ def main() -> None:
                 rows.append(row)
                 print(row)
     payload = {
-        "machine": machine(), "command": "python benchmarks/video.py", "batch_size": args.batch_size,
-        "rounds": args.rounds, "rows": rows,
-    }  # fmt: skip
+        "machine": machine(),
+        "command": "python benchmarks/video.py",
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
     write_json("video", payload)
     m = payload["machine"]
     lines = [

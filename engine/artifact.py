@@ -157,8 +157,10 @@ class Manifest:
             "body": dict(body),
         }
         kinds: dict[str, type[Manifest]] = {
-            KIND_FCCLIP_IMAGE: FCCLIPImageManifest, KIND_FCCLIP_TEXT: FCCLIPTextManifest, KIND_DINOV2: DINOv2Manifest,
-        }  # fmt: skip
+            KIND_FCCLIP_IMAGE: FCCLIPImageManifest,
+            KIND_FCCLIP_TEXT: FCCLIPTextManifest,
+            KIND_DINOV2: DINOv2Manifest,
+        }
         subclass = kinds.get(kind)
         if subclass is None:
             return cls(**common)

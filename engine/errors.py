@@ -18,12 +18,27 @@ class BackendUnavailableError(KnnclipError, ImportError):
 
 # The extra that brings each optional top-level module (pyproject.toml's optional dependencies).
 EXTRA_OF_MODULE = {
-    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve",
-    "python_multipart": "serve", "httpx": "serve", "pydantic": "serve", "starlette": "serve",
-    "ray": "ray", "av": "video", "pycocotools": "video", "openvino": "openvino", "torch": "export",
-    "onnx": "export", "tensorrt": "tensorrt", "pycuda": "tensorrt", "matplotlib": "plots", "huggingface_hub": "hub",
-    "onnxruntime": "cpu", "faiss": "cpu",  # or 'gpu' on an NVIDIA machine (needs_extra says so)
-}  # fmt: skip
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "multipart": "serve",
+    "python_multipart": "serve",
+    "httpx": "serve",
+    "pydantic": "serve",
+    "starlette": "serve",
+    "ray": "ray",
+    "av": "video",
+    "pycocotools": "video",
+    "openvino": "openvino",
+    "torch": "export",
+    "onnx": "export",
+    "tensorrt": "tensorrt",
+    "pycuda": "tensorrt",
+    "matplotlib": "plots",
+    "huggingface_hub": "hub",
+    "onnxruntime": "cpu",
+    "faiss": "cpu",  # or 'gpu' on an NVIDIA machine (needs_extra says so)
+}
 RUNTIME_EXTRAS = ("cpu", "gpu")  # the same modules in their CPU and GPU builds
 
 

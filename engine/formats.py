@@ -207,11 +207,16 @@ def result_from_record(record: Mapping[str, Any]) -> Result:
         semantic, panoptic = label_map(record["semantic"]), label_map(record["panoptic"])
         segments = [
             PanopticSegment(
-                id=s["id"], class_id=s["class_id"], name=s["class"], score=s["score"], area=s["area"],
-                is_thing=s["thing"], evidence=_evidence(s["evidence"]),
+                id=s["id"],
+                class_id=s["class_id"],
+                name=s["class"],
+                score=s["score"],
+                area=s["area"],
+                is_thing=s["thing"],
+                evidence=_evidence(s["evidence"]),
             )
             for s in record["segments"]
-        ]  # fmt: skip
+        ]
         instances = [
             InstanceMask(i["class_id"], i["class"], i["score"], _instance_mask(i)) for i in record.get("instances", [])
         ]
@@ -239,10 +244,15 @@ def _instance_mask(data: Mapping[str, Any]) -> np.ndarray:
 def coco_instances(result: Result, image_id: int) -> list[dict[str, Any]]:
     """The COCO instance results of one image (``Result.instances``, from ``instance=True``)."""
     return [
-        {"image_id": image_id, "category_id": i.class_id, "segmentation": rle(i.mask), "score": float(i.score),
-         "bbox": bbox(i.mask)}
+        {
+            "image_id": image_id,
+            "category_id": i.class_id,
+            "segmentation": rle(i.mask),
+            "score": float(i.score),
+            "bbox": bbox(i.mask),
+        }
         for i in result.instances
-    ]  # fmt: skip
+    ]
 
 
 def panoptic_rgb(panoptic: np.ndarray) -> np.ndarray:
@@ -254,10 +264,16 @@ def panoptic_rgb(panoptic: np.ndarray) -> np.ndarray:
 def coco_panoptic(result: Result, image_id: int, file_name: str) -> tuple[np.ndarray, dict[str, Any]]:
     """(the RGB-encoded PNG pixels, the annotation with ``segments_info``) of one image."""
     segments = [
-        {"id": s.id, "category_id": s.class_id, "iscrowd": 0, "area": s.area, "bbox": bbox(result.panoptic == s.id),
-         "score": round(s.score, 6)}
+        {
+            "id": s.id,
+            "category_id": s.class_id,
+            "iscrowd": 0,
+            "area": s.area,
+            "bbox": bbox(result.panoptic == s.id),
+            "score": round(s.score, 6),
+        }
         for s in result.segments
-    ]  # fmt: skip
+    ]
     return panoptic_rgb(result.panoptic), {"image_id": image_id, "file_name": file_name, "segments_info": segments}
 
 
@@ -340,5 +356,6 @@ class ResultWriter:
             write_json(self.out / "coco_instances.json", self.instances)
             write_json(self.out / "coco_images.json", {"images": self.images, "categories": cats})
         if "coco-panoptic" in self.formats:
-            write_json(self.out / "panoptic.json", {"images": self.images, "annotations": self.annotations,
-                                                    "categories": cats})  # fmt: skip
+            write_json(
+                self.out / "panoptic.json", {"images": self.images, "annotations": self.annotations, "categories": cats}
+            )

@@ -27,9 +27,15 @@ def _dinov2(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     model = load_dinov2(args.checkpoint, args.config)
     result = export_dinov2_onnx(
-        model, args.out, size=size, fp16=args.fp16, opset=args.opset, overwrite=args.overwrite,
-        extra=_checkpoint_record(args.checkpoint), torch_weights=args.torch_weights,
-    )  # fmt: skip
+        model,
+        args.out,
+        size=size,
+        fp16=args.fp16,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        extra=_checkpoint_record(args.checkpoint),
+        torch_weights=args.torch_weights,
+    )
     if args.json:
         print(json.dumps(result.manifest.to_json(), indent=1))
     else:
@@ -78,10 +84,17 @@ def _fcclip(args: argparse.Namespace) -> int:
         )
     model = load_fcclip(args.checkpoint, _json_arg(args.config))
     result = export_fcclip_onnx(
-        model, args.out, size=args.size, seen_names=seen, opset=args.opset, overwrite=args.overwrite,
-        extra=_checkpoint_record(args.checkpoint), fp16=args.fp16, torch_weights=args.torch_weights,
+        model,
+        args.out,
+        size=args.size,
+        seen_names=seen,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        extra=_checkpoint_record(args.checkpoint),
+        fp16=args.fp16,
+        torch_weights=args.torch_weights,
         sampling=args.sampling,
-    )  # fmt: skip
+    )
     if args.json:
         print(json.dumps({"image": result.image.manifest.to_json(), "text": result.text.manifest.to_json()}, indent=1))
     else:

@@ -86,8 +86,13 @@ def test_a_mistyped_manifest_on_disk_is_refused_on_read(demo_models: Path, tmp_p
 
 def test_an_exporter_cannot_write_what_the_run_time_would_refuse(tmp_path: Path) -> None:
     (tmp_path / "model.onnx").write_bytes(b"graph")
-    body = {"kind": "dinov2-keys", "files": {"model": "model.onnx"}, "inputs": [{"name": "images",
-            "shape": ["batch", 3, 14, 14], "dtype": "float32"}], "outputs": [], "input_size": [14, 14]}  # fmt: skip
+    body = {
+        "kind": "dinov2-keys",
+        "files": {"model": "model.onnx"},
+        "inputs": [{"name": "images", "shape": ["batch", 3, 14, 14], "dtype": "float32"}],
+        "outputs": [],
+        "input_size": [14, 14],
+    }
     with pytest.raises(ArtifactCorruptError, match="the first input lacks 'preprocessing'"):
         write_manifest(tmp_path, body)
     assert not (tmp_path / "manifest.json").exists()

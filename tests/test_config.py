@@ -11,11 +11,20 @@ import pytest
 @pytest.mark.parametrize(
     "field",
     [
-        {"tau": float("nan")}, {"tau": float("inf")}, {"tau": 0.0}, {"tau": 1e-30}, {"tau": True},
-        {"T": float("nan")}, {"lam": float("-inf")}, {"lam": 1.5}, {"mask_threshold": float("nan")},
-        {"k": 0}, {"k": 2.0}, {"k": True},
+        {"tau": float("nan")},
+        {"tau": float("inf")},
+        {"tau": 0.0},
+        {"tau": 1e-30},
+        {"tau": True},
+        {"T": float("nan")},
+        {"lam": float("-inf")},
+        {"lam": 1.5},
+        {"mask_threshold": float("nan")},
+        {"k": 0},
+        {"k": 2.0},
+        {"k": True},
     ],
-)  # fmt: skip
+)
 def test_config_rejects_non_finite_and_out_of_range_values(field: dict) -> None:
     from knnclip.engine import RetrievalConfig
     from knnclip.engine.errors import InvalidInputError

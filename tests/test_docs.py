@@ -66,11 +66,17 @@ def write_clip(path: Path, frames: int = 4) -> None:
 def hf_dinov2_config(official: dict) -> dict:
     """The Hugging Face config.json the DINOv2 loader reads beside a checkpoint (docs/models.md)."""
     return {
-        "model_type": "dinov2_with_registers", "hidden_size": official["embed_dim"],
-        "num_hidden_layers": official["depth"], "num_attention_heads": official["num_heads"],
-        "mlp_ratio": official["mlp_ratio"], "patch_size": official["patch_size"], "image_size": official["img_size"],
-        "num_register_tokens": official["num_register_tokens"], "use_swiglu_ffn": True, "layerscale_value": 1.0,
-    }  # fmt: skip
+        "model_type": "dinov2_with_registers",
+        "hidden_size": official["embed_dim"],
+        "num_hidden_layers": official["depth"],
+        "num_attention_heads": official["num_heads"],
+        "mlp_ratio": official["mlp_ratio"],
+        "patch_size": official["patch_size"],
+        "image_size": official["img_size"],
+        "num_register_tokens": official["num_register_tokens"],
+        "use_swiglu_ffn": True,
+        "layerscale_value": 1.0,
+    }
 
 
 @pytest.fixture
@@ -92,10 +98,12 @@ def namespace(name: str, sample, workdir: Path) -> dict:
     masks[0, : h // 2], masks[1, h // 2 :] = True, True
     rng = np.random.default_rng(0)
     ns = {
-        "image": sample.image, "masks": masks, "label_map": masks[1].astype(np.uint8),
+        "image": sample.image,
+        "masks": masks,
+        "label_map": masks[1].astype(np.uint8),
         "embeddings": rng.standard_normal((3, 1536)).astype(np.float32),
         "queries": rng.standard_normal((2, 1536)).astype(np.float32),
-    }  # fmt: skip
+    }
     if name.startswith("docs/models.md"):  # the fixtures stand in for the official checkpoints
         dino, fc = workdir / "dino", workdir / "fc"
         dino.mkdir(), fc.mkdir()
@@ -123,10 +131,25 @@ def test_python_example_runs(name, code, workdir, sample, demo_models):
         (workdir / "token").write_text(token + "\n")
         (workdir / "token").chmod(0o600)
         server = subprocess.Popen(
-            [sys.executable, "-m", "knnclip.engine.cli", "serve", "--models", str(demo_models), "--db", "served.db",
-             "--device", "cpu", "--port", str(port), "--token-file", "token"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "knnclip.engine.cli",
+                "serve",
+                "--models",
+                str(demo_models),
+                "--db",
+                "served.db",
+                "--device",
+                "cpu",
+                "--port",
+                str(port),
+                "--token-file",
+                "token",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_ready(f"http://127.0.0.1:{port}")
             exec(compile(code.replace("127.0.0.1:8080", f"127.0.0.1:{port}"), name, "exec"), ns)
@@ -168,8 +191,14 @@ def test_serving_quick_start_runs_in_order(workdir, demo_models):
             if step.startswith("pip install"):
                 continue
             if step.startswith("knnclip serve"):
-                server = subprocess.Popen(f"exec {step} --port {port} --device cpu", shell=True, cwd=workdir, env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                server = subprocess.Popen(
+                    f"exec {step} --port {port} --device cpu",
+                    shell=True,
+                    cwd=workdir,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 wait_ready(f"http://127.0.0.1:{port}")
                 continue
             if step.startswith("curl"):  # its body, then the status on a line of its own

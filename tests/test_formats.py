@@ -28,8 +28,12 @@ def setup(tmp_path_factory):
     models = build_models(DemoSettings(out=root), say=lambda _: None)
     train = make_split(8, seed=1)
     with Segmenter.from_dir(models, root / "db", device="cpu", text_cache=None) as seg:
-        seg.add_examples([s.image for s in train], [s.masks for s in train], [s.names for s in train],
-                         things={c.name: c.thing for c in CLASSES})  # fmt: skip
+        seg.add_examples(
+            [s.image for s in train],
+            [s.masks for s in train],
+            [s.names for s in train],
+            things={c.name: c.thing for c in CLASSES},
+        )
     images = []
     for i, s in enumerate(make_split(3, seed=9)):
         path = root / f"img{i}.png"
@@ -37,11 +41,30 @@ def setup(tmp_path_factory):
         images.append(path)
     out = root / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "knnclip.engine.cli", "segment", *map(str, images), "--models", str(models),
-         "--db", str(root / "db"), "--out", str(out), "--device", "cpu", "--panoptic",
-         "--format", "json", "label-png", "coco-instances", "coco-panoptic"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "knnclip.engine.cli",
+            "segment",
+            *map(str, images),
+            "--models",
+            str(models),
+            "--db",
+            str(root / "db"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--panoptic",
+            "--format",
+            "json",
+            "label-png",
+            "coco-instances",
+            "coco-panoptic",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     with Segmenter.from_dir(models, root / "db", device="cpu", read_only=True, text_cache=None) as seg:
         results = [seg.segment(str(p), instance=True) for p in images]

@@ -30,9 +30,14 @@ def handmade_result() -> Result:
     ]
     instance_mask = panoptic == 1
     return Result(
-        semantic, panoptic, segments, {0: "sky", 1: "water", 3: "zebra"}, {"total": 12.34567}, "photo.png",
+        semantic,
+        panoptic,
+        segments,
+        {0: "sky", 1: "water", 3: "zebra"},
+        {"total": 12.34567},
+        "photo.png",
         [InstanceMask(3, "zebra", 0.7, instance_mask)],
-    )  # fmt: skip
+    )
 
 
 def without_masks(record: dict) -> dict:
@@ -55,10 +60,21 @@ def test_cli_service_and_video_write_the_same_segment_record(tmp_path):
     assert http["segments"] == video["segments"]  # both with masks
     assert cli["instances"] == [without_masks(i) for i in http["instances"]]
     expected_first = {
-        "id": 1, "class": "zebra", "class_id": 3, "score": 0.912346, "area": 12, "thing": True, "bbox": [2, 1, 4, 3],
-        "evidence": {"base_class": "horse", "retrieved_class": "zebra", "retrieval_confidence": 0.841235,
-                     "neighbours": [["zebra", 0.93], ["horse", 0.5]], "changed": True},
-    }  # fmt: skip
+        "id": 1,
+        "class": "zebra",
+        "class_id": 3,
+        "score": 0.912346,
+        "area": 12,
+        "thing": True,
+        "bbox": [2, 1, 4, 3],
+        "evidence": {
+            "base_class": "horse",
+            "retrieved_class": "zebra",
+            "retrieval_confidence": 0.841235,
+            "neighbours": [["zebra", 0.93], ["horse", 0.5]],
+            "changed": True,
+        },
+    }
     assert cli["segments"][0] == expected_first
     assert cli["classes"] == ["sky", "water", None, "zebra"] and (cli["height"], cli["width"]) == (5, 7)
     for s in http["segments"]:

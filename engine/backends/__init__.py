@@ -27,9 +27,16 @@ log = logging.getLogger("knnclip.backends")
 BACKENDS = ("tensorrt", "onnxruntime", "torch", "openvino", "openvino-bf16")
 AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")  # OpenVINO where measured faster: backends/choice.py
 __all__ = [
-    "BACKENDS", "Session", "TensorSpec", "available_backends", "cuda_model_backends", "cuda_usable", "gpu_present",
-    "open_session", "resolve_device",
-]  # fmt: skip
+    "BACKENDS",
+    "Session",
+    "TensorSpec",
+    "available_backends",
+    "cuda_model_backends",
+    "cuda_usable",
+    "gpu_present",
+    "open_session",
+    "resolve_device",
+]
 
 
 def gpu_present() -> bool:
@@ -130,8 +137,9 @@ def open_session(
         from knnclip.engine.backends import choice
         from knnclip.engine.cache import engine_cache_root
 
-        session = choice.open_fastest(directory, manifest, lambda name: _open(name, directory, manifest, device),
-                                      engine_cache_root())  # fmt: skip
+        session = choice.open_fastest(
+            directory, manifest, lambda name: _open(name, directory, manifest, device), engine_cache_root()
+        )
         if session is not None:
             log.info("opened %r: %s", session, session.selection)
             return session
@@ -150,15 +158,17 @@ def open_session(
                 raise  # the artefact or the input is at fault, not the backend
             # TensorRT's own failures (the parser, a build, a stale, foreign or undeserialisable
             # engine, a refused timing cache) are TensorRT's: the next backend can still run it.
-            log.warning("TensorRT could not run %s (%s: %s); trying the next backend", directory,
-                        type(exc).__name__, exc)  # fmt: skip
+            log.warning(
+                "TensorRT could not run %s (%s: %s); trying the next backend", directory, type(exc).__name__, exc
+            )
             reasons.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         except Exception as exc:  # a runtime that fails to create its session (a provider, a driver)
             if backend != "auto":
                 raise
-            log.warning("%s could not open %s (%s: %s); trying the next backend", name, directory,
-                        type(exc).__name__, exc)  # fmt: skip
+            log.warning(
+                "%s could not open %s (%s: %s); trying the next backend", name, directory, type(exc).__name__, exc
+            )
             reasons.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         log.info("opened %r", session)

@@ -144,8 +144,14 @@ def read_choice(path: Path, key: dict[str, Any], candidates: Sequence[str]) -> C
 
 
 def write_choice(choice: Choice, key: dict[str, Any], failed: Mapping[str, str] | None = None) -> None:
-    record = {"format": FORMAT, "key": key, "backend": choice.backend, "ms": choice.ms, "failed": dict(failed or {}),
-              "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    record = {
+        "format": FORMAT,
+        "key": key,
+        "backend": choice.backend,
+        "ms": choice.ms,
+        "failed": dict(failed or {}),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     choice.path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(choice.path, (json.dumps(record, indent=1) + "\n").encode())
 
@@ -161,8 +167,9 @@ def sample_feed(inputs: Sequence[TensorSpec], manifest: Manifest, seed: int = 0)
     for spec in inputs:
         spatial = [i for i, dim in enumerate(spec.shape) if isinstance(dim, str) and i != 0]
         sizes = dict(zip(spatial, list(size)[-len(spatial) :], strict=True)) if 0 < len(spatial) <= len(size) else {}
-        shape = [dim if isinstance(dim, int) else 1 if i == 0 else int(sizes.get(i, 224))
-                 for i, dim in enumerate(spec.shape)]  # fmt: skip
+        shape = [
+            dim if isinstance(dim, int) else 1 if i == 0 else int(sizes.get(i, 224)) for i, dim in enumerate(spec.shape)
+        ]
         if np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
         else:
@@ -221,8 +228,13 @@ def _open_recorded(
     except KnnclipError:
         raise
     except Exception as exc:  # noqa: BLE001 - a runtime that stopped working here since it was measured
-        log.warning("%s: the recorded choice %s does not open (%s: %s); measuring again",
-                    directory, recorded.backend, type(exc).__name__, exc)  # fmt: skip
+        log.warning(
+            "%s: the recorded choice %s does not open (%s: %s); measuring again",
+            directory,
+            recorded.backend,
+            type(exc).__name__,
+            exc,
+        )
         return None
     session.selection = recorded.describe()
     return session

@@ -115,8 +115,14 @@ class DeviceBuffer:
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
         # An empty array's address may be 0; CAI wants it as 0 with read-only False.
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.pointer, False), "version": 3,
-                "strides": None, "stream": None}  # fmt: skip
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.pointer, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,
+        }
 
     def __dlpack_device__(self) -> tuple[int, int]:
         return (2, self.device_id)  # kDLCUDA

@@ -144,8 +144,10 @@ class OrtSession(Session):
         binding.synchronize_inputs()
         self._session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        return {name: ort_value_buffer(value, self.device_id) for name, value in zip(self._output_names,
-                binding.get_outputs(), strict=True)}  # fmt: skip
+        return {
+            name: ort_value_buffer(value, self.device_id)
+            for name, value in zip(self._output_names, binding.get_outputs(), strict=True)
+        }
 
     def close(self) -> None:
         self._session = None
@@ -164,5 +166,11 @@ def ort_value_buffer(value: Any, device_id: int) -> DeviceBuffer:
 
 
 # OrtValue.data_type() strings of the tensor types the models produce
-ORT_ELEMENT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                     "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8"}  # fmt: skip
+ORT_ELEMENT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+    "tensor(uint8)": "uint8",
+}

@@ -109,5 +109,7 @@ class OpenVinoSession(Session):
         self._local = threading.local()
 
     def __repr__(self) -> str:
-        return f"OpenVinoSession({self.kind}, {getattr(self, 'precision', '?')}, {getattr(self, 'hint', '?')}, " \
-               f"{self.directory})"  # fmt: skip
+        return (
+            f"OpenVinoSession({self.kind}, {getattr(self, 'precision', '?')}, {getattr(self, 'hint', '?')}, "
+            f"{self.directory})"
+        )

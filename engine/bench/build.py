@@ -57,8 +57,9 @@ def build(preset: Preset, work: Path, say: Any = print, sampling: str = "gather"
     fcclip, dinov2 = seeded_models(preset)
     models = work / "models"
     start = time.perf_counter()
-    export_fcclip_onnx(fcclip, models / "fcclip", size=preset.fcclip_size, tokenizer="bytes", torch_weights=True,
-                       sampling=sampling)  # fmt: skip
+    export_fcclip_onnx(
+        fcclip, models / "fcclip", size=preset.fcclip_size, tokenizer="bytes", torch_weights=True, sampling=sampling
+    )
     size = dinov2.config.img_size
     export_dinov2_onnx(dinov2, models / "dinov2", size=size, torch_weights=True)
     say(f"exported the models in {time.perf_counter() - start:.0f} s")
@@ -100,9 +101,10 @@ def seeded_models(preset: Preset) -> tuple[Any, Any]:
         cfg = dataclasses.replace(
             cfg,
             clip=dataclasses.replace(cfg.clip, depths=preset.fcclip_depths),
-            inference=dataclasses.replace(cfg.inference, min_size_test=preset.fcclip_size[0],
-                                          max_size_test=max(preset.fcclip_size)),
-        )  # fmt: skip
+            inference=dataclasses.replace(
+                cfg.inference, min_size_test=preset.fcclip_size[0], max_size_test=max(preset.fcclip_size)
+            ),
+        )
         fcclip = seeded_init_(FCCLIP(cfg), seed=1).eval()
     if preset.dinov2 == "tiny":
         dinov2 = seeded_dinov2()

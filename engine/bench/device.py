@@ -57,11 +57,11 @@ def compare_pipelines(
 
     with tempfile.TemporaryDirectory() as tmp:
         db = database or example_database(models_dir, Path(tmp) / "db")
-        host = Segmenter.from_dir(models_dir, db, backend="onnxruntime", device="cpu", read_only=True,
-                                  text_cache=None)  # fmt: skip
+        host = Segmenter.from_dir(models_dir, db, backend="onnxruntime", device="cpu", read_only=True, text_cache=None)
         xp = TorchArrays(arrays_device)
-        dev = Segmenter.from_dir(models_dir, db, backend=backend, device=device, read_only=True, text_cache=None,
-                                 arrays=xp)  # fmt: skip
+        dev = Segmenter.from_dir(
+            models_dir, db, backend=backend, device=device, read_only=True, text_cache=None, arrays=xp
+        )
         try:
             rows, stages, moved = [], [], []
             for i, image in enumerate(images):
@@ -75,8 +75,9 @@ def compare_pipelines(
                 moved.append(xp.transfers.since(before))
                 stages.append({**got.timings, "wall": elapsed})
                 rows.append(_agreement(want, got))
-            sessions = {part: repr(s) for part, s in zip(("fcclip", "text", "dinov2"), dev.models.sessions(),
-                                                         strict=True)}  # fmt: skip
+            sessions = {
+                part: repr(s) for part, s in zip(("fcclip", "text", "dinov2"), dev.models.sessions(), strict=True)
+            }
         finally:
             host.close()
             dev.close()

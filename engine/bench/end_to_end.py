@@ -66,9 +66,17 @@ def run_engine(
         xp = TorchArrays("cpu")
     # The bf16 pipeline is bf16 throughout: models and the database search.
     search = "bf16" if backend.endswith("bf16") else "fp32"
-    seg = Segmenter.from_dir(work / "models", work / "db", backend=backend, device=device, read_only=True,
-                             config=RetrievalConfig(fusion=fusion), text_cache=work / "text-cache",
-                             search=search, arrays=xp)  # fmt: skip
+    seg = Segmenter.from_dir(
+        work / "models",
+        work / "db",
+        backend=backend,
+        device=device,
+        read_only=True,
+        config=RetrievalConfig(fusion=fusion),
+        text_cache=work / "text-cache",
+        search=search,
+        arrays=xp,
+    )
     for image in images_[:WARMUP]:  # warm-up: sessions, text embeddings, caches
         seg.segment(image)
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
@@ -85,8 +93,9 @@ def run_engine(
     throughput = {"1": 1e3 * len(stages["total"]) / sum(stages["total"])}
     timed = images_[WARMUP:]
     start = time.perf_counter()
-    threads = [threading.Thread(target=lambda part=part: [seg.segment(i) for i in part])
-               for part in (timed[0::2], timed[1::2])]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda part=part: [seg.segment(i) for i in part]) for part in (timed[0::2], timed[1::2])
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -100,9 +109,15 @@ def run_engine(
     seg.close()
     if save is not None:
         np.savez_compressed(save, *semantic)
-    out = {"stages_ms": stages, "throughput_images_per_s": throughput, "peak_rss_mib": peak_rss_mib() - baseline,
-           "backends": backends, "backend_per_model": chosen, "arrays": arrays_used,
-           "bytes_moved_per_image": median_bytes(moved)}  # fmt: skip
+    out = {
+        "stages_ms": stages,
+        "throughput_images_per_s": throughput,
+        "peak_rss_mib": peak_rss_mib() - baseline,
+        "backends": backends,
+        "backend_per_model": chosen,
+        "arrays": arrays_used,
+        "bytes_moved_per_image": median_bytes(moved),
+    }
     if batches:
         out["throughput_by_batch_images_per_s"] = batches
     used = _device_memory_used(device)
@@ -179,7 +194,7 @@ def run_reference(work: Path, preset: Preset, device: str, fusion: str, best: bo
                 if isinstance(pipeline, BestTorchPipeline)
                 else f"torch {torch.__version__} eager on {device}, faiss IndexFlatIP fp32"
             )
-        },  # fmt: skip
+        },
     }
 
 
@@ -188,8 +203,16 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
     preset, work = PRESETS[args["preset"]], Path(args["work"])
     if args["pipeline"] in ("reference", "best"):
         return run_reference(work, preset, args["device"], args["fusion"], best=args["pipeline"] == "best")
-    return run_engine(work, preset, args["backend"], args["device"], args["fusion"], args.get("save"),
-                      args.get("arrays"), args.get("precision"))  # fmt: skip
+    return run_engine(
+        work,
+        preset,
+        args["backend"],
+        args["device"],
+        args["fusion"],
+        args.get("save"),
+        args.get("arrays"),
+        args.get("precision"),
+    )
 
 
 def run_bench(
@@ -273,7 +296,7 @@ def run_bench(
             "dim": stats["dim"],
             "storage": stats["storage"],
             "bytes_read_per_search": stats["entries"] * stats["code_bytes_per_entry"],
-        },  # fmt: skip
+        },
         "semantic_agreement_with_fp32": agreement,
         "output_agreement_with_fp32": outputs,
         "pipelines": {
@@ -284,7 +307,7 @@ def run_bench(
                 "stages": {s: percentiles(v) for s, v in r["stages_ms"].items() if v},
             }
             for label, r in results.items()
-        },  # fmt: skip
+        },
     }
     name = name or f"end_to_end-{preset_name}-{harness.machine_slug()}"
     harness.write_json(name, report, out_dir)
@@ -298,9 +321,11 @@ def device_pipelines() -> list[tuple[str, dict[str, Any]]]:
     """The dry run's engine pipelines: the host pipeline and the device pipeline's code on the CPU."""
     return [
         ("engine onnxruntime fp32", {"pipeline": "engine", "backend": "onnxruntime", "device": "cpu"}),
-        ("engine device-path fp32 (dry run)",
-         {"pipeline": "engine", "backend": "onnxruntime", "device": "cpu", "arrays": "torch-cpu"}),
-    ]  # fmt: skip
+        (
+            "engine device-path fp32 (dry run)",
+            {"pipeline": "engine", "backend": "onnxruntime", "device": "cpu", "arrays": "torch-cpu"},
+        ),
+    ]
 
 
 def floor(flops: dict[str, float], models: Path, stats: dict[str, Any]) -> dict[str, Any]:
@@ -418,8 +443,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     engines = {k: v for k, v in pipes.items() if k.startswith("engine ")} if ref else {}
-    header = "| stage | " + " | ".join(pipes) + " |" + "".join(f" reference / {k.removeprefix('engine ')} |"
-                                                            for k in engines)  # fmt: skip
+    header = (
+        "| stage | "
+        + " | ".join(pipes)
+        + " |"
+        + "".join(f" reference / {k.removeprefix('engine ')} |" for k in engines)
+    )
     lines += [header, "|---|" + "---|" * (len(pipes) + len(engines))]
     for stage in STAGES:
         cells = []
@@ -435,21 +464,32 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {stage} | " + " | ".join(cells + ratios) + " |")
     best = pipes.get("torch best")
     if best and engines:
-        lines += ["", "End to end against `torch best` (its total p50 / the engine's): " + ", ".join(
-            f"{k.removeprefix('engine ')}: {best['stages']['total']['p50'] / e['stages']['total']['p50']:.2f}x"
-            for k, e in engines.items()
-        ) + f"; `torch best` is {best['backends']['all']}."]  # fmt: skip
+        lines += [
+            "",
+            "End to end against `torch best` (its total p50 / the engine's): "
+            + ", ".join(
+                f"{k.removeprefix('engine ')}: {best['stages']['total']['p50'] / e['stages']['total']['p50']:.2f}x"
+                for k, e in engines.items()
+            )
+            + f"; `torch best` is {best['backends']['all']}.",
+        ]
     auto = pipes.get("engine auto fp32")
     if auto and "backend_per_model" in auto:
         opened = ", ".join(f"{part} on {backend}" for part, backend in auto["backend_per_model"].items())
-        lines += ["", f"`engine auto fp32` opened {opened} (`backend=\"auto\"`: the faster of ONNX Runtime and "
-                  "OpenVINO fp32 for each model, measured once on this machine; docs/backends.md)."]  # fmt: skip
+        lines += [
+            "",
+            f'`engine auto fp32` opened {opened} (`backend="auto"`: the faster of ONNX Runtime and '
+            "OpenVINO fp32 for each model, measured once on this machine; docs/backends.md).",
+        ]
     agreement = report.get("semantic_agreement_with_fp32") or {}
     if agreement:
-        lines += ["", "Semantic pixel agreement with `engine onnxruntime fp32` over the timed images: "
-                  + ", ".join(f"{k}: {v:.2%}" for k, v in agreement.items())
-                  + " (with seeded random weights each map is nearly one class, so this is a weak test; the"
-                  " model outputs below are the stronger one)."]  # fmt: skip
+        lines += [
+            "",
+            "Semantic pixel agreement with `engine onnxruntime fp32` over the timed images: "
+            + ", ".join(f"{k}: {v:.2%}" for k, v in agreement.items())
+            + " (with seeded random weights each map is nearly one class, so this is a weak test; the"
+            " model outputs below are the stronger one).",
+        ]
     outputs = report.get("output_agreement_with_fp32") or {}
     for label, parts in outputs.items():
         cells = []
@@ -495,23 +535,35 @@ def _device_lines(report: dict[str, Any], pipes: dict[str, Any]) -> list[str]:
     lines = []
     moving = {k: p for k, p in pipes.items() if p.get("bytes_moved_per_image", {}).get("to_device")}
     if moving:
-        lines += ["| pipeline | arrays | to the device per image | to the host per image | device memory | "
-                  "images/s at batch 1, 4, 8 |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| pipeline | arrays | to the device per image | to the host per image | device memory | "
+            "images/s at batch 1, 4, 8 |",
+            "|---|---|---|---|---|---|",
+        ]
         for label, p in moving.items():
-            cells = [", ".join(f"{kind} {n / 1024:.0f} KiB" for kind, n in p["bytes_moved_per_image"][d].items())
-                     for d in ("to_device", "to_host")]  # fmt: skip
+            cells = [
+                ", ".join(f"{kind} {n / 1024:.0f} KiB" for kind, n in p["bytes_moved_per_image"][d].items())
+                for d in ("to_device", "to_host")
+            ]
             memory = f"{p['device_memory_mib']:.0f} MiB" if "device_memory_mib" in p else "-"
             batches = ", ".join(f"{v:.1f}" for v in p.get("throughput_by_batch_images_per_s", {}).values()) or "-"
             lines.append(f"| {label} | {p.get('arrays', '-')} | {cells[0]} | {cells[1]} | {memory} | {batches} |")
-        lines += ["", "Per image, only the image's tensors go in (per-vocabulary constants went once, before), and "
-                  "only the label maps, the segment table and the evidence come out."]  # fmt: skip
+        lines += [
+            "",
+            "Per image, only the image's tensors go in (per-vocabulary constants went once, before), and "
+            "only the label maps, the segment table and the evidence come out.",
+        ]
     f = report.get("floor")
     if f:
-        lines += ["", f"Floor on an {f['gpu']['name']} ({f['gpu']['fp16_flops'] / 1e12:.0f} TFLOP/s fp16, "
-                  f"{f['gpu']['bytes_per_s'] / 1e12:.2f} TB/s): {f['flops'] / 1e9:.0f} GFLOP of model arithmetic is "
-                  f"{f['compute_ms']:.2f} ms; {f['weight_bytes_fp16'] / 2**20:.0f} MiB of fp16 weights and "
-                  f"{f['search_bytes'] / 2**20:.0f} MiB of database codes read are {f['memory_ms']:.2f} ms; "
-                  f"no pipeline can beat {f['floor_ms']:.2f} ms per image there.", ""]  # fmt: skip
+        lines += [
+            "",
+            f"Floor on an {f['gpu']['name']} ({f['gpu']['fp16_flops'] / 1e12:.0f} TFLOP/s fp16, "
+            f"{f['gpu']['bytes_per_s'] / 1e12:.2f} TB/s): {f['flops'] / 1e9:.0f} GFLOP of model arithmetic is "
+            f"{f['compute_ms']:.2f} ms; {f['weight_bytes_fp16'] / 2**20:.0f} MiB of fp16 weights and "
+            f"{f['search_bytes'] / 2**20:.0f} MiB of database codes read are {f['memory_ms']:.2f} ms; "
+            f"no pipeline can beat {f['floor_ms']:.2f} ms per image there.",
+            "",
+        ]
     return lines
 
 

@@ -23,9 +23,20 @@ from knnclip.engine.fsutil import atomic_write_bytes
 from knnclip.engine.info import cpu_name
 
 __all__ = [
-    "machine", "machine_slug", "percentiles", "peak_rss_mib", "pyplot", "spawn", "spawn_module", "summarize",
-    "time_calls", "time_torch", "timeit_interleaved", "write_json", "write_text",
-]  # fmt: skip
+    "machine",
+    "machine_slug",
+    "percentiles",
+    "peak_rss_mib",
+    "pyplot",
+    "spawn",
+    "spawn_module",
+    "summarize",
+    "time_calls",
+    "time_torch",
+    "timeit_interleaved",
+    "write_json",
+    "write_text",
+]
 
 VERSIONED = ("numpy", "torch", "onnxruntime", "faiss")
 
@@ -168,8 +179,12 @@ def time_torch(model: Any, x: Any, device: str, warmup: int, repeats: int, basel
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stats = time_calls(run, warmup, repeats)
-    out: dict[str, Any] = {**stats, "baseline_rss_mib": baseline, "peak_rss_mib": peak_rss_mib(),
-                           "threads": torch.get_num_threads()}  # fmt: skip
+    out: dict[str, Any] = {
+        **stats,
+        "baseline_rss_mib": baseline,
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+    }
     if device == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu"] = torch.cuda.get_device_name()

@@ -55,8 +55,9 @@ class ReferencePipeline:
         assert isinstance(text_manifest, FCCLIPTextManifest)  # read_manifest's type for that kind
         text_session = open_session(models / "fcclip" / "text", "onnxruntime", "cpu")
         weights_sha256 = text_manifest.weights_sha256 or ""
-        text = TextBank(text_session, ByteTokenizer(), list(text_manifest.templates), weights_sha256,
-                        cache_dir=work / "text-cache")  # fmt: skip
+        text = TextBank(
+            text_session, ByteTokenizer(), list(text_manifest.templates), weights_sha256, cache_dir=work / "text-cache"
+        )
         rows = text.rows([c.name for c in self.vocab])
         self.classifier = self.fcclip.classifier_with_void(torch.from_numpy(rows).to(self.dev))
         self.id_to_index = {c.id: i for i, c in enumerate(self.vocab)}

@@ -22,8 +22,16 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError("--dry-run runs the device pipeline's code on the CPU: use it with --device cuda")
     try:
         with heartbeat("knnclip bench", quiet=args.json):  # each pipeline runs for minutes in its own process
-            report = run_bench(preset, Path(args.work), out, args.name, say=say, fusion=args.fusion,
-                               device=args.device, dry_run=args.dry_run)  # fmt: skip
+            report = run_bench(
+                preset,
+                Path(args.work),
+                out,
+                args.name,
+                say=say,
+                fusion=args.fusion,
+                device=args.device,
+                dry_run=args.dry_run,
+            )
     except BackendUnavailableError as exc:
         if args.device != "cuda":
             raise
@@ -44,24 +52,30 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     size.add_argument("--full", action="store_true", help="the real model sizes, 10^6 entries: for a GPU")
     size.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"])
     bench.add_argument(
-        "--fusion", default="out_of_vocab", choices=["out_of_vocab", "final"],
+        "--fusion",
+        default="out_of_vocab",
+        choices=["out_of_vocab", "final"],
         help="where both pipelines fuse retrieval (default: the paper's, into the out-of-vocabulary branch)",
-    )  # fmt: skip
+    )
     bench.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
         help="where the pipelines run (auto: a GPU where a model backend can use one); --device cuda exits 3 "
         "where none can",
-    )  # fmt: skip
+    )
     bench.add_argument(
-        "--dry-run", action="store_true",
+        "--dry-run",
+        action="store_true",
         help="with --device cuda: run the device pipeline's code on the CPU, torch tensors standing in for the "
         "GPU's arrays (what CI checks; its numbers mean nothing)",
-    )  # fmt: skip
+    )
     bench.add_argument("--work", default="knnclip-bench", help="working directory for models and the database")
     bench.add_argument(
-        "--out", help="where the JSON, Markdown and PNG go (default WORK/results; the committed ones are "
-        "benchmarks/results, written only when named)"
-    )  # fmt: skip
+        "--out",
+        help="where the JSON, Markdown and PNG go (default WORK/results; the committed ones are "
+        "benchmarks/results, written only when named)",
+    )
     bench.add_argument("--name", help="results file stem (default end_to_end-PRESET-MACHINE)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(run=_bench)

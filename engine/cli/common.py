@@ -41,9 +41,14 @@ def open_segmenter(args: argparse.Namespace, read_only: bool) -> Segmenter:
     from knnclip.engine.pipeline.segmenter import Segmenter
 
     return Segmenter.from_dir(
-        args.models, args.db, backend=args.backend, device=args.device, config=retrieval_config(args),
-        read_only=read_only, search=getattr(args, "search", "fp32"),
-    )  # fmt: skip
+        args.models,
+        args.db,
+        backend=args.backend,
+        device=args.device,
+        config=retrieval_config(args),
+        read_only=read_only,
+        search=getattr(args, "search", "fp32"),
+    )
 
 
 def segmenter_over(args: argparse.Namespace, db: Any, *, index: str = "flat", storage: str | None = None) -> Any:
@@ -56,8 +61,11 @@ def segmenter_over(args: argparse.Namespace, db: Any, *, index: str = "flat", st
     try:
         if not isinstance(db, Database):
             path = Path(db)
-            db = Database.open(path) if path.exists() else Database.create(path, models.embedding_dim, index=index,
-                                                                           storage=storage)  # fmt: skip
+            db = (
+                Database.open(path)
+                if path.exists()
+                else Database.create(path, models.embedding_dim, index=index, storage=storage)
+            )
             return Segmenter(models, db, retrieval_config(args), owns_database=True)
         return Segmenter(models, db, retrieval_config(args))
     except BaseException:
@@ -86,10 +94,12 @@ def backend_options(p: argparse.ArgumentParser, *, models_required: bool = True)
 
 def search_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--search", default="fp32", choices=["fp32", "bf16"],
+        "--search",
+        default="fp32",
+        choices=["fp32", "bf16"],
         help="the database search: bf16 searches a flat database in bfloat16 on the CPU (OpenVINO; "
         "AVX-512 BF16 or AMX), 3x faster in knnclip bench --quick, the nearest class nearly always the same",
-    )  # fmt: skip
+    )
 
 
 def dataset_options(p: argparse.ArgumentParser) -> None:

@@ -67,8 +67,9 @@ def _create(args: argparse.Namespace) -> int:
     from knnclip.engine.database import Database
 
     storage = args.storage
-    with Database.create(args.db, args.dim, metric=args.metric, index=args.index, storage=storage,
-                         index_params=_params(args.param)) as db:  # fmt: skip
+    with Database.create(
+        args.db, args.dim, metric=args.metric, index=args.index, storage=storage, index_params=_params(args.param)
+    ) as db:
         stats = db.stats()
     _print(
         args, stats, f"created {args.db}: {stats['index']}/{stats['storage']}, dim {stats['dim']}, {stats['metric']}"
@@ -97,8 +98,11 @@ def _add(args: argparse.Namespace) -> int:
         for embeddings, labels in pairs:
             added += len(db.add(_load_npy(embeddings), _read_labels(labels)))
         classes = db.classes
-    _print(args, {"added": added, "files": len(pairs), "classes": classes},
-           f"added {added} entries from {len(pairs)} files; {len(classes)} classes")  # fmt: skip
+    _print(
+        args,
+        {"added": added, "files": len(pairs), "classes": classes},
+        f"added {added} entries from {len(pairs)} files; {len(classes)} classes",
+    )
     return 0
 
 
@@ -211,9 +215,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p = action("add", _add, "add embeddings: .npy files [N, D] with NAME.txt (class names) or NAME.labels.npy beside")
     p.add_argument("inputs", nargs="+", help=".npy files or folders of them")
     p.add_argument(
-        "--thing", action="append", metavar="CLASS",
+        "--thing",
+        action="append",
+        metavar="CLASS",
         help="this class is a thing (countable, one panoptic segment per instance); classes are stuff unless named",
-    )  # fmt: skip
+    )
     p = action("remove", _remove, "remove classes and all their entries")
     p.add_argument("classes", nargs="+", help="class names")
     action("stats", _stats, "entries, classes, index, bytes per entry")

@@ -17,10 +17,18 @@ def _demo(args: argparse.Namespace) -> int:
         return json.loads(path.read_text() if path.is_file() else value)
 
     settings = DemoSettings(
-        out=Path(args.out), train=args.train, val=args.val, seed=args.seed, fcclip=args.fcclip,
-        fcclip_config=config(args.fcclip_config), dinov2=args.dinov2, dinov2_config=config(args.dinov2_config),
-        sampling=args.sampling, backend=args.backend, search=args.search,
-    )  # fmt: skip
+        out=Path(args.out),
+        train=args.train,
+        val=args.val,
+        seed=args.seed,
+        fcclip=args.fcclip,
+        fcclip_config=config(args.fcclip_config),
+        dinov2=args.dinov2,
+        dinov2_config=config(args.dinov2_config),
+        sampling=args.sampling,
+        backend=args.backend,
+        search=args.search,
+    )
     report = run_demo(settings, say=(lambda _: None) if args.json else print)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -46,7 +54,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="the models' backend")
     search_option(demo)
     demo.add_argument(
-        "--sampling", default="gather", choices=["gather", "grid"],
+        "--sampling",
+        default="gather",
+        choices=["gather", "grid"],
         help="FC-CLIP's deformable-attention export (grid: what OpenVINO's bf16 needs, --backend openvino-bf16)",
-    )  # fmt: skip
+    )
     demo.set_defaults(run=_demo)

@@ -76,8 +76,14 @@ def _continual(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="knnclip-continual-db-") as work:
         with segmenter_over(args, Path(work) / "db", index=args.index, storage=args.storage) as seg:
             settings = ContinualSettings(args.steps, args.shuffle, args.seed, not args.no_forgetting)
-            report = run_continual(seg, train, val, settings, say=(lambda _: None) if args.json else print,
-                                   progress=progress_factory(args.json))  # fmt: skip
+            report = run_continual(
+                seg,
+                train,
+                val,
+                settings,
+                say=(lambda _: None) if args.json else print,
+                progress=progress_factory(args.json),
+            )
     return _finish(args, report, f"continual-{train.key}-{args.steps}steps")
 
 
@@ -86,12 +92,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
     train = dataset_split(args, "train", args.train_limit)
     grid = SweepGrid(
-        tuple(args.k_values), tuple(args.tau_values), tuple(args.T_values), tuple(args.lam_values),
+        tuple(args.k_values),
+        tuple(args.tau_values),
+        tuple(args.T_values),
+        tuple(args.lam_values),
         tuple(args.fusion_values),
-    )  # fmt: skip
+    )
     with tempfile.TemporaryDirectory(prefix="knnclip-sweep-") as work, segmenter_over(args, Path(work) / "db") as seg:
-        report = run_sweep(seg, train, grid, held_out=args.held_out, seed=args.seed,
-                           progress=progress_factory(args.json))  # fmt: skip
+        report = run_sweep(
+            seg, train, grid, held_out=args.held_out, seed=args.seed, progress=progress_factory(args.json)
+        )
     if args.write_config:
         from knnclip.engine.config import RetrievalConfig
 

@@ -59,9 +59,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--config", help="a JSON object or file: our FCCLIPConfig JSON or the official settings; default ConvNeXt-L"
     )
     fc.add_argument(
-        "--size", help="a fixed input size HxW, multiples of 32; default: dynamic spatial axes, so every image runs "
+        "--size",
+        help="a fixed input size HxW, multiples of 32; default: dynamic spatial axes, so every image runs "
         "at FC-CLIP's own test size (short side 800, long side at most 1333, padded to 32)",
-    )  # fmt: skip
+    )
     fc.add_argument(
         "--seen-names",
         help="text file of FC-CLIP's training class names (one class per line, synonyms comma-separated); "
@@ -71,10 +72,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     fc.add_argument("--out", required=True, help="directory to create (OUT/image, OUT/text)")
     fc.add_argument("--fp16", action="store_true", help="fp16 image graph (norms, softmax, attention stay fp32)")
     fc.add_argument(
-        "--sampling", default="gather", choices=["gather", "grid"],
+        "--sampling",
+        default="gather",
+        choices=["gather", "grid"],
         help="deformable attention's sampling: gather (every runtime, TensorRT) or grid (GridSample: faster on "
         "ONNX Runtime and OpenVINO CPUs, needed by --backend openvino-bf16)",
-    )  # fmt: skip
+    )
     _artefact_options(fc, "replace OUT/image and OUT/text if they exist")
 
 
@@ -110,15 +113,20 @@ def _build(args: argparse.Namespace) -> int:
     manifest = read_manifest(onnx_dir)
     cache = EngineCache(args.cache)
     settings = BuildSettings(
-        precision=args.precision, max_batch=args.max_batch, workspace_bytes=args.workspace_gib << 30,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        workspace_bytes=args.workspace_gib << 30,
         allow_tf32=args.allow_tf32,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None, timing_cache_dir=cache.root / "timing",
-    ).for_artifact(manifest)  # fmt: skip
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        timing_cache_dir=cache.root / "timing",
+    ).for_artifact(manifest)
     key = engine_key(manifest, settings, trt.__version__)
     plan = cache.get_or_build(key, lambda: build_engine(onnx_dir, settings), {"onnx_dir": str(onnx_dir)})
     record_build(cache.root, manifest, settings)  # the run time builds (and so finds) this same engine
-    print(f"engine for {onnx_dir} on {key.gpu_name} (sm {key.compute_capability}, TensorRT {key.tensorrt_version}, "
-          f"{settings.precision}): {len(plan) / 2**20:.1f} MiB in {cache.root}")  # fmt: skip
+    print(
+        f"engine for {onnx_dir} on {key.gpu_name} (sm {key.compute_capability}, TensorRT {key.tensorrt_version}, "
+        f"{settings.precision}): {len(plan) / 2**20:.1f} MiB in {cache.root}"
+    )
     return 0
 
 
@@ -128,9 +136,10 @@ def _add_build_parser(commands: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--onnx", required=True, help="an artefact directory written by knnclip export")
     build.add_argument(
-        "--precision", choices=["fp32", "fp16", "bf16"],
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
         help="engine precision (default: the artefact's own; TensorRT 11 builds only that)",
-    )  # fmt: skip
+    )
     build.add_argument("--allow-tf32", action="store_true", help="let an fp32 engine use TF32 matrix products")
     build.add_argument("--max-batch", type=int, default=1, help="largest batch of the optimisation profile")
     build.add_argument("--workspace-gib", type=int, default=4, help="builder workspace limit in GiB (default 4)")

@@ -146,9 +146,13 @@ def _segment_video(args: argparse.Namespace, spec: str) -> int:
     with seg:
         kept_fps = source.fps / args.stride if args.max_fps is None else min(source.fps / args.stride, args.max_fps)
         outputs = VideoOutputs(
-            Path(args.out), kept_fps, source.codec, codec=args.video_codec, pngs=args.png_frames,
+            Path(args.out),
+            kept_fps,
+            source.codec,
+            codec=args.video_codec,
+            pngs=args.png_frames,
             video=not args.no_video,
-        )  # fmt: skip
+        )
         from knnclip.engine.cli.progress import progress_callback
 
         progress = progress_callback("video", args.json, unit="frame")
@@ -160,15 +164,24 @@ def _segment_video(args: argparse.Namespace, spec: str) -> int:
 
         try:
             report = segment_video(
-                seg, source, outputs, batch_size=args.batch_size, stride=args.stride, max_fps=args.max_fps,
-                realtime=realtime, on_result=on_result,
-            )  # fmt: skip
+                seg,
+                source,
+                outputs,
+                batch_size=args.batch_size,
+                stride=args.stride,
+                max_fps=args.max_fps,
+                realtime=realtime,
+                on_result=on_result,
+            )
         except KeyboardInterrupt:
             print(f"knnclip: interrupted; {outputs.jsonl_path} and {outputs.video_path} are closed", file=sys.stderr)
             return 130
     # Name only the files this run wrote (a source with no frame leaves no video).
-    written = {k: str(p) for k, p in (("video", outputs.video_path), ("frames_jsonl", outputs.jsonl_path))
-               if p.is_file() and p.stat().st_size > 0}  # fmt: skip
+    written = {
+        k: str(p)
+        for k, p in (("video", outputs.video_path), ("frames_jsonl", outputs.jsonl_path))
+        if p.is_file() and p.stat().st_size > 0
+    }
     data = {**report.to_json(), **written}
     write_json(Path(args.out) / "report.json", data, indent=1)
     if args.json:
@@ -194,9 +207,12 @@ def _add_class(args: argparse.Namespace) -> int:
 def _add_concept(args: argparse.Namespace) -> int:
     with open_segmenter(args, read_only=False) as seg:
         added = seg.add_concept(
-            args.name, args.images, thing=args.thing, mask_confidence=args.mask_confidence,
+            args.name,
+            args.images,
+            thing=args.thing,
+            mask_confidence=args.mask_confidence,
             class_confidence=args.class_confidence,
-        )  # fmt: skip
+        )
     images = len({a.image for a in added})
     if args.json:
         print(json.dumps({"name": args.name, "added": [vars(a) for a in added]}))
@@ -219,22 +235,31 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     seg.add_argument("--out", required=True, help="directory for the outputs")
     seg.add_argument("--panoptic", action="store_true", help="also write the panoptic segment-id PNG")
     seg.add_argument(
-        "--format", nargs="+", default=["json", "label-png"], choices=["json", "label-png", "coco-instances",
-        "coco-panoptic"], help="what to write: NAME.json, label PNGs (8-bit, 16-bit past 255 classes), COCO "
+        "--format",
+        nargs="+",
+        default=["json", "label-png"],
+        choices=["json", "label-png", "coco-instances", "coco-panoptic"],
+        help="what to write: NAME.json, label PNGs (8-bit, 16-bit past 255 classes), COCO "
         "instance results (coco_instances.json, RLE; with coco_images.json), COCO panoptic (panoptic/*.png with "
         "panoptic.json); default json label-png",
-    )  # fmt: skip
+    )
     seg.add_argument("--overlay", action="store_true", help="also write an overlay PNG per image")
     seg.add_argument("--batch-size", type=int, default=4, help="images (or video frames) per model call")
-    for name, kind, text in (("k", int, "neighbours"), ("tau", float, "temperature"), ("T", float, "fusion threshold"),
-                             ("lam", float, "fusion weight")):  # fmt: skip
+    for name, kind, text in (
+        ("k", int, "neighbours"),
+        ("tau", float, "temperature"),
+        ("T", float, "fusion threshold"),
+        ("lam", float, "fusion weight"),
+    ):
         seg.add_argument(f"--{name}", type=kind, help=f"retrieval {text} (default: RetrievalConfig)")
     seg.add_argument("--config", help="retrieval settings JSON (knnclip eval sweep --write-config)")
     video = seg.add_argument_group("video (VIDEO.mp4, rtsp://..., http(s)://..., /dev/videoN, or - for stdin)")
     video.add_argument(
-        "--realtime", action=argparse.BooleanOptionalAction, default=None,
+        "--realtime",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="drop the oldest waiting frames when the engine falls behind (default: on for streams and cameras)",
-    )  # fmt: skip
+    )
     video.add_argument("--stride", type=int, default=1, help="segment every N-th frame")
     video.add_argument("--max-fps", type=float, help="segment at most this many frames per second of video")
     video.add_argument("--png-frames", action="store_true", help="also write frames/NNNNNN.png overlays")

@@ -11,14 +11,28 @@ def _settings(args: argparse.Namespace):
     from knnclip.engine.serve.service import ServeSettings
 
     return ServeSettings(
-        models=Path(args.models), db=Path(args.db), backend=args.backend, device=args.device, search=args.search,
-        host=args.host, port=args.port, token_file=Path(args.token_file) if args.token_file else None,
-        auth_reads=args.auth_reads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        workers=args.workers, request_timeout_s=args.request_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-        max_pixels=args.max_pixels, snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
-        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+        models=Path(args.models),
+        db=Path(args.db),
+        backend=args.backend,
+        device=args.device,
+        search=args.search,
+        host=args.host,
+        port=args.port,
+        token_file=Path(args.token_file) if args.token_file else None,
+        auth_reads=args.auth_reads,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        workers=args.workers,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_pixels=args.max_pixels,
+        snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
         config=retrieval_config(args),
-    )  # fmt: skip
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -39,10 +53,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     from knnclip.engine.cli.common import backend_options, search_option
 
     p = commands.add_parser(
-        "serve", help="serve segmentation over HTTP (FastAPI + uvicorn; --ray for Ray Serve replicas)",
+        "serve",
+        help="serve segmentation over HTTP (FastAPI + uvicorn; --ray for Ray Serve replicas)",
         description="Serve POST /v1/segment, the vocabulary endpoints, /healthz, /readyz and /metrics "
         "(docs/serving.md). Binds 127.0.0.1 unless --host says otherwise.",
-    )  # fmt: skip
+    )
     backend_options(p)
     search_option(p)
     p.add_argument("--db", required=True, help="database directory (created when missing)")

@@ -16,13 +16,27 @@ if TYPE_CHECKING:
     from knnclip.engine.database.vocabulary import ClassInfo, Vocabulary
 
 _HOMES = {
-    "Database": "database", "DatabaseState": "database", "SearchResult": "database", "IndexSpec": "indexes", "INDEX_KINDS": "kinds",
-    "METRICS": "kinds", "STORAGES": "kinds", "ClassInfo": "vocabulary", "Vocabulary": "vocabulary",
-}  # fmt: skip
+    "Database": "database",
+    "DatabaseState": "database",
+    "SearchResult": "database",
+    "IndexSpec": "indexes",
+    "INDEX_KINDS": "kinds",
+    "METRICS": "kinds",
+    "STORAGES": "kinds",
+    "ClassInfo": "vocabulary",
+    "Vocabulary": "vocabulary",
+}
 __all__ = [
-    "INDEX_KINDS", "METRICS", "STORAGES", "ClassInfo", "Database", "DatabaseState", "IndexSpec", "SearchResult",
+    "INDEX_KINDS",
+    "METRICS",
+    "STORAGES",
+    "ClassInfo",
+    "Database",
+    "DatabaseState",
+    "IndexSpec",
+    "SearchResult",
     "Vocabulary",
-]  # fmt: skip
+]
 
 
 def __getattr__(name: str) -> Any:

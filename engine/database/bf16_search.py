@@ -73,8 +73,9 @@ class Bf16SearchMirror:
         scores = ops.matmul(queries, ops.constant(self._vectors), transpose_a=False, transpose_b=True)
         top = ops.topk(scores, k, axis=1, mode="max", sort="value", index_element_type="i64")
         model = self._ov.Model([top.output(0), top.output(1)], [queries, k], "knnclip-bf16-search")
-        compiled = self._core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
-                                                           "PERFORMANCE_HINT": "LATENCY"})  # fmt: skip
+        compiled = self._core.compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+        )
         log.info("bf16 search over %d entries compiled in %.1f s", len(self._vectors), time.perf_counter() - start)
         return compiled
 

@@ -524,8 +524,10 @@ class Database:
         import torch
 
         if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self._c.dim:
-            raise InvalidInputError(f"queries must be a torch tensor [N, {self._c.dim}], got {type(queries).__name__} "
-                                    f"{list(getattr(queries, 'shape', []))}")  # fmt: skip
+            raise InvalidInputError(
+                f"queries must be a torch tensor [N, {self._c.dim}], got {type(queries).__name__} "
+                f"{list(getattr(queries, 'shape', []))}"
+            )
         if not queries.is_floating_point():
             raise InvalidInputError(f"queries must be a float tensor, got {queries.dtype}")
         q = queries.float()
@@ -651,9 +653,11 @@ class Database:
             if wal.broken:
                 self._fail(f"a record only partly written to {wal.path} could not be cut off ({exc})")
                 raise DatabaseWriteError(
-                    wal.path, "append to the log", exc,
+                    wal.path,
+                    "append to the log",
+                    exc,
                     "the partial record could not be cut off, so nothing more is written; nothing was applied",
-                ) from exc  # fmt: skip
+                ) from exc
             raise DatabaseWriteError(wal.path, "append to the log", exc) from exc
         try:
             self._c.apply(Record(self._c.lsn + 1, kind, meta, memoryview(b"".join(body))))

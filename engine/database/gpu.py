@@ -117,8 +117,9 @@ class FaissGpuMirror:
                 # useFloat16 means for IVF-PQ (faiss has no useFloat16LookupTables option: set on
                 # the SWIG object it would be accepted silently and change nothing).
                 options.useFloat16 = options.useFloat16 or m * nbits // 8 in GPU_PQ_FLOAT16_TABLES
-            self._gpu = _faiss_call("copy the index to the GPU", faiss.index_cpu_to_gpu, self._res, self._device,
-                                    cpu_index, options)  # fmt: skip
+            self._gpu = _faiss_call(
+                "copy the index to the GPU", faiss.index_cpu_to_gpu, self._res, self._device, cpu_index, options
+            )
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self._pending.append((vectors, ids))
@@ -129,8 +130,9 @@ class FaissGpuMirror:
         nprobe = getattr(params, "nprobe", 0) if params is not None else 0
         if k <= GPU_MAX_SELECTION and nprobe <= GPU_MAX_SELECTION:
             return True
-        log.warning("k=%d, nprobe=%d exceed faiss-gpu's limit of %d: searching on the CPU", k, nprobe,
-                    GPU_MAX_SELECTION)  # fmt: skip
+        log.warning(
+            "k=%d, nprobe=%d exceed faiss-gpu's limit of %d: searching on the CPU", k, nprobe, GPU_MAX_SELECTION
+        )
         return False
 
     def _prepare(self, params: Any) -> None:
@@ -167,9 +169,15 @@ class FaissGpuMirror:
         found = torch.empty((n, k), dtype=torch.int64, device=queries.device)
         if queries.is_cuda:
             torch.cuda.current_stream(queries.device).synchronize()
-        _faiss_call("search the GPU index", self._gpu.search_c, n, faiss.cast_integer_to_float_ptr(queries.data_ptr()),
-                    k, faiss.cast_integer_to_float_ptr(sims.data_ptr()),
-                    faiss.cast_integer_to_idx_t_ptr(found.data_ptr()))  # fmt: skip
+        _faiss_call(
+            "search the GPU index",
+            self._gpu.search_c,
+            n,
+            faiss.cast_integer_to_float_ptr(queries.data_ptr()),
+            k,
+            faiss.cast_integer_to_float_ptr(sims.data_ptr()),
+            faiss.cast_integer_to_idx_t_ptr(found.data_ptr()),
+        )
         self._res.syncDefaultStreamCurrentDevice()
         return sims, found
 

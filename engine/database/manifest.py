@@ -99,9 +99,22 @@ class Manifest:
             raise DatabaseCorruptError(path, "manifest checksum mismatch (the file was edited or damaged)")
         try:
             known = {
-                "format", "format_version", "uuid", "dim", "metric", "index", "trained", "vocabulary", "entries",
-                "next_entry_id", "checkpoint_lsn", "generation", "files", "created", "knnclip_version",
-            }  # fmt: skip
+                "format",
+                "format_version",
+                "uuid",
+                "dim",
+                "metric",
+                "index",
+                "trained",
+                "vocabulary",
+                "entries",
+                "next_entry_id",
+                "checkpoint_lsn",
+                "generation",
+                "files",
+                "created",
+                "knnclip_version",
+            }
             return cls(
                 uuid=uuid_mod.UUID(body["uuid"]),
                 dim=int(body["dim"]),

@@ -51,9 +51,19 @@ def now() -> str:
 def empty_manifest(dim: int, metric: str, spec: IndexSpec) -> Manifest:
     """The manifest of a new, empty database."""
     return Manifest(
-        uuid=uuid_mod.uuid4(), dim=dim, metric=metric, index=spec, trained=False, vocabulary=Vocabulary(), entries=0,
-        next_entry_id=0, checkpoint_lsn=0, generation=0, files={}, created=now(),
-    )  # fmt: skip
+        uuid=uuid_mod.uuid4(),
+        dim=dim,
+        metric=metric,
+        index=spec,
+        trained=False,
+        vocabulary=Vocabulary(),
+        entries=0,
+        next_entry_id=0,
+        checkpoint_lsn=0,
+        generation=0,
+        files={},
+        created=now(),
+    )
 
 
 def read_or_none(path: Path) -> bytes | None:
@@ -142,8 +152,10 @@ def replay(directory: Path, manifest: Manifest, contents: Contents) -> LogConten
         log.warning(
             "%s: a torn record of %d bytes at byte %d ends the log (a write a crash cut short); a writer "
             "keeps it aside and cuts it",
-            wal_path, log_contents.torn_bytes, log_contents.valid_end,
-        )  # fmt: skip
+            wal_path,
+            log_contents.torn_bytes,
+            log_contents.valid_end,
+        )
     log_contents.records = []  # applied; the caller keeps only where the log ends
     return log_contents
 

@@ -70,9 +70,13 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
         raise needs_extra(f"the demo builds its models with torch and onnx ({exc}); it", "export") from None
     models = settings.out / "models"
     signature = {
-        "version": _MODELS_VERSION, "fcclip": settings.fcclip, "fcclip_config": settings.fcclip_config,
-        "dinov2": settings.dinov2, "dinov2_config": settings.dinov2_config, "sampling": settings.sampling,
-    }  # fmt: skip
+        "version": _MODELS_VERSION,
+        "fcclip": settings.fcclip,
+        "fcclip_config": settings.fcclip_config,
+        "dinov2": settings.dinov2,
+        "dinov2_config": settings.dinov2_config,
+        "sampling": settings.sampling,
+    }
     stamp = models / "demo-models.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == signature:
         say(f"models: reusing {models}")
@@ -95,8 +99,9 @@ def build_models(settings: DemoSettings, say: Callable[[str], None]) -> Path:
     # A real checkpoint was trained on COCO panoptic (the exporter's default); the seeded model's
     # "training vocabulary" is the demo's base classes.
     seen = None if settings.fcclip else list(BASE_CLASSES)
-    export_fcclip_onnx(fcclip, models / "fcclip", size=IMAGE_SIZE, tokenizer=tokenizer, seen_names=seen,
-                       sampling=settings.sampling)  # fmt: skip
+    export_fcclip_onnx(
+        fcclip, models / "fcclip", size=IMAGE_SIZE, tokenizer=tokenizer, seen_names=seen, sampling=settings.sampling
+    )
     export_dinov2_onnx(dinov2, models / "dinov2", size=dinov2_size)
     stamp.write_text(json.dumps(signature))
     say(f"models: exported FC-CLIP and DINOv2 to ONNX in {time.perf_counter() - start:.1f} s ({models})")
@@ -144,21 +149,31 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
     val = SyntheticDataset("val", settings.val, seed=settings.seed + 1)
     db_path = settings.out / "demo.db"
     shutil.rmtree(db_path, ignore_errors=True)  # each run starts from an empty database
-    with Segmenter.from_dir(models, db_path, config=RetrievalConfig(), text_cache=settings.out / "cache",
-                            backend=settings.backend, search=settings.search) as seg:  # fmt: skip
+    with Segmenter.from_dir(
+        models,
+        db_path,
+        config=RetrievalConfig(),
+        text_cache=settings.out / "cache",
+        backend=settings.backend,
+        search=settings.search,
+    ) as seg:
         say(f"backends: {', '.join(f'{k}={v}' for k, v in seg.models.backends.items())}")
         runtime = {part: getattr(seg.models, part).backend for part in ("fcclip", "text", "dinov2")}
         runtime["search"] = seg.db.stats()["search"]
         start = time.perf_counter()
         n_base = _add_split(seg, train, BASE_CLASSES)
-        say(f"database: {n_base} masks of {len(BASE_CLASSES)} base classes from {len(train)} training images "
-            f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+        say(
+            f"database: {n_base} masks of {len(BASE_CLASSES)} base classes from {len(train)} training images "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
         before = evaluate(seg, val)
         start = time.perf_counter()
         n_new = _add_split(seg, train, NEW_CLASSES)
         elapsed = time.perf_counter() - start
-        say(f"database: + {n_new} masks of the new classes {', '.join(NEW_CLASSES)} in {elapsed:.1f} s "
-            f"({len(seg.db)} entries in all)")  # fmt: skip
+        say(
+            f"database: + {n_new} masks of the new classes {', '.join(NEW_CLASSES)} in {elapsed:.1f} s "
+            f"({len(seg.db)} entries in all)"
+        )
         results: list[Result] = []
         after = evaluate(seg, val, on_result=lambda i, r: results.append(r))
         overlay_dir = settings.out / "overlays"
@@ -184,7 +199,7 @@ def _report(before_eval: Evaluation, after_eval: Evaluation, results: list[Resul
                 "iou_after": None if np.isnan(iou_a[i]) else float(iou_a[i]),
             }
             for i, c in enumerate(CLASSES)
-        ],  # fmt: skip
+        ],
         "miou_before": before.miou(),
         "miou_after": after.miou(),
         "miou_new_before": float(np.nanmean([iou_b[class_index(n)] for n in NEW_CLASSES])),

@@ -60,10 +60,14 @@ def class_steps(num_classes: int, steps: int, shuffle: bool = False, seed: int =
 def _database_figures(db: Database) -> dict[str, Any]:
     stats = db.stats()
     return {
-        "entries": stats["entries"], "classes": stats["classes"], "index": stats["index"],
-        "storage": stats["storage"], "code_bytes_per_entry": stats["code_bytes_per_entry"],
-        "code_bytes": stats["entries"] * stats["code_bytes_per_entry"], "disk_bytes": stats["disk_bytes"],
-    }  # fmt: skip
+        "entries": stats["entries"],
+        "classes": stats["classes"],
+        "index": stats["index"],
+        "storage": stats["storage"],
+        "code_bytes_per_entry": stats["code_bytes_per_entry"],
+        "code_bytes": stats["entries"] * stats["code_bytes_per_entry"],
+        "disk_bytes": stats["disk_bytes"],
+    }
 
 
 def _mean(iou: np.ndarray, classes: list[int]) -> float | None:
@@ -129,7 +133,7 @@ def run_continual(
             "train_images": len(train),
             "val_images": len(val),
             "classes": len(names),
-        },  # fmt: skip
+        },
         "settings": asdict(settings),
         "retrieval": seg.config.to_json(),
         "steps": steps,

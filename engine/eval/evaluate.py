@@ -96,9 +96,12 @@ def add_dataset(
             progress(i + 1, len(ds))
     flush()
     return {
-        "images": used, "masks": offered, "entries": added, "skipped_masks": offered - added,
+        "images": used,
+        "masks": offered,
+        "entries": added,
+        "skipped_masks": offered - added,
         "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+    }
 
 
 @dataclass

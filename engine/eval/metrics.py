@@ -99,8 +99,9 @@ class PanopticQuality:
 
     def __init__(self, num_classes: int, is_thing: Sequence[bool]) -> None:
         if num_classes < 1 or len(is_thing) != num_classes:
-            raise InvalidInputError(f"need num_classes >= 1 and one thing flag per class, got {num_classes}, "
-                                    f"{len(is_thing)}")  # fmt: skip
+            raise InvalidInputError(
+                f"need num_classes >= 1 and one thing flag per class, got {num_classes}, {len(is_thing)}"
+            )
         self.num_classes = num_classes
         self.is_thing = np.asarray(is_thing, bool)
         self.iou_sum = np.zeros(num_classes, np.float64)
@@ -145,9 +146,12 @@ class PanopticQuality:
         real_gt = gt_cat >= 0
         real_pred = pred_cat >= 0
         candidate = (
-            (joint > 0) & real_gt[:, None] & ~gt_crowd[:, None] & real_pred[None, :]
+            (joint > 0)
+            & real_gt[:, None]
+            & ~gt_crowd[:, None]
+            & real_pred[None, :]
             & (gt_cat[:, None] == pred_cat[None, :])
-        )  # fmt: skip
+        )
         union = gt_area[:, None] + pred_area[None, :] - joint - on_void[None, :]
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = np.where(candidate, joint / np.maximum(union, 1), 0.0)

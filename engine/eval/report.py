@@ -54,8 +54,10 @@ def _semantic_md(report: dict[str, Any]) -> str:
     lines.append(f"| pixel accuracy | {_fmt(r['pixel_accuracy'])} |")
     lines.append(f"| classes scored | {r['classes_scored']} |")
     for group, values in r.get("panoptic", {}).items():
-        lines.append(f"| PQ / SQ / RQ ({group}, n={values['n']}) | {_fmt(values['pq'])} / {_fmt(values['sq'])} / "
-                     f"{_fmt(values['rq'])} |")  # fmt: skip
+        lines.append(
+            f"| PQ / SQ / RQ ({group}, n={values['n']}) | {_fmt(values['pq'])} / {_fmt(values['sq'])} / "
+            f"{_fmt(values['rq'])} |"
+        )
     lines.append(f"| images, seconds | {r['images']}, {r['seconds']:.1f} |")
     lines += ["", "IoU per class (x100):", "", "| class | IoU |", "|---|---|"]
     lines += [f"| {name} | {_fmt(v)} |" for name, v in r["iou"].items()]
@@ -78,9 +80,12 @@ def _continual_md(report: dict[str, Any]) -> str:
             f"| {s['step']} | {shown} | {s['seen']} | {s['database']['entries']} | {s['database']['code_bytes']} "
             f"| {_fmt(s['miou'])} | {_fmt(s['miou_old'])} | {_fmt(s['miou_new'])} | {_fmt(forgetting)} |"
         )
-    lines += ["", f"Final mIoU {_fmt(report['final_miou'])}; forgetting (mIoU x100 lost by old classes on their "
-              f"own task): mean {_fmt(report['mean_forgetting'])}, max {_fmt(report['max_forgetting'])}; "
-              f"identical results on every old task: {report['zero_forgetting']}."]  # fmt: skip
+    lines += [
+        "",
+        f"Final mIoU {_fmt(report['final_miou'])}; forgetting (mIoU x100 lost by old classes on their "
+        f"own task): mean {_fmt(report['mean_forgetting'])}, max {_fmt(report['max_forgetting'])}; "
+        f"identical results on every old task: {report['zero_forgetting']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -89,9 +94,10 @@ def _sweep_md(report: dict[str, Any]) -> str:
     best = report["best"]
     keys = ("fusion", "k", "tau", "T", "lam")
     lines.append(
-        "Best: " + ", ".join(f"{k}={best['config'][k]}" for k in keys)
+        "Best: "
+        + ", ".join(f"{k}={best['config'][k]}" for k in keys)
         + f" with mIoU {_fmt(best['miou'])} (base FC-CLIP without retrieval: {_fmt(report['base_miou'])})."
-    )  # fmt: skip
+    )
     for placement in dict.fromkeys(r["config"]["fusion"] for r in report["grid"]):
         rows = [r for r in report["grid"] if r["config"]["fusion"] == placement]
         best_of = max(rows, key=lambda r: -1.0 if r["miou"] is None else r["miou"])
@@ -121,11 +127,16 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
     elif kind == "sweep":
         rows = sorted(report["grid"], key=lambda r: -(r["miou"] or 0))[:15]
         fig, ax = plt.subplots(figsize=(7, 0.8 + 0.3 * len(rows)))
-        labels = [f"k={r['config']['k']} tau={r['config']['tau']} T={r['config']['T']} lam={r['config']['lam']}"
-                  for r in rows]  # fmt: skip
+        labels = [
+            f"k={r['config']['k']} tau={r['config']['tau']} T={r['config']['T']} lam={r['config']['lam']}" for r in rows
+        ]
         ax.barh(labels, [(r["miou"] or 0) * 100 for r in rows])
-        ax.axvline(report["base_miou"] * 100 if report["base_miou"] is not None else 0, color="k", ls="--",
-                   label="no retrieval")  # fmt: skip
+        ax.axvline(
+            report["base_miou"] * 100 if report["base_miou"] is not None else 0,
+            color="k",
+            ls="--",
+            label="no retrieval",
+        )
         ax.set_xlabel("mIoU (%)")
         ax.invert_yaxis()
         ax.legend(fontsize=7)

@@ -102,7 +102,7 @@ def run_sweep(
             "held_out_images": len(held),
             "database_images": len(rest),
             "classes": n,
-        },  # fmt: skip
+        },
         "grid": rows,
         "best": best,
         "base_miou": json_score(base.miou()),
@@ -116,6 +116,6 @@ def run_sweep(
             "miou": best["miou"],
             "base_miou": json_score(base.miou()),
             "models": seg.models.identity(),
-        },  # fmt: skip
+        },
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -352,9 +352,14 @@ class TorchArrays(ArrayModule):
                 "False); reinstall on the GPU machine (docs/backends.md), or run with device='cpu'"
             )
         self._dtypes = {
-            "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "int32": torch.int32,
-            "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8,
-        }  # fmt: skip
+            "float32": torch.float32,
+            "float64": torch.float64,
+            "float16": torch.float16,
+            "int32": torch.int32,
+            "int64": torch.int64,
+            "bool": torch.bool,
+            "uint8": torch.uint8,
+        }
 
     def _dtype(self, name: str) -> Any:
         return self._dtypes[str(np.dtype(name))]

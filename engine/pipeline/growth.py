@@ -40,10 +40,12 @@ def embed_masks(models: ModelSet, image: ImageInput, masks: np.ndarray) -> tuple
     per_mask = 4 * masks.shape[1] * masks.shape[2]
     step = max(1, POOL_CHUNK_BYTES // per_mask)
     pooled = np.concatenate(
-        [ops.mask_pool(keys, np.where(masks[s : s + step], np.float32(1.0), np.float32(-1.0)), 0.0)
-         for s in range(0, len(masks), step)]
+        [
+            ops.mask_pool(keys, np.where(masks[s : s + step], np.float32(1.0), np.float32(-1.0)), 0.0)
+            for s in range(0, len(masks), step)
+        ]
         or [np.zeros((0, keys.shape[0]), np.float32)]
-    )  # fmt: skip
+    )
     kept = np.flatnonzero(np.abs(pooled).sum(-1) > 0)
     return pooled[kept], kept
 

@@ -117,8 +117,10 @@ class ModelSet:
         try:
             return TorchArrays(self.device)
         except ImportError:
-            log.warning("post-processing on the host: the device pipeline holds its arrays in torch, which is "
-                        "not installed (install a CUDA build of torch)")  # fmt: skip
+            log.warning(
+                "post-processing on the host: the device pipeline holds its arrays in torch, which is "
+                "not installed (install a CUDA build of torch)"
+            )
         except BackendUnavailableError as exc:
             log.warning("post-processing on the host: %s", exc)
         return HOST

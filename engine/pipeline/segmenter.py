@@ -77,9 +77,13 @@ class Segmenter:
         self.db = database
         self.config = config or RetrievalConfig()
         self.text = TextBank(
-            models.text, models.tokenizer, models.templates, models.text_weights_sha256, models.context_length,
+            models.text,
+            models.tokenizer,
+            models.templates,
+            models.text_weights_sha256,
+            models.context_length,
             cache_dir=text_cache,
-        )  # fmt: skip
+        )
         self._owns_database = owns_database
         self._owns_models = True
         self._classifiers = ClassifierCache(self.text, models.head)
@@ -114,8 +118,10 @@ class Segmenter:
         try:
             if isinstance(database, Database):
                 if search != "fp32":
-                    raise InvalidInputError("search= applies when the database is opened here; pass a path, "
-                                            "or open the Database with search= yourself")  # fmt: skip
+                    raise InvalidInputError(
+                        "search= applies when the database is opened here; pass a path, "
+                        "or open the Database with search= yourself"
+                    )
                 return cls(models, database, config, text_cache=text_cache, **where)
             path = Path(database)
             if path.exists():
@@ -332,7 +338,12 @@ class Segmenter:
         the config's ``concept_mask_confidence`` and ``concept_class_confidence``."""
         cfg = self.config
         return growth.add_concept(
-            self.models, self.db, self.text, name, images, thing=thing,
+            self.models,
+            self.db,
+            self.text,
+            name,
+            images,
+            thing=thing,
             mask_confidence=cfg.concept_mask_confidence if mask_confidence is None else mask_confidence,
             class_confidence=cfg.concept_class_confidence if class_confidence is None else class_confidence,
-        )  # fmt: skip
+        )

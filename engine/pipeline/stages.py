@@ -146,8 +146,10 @@ def classify(
     """P_base: in-vocabulary and CLIP (out-of-vocabulary) classification, FC-CLIP's ensemble."""
     per_class = classifier.synonyms_per_class
     rows = classifier_tables(classifier, xp).rows
-    weights = xp.constant(("ensemble_weights", classifier.key, head.alpha, head.beta),
-                          lambda: postprocess.ensemble_weights(classifier.seen, head.alpha, head.beta))  # fmt: skip
+    weights = xp.constant(
+        ("ensemble_weights", classifier.key, head.alpha, head.beta),
+        lambda: postprocess.ensemble_weights(classifier.seen, head.alpha, head.beta),
+    )
     in_vocab = postprocess.classification_logits(class_embed, rows, head.in_vocab_logit_scale, per_class, xp=xp)
     ov = postprocess.classification_logits(ov_embed, rows, head.clip_logit_scale, per_class, xp=xp)
     return postprocess.geometric_ensemble(in_vocab, ov, classifier.seen, head.alpha, head.beta, xp=xp, weights=weights)

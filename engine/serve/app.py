@@ -46,9 +46,13 @@ def create_app(
     from knnclip.engine import __version__
 
     app = FastAPI(
-        title="knnclip", version=__version__, lifespan=lifespan or _no_lifespan, docs_url=None, redoc_url=None,
+        title="knnclip",
+        version=__version__,
+        lifespan=lifespan or _no_lifespan,
+        docs_url=None,
+        redoc_url=None,
         description="Open-vocabulary segmentation with a growing database (kNN-CLIP). docs/serving.md is the contract.",
-    )  # fmt: skip
+    )
     # What the routes, the handlers and the middleware read (request.app.state).
     app.state.service, app.state.service_key = service, uuid.uuid4().hex
     app.state.auth, app.state.max_pixels = auth, max_pixels

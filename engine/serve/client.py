@@ -120,8 +120,10 @@ class Client:
         arrays = {"masks": masks.astype(bool)} if masks.ndim == 3 else {"labels": masks.astype(np.int32)}
         np.savez_compressed(buf, **arrays)
         names = {str(k): v for k, v in classes.items()} if isinstance(classes, dict) else list(classes)
-        files = {"image": ("image", _image_bytes(image), "application/octet-stream"),
-                 "masks": ("masks.npz", buf.getvalue(), "application/octet-stream")}  # fmt: skip
+        files = {
+            "image": ("image", _image_bytes(image), "application/octet-stream"),
+            "masks": ("masks.npz", buf.getvalue(), "application/octet-stream"),
+        }
         data = {"classes": json.dumps(names)}
         if things is not None:
             data["things"] = json.dumps(things)
@@ -181,7 +183,7 @@ _MESSAGE_ONLY = {
         "DatabaseLockedError",
         "DatasetError",
         "BackendUnavailableError",
-    )  # fmt: skip
+    )
 }
 
 

@@ -20,7 +20,9 @@ def install_docs(app: Any, dependencies: list[Any]) -> None:
     @app.get("/docs", include_in_schema=False, dependencies=dependencies)
     async def docs() -> Any:
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} API",
-            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{ASSETS}/swagger-ui.css",
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{ASSETS}/favicon-32x32.png",
-        )  # fmt: skip
+        )

@@ -207,8 +207,11 @@ def _npz(data: bytes, budget: int) -> dict[str, np.ndarray]:
                     raise errors.InvalidInputError(f"the .npz member {member.filename!r} is not a .npy array")
                 with archive.open(member) as stream:
                     version = np.lib.format.read_magic(stream)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)  # fmt: skip
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = read_header(stream, max_header_size=10_000)
                     if dtype.hasobject:
                         raise errors.InvalidInputError(f"the .npz member {member.filename!r} holds Python objects")

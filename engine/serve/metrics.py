@@ -18,17 +18,25 @@ class ServiceMetrics:
 
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "knnclip_requests", "HTTP requests by route and status", ["method", "route", "status"],
+            "knnclip_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.latency = Histogram(
-            "knnclip_request_seconds", "request latency by route", ["route"], buckets=LATENCY_BUCKETS,
+            "knnclip_request_seconds",
+            "request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.stage = Histogram(
-            "knnclip_stage_seconds", "pipeline stage time per image", ["stage"], buckets=LATENCY_BUCKETS,
+            "knnclip_stage_seconds",
+            "pipeline stage time per image",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.batch_size = Histogram(
             "knnclip_batch_size", "images per segment_batch call", buckets=BATCH_BUCKETS, registry=self.registry
         )

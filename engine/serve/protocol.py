@@ -20,8 +20,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 def _reply(status: int, reason: str, kind: str, message: str, retry_after: int | None = None) -> bytes:
     body = json.dumps({"error": {"type": kind, "message": message, "status": status}}).encode()
-    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}",
-            "connection: close"]  # fmt: skip
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
     if retry_after is not None:
         head.append(f"retry-after: {retry_after}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

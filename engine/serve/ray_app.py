@@ -66,9 +66,15 @@ class SegmenterReplica:
         self.settings = settings
         self._state = Database.disk_state(settings.db)
         self._base = Segmenter.from_dir(
-            settings.models, settings.db, backend=settings.backend, device=settings.device, config=settings.config,
-            read_only=True, text_cache=settings.text_cache, search=settings.search,
-        )  # fmt: skip
+            settings.models,
+            settings.db,
+            backend=settings.backend,
+            device=settings.device,
+            config=settings.config,
+            read_only=True,
+            text_cache=settings.text_cache,
+            search=settings.search,
+        )
         self._current = self._base
         self._lock = threading.Lock()
         context = serve.get_replica_context()
@@ -123,9 +129,13 @@ class DatabaseOwner:
 
         self.settings = settings
         self._seg = Segmenter.from_dir(
-            settings.models, settings.db, backend=settings.backend, device="cpu", config=settings.config,
+            settings.models,
+            settings.db,
+            backend=settings.backend,
+            device="cpu",
+            config=settings.config,
             text_cache=settings.text_cache,
-        )  # fmt: skip
+        )
         self._lock = threading.Lock()
 
     def __del__(self) -> None:  # Ray Serve's hook when a replica shuts down: close the database cleanly
@@ -152,8 +162,12 @@ class DatabaseOwner:
     def add_examples(self, image: bytes, masks: np.ndarray, names: list[str], things: dict | None) -> Any:
         def change() -> dict[str, Any]:
             ids = self._seg.add_examples([image], [masks], [names], things=things)
-            return {"added": len(ids), "skipped": len(names) - len(ids), "classes": sorted(set(names)),
-                    "entries": len(self._seg.db)}  # fmt: skip
+            return {
+                "added": len(ids),
+                "skipped": len(names) - len(ids),
+                "classes": sorted(set(names)),
+                "entries": len(self._seg.db),
+            }
 
         return self._locked(change)
 
@@ -231,15 +245,23 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, replica_gpu
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
         replica_gpus = 1.0 if has_gpus and settings.device != "cpu" else 0.0
     auth = TokenAuth(load_token(settings.token_file), auth_reads=settings.auth_reads)
-    app = create_app(None, auth=auth, max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels,
-                     body_timeout_s=settings.body_timeout_s)  # fmt: skip
+    app = create_app(
+        None,
+        auth=auth,
+        max_body_bytes=settings.max_body_bytes,
+        max_pixels=settings.max_pixels,
+        body_timeout_s=settings.body_timeout_s,
+    )
 
     shutdown = {"graceful_shutdown_timeout_s": 10.0, "graceful_shutdown_wait_loop_s": 0.5}
     segmenters = serve.deployment(
-        name="Segmenters", num_replicas=replicas, max_ongoing_requests=2 * settings.max_batch,
+        name="Segmenters",
+        num_replicas=replicas,
+        max_ongoing_requests=2 * settings.max_batch,
         max_queued_requests=settings.max_queue,
-        ray_actor_options={"num_cpus": 0 if replica_gpus else 1, "num_gpus": replica_gpus}, **shutdown,
-    )(_batched(SegmenterReplica, settings))  # fmt: skip
+        ray_actor_options={"num_cpus": 0 if replica_gpus else 1, "num_gpus": replica_gpus},
+        **shutdown,
+    )(_batched(SegmenterReplica, settings))
     owner = serve.deployment(name="DatabaseOwner", num_replicas=1, ray_actor_options={"num_cpus": 0}, **shutdown)(
         DatabaseOwner
     )

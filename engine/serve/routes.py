@@ -125,8 +125,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/readyz", dependencies=reads, tags=["health"],
-            responses={503: {"description": "loading, failed to load, or draining"}})  # fmt: skip
+@router.get(
+    "/readyz",
+    dependencies=reads,
+    tags=["health"],
+    responses={503: {"description": "loading, failed to load, or draining"}},
+)
 async def readyz(request: Request) -> Any:
     """Models loaded and the database open."""
     current = service_of(request.app)
@@ -137,8 +141,13 @@ async def readyz(request: Request) -> Any:
     return JSONResponse(body, 503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", dependencies=reads, tags=["health"], response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
+@router.get(
+    "/metrics",
+    dependencies=reads,
+    tags=["health"],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def prometheus(request: Request) -> Any:
     """Prometheus metrics."""
     body, content_type = request.app.state.metrics.render()
@@ -146,8 +155,12 @@ async def prometheus(request: Request) -> Any:
 
 
 # Segmentation ------------------------------------------------------------------------------------
-@router.post("/v1/segment", dependencies=reads, tags=["segment"],
-             openapi_extra={"requestBody": {"required": True, "content": _IMAGE_TYPES}})  # fmt: skip
+@router.post(
+    "/v1/segment",
+    dependencies=reads,
+    tags=["segment"],
+    openapi_extra={"requestBody": {"required": True, "content": _IMAGE_TYPES}},
+)
 async def segment(
     request: Request,
     panoptic: Annotated[bool, Query(description="run the panoptic inference")] = True,
@@ -181,8 +194,13 @@ async def delete_class(request: Request, name: str) -> dict[str, Any]:
     return await service(request).remove_class(name)
 
 
-@router.post("/v1/examples", dependencies=writes, tags=["vocabulary"], status_code=201,
-             openapi_extra={"requestBody": {"required": True, "content": _EXAMPLE_FORM}})  # fmt: skip
+@router.post(
+    "/v1/examples",
+    dependencies=writes,
+    tags=["vocabulary"],
+    status_code=201,
+    openapi_extra={"requestBody": {"required": True, "content": _EXAMPLE_FORM}},
+)
 async def post_examples(request: Request) -> dict[str, Any]:
     """Add labelled examples: an image, its masks and the names of the masks' values."""
     form = await _form(request)

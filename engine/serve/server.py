@@ -43,9 +43,13 @@ def build(settings: ServeSettings) -> tuple[Any, LocalService]:
 
     server_ref: list[Any] = []
     app = create_app(
-        service, auth=auth, max_body_bytes=settings.max_body_bytes, max_pixels=settings.max_pixels, lifespan=lifespan,
+        service,
+        auth=auth,
+        max_body_bytes=settings.max_body_bytes,
+        max_pixels=settings.max_pixels,
+        lifespan=lifespan,
         body_timeout_s=settings.body_timeout_s,
-    )  # fmt: skip
+    )
     app.state.server_ref = server_ref
     if not auth.mutations_enabled:
         log.warning("no token configured (--token-file or KNNCLIP_SERVE_TOKEN): changes to the vocabulary are disabled")
@@ -62,11 +66,15 @@ def serve(settings: ServeSettings, *, graceful_s: float = 30.0, log_level: str =
     app, service = build(settings)
     sock = _bind(settings.host, settings.port)
     config = uvicorn.Config(
-        app, log_level=log_level, timeout_graceful_shutdown=math.ceil(graceful_s), server_header=False,
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=math.ceil(graceful_s),
+        server_header=False,
         date_header=True,
-        limit_max_requests=None, timeout_keep_alive=5,
+        limit_max_requests=None,
+        timeout_keep_alive=5,
         http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
-    )  # fmt: skip
+    )
     server = uvicorn.Server(config)
     app.state.server_ref.append(server)
     host, port = sock.getsockname()[:2]

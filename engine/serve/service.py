@@ -65,9 +65,14 @@ class ServeSettings:
     text_cache: str | None = "default"
 
     def __post_init__(self) -> None:
-        limits = {"max_batch": self.max_batch, "max_queue": self.max_queue, "workers": self.workers,
-                  "max_body_bytes": self.max_body_bytes, "max_pixels": self.max_pixels,
-                  "max_connections": self.max_connections}  # fmt: skip
+        limits = {
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "workers": self.workers,
+            "max_body_bytes": self.max_body_bytes,
+            "max_pixels": self.max_pixels,
+            "max_connections": self.max_connections,
+        }
         for name, seconds in (("header_timeout_s", self.header_timeout_s), ("body_timeout_s", self.body_timeout_s)):
             if not seconds > 0:
                 raise InvalidInputError(f"{name} must be > 0, got {seconds}")
@@ -194,9 +199,12 @@ class LocalService:
         self._rw = ReadWriteLock()
         self._stopping = False
         self.batcher: Batcher[SegmentRequest] = Batcher(
-            self._run_batch, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000.0,
-            max_queue=settings.max_queue, workers=settings.workers,
-        )  # fmt: skip
+            self._run_batch,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            max_queue=settings.max_queue,
+            workers=settings.workers,
+        )
 
     # Lifecycle ---------------------------------------------------------------------------------
     @property
@@ -227,8 +235,13 @@ class LocalService:
                 m = self.segmenter.models
                 parts = (("fcclip", m.fcclip), ("text", m.text), ("dinov2", m.dinov2))
                 backends = ", ".join(f"{part} on {session.backend}" for part, session in parts)
-                log.info("ready: models (%s) and %s (search: %s) loaded in %.1f s", backends, s.db,
-                         self.segmenter.db.stats()["search"], time.perf_counter() - start)  # fmt: skip
+                log.info(
+                    "ready: models (%s) and %s (search: %s) loaded in %.1f s",
+                    backends,
+                    s.db,
+                    self.segmenter.db.stats()["search"],
+                    time.perf_counter() - start,
+                )
             except BaseException as exc:  # noqa: BLE001 - reported by /readyz and by the server's exit code
                 self.load_error = exc
                 log.error("could not load the models or the database: %s", exc)
@@ -292,8 +305,12 @@ class LocalService:
         self, image: bytes, masks: np.ndarray, names: list[str], things: dict[str, bool] | None
     ) -> dict[str, Any]:
         ids = await self._mutate(lambda seg: seg.add_examples([image], [masks], [names], things=things))
-        return {"added": len(ids), "skipped": len(names) - len(ids), "classes": sorted(set(names)),
-                "entries": self.entries()}  # fmt: skip
+        return {
+            "added": len(ids),
+            "skipped": len(names) - len(ids),
+            "classes": sorted(set(names)),
+            "entries": self.entries(),
+        }
 
     async def remove_class(self, name: str) -> dict[str, Any]:
         removed = await self._mutate(lambda seg: seg.remove_class(name))

@@ -83,8 +83,13 @@ class VideoOutputs:
         self._size: tuple[int, int] | None = None
         self.frames_written = 0
         # The frame PNGs are written as knnclip segment writes an image's overlay.
-        self._frames = ResultWriter(out_dir / "frames", (), panoptic=True, overlay=True, overlay_suffix=".png",
-                                    legend_rows=LEGEND_ROWS) if pngs else None  # fmt: skip
+        self._frames = (
+            ResultWriter(
+                out_dir / "frames", (), panoptic=True, overlay=True, overlay_suffix=".png", legend_rows=LEGEND_ROWS
+            )
+            if pngs
+            else None
+        )
 
     def write(self, frame: Frame, result: Result | Exception) -> None:
         self._jsonl.write(json.dumps(frame_record(frame, result)) + "\n")

@@ -23,22 +23,33 @@ def is_hf_layout(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 _HF_BLOCK = {
-    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
-    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
-    "attention.output.dense.weight": "attn.proj.weight", "attention.output.dense.bias": "attn.proj.bias",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
-    "mlp.weights_in.weight": "mlp.w12.weight", "mlp.weights_in.bias": "mlp.w12.bias",
-    "mlp.weights_out.weight": "mlp.w3.weight", "mlp.weights_out.bias": "mlp.w3.bias",
-}  # fmt: skip
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "attention.output.dense.weight": "attn.proj.weight",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+    "mlp.weights_in.weight": "mlp.w12.weight",
+    "mlp.weights_in.bias": "mlp.w12.bias",
+    "mlp.weights_out.weight": "mlp.w3.weight",
+    "mlp.weights_out.bias": "mlp.w3.bias",
+}
 _HF_TOP = {
-    "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
-    "embeddings.register_tokens": "register_tokens", "embeddings.position_embeddings": "pos_embed",
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.position_embeddings": "pos_embed",
     "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
-}  # fmt: skip
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
 _HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _HF_QKV = re.compile(r"^attention\.attention\.(query|key|value)\.(weight|bias)$")
 

@@ -113,9 +113,17 @@ DEFAULT_PRESET = "vitg14_reg4"
 # Official DinoVisionTransformer constructor arguments that change nothing at inference, or whose
 # only supported value is the default (act_layer GELU, norm LayerNorm eps 1e-6, PatchEmbed).
 _IGNORED_OFFICIAL = {
-    "drop_path_rate", "drop_path_uniform", "block_chunks", "embed_layer", "act_layer", "block_fn",
-    "pretrained", "weights", "note", "arch_name",
-}  # fmt: skip
+    "drop_path_rate",
+    "drop_path_uniform",
+    "block_chunks",
+    "embed_layer",
+    "act_layer",
+    "block_fn",
+    "pretrained",
+    "weights",
+    "note",
+    "arch_name",
+}
 _OFFICIAL_FFN = {"mlp": "mlp", "swiglu": "swiglu", "swiglufused": "swiglu"}
 _ARCH_NAME_PRESET = {"vit_small": "vits14", "vit_base": "vitb14", "vit_large": "vitl14", "vit_giant2": "vitg14"}
 
@@ -146,7 +154,7 @@ def config_from_dict(values: dict[str, Any]) -> DinoV2Config:
         init_values=None,
         interpolate_antialias=False,
         interpolate_offset=0.1,
-    )  # fmt: skip   -- DinoVisionTransformer.__init__ defaults
+    )  # DinoVisionTransformer.__init__ defaults
     arch = values.get("arch_name")
     if arch is not None:
         if arch not in _ARCH_NAME_PRESET:

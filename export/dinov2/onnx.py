@@ -93,8 +93,14 @@ def export_dinov2_onnx(
             **(extra or {}),
         }
         return export_graph(
-            graph, out_dir, manifest, precision=precision, tolerance=TOLERANCE[precision], opset=opset,
-            overwrite=overwrite, torch_weights=torch_weights,
-        )  # fmt: skip
+            graph,
+            out_dir,
+            manifest,
+            precision=precision,
+            tolerance=TOLERANCE[precision],
+            opset=opset,
+            overwrite=overwrite,
+            torch_weights=torch_weights,
+        )
     finally:
         model.fixed_pos_embed, model.fixed_size = saved

@@ -117,32 +117,48 @@ def config_from_dict(values: dict[str, Any]) -> FCCLIPConfig:
         clip, trunk, text = values["clip"], values["clip"]["trunk"], values["clip"]["text"]
         pd, td, meta = values["pixel_decoder"], values["transformer_decoder"], values.get("meta_arch", {})
         clip_cfg = ClipConfig(
-            depths=tuple(trunk["depths"]), dims=tuple(trunk["dims"]), embed_dim=int(clip["embed_dim"]),
-            text_width=int(text["width"]), text_layers=int(text["layers"]), text_heads=int(text["heads"]),
-            context_length=int(text.get("context_length", 77)), vocab_size=int(text.get("vocab_size", 49408)),
-        )  # fmt: skip
+            depths=tuple(trunk["depths"]),
+            dims=tuple(trunk["dims"]),
+            embed_dim=int(clip["embed_dim"]),
+            text_width=int(text["width"]),
+            text_layers=int(text["layers"]),
+            text_heads=int(text["heads"]),
+            context_length=int(text.get("context_length", 77)),
+            vocab_size=int(text.get("vocab_size", 49408)),
+        )
         if len(pd.get("transformer_in_features", ["res3", "res4", "res5"])) != 3:
             raise InvalidInputError(
                 "only the official three deformable-encoder levels (res3, res4, res5) are supported"
             )
         pd_cfg = PixelDecoderConfig(
-            conv_dim=int(pd["conv_dim"]), mask_dim=int(pd["mask_dim"]), encoder_layers=int(pd["encoder_layers"]),
-            encoder_heads=int(pd["encoder_heads"]), encoder_points=int(pd.get("encoder_points", 4)),
-            encoder_ffn_dim=int(pd.get("encoder_ffn_dim", 1024)), common_stride=int(pd.get("common_stride", 4)),
-        )  # fmt: skip
+            conv_dim=int(pd["conv_dim"]),
+            mask_dim=int(pd["mask_dim"]),
+            encoder_layers=int(pd["encoder_layers"]),
+            encoder_heads=int(pd["encoder_heads"]),
+            encoder_points=int(pd.get("encoder_points", 4)),
+            encoder_ffn_dim=int(pd.get("encoder_ffn_dim", 1024)),
+            common_stride=int(pd.get("common_stride", 4)),
+        )
         if td.get("pre_norm", False):
             raise InvalidInputError("pre_norm decoders are not supported (FC-CLIP uses post-norm)")
         layers = td.get("num_transformer_layers", int(td.get("cfg_dec_layers", 10)) - 1)
         dec_cfg = DecoderConfig(
-            hidden_dim=int(td["hidden_dim"]), heads=int(td["nheads"]), ffn_dim=int(td["dim_feedforward"]),
-            layers=int(layers), num_queries=int(td["num_queries"]),
-        )  # fmt: skip
+            hidden_dim=int(td["hidden_dim"]),
+            heads=int(td["nheads"]),
+            ffn_dim=int(td["dim_feedforward"]),
+            layers=int(layers),
+            num_queries=int(td["num_queries"]),
+        )
         inf: dict[str, Any] = {}
         for ours, theirs in (
-            ("pixel_mean", "pixel_mean"), ("pixel_std", "pixel_std"), ("size_divisibility", "size_divisibility"),
-            ("alpha", "geometric_ensemble_alpha"), ("beta", "geometric_ensemble_beta"),
-            ("object_mask_threshold", "object_mask_threshold"), ("overlap_threshold", "overlap_threshold"),
-        ):  # fmt: skip
+            ("pixel_mean", "pixel_mean"),
+            ("pixel_std", "pixel_std"),
+            ("size_divisibility", "size_divisibility"),
+            ("alpha", "geometric_ensemble_alpha"),
+            ("beta", "geometric_ensemble_beta"),
+            ("object_mask_threshold", "object_mask_threshold"),
+            ("overlap_threshold", "overlap_threshold"),
+        ):
             if theirs in meta:
                 inf[ours] = tuple(meta[theirs]) if isinstance(meta[theirs], list) else meta[theirs]
         resize = (values.get("preprocessing") or {}).get("test_time_resize") or {}

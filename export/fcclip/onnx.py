@@ -50,8 +50,11 @@ FLIP_NOISE = 8.0
 # Where the FLOPs are: the ConvNeXt trunk and the pixel decoder. The transformer decoder's small
 # MLPs make the mask logits and embeddings that get binarised and pooled; fp16 there flips mask
 # pixels, and pooling over the coarse CLIP map magnifies each flip, for little speed.
-FP16_PARTS = ("model.backbone.clip_model.visual.trunk.stem", "model.backbone.clip_model.visual.trunk.stages",
-              "model.sem_seg_head.pixel_decoder")  # fmt: skip
+FP16_PARTS = (
+    "model.backbone.clip_model.visual.trunk.stem",
+    "model.backbone.clip_model.visual.trunk.stages",
+    "model.sem_seg_head.pixel_decoder",
+)
 IMAGE_OUTPUTS = ("mask_logits", "class_embed", "ov_embed")  # the run-time graph's
 CHECK_OUTPUTS = (*IMAGE_OUTPUTS, "clip_dense")  # the torch reference of the export check
 
@@ -191,8 +194,9 @@ def export_fcclip_onnx(
         raise InvalidInputError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     previous = set_sampling(model, sampling)
     try:
-        return _export_fcclip(model, out_dir, size, seen_names, opset, overwrite, extra, torch_weights, tokenizer,
-                              fp16, sampling)  # fmt: skip
+        return _export_fcclip(
+            model, out_dir, size, seen_names, opset, overwrite, extra, torch_weights, tokenizer, fp16, sampling
+        )
     finally:
         set_sampling(model, previous)
 
@@ -246,7 +250,7 @@ def _export_fcclip(
             dynamic_axes=image_axes(dynamic),
             export_module=(
                 half_compute_copy(ImageGraph(model).eval(), FP16_PARTS) if fp16 else ImageGraph(model).eval()
-            ),  # fmt: skip
+            ),
         ),
         out / "image",
         {

@@ -26,8 +26,13 @@ needs_openvino = pytest.mark.skipif(
 )
 
 
-DAMAGED = [b"", b"{not json", b"[1, 2]", b'{"format": "knnclip-backend-choice/1"}',
-           b'{"format": "knnclip-backend-choice/1", "key": 1, "backend": "torch"}']  # fmt: skip
+DAMAGED = [
+    b"",
+    b"{not json",
+    b"[1, 2]",
+    b'{"format": "knnclip-backend-choice/1"}',
+    b'{"format": "knnclip-backend-choice/1", "key": 1, "backend": "torch"}',
+]
 
 
 def test_the_incumbent_stays_unless_a_challenger_is_clearly_faster():
@@ -119,8 +124,10 @@ def test_the_record_decides(artefact, cache, monkeypatch):
     manifest = read_manifest(artefact)
     key = choice.machine_key(manifest, choice.CANDIDATES)
     path = choice.record_path(cache, key)
-    for winner, ms in (("openvino", {"onnxruntime": 50.0, "openvino": 10.0}),
-                       ("onnxruntime", {"onnxruntime": 10.0, "openvino": 50.0})):  # fmt: skip
+    for winner, ms in (
+        ("openvino", {"onnxruntime": 50.0, "openvino": 10.0}),
+        ("onnxruntime", {"onnxruntime": 10.0, "openvino": 50.0}),
+    ):
         choice.write_choice(choice.Choice(winner, ms, path), key)
         with backends.open_session(artefact, "auto", "cpu") as session:
             assert session.backend == winner and "10.0 ms" in session.selection
@@ -212,8 +219,12 @@ def test_processes_starting_together_measure_once(artefact, cache):
         "with open_session(sys.argv[1], 'auto', 'cpu') as session:\n"
         "    print(session.selection)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(artefact)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(artefact)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)

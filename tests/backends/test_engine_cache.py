@@ -17,9 +17,13 @@ from tests.support.damage import damage
 from tests.support.manifests import stand_in_manifest
 
 KEY = EngineKey(
-    artifact_sha256="ab" * 32, tensorrt_version="10.13.0", gpu_name="NVIDIA H100", compute_capability="9.0",
-    precision="fp16", profiles=(("images", (1, 3, 518, 518), (4, 3, 518, 518), (4, 3, 518, 518)),),
-)  # fmt: skip
+    artifact_sha256="ab" * 32,
+    tensorrt_version="10.13.0",
+    gpu_name="NVIDIA H100",
+    compute_capability="9.0",
+    precision="fp16",
+    profiles=(("images", (1, 3, 518, 518), (4, 3, 518, 518), (4, 3, 518, 518)),),
+)
 
 
 class TestLookup:
@@ -133,10 +137,12 @@ def test_profiles_cover_a_dynamic_image_graphs_input_range():
 
 MANIFEST_BODY = {
     "precision": "fp32",
-    "files": {"model": {"name": "model.onnx", "bytes": 1, "sha256": "11" * 32},
-              "data": {"name": "model.onnx.data", "bytes": 1, "sha256": "22" * 32}},
+    "files": {
+        "model": {"name": "model.onnx", "bytes": 1, "sha256": "11" * 32},
+        "data": {"name": "model.onnx.data", "bytes": 1, "sha256": "22" * 32},
+    },
     "inputs": [{"name": "images", "shape": ["batch", 3, 64, 64], "dtype": "float32"}],
-}  # fmt: skip
+}
 MANIFEST = stand_in_manifest(MANIFEST_BODY)
 
 
@@ -266,14 +272,20 @@ def test_the_default_timing_cache_is_one_per_gpu_capability_and_tensorrt_version
 
     monkeypatch.setattr(builder, "read_manifest", lambda directory: MANIFEST)
     written = set()
-    for gpu, version in ((("NVIDIA H200", "9.0"), "10.13.0"), (("NVIDIA H200", "9.0"), "11.4.0"),
-                         (("Tesla T4", "7.5"), "10.13.0")):  # fmt: skip
+    for gpu, version in (
+        (("NVIDIA H200", "9.0"), "10.13.0"),
+        (("NVIDIA H200", "9.0"), "11.4.0"),
+        (("Tesla T4", "7.5"), "10.13.0"),
+    ):
         monkeypatch.setattr(builder, "gpu_identity", lambda gpu=gpu: gpu)
         _fake_tensorrt(monkeypatch, [], version=version)
         builder.build_engine(tmp_path, builder.settings_for(tmp_path / "engines", MANIFEST))
         written = {p.name for p in (tmp_path / "engines" / "timing").iterdir()}
-    assert written == {"nvidia-h200-sm9.0-trt10.13.0.cache", "nvidia-h200-sm9.0-trt11.4.0.cache",
-                       "tesla-t4-sm7.5-trt10.13.0.cache"}  # fmt: skip
+    assert written == {
+        "nvidia-h200-sm9.0-trt10.13.0.cache",
+        "nvidia-h200-sm9.0-trt11.4.0.cache",
+        "tesla-t4-sm7.5-trt10.13.0.cache",
+    }
 
 
 def test_tensorrt_11_builds_the_artifacts_precision_by_default(monkeypatch, tmp_path):

@@ -109,11 +109,14 @@ def cuda_build(monkeypatch):
     return _FakeInferenceSession
 
 
-MANIFEST = stand_in_manifest({
-    "kind": "test-image", "files": {"model": {"name": "model.onnx", "bytes": 1, "sha256": "0" * 64}},
-    "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
-    "outputs": [{"name": "mask_logits", "shape": ["batch", 50, "h4", "w4"], "dtype": "float32"}],
-})  # fmt: skip
+MANIFEST = stand_in_manifest(
+    {
+        "kind": "test-image",
+        "files": {"model": {"name": "model.onnx", "bytes": 1, "sha256": "0" * 64}},
+        "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
+        "outputs": [{"name": "mask_logits", "shape": ["batch", 50, "h4", "w4"], "dtype": "float32"}],
+    }
+)
 
 
 def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(cuda_build, tmp_path):

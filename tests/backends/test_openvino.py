@@ -36,8 +36,7 @@ def feed_for(session, seed: int = 0) -> dict[str, np.ndarray]:
                 spec.dtype
             )
         else:
-            shape = [d if isinstance(d, int) else {"batch": 2}.get(d, 96 if "height" in d else 128)
-                     for d in spec.shape]  # fmt: skip
+            shape = [d if isinstance(d, int) else {"batch": 2}.get(d, 96 if "height" in d else 128) for d in spec.shape]
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return feed
 

@@ -127,12 +127,14 @@ def fake_tensorrt_modules(monkeypatch, engine: _Engine, pushes: list) -> None:
 
     trt = types.ModuleType("tensorrt")
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
-                                       "deserialize_cuda_engine": lambda self, plan: engine})  # fmt: skip
+    trt.Runtime = type(
+        "Runtime", (), {"__init__": lambda self, logger: None, "deserialize_cuda_engine": lambda self, plan: engine}
+    )
     trt.nptype = lambda dtype: np.float32
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input")
-    context = types.SimpleNamespace(push=lambda: pushes.append("push"), pop=lambda: pushes.append("pop"),
-                                    detach=lambda: pushes.append("detach"))  # fmt: skip
+    context = types.SimpleNamespace(
+        push=lambda: pushes.append("push"), pop=lambda: pushes.append("pop"), detach=lambda: pushes.append("detach")
+    )
     cuda = types.ModuleType("pycuda.driver")
     cuda.init = lambda: None
     cuda.Device = lambda i: types.SimpleNamespace(retain_primary_context=lambda: context)

@@ -59,10 +59,28 @@ def test_bench_writes_under_its_work_folder_unless_told(tmp_path, monkeypatch):
 
 def test_bench_tiny(tmp_path):
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "knnclip.engine.cli", "bench", "--preset", "tiny", "--work", str(tmp_path / "w"),
-               "--out", str(out), "--name", "tiny", "--json"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "knnclip.engine.cli",
+        "bench",
+        "--preset",
+        "tiny",
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+        "--name",
+        "tiny",
+        "--json",
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 0, done.stderr + done.stdout[-2000:]
     report = json.loads(done.stdout)
     assert set(report["pipelines"]) >= {"engine onnxruntime fp32", "torch reference"}
@@ -96,10 +114,31 @@ def test_device_bench_dry_run_reports_what_crosses_between_host_and_device(tmp_p
     bytes moved per image (only the image in, only results and the segment table out), batch
     throughput and the floor arithmetic."""
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "knnclip.engine.cli", "bench", "--preset", "tiny", "--device", "cuda",
-               "--dry-run", "--work", str(tmp_path / "w"), "--out", str(out), "--name", "dry", "--json"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")})  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "knnclip.engine.cli",
+        "bench",
+        "--preset",
+        "tiny",
+        "--device",
+        "cuda",
+        "--dry-run",
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+        "--name",
+        "dry",
+        "--json",
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 0, done.stderr + done.stdout[-2000:]
     report = json.loads(done.stdout)
     assert report["dry_run"] and report["command"].endswith("--device cuda --dry-run")
@@ -121,8 +160,18 @@ def test_device_bench_without_a_gpu_exits_3_with_the_reason(tmp_path):
 
     if cuda_usable():
         return  # a GPU machine runs the real thing
-    command = [sys.executable, "-m", "knnclip.engine.cli", "bench", "--preset", "tiny", "--device", "cuda",
-               "--work", str(tmp_path / "w")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "knnclip.engine.cli",
+        "bench",
+        "--preset",
+        "tiny",
+        "--device",
+        "cuda",
+        "--work",
+        str(tmp_path / "w"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 3 and "no model backend can run on a CUDA device" in done.stdout, done.stdout
     assert not (tmp_path / "w").exists(), "nothing is built for a run that cannot happen"

@@ -12,13 +12,21 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
 def test_dry_run_compares_every_op_and_writes_its_report(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--repeats", "1", "--no-faiss", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--repeats", "1", "--no-faiss", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     ops = {(r["op"], r["dtype"]) for r in report["ops"]}
-    assert {("mask_pool", "float16"), ("semantic_merge", "float32"), ("retrieval_probs", "float32"),
-            ("fuse", "float32")} <= ops  # fmt: skip
+    assert {
+        ("mask_pool", "float16"),
+        ("semantic_merge", "float32"),
+        ("retrieval_probs", "float32"),
+        ("fuse", "float32"),
+    } <= ops
     assert all(r["ok"] and r["max_rel_diff"] == 0.0 for r in report["ops"])  # same kernels on both sides
     assert sum("max_rel_diff_float64" in r for r in report["ops"]) >= 8  # and against the definitions
     assert report["errors"] and all(r["ok"] for r in report["errors"]), report["errors"]
@@ -31,9 +39,23 @@ def test_dry_run_compares_the_device_pipeline_with_the_host_pipeline(tmp_path, d
     """With --models, the device-resident pipeline (torch tensors on the CPU in a dry run) against
     the host pipeline: every image agrees, and only images, constants, segment tables and results
     cross between host and "device"."""
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--repeats", "1", "--no-faiss", "--models",
-                           str(demo_models), "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dry-run",
+            "--repeats",
+            "1",
+            "--no-faiss",
+            "--models",
+            str(demo_models),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     pipeline = json.loads((tmp_path / "gpu_check.json").read_text())["pipeline"]
     assert pipeline["ok"] and len(pipeline["images"]) == 3, pipeline
@@ -50,12 +72,17 @@ def test_without_a_gpu_it_fails_with_the_reason_and_writes_nothing(tmp_path):
 
     if _C.cuda_available():
         return  # a GPU machine runs the real check instead
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 3 and _C.cuda_status() in done.stdout and not list(tmp_path.iterdir())
     assert _C.cuda_status(), "the reason is never empty where no device is usable"
-    skipped = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--skip-without-gpu"],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    skipped = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--skip-without-gpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert skipped.returncode == 0 and not list(tmp_path.iterdir())
 
 

@@ -65,8 +65,9 @@ class TestInfo:
     ],
 )
 def test_usage_errors_exit_2(args, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "knnclip.engine.cli", *args], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "knnclip.engine.cli", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 

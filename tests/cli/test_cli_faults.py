@@ -24,9 +24,25 @@ def test_cli_segment_goes_on_after_an_image_that_is_refused(demo_models: Path, t
         db.add_class("sky")
     env = {**os.environ, "KNNCLIP_MAX_IMAGE_PIXELS": str(2000 * 2000)}
     done = subprocess.run(
-        [sys.executable, "-m", "knnclip.engine.cli", "segment", str(big), str(small), "--models", str(demo_models),
-         "--db", str(tmp_path / "db"), "--out", str(tmp_path / "out"), "--device", "cpu"],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "knnclip.engine.cli",
+            "segment",
+            str(big),
+            str(small),
+            "--models",
+            str(demo_models),
+            "--db",
+            str(tmp_path / "db"),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 1 and "larger than the limit of 4000000 pixels" in done.stderr
     assert (tmp_path / "out" / "small.json").is_file() and not (tmp_path / "out" / "big.json").exists()

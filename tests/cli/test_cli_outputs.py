@@ -26,8 +26,23 @@ def db(demo_models, tmp_path_factory) -> Path:
 
 
 def segment(demo_models: Path, db: Path, out: Path, *inputs: Path, extra: tuple[str, ...] = ()):
-    command = [sys.executable, "-m", "knnclip.engine.cli", "segment", *map(str, inputs), "--models", str(demo_models),
-               "--db", str(db), "--out", str(out), "--device", "cpu", "--json", *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "knnclip.engine.cli",
+        "segment",
+        *map(str, inputs),
+        "--models",
+        str(demo_models),
+        "--db",
+        str(db),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--json",
+        *extra,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

@@ -135,8 +135,9 @@ class _StandInFaissGpu:
                 raise RuntimeError(self.fail_search)
             return index.search(queries, k)
 
-        return types.SimpleNamespace(search=search, search_c=index.search_c, add=index.add,
-                                     add_with_ids=index.add_with_ids)  # fmt: skip
+        return types.SimpleNamespace(
+            search=search, search_c=index.search_c, add=index.add, add_with_ids=index.add_with_ids
+        )
 
 
 _KEEP_ALIVE: list = []  # SWIG does not keep an IVF index's quantizer alive by itself
@@ -175,9 +176,15 @@ def test_ivf_pq_limits_are_checked_again_with_the_m_training_resolved(monkeypatc
 
 @pytest.mark.parametrize(
     ("message", "error"),
-    [("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory: cudaMalloc error 2 out of memory",
-      "OutOfMemoryError"), ("Error in GpuIndexIVFPQ: k > 2048", "BackendUnavailableError")],
-)  # fmt: skip
+    [
+        (
+            "Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory: "
+            "cudaMalloc error 2 out of memory",
+            "OutOfMemoryError",
+        ),
+        ("Error in GpuIndexIVFPQ: k > 2048", "BackendUnavailableError"),
+    ],
+)
 def test_faiss_gpu_runtime_errors_become_named_errors(monkeypatch, message, error):
     from knnclip.engine.database import gpu
 

@@ -73,8 +73,9 @@ class TestClassFiles:
         assert [c.names for c in read_class_file(tmp_path / "d.txt")] == [("wall", "walls"), ("floor",)]
 
     def test_names_unique_across_classes(self):
-        out = unique_names([DatasetClass(("background", "bag", "chair")), DatasetClass(("chair",)),
-                            DatasetClass(("bag2", "bag"))])  # fmt: skip
+        out = unique_names(
+            [DatasetClass(("background", "bag", "chair")), DatasetClass(("chair",)), DatasetClass(("bag2", "bag"))]
+        )
         assert [c.names for c in out] == [("background", "bag"), ("chair",), ("bag2",)]
         with pytest.raises(DatasetError, match="both named 'a'"):
             unique_names([DatasetClass(("a",)), DatasetClass(("a", "b"))])

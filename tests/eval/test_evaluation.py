@@ -157,23 +157,55 @@ def test_cli_eval_and_add_dataset(models, root, tmp_path):
     env = {**os.environ, "KNNCLIP_CACHE": str(tmp_path / "cache")}
 
     def knnclip(*args):
-        done = subprocess.run([sys.executable, "-m", "knnclip.engine.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "knnclip.engine.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        )
         return done
 
     done = knnclip("eval", "semantic", "--dataset", "synthetic", "--models", str(tmp_path / "nowhere"))
     assert done.returncode == 1 and "not a models directory" in done.stderr and "knnclip demo" in done.stderr
     common = ["--root", str(root), "--models", str(models)]
-    done = knnclip("db", "add-dataset", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"),
-                   "--only", "sky", "water", "--json")  # fmt: skip
+    done = knnclip(
+        "db",
+        "add-dataset",
+        "--dataset",
+        "ade20k-150",
+        *common,
+        "--db",
+        str(tmp_path / "db"),
+        "--only",
+        "sky",
+        "water",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["entries"] > 0
     # The database lacks most classes: a clear error, exit 1, unless --register.
-    done = knnclip("eval", "semantic", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"),
-                   "--out", str(tmp_path / "out"))  # fmt: skip
+    done = knnclip(
+        "eval",
+        "semantic",
+        "--dataset",
+        "ade20k-150",
+        *common,
+        "--db",
+        str(tmp_path / "db"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert done.returncode == 1 and "--register" in done.stderr
-    done = knnclip("eval", "semantic", "--dataset", "ade20k-150", *common, "--db", str(tmp_path / "db"), "--register",
-                   "--out", str(tmp_path / "out"), "--json")  # fmt: skip
+    done = knnclip(
+        "eval",
+        "semantic",
+        "--dataset",
+        "ade20k-150",
+        *common,
+        "--db",
+        str(tmp_path / "db"),
+        "--register",
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["database"]["entries"] > 0 and 0 <= report["result"]["miou"] <= 1
@@ -186,15 +218,47 @@ def test_cli_eval_and_add_dataset(models, root, tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "panoptic-ade20k-panoptic-val.json" in files and "panoptic-ade20k-panoptic-val.md" in files
     assert "semantic-ade20k-150-val.md" in files
-    done = knnclip("eval", "continual", "--dataset", "ade20k-150", *common, "--steps", "2", "--train-limit", "6",
-                   "--out", str(tmp_path / "out"), "--name", "cont")  # fmt: skip
+    done = knnclip(
+        "eval",
+        "continual",
+        "--dataset",
+        "ade20k-150",
+        *common,
+        "--steps",
+        "2",
+        "--train-limit",
+        "6",
+        "--out",
+        str(tmp_path / "out"),
+        "--name",
+        "cont",
+    )
     assert done.returncode == 0, done.stderr
     assert "forgetting" in done.stdout and (tmp_path / "out" / "cont.md").is_file()
     assert json.loads((tmp_path / "out" / "cont.json").read_text())["zero_forgetting"] is True
     config = tmp_path / "best.json"
-    done = knnclip("eval", "sweep", "--dataset", "ade20k-150", *common, "--k-values", "5", "--tau-values", "0.05",
-                   "--T-values", "0.5", "--lam-values", "0.3", "0.7", "--train-limit", "6", "--write-config",
-                   str(config), "--out", str(tmp_path / "out"))  # fmt: skip
+    done = knnclip(
+        "eval",
+        "sweep",
+        "--dataset",
+        "ade20k-150",
+        *common,
+        "--k-values",
+        "5",
+        "--tau-values",
+        "0.05",
+        "--T-values",
+        "0.5",
+        "--lam-values",
+        "0.3",
+        "0.7",
+        "--train-limit",
+        "6",
+        "--write-config",
+        str(config),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert done.returncode == 0, done.stderr
     cfg = RetrievalConfig.from_file(config)
     assert cfg.k == 5 and cfg.lam in (0.3, 0.7)

@@ -122,12 +122,15 @@ class TestArchitectures:
 def hf_state_dict(sd: dict[str, np.ndarray], depth: int, swiglu: bool) -> dict[str, np.ndarray]:
     """The official weights renamed to the Hugging Face Dinov2 layout (written from the HF naming)."""
     top = {
-        "cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
-        "register_tokens": "embeddings.register_tokens", "pos_embed": "embeddings.position_embeddings",
+        "cls_token": "embeddings.cls_token",
+        "mask_token": "embeddings.mask_token",
+        "register_tokens": "embeddings.register_tokens",
+        "pos_embed": "embeddings.position_embeddings",
         "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
         "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-        "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias",
-    }  # fmt: skip
+        "norm.weight": "layernorm.weight",
+        "norm.bias": "layernorm.bias",
+    }
     out = {new: sd[old] for old, new in top.items() if old in sd}
     ffn = {"w12": "weights_in", "w3": "weights_out"} if swiglu else {"fc1": "fc1", "fc2": "fc2"}
     for i in range(depth):
@@ -163,12 +166,19 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
 def hf_config_json(cfg: dict) -> dict:
     return {
         "model_type": "dinov2_with_registers" if cfg["num_register_tokens"] else "dinov2",
-        "hidden_size": cfg["embed_dim"], "num_hidden_layers": cfg["depth"], "num_attention_heads": cfg["num_heads"],
-        "mlp_ratio": cfg["mlp_ratio"], "use_swiglu_ffn": cfg["ffn_layer"].startswith("swiglu"),
-        "num_register_tokens": cfg["num_register_tokens"], "image_size": cfg["img_size"],
-        "patch_size": cfg["patch_size"], "layerscale_value": 1.0, "layer_norm_eps": 1e-6, "qkv_bias": True,
+        "hidden_size": cfg["embed_dim"],
+        "num_hidden_layers": cfg["depth"],
+        "num_attention_heads": cfg["num_heads"],
+        "mlp_ratio": cfg["mlp_ratio"],
+        "use_swiglu_ffn": cfg["ffn_layer"].startswith("swiglu"),
+        "num_register_tokens": cfg["num_register_tokens"],
+        "image_size": cfg["img_size"],
+        "patch_size": cfg["patch_size"],
+        "layerscale_value": 1.0,
+        "layer_norm_eps": 1e-6,
+        "qkv_bias": True,
         "hidden_act": "gelu",
-    }  # fmt: skip
+    }
 
 
 class TestHuggingFaceLayout:

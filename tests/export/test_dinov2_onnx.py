@@ -209,7 +209,7 @@ class TestPublishing:
             ({"size": 500}, "not a positive multiple of the patch size"),
             ({"opset": 13}, "opset 13 is too old"),
             ({"size": "518x"}, "size must be H or HxW"),
-        ],  # fmt: skip
+        ],
     )
     def test_bad_arguments(self, model, tmp_path, kwargs, problem):
         with pytest.raises(InvalidInputError, match=problem):
@@ -221,10 +221,22 @@ class TestCli:
     """Catches a broken `knnclip export dinov2` command line."""
 
     def test_export(self, tmp_path, capsys, fixture_io):
-        rc = main([
-            "export", "dinov2", "--checkpoint", str(FIXTURE / "checkpoint.pth"), "--config",
-            json.dumps(fixture_config()), "--size", "266x392", "--out", str(tmp_path / "out"), "--fp16", "--json",
-        ])  # fmt: skip
+        rc = main(
+            [
+                "export",
+                "dinov2",
+                "--checkpoint",
+                str(FIXTURE / "checkpoint.pth"),
+                "--config",
+                json.dumps(fixture_config()),
+                "--size",
+                "266x392",
+                "--out",
+                str(tmp_path / "out"),
+                "--fp16",
+                "--json",
+            ]
+        )
         assert rc == 0
         manifest = json.loads(capsys.readouterr().out)
         assert manifest["precision"] == "fp16" and manifest["input_size"] == [266, 392]

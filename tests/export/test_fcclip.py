@@ -27,10 +27,24 @@ F = torch.nn.functional
 
 VARIANTS = ["fcclip", "fcclip_resize"]
 STAGES = [
-    "feat_stem", "feat_res2", "feat_res3", "feat_res4", "feat_res5", "feat_clip_vis_dense", "mask_features",
-    "multi_scale_feature_0", "multi_scale_feature_1", "multi_scale_feature_2", "pred_logits", "pred_masks",
-    "aux_pred_logits", "aux_pred_masks", "ov_pooled_clip_feature", "ov_embed", "ov_logits",
-]  # fmt: skip
+    "feat_stem",
+    "feat_res2",
+    "feat_res3",
+    "feat_res4",
+    "feat_res5",
+    "feat_clip_vis_dense",
+    "mask_features",
+    "multi_scale_feature_0",
+    "multi_scale_feature_1",
+    "multi_scale_feature_2",
+    "pred_logits",
+    "pred_masks",
+    "aux_pred_logits",
+    "aux_pred_masks",
+    "ov_pooled_clip_feature",
+    "ov_embed",
+    "ov_logits",
+]
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -142,9 +156,13 @@ class TestMaskResize:
     """Catches a composed resize matrix that departs from F.interpolate's three steps."""
 
     @given(
-        h=st.integers(1, 24), w=st.integers(1, 24), pad_extra=st.integers(0, 40), out_h=st.integers(1, 70),
-        out_w=st.integers(1, 70), seed=st.integers(0, 2**16),
-    )  # fmt: skip
+        h=st.integers(1, 24),
+        w=st.integers(1, 24),
+        pad_extra=st.integers(0, 40),
+        out_h=st.integers(1, 70),
+        out_w=st.integers(1, 70),
+        seed=st.integers(0, 2**16),
+    )
     def test_matches_interpolate_crop_interpolate(self, h, w, pad_extra, out_h, out_w, seed):
         padded = (4 * h, 4 * w)
         resized = (max(1, 4 * h - pad_extra % (4 * h)), max(1, 4 * w - (pad_extra * 7) % (4 * w)))
@@ -159,9 +177,12 @@ class TestDeformableSampling:
     align_corners=False), including points outside the map and on its border."""
 
     @given(
-        height=st.integers(1, 9), width=st.integers(1, 9), channels=st.integers(1, 5), points=st.integers(1, 6),
+        height=st.integers(1, 9),
+        width=st.integers(1, 9),
+        channels=st.integers(1, 5),
+        points=st.integers(1, 6),
         seed=st.integers(0, 2**16),
-    )  # fmt: skip
+    )
     def test_matches_grid_sample(self, height, width, channels, points, seed):
         g = torch.Generator().manual_seed(seed)
         value = torch.randn(2, height * width, channels, generator=g, dtype=torch.float64)

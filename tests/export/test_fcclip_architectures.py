@@ -17,25 +17,29 @@ from tests.support.fcclip_reference import reference_image_part
 ARCHITECTURES = {
     "narrow, deep decoder": (
         FCCLIPConfig(
-            clip=ClipConfig(depths=(1, 2, 1, 1), dims=(16, 32, 64, 128), embed_dim=48, text_width=32, text_layers=1,
-                            text_heads=2),
-            pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, encoder_layers=1, encoder_heads=2,
-                                             encoder_points=2, encoder_ffn_dim=64),
+            clip=ClipConfig(
+                depths=(1, 2, 1, 1), dims=(16, 32, 64, 128), embed_dim=48, text_width=32, text_layers=1, text_heads=2
+            ),
+            pixel_decoder=PixelDecoderConfig(
+                conv_dim=32, mask_dim=32, encoder_layers=1, encoder_heads=2, encoder_points=2, encoder_ffn_dim=64
+            ),
             decoder=DecoderConfig(hidden_dim=32, heads=2, ffn_dim=64, layers=4, num_queries=7),
         ),
         (96, 128),
     ),
     "wider, portrait": (
         FCCLIPConfig(
-            clip=ClipConfig(depths=(2, 1, 3, 1), dims=(32, 64, 96, 192), embed_dim=64, text_width=32, text_layers=1,
-                            text_heads=2),
-            pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=96, encoder_layers=3, encoder_heads=4,
-                                             encoder_points=3, encoder_ffn_dim=128),
+            clip=ClipConfig(
+                depths=(2, 1, 3, 1), dims=(32, 64, 96, 192), embed_dim=64, text_width=32, text_layers=1, text_heads=2
+            ),
+            pixel_decoder=PixelDecoderConfig(
+                conv_dim=64, mask_dim=96, encoder_layers=3, encoder_heads=4, encoder_points=3, encoder_ffn_dim=128
+            ),
             decoder=DecoderConfig(hidden_dim=64, heads=8, ffn_dim=96, layers=2, num_queries=13),
         ),
         (160, 96),
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))

@@ -155,10 +155,22 @@ def test_cli_export(tmp_path, capsys):
     fx = load_fixture("fcclip")
     names = tmp_path / "seen.txt"
     names.write_text("wall,walls\ncat\n\n")
-    code = main([
-        "export", "fcclip", "--checkpoint", str(fx.dir / "checkpoint.pth"), "--config", str(fx.dir / "config.json"),
-        "--size", "256x320", "--seen-names", str(names), "--out", str(tmp_path / "out"),
-    ])  # fmt: skip
+    code = main(
+        [
+            "export",
+            "fcclip",
+            "--checkpoint",
+            str(fx.dir / "checkpoint.pth"),
+            "--config",
+            str(fx.dir / "config.json"),
+            "--size",
+            "256x320",
+            "--seen-names",
+            str(names),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     assert "fcclip-image" in capsys.readouterr().out
     manifest = read_manifest(tmp_path / "out" / "image", KIND_IMAGE).to_json()
@@ -216,8 +228,9 @@ def outputs(tmp_path_factory):
     from knnclip.export.fcclip.onnx import ImageGraph, image_comparison
 
     model = seeded_fcclip()
-    result = export_fcclip_onnx(model, tmp_path_factory.mktemp("check") / "fc", size=(64, 96), seen_names=[],
-                                tokenizer="bytes")  # fmt: skip
+    result = export_fcclip_onnx(
+        model, tmp_path_factory.mktemp("check") / "fc", size=(64, 96), seen_names=[], tokenizer="bytes"
+    )
     assert "ov_embed_mask_flips" in result.image.manifest.body["verification"]
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, 64, 96), dtype=np.float32))
     session = ort.InferenceSession(str(result.image.model_path), providers=["CPUExecutionProvider"])
@@ -266,9 +279,10 @@ def dynamic_export(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "shape", [(288, 384), (384, 288), (320, 320), (64, 448), (448, 64), (32, 32)],
+    "shape",
+    [(288, 384), (384, 288), (320, 320), (64, 448), (448, 64), (32, 32)],
     ids=["landscape", "portrait", "square", "wide", "tall", "smallest"],
-)  # fmt: skip
+)
 def test_dynamic_graph_matches_torch_at_every_aspect_ratio(dynamic_export, shape):
     from knnclip.export.fcclip.onnx import ImageGraph
 

@@ -68,8 +68,11 @@ class TestStandInDevice:
             assert np.isin(want.semantic, list(new)).mean() > 0.05, "retrieval reaches the output"
             assert want.instances, "and there are instances to compare"
             same_results(want, got)
-            for w, g in zip(host.segment_batch([image(), image()[:, ::-1].copy()]), dev.segment_batch(
-                [image(), image()[:, ::-1].copy()]), strict=True):  # fmt: skip
+            for w, g in zip(
+                host.segment_batch([image(), image()[:, ::-1].copy()]),
+                dev.segment_batch([image(), image()[:, ::-1].copy()]),
+                strict=True,
+            ):
                 same_results(w, g)
 
     def test_only_the_image_goes_in_and_only_results_come_out(self, models, database):

@@ -91,8 +91,11 @@ def test_post_processing_memory_does_not_scale_with_queries_times_pixels(demo_mo
     env = {**os.environ, "KNNCLIP_MASK_BUDGET_BYTES": str(32 << 20)}
     done = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(demo_models), str(tmp_path / "db")],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     full_stack_mib = report["queries"] * 3000 * 4000 * 4 / 2**20
     assert report["growth_mib"] < 0.2 * full_stack_mib, report

@@ -263,10 +263,21 @@ def test_cli_segment_and_add_class(models, tmp_path, capsys):
     Image.fromarray(image()).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"broken")
     assert main(["add-class", "ice cave", "--thing", "--models", str(models), "--db", str(db)]) == 0
-    code = main([
-        "segment", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--models", str(models), "--db", str(db),
-        "--out", str(tmp_path / "out"), "--panoptic", "--overlay",
-    ])  # fmt: skip
+    code = main(
+        [
+            "segment",
+            str(tmp_path / "a.png"),
+            str(tmp_path / "b.png"),
+            "--models",
+            str(models),
+            "--db",
+            str(db),
+            "--out",
+            str(tmp_path / "out"),
+            "--panoptic",
+            "--overlay",
+        ]
+    )
     assert code == 1, "one image failed"
     assert "b.png" in capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "a.json").read_text())
@@ -299,8 +310,25 @@ def test_cli_segment_searches_in_bf16_when_asked(models, tmp_path, monkeypatch):
     labels = {}
     for search in ("fp32", "bf16"):
         out = tmp_path / search
-        assert main(["segment", str(tmp_path / "a.png"), "--models", str(models), "--db", str(db), "--backend",
-                     "onnxruntime", "--search", search, "--out", str(out)]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "segment",
+                    str(tmp_path / "a.png"),
+                    "--models",
+                    str(models),
+                    "--db",
+                    str(db),
+                    "--backend",
+                    "onnxruntime",
+                    "--search",
+                    search,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         labels[search] = np.asarray(Image.open(out / "a.semantic.png"))
         assert bool(calls) == (search == "bf16")
     assert np.mean(labels["fp32"] == labels["bf16"]) >= 0.99
@@ -322,7 +350,7 @@ def dynamic_models(tmp_path_factory, models) -> Path:
     ("image_hw", "fed_hw"),
     [((300, 400), (288, 384)), ((400, 300), (384, 288)), ((350, 350), (288, 288)), ((250, 330), (288, 384))],
     ids=["landscape", "portrait", "square", "fixture"],
-)  # fmt: skip
+)
 def test_each_image_reaches_fcclip_at_its_official_size(dynamic_models, tmp_path, image_hw, fed_hw):
     """FC-CLIP's test size: short side to min_size_test (288 here), padded to 32, whatever the aspect."""
     with open_segmenter(dynamic_models, tmp_path / "db") as seg:

@@ -175,8 +175,12 @@ class TestReadWriteLock:
     def test_readers_waiting_for_a_writer_go_before_the_next_writer(self):
         lock, log = ReadWriteLock(), []
         lock.acquire_write()
-        readers = [in_thread(lambda n=n: (lock.acquire_read(), log.append(f"reader {n}"), time.sleep(0.05),
-                                          lock.release_read())) for n in (1, 2)]  # fmt: skip
+        readers = [
+            in_thread(
+                lambda n=n: (lock.acquire_read(), log.append(f"reader {n}"), time.sleep(0.05), lock.release_read())
+            )
+            for n in (1, 2)
+        ]
         time.sleep(0.1)
         writer = in_thread(lambda: (lock.acquire_write(), log.append("writer 2"), lock.release_write()))
         time.sleep(0.1)

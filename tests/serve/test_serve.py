@@ -72,8 +72,18 @@ def server(models, seeded_db, tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     db = work / "db"
     shutil.copytree(seeded_db, db)
-    args = ("--token-file", str(token_file(work)), "--max-body-mb", "1", "--max-pixels", "1000000",
-            "--snapshot-dir", str(work / "snapshots"), "--max-wait-ms", "50")  # fmt: skip
+    args = (
+        "--token-file",
+        str(token_file(work)),
+        "--max-body-mb",
+        "1",
+        "--max-pixels",
+        "1000000",
+        "--snapshot-dir",
+        str(work / "snapshots"),
+        "--max-wait-ms",
+        "50",
+    )
     with ServerProcess(models, db, *args) as proc:
         yield proc
 
@@ -131,8 +141,16 @@ class TestReads:
         ready = httpx.get(f"{server.url}/readyz").json()
         assert ready["status"] == "ready" and ready["entries"] > 0
         schema = httpx.get(f"{server.url}/openapi.json").json()
-        paths = {"/v1/segment", "/v1/classes", "/v1/classes/{name}", "/v1/examples", "/v1/snapshot", "/healthz",
-                 "/readyz", "/metrics"}  # fmt: skip
+        paths = {
+            "/v1/segment",
+            "/v1/classes",
+            "/v1/classes/{name}",
+            "/v1/examples",
+            "/v1/snapshot",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+        }
         assert paths <= set(schema["paths"])
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "knnclip_database_entries" in metrics and "knnclip_queue_depth" in metrics
@@ -160,10 +178,12 @@ class TestReads:
                 np.testing.assert_array_equal(remote.panoptic, local.panoptic)
                 # The library's own dataclasses, evidence and all (scores travel rounded to 6 places).
                 key = [(s.id, s.class_id, s.name, s.area, s.is_thing, s.evidence.base_class) for s in local.segments]
-                assert [(s.id, s.class_id, s.name, s.area, s.is_thing, s.evidence.base_class)
-                        for s in remote.segments] == key  # fmt: skip
-                np.testing.assert_allclose([s.score for s in remote.segments], [s.score for s in local.segments],
-                                           atol=1e-6)  # fmt: skip
+                assert [
+                    (s.id, s.class_id, s.name, s.area, s.is_thing, s.evidence.base_class) for s in remote.segments
+                ] == key
+                np.testing.assert_allclose(
+                    [s.score for s in remote.segments], [s.score for s in local.segments], atol=1e-6
+                )
                 for s in remote.segments:
                     assert s.area == int((remote.panoptic == s.id).sum())
                 assert (remote.record["height"], remote.record["width"]) == SIZE
@@ -268,10 +288,16 @@ class TestMutations:
             assert added["added"] == 1
             assert {c["name"]: c for c in client.classes()}["stripes"]["entries"] == before + 1
             # The same as a PNG of class indices, over raw multipart.
-            files = {"image": ("i.png", png_bytes(images[1]), "image/png"),
-                     "masks": ("m.png", png_bytes(labels), "image/png")}  # fmt: skip
-            reply = httpx.post(f"{server.url}/v1/examples", files=files, data={"classes": '{"1": "stripes"}'},
-                               headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            files = {
+                "image": ("i.png", png_bytes(images[1]), "image/png"),
+                "masks": ("m.png", png_bytes(labels), "image/png"),
+            }
+            reply = httpx.post(
+                f"{server.url}/v1/examples",
+                files=files,
+                data={"classes": '{"1": "stripes"}'},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
             assert reply.status_code == 201, reply.text
             assert {c["name"]: c for c in client.classes()}["stripes"]["entries"] == before + 2
             assert "stripes" in client.segment(images[2]).classes.values()  # the next request classifies it
@@ -347,9 +373,24 @@ def test_token_file_readable_by_others_is_refused(models, seeded_db, tmp_path):
     path = token_file(tmp_path)
     path.chmod(0o644)
     run = subprocess.run(
-        [sys.executable, "-m", "knnclip.engine.cli", "serve", "--models", str(models), "--db", str(tmp_path / "db"),
-         "--port", "0", "--token-file", str(path)], capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "knnclip.engine.cli",
+            "serve",
+            "--models",
+            str(models),
+            "--db",
+            str(tmp_path / "db"),
+            "--port",
+            "0",
+            "--token-file",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1 and "chmod 600" in run.stderr and TOKEN not in run.stderr
 
 
@@ -439,11 +480,30 @@ def test_fuzzing_finds_no_server_errors(models, seeded_db, tmp_path):
     with ServerProcess(models, fresh_db(seeded_db, tmp_path), "--token-file", str(token_file(tmp_path))) as proc:
         for seed in (1, 2):
             run = subprocess.run(
-                [sys.executable, "-c", WITHOUT_TARGETS, "run", f"{proc.url}/openapi.json", "--checks",
-                 "not_a_server_error", "--max-examples", "25", "--max-time", "90", "-H",
-                 f"Authorization: Bearer {TOKEN}", "--seed", str(seed), "--no-color", "--request-timeout", "60"],
-                capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-c",
+                    WITHOUT_TARGETS,
+                    "run",
+                    f"{proc.url}/openapi.json",
+                    "--checks",
+                    "not_a_server_error",
+                    "--max-examples",
+                    "25",
+                    "--max-time",
+                    "90",
+                    "-H",
+                    f"Authorization: Bearer {TOKEN}",
+                    "--seed",
+                    str(seed),
+                    "--no-color",
+                    "--request-timeout",
+                    "60",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             report = run.stdout[-4000:] + run.stderr[-2000:] + proc.log()[-4000:]
             if run.returncode == 0:
                 break
@@ -468,8 +528,10 @@ def test_segment_cli_through_the_server(server, images, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "-m", "knnclip.engine.cli", "segment", str(path), "--server", server.url, "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     data = json.loads((out / "a.json").read_text())
     direct = httpx.post(f"{server.url}/v1/segment", content=path.read_bytes()).json()
@@ -490,9 +552,27 @@ def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded
         port = s.getsockname()[1]
     db = fresh_db(seeded_db, tmp_path)
     log = (tmp_path / "ray.log").open("wb")
-    command = [sys.executable, "-m", "knnclip.engine.cli", "serve", "--ray", "--replicas", "2", "--models", str(models),
-               "--db", str(db), "--device", "cpu", "--port", str(port), "--token-file", str(token_file(tmp_path)),
-               "--max-wait-ms", "20"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "knnclip.engine.cli",
+        "serve",
+        "--ray",
+        "--replicas",
+        "2",
+        "--models",
+        str(models),
+        "--db",
+        str(db),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--token-file",
+        str(token_file(tmp_path)),
+        "--max-wait-ms",
+        "20",
+    ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

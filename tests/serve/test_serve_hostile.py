@@ -43,8 +43,18 @@ def server(demo_models, seeded_db, tmp_path_factory):
     work = tmp_path_factory.mktemp("hostile")
     shutil.copytree(seeded_db, work / "db")
     (work / "not-a-folder").write_text("a file where the snapshots should go")
-    args = ("--token-file", str(token_file(work)), "--header-timeout", "1", "--body-timeout", "1",
-            "--max-connections", "16", "--snapshot-dir", str(work / "not-a-folder" / "snapshots"))  # fmt: skip
+    args = (
+        "--token-file",
+        str(token_file(work)),
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--max-connections",
+        "16",
+        "--snapshot-dir",
+        str(work / "not-a-folder" / "snapshots"),
+    )
     with ServerProcess(demo_models, work / "db", *args, env={"KNNCLIP_MASK_BUDGET_BYTES": str(64 << 20)}) as proc:
         yield proc
 
@@ -237,8 +247,10 @@ def test_readers_go_between_writers():
     lock = ReadWriteLock()
     order: list[str] = []
     lock.acquire_write()
-    threads = [threading.Thread(target=lambda: (lock.acquire_write(), order.append("w"), lock.release_write()))
-               for _ in range(3)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda: (lock.acquire_write(), order.append("w"), lock.release_write()))
+        for _ in range(3)
+    ]
     threads += [threading.Thread(target=lambda: (lock.acquire_read(), order.append("r"), lock.release_read()))]
     for t in threads:
         t.start()
@@ -253,9 +265,25 @@ def test_a_token_file_that_is_not_text_is_one_line(demo_models, seeded_db, tmp_p
     token = tmp_path / "token"
     token.write_bytes(b"\xff\xfe" + b"\x80" * 40)
     token.chmod(0o600)
-    done = subprocess.run([sys.executable, "-m", "knnclip.engine.cli", "serve", "--models", str(demo_models),
-                           "--db", str(tmp_path / "db"), "--token-file", str(token), "--port", "0"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "knnclip.engine.cli",
+            "serve",
+            "--models",
+            str(demo_models),
+            "--db",
+            str(tmp_path / "db"),
+            "--token-file",
+            str(token),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "not UTF-8" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 

@@ -44,17 +44,47 @@ def _save_label(labels: np.ndarray, path: Path) -> None:
 
 
 SEMANTIC_PATHS = {  # key -> (dataset folder, image folder, annotation folder, extension, ignore, class file)
-    "ade20k-150": ("ADEChallengeData2016", "images/{long}", "annotations_detectron2/{long}", ".png", 255,
-                   "ade20k_150_with_prompt_eng.txt"),
-    "ade20k-847": ("ADE20K_2021_17_01", "images_detectron2/{long}", "annotations_detectron2/{long}", ".tif", 65535,
-                   "ade20k_847_with_prompt_eng.txt"),
-    "pc-59": ("pascal_ctx_d2", "images/{long}", "annotations_ctx59/{long}", ".png", 255,
-              "pascal_ctx_59_with_prompt_eng.txt"),
-    "pc-459": ("pascal_ctx_d2", "images/{long}", "annotations_ctx459/{long}", ".tif", 65535,
-               "pascal_ctx_459_with_prompt_eng.txt"),
-    "voc-21": ("pascal_voc_d2", "images/{long}", "annotations_pascal21/{long}", ".png", 255,
-               "pascal_voc_21_with_prompt_eng.txt"),
-}  # fmt: skip
+    "ade20k-150": (
+        "ADEChallengeData2016",
+        "images/{long}",
+        "annotations_detectron2/{long}",
+        ".png",
+        255,
+        "ade20k_150_with_prompt_eng.txt",
+    ),
+    "ade20k-847": (
+        "ADE20K_2021_17_01",
+        "images_detectron2/{long}",
+        "annotations_detectron2/{long}",
+        ".tif",
+        65535,
+        "ade20k_847_with_prompt_eng.txt",
+    ),
+    "pc-59": (
+        "pascal_ctx_d2",
+        "images/{long}",
+        "annotations_ctx59/{long}",
+        ".png",
+        255,
+        "pascal_ctx_59_with_prompt_eng.txt",
+    ),
+    "pc-459": (
+        "pascal_ctx_d2",
+        "images/{long}",
+        "annotations_ctx459/{long}",
+        ".tif",
+        65535,
+        "pascal_ctx_459_with_prompt_eng.txt",
+    ),
+    "voc-21": (
+        "pascal_voc_d2",
+        "images/{long}",
+        "annotations_pascal21/{long}",
+        ".png",
+        255,
+        "pascal_voc_21_with_prompt_eng.txt",
+    ),
+}
 
 
 def write_semantic(root: Path, key: str, splits: dict[str, list[Sample]], raw_ade: bool = False) -> Path:
@@ -97,8 +127,9 @@ def write_panoptic(root: Path, key: str, splits: dict[str, list[Sample]], crowd_
             f"ade20k_panoptic_{split}.json",
         )
     # COCO-style sparse category ids, listed out of order
-    categories = [{"id": 10 + 3 * i, "name": c.name, "isthing": int(c.thing), "color": [0, 0, 0]}
-                  for i, c in enumerate(CLASSES)][::-1]  # fmt: skip
+    categories = [
+        {"id": 10 + 3 * i, "name": c.name, "isthing": int(c.thing), "color": [0, 0, 0]} for i, c in enumerate(CLASSES)
+    ][::-1]
     for split, items in splits.items():
         image_dir, png_dir, json_name = paths(split)
         images, annotations = [], []
@@ -112,8 +143,15 @@ def write_panoptic(root: Path, key: str, splits: dict[str, list[Sample]], crowd_
                 ids[mask] = sid
                 index = next(j for j, c in enumerate(CLASSES) if c.name == name)
                 crowd = CLASSES[index].thing and k == len(s.names) - 1 and i % crowd_every == 0
-                info.append({"id": sid, "category_id": 10 + 3 * index, "iscrowd": int(crowd),
-                             "area": int(mask.sum()), "bbox": [0, 0, 1, 1]})  # fmt: skip
+                info.append(
+                    {
+                        "id": sid,
+                        "category_id": 10 + 3 * index,
+                        "iscrowd": int(crowd),
+                        "area": int(mask.sum()),
+                        "bbox": [0, 0, 1, 1],
+                    }
+                )
             ids[:2, :2] = 0  # void
             rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
             (base / png_dir).mkdir(parents=True, exist_ok=True)

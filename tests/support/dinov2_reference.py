@@ -20,10 +20,22 @@ if TYPE_CHECKING:
     import torch
 
 OFFICIAL_DEFAULTS: dict[str, Any] = dict(
-    img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-    qkv_bias=True, ffn_bias=True, proj_bias=True, init_values=None, ffn_layer="mlp",
-    num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1,
-)  # fmt: skip
+    img_size=224,
+    patch_size=16,
+    in_chans=3,
+    embed_dim=768,
+    depth=12,
+    num_heads=12,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    ffn_bias=True,
+    proj_bias=True,
+    init_values=None,
+    ffn_layer="mlp",
+    num_register_tokens=0,
+    interpolate_antialias=False,
+    interpolate_offset=0.1,
+)
 
 
 def official_args(**overrides: Any) -> dict[str, Any]:
@@ -64,10 +76,13 @@ def random_official_checkpoint(args: dict[str, Any], seed: int = 0) -> dict[str,
     for i in range(args["depth"]):
         b = f"blocks.{i}."
         sd |= {
-            b + "norm1.weight": 1 + w(d, scale=0.1), b + "norm1.bias": w(d, scale=0.1),
-            b + "attn.qkv.weight": w(3 * d, d), b + "attn.proj.weight": w(d, d),
-            b + "norm2.weight": 1 + w(d, scale=0.1), b + "norm2.bias": w(d, scale=0.1),
-        }  # fmt: skip
+            b + "norm1.weight": 1 + w(d, scale=0.1),
+            b + "norm1.bias": w(d, scale=0.1),
+            b + "attn.qkv.weight": w(3 * d, d),
+            b + "attn.proj.weight": w(d, d),
+            b + "norm2.weight": 1 + w(d, scale=0.1),
+            b + "norm2.bias": w(d, scale=0.1),
+        }
         if args["qkv_bias"]:
             sd[b + "attn.qkv.bias"] = w(3 * d, scale=0.1)
         if args["proj_bias"]:
@@ -206,7 +221,7 @@ ARCHITECTURES = {
         num_register_tokens=4,
         interpolate_antialias=True,
         interpolate_offset=0.0,
-    ),  # fmt: skip
+    ),
     # The constructor defaults: patch 16, no LayerScale, biases off where the arguments allow.
     "defaults-nobias": official_args(embed_dim=32, depth=2, num_heads=2, img_size=64, qkv_bias=False, ffn_bias=False),
     "swiglu-1reg": official_args(
@@ -219,5 +234,5 @@ ARCHITECTURES = {
         ffn_layer="swiglu",
         num_register_tokens=1,
         init_values=1e-5,
-    ),  # fmt: skip
+    ),
 }

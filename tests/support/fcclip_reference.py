@@ -84,10 +84,14 @@ def pixel_decoder(feats: dict, sd: dict, enc_layers: int, heads: int, points: in
     groups = 32
     inputs = [feats["res5"], feats["res4"], feats["res3"]]
     srcs = [
-        F.group_norm(F.conv2d(x, sd[f"{p}.input_proj.{i}.0.weight"], sd[f"{p}.input_proj.{i}.0.bias"]), groups,
-                     sd[f"{p}.input_proj.{i}.1.weight"], sd[f"{p}.input_proj.{i}.1.bias"])
+        F.group_norm(
+            F.conv2d(x, sd[f"{p}.input_proj.{i}.0.weight"], sd[f"{p}.input_proj.{i}.0.bias"]),
+            groups,
+            sd[f"{p}.input_proj.{i}.1.weight"],
+            sd[f"{p}.input_proj.{i}.1.bias"],
+        )
         for i, x in enumerate(inputs)
-    ]  # fmt: skip
+    ]
     d = srcs[0].shape[1]
     shapes = [tuple(s.shape[-2:]) for s in srcs]
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
@@ -96,8 +100,11 @@ def pixel_decoder(feats: dict, sd: dict, enc_layers: int, heads: int, points: in
     # reference points: pixel centres over valid ratios of 1, one per level (official get_reference_points)
     refs = []
     for h, w in shapes:
-        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float64) / h,
-                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float64) / w, indexing="ij")  # fmt: skip
+        ry, rx = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float64) / h,
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float64) / w,
+            indexing="ij",
+        )
         refs.append(torch.stack((rx.reshape(-1), ry.reshape(-1)), -1))
     ref = torch.cat(refs, 0)[None, :, None].expand(1, -1, len(shapes), 2)
     x = src
@@ -109,20 +116,44 @@ def pixel_decoder(feats: dict, sd: dict, enc_layers: int, heads: int, points: in
     for h, w in shapes:
         outs.append(x[:, start : start + h * w].transpose(1, 2).reshape(1, d, h, w))
         start += h * w
-    lateral = F.group_norm(F.conv2d(feats["res2"], sd[f"{p}.adapter_1.weight"]), groups,
-                           sd[f"{p}.adapter_1.norm.weight"], sd[f"{p}.adapter_1.norm.bias"])  # fmt: skip
+    lateral = F.group_norm(
+        F.conv2d(feats["res2"], sd[f"{p}.adapter_1.weight"]),
+        groups,
+        sd[f"{p}.adapter_1.norm.weight"],
+        sd[f"{p}.adapter_1.norm.bias"],
+    )
     y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-    y = F.relu(F.group_norm(F.conv2d(y, sd[f"{p}.layer_1.weight"], padding=1), groups,
-                            sd[f"{p}.layer_1.norm.weight"], sd[f"{p}.layer_1.norm.bias"]))  # fmt: skip
+    y = F.relu(
+        F.group_norm(
+            F.conv2d(y, sd[f"{p}.layer_1.weight"], padding=1),
+            groups,
+            sd[f"{p}.layer_1.norm.weight"],
+            sd[f"{p}.layer_1.norm.bias"],
+        )
+    )
     return F.conv2d(y, sd[f"{p}.mask_features.weight"], sd[f"{p}.mask_features.bias"]), outs
 
 
 def _mha(q, k, v, sd, p, heads, mask=None):
     """nn.MultiheadAttention's functional path, sequence-first as Mask2Former calls it."""
     out, _ = F.multi_head_attention_forward(
-        q, k, v, q.shape[-1], heads, sd[f"{p}.in_proj_weight"], sd[f"{p}.in_proj_bias"], None, None, False, 0.0,
-        sd[f"{p}.out_proj.weight"], sd[f"{p}.out_proj.bias"], training=False, need_weights=False, attn_mask=mask,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        q.shape[-1],
+        heads,
+        sd[f"{p}.in_proj_weight"],
+        sd[f"{p}.in_proj_bias"],
+        None,
+        None,
+        False,
+        0.0,
+        sd[f"{p}.out_proj.weight"],
+        sd[f"{p}.out_proj.bias"],
+        training=False,
+        need_weights=False,
+        attn_mask=mask,
+    )
     return out
 
 
@@ -158,8 +189,9 @@ def decoder(ms: list[Tensor], mask_features: Tensor, sd: dict, layers: int, head
     for i in range(layers):
         lvl = i % len(ms)
         c = f"{p}.transformer_cross_attention_layers.{i}"
-        x = _ln(x + _mha(x + q_pos, src[lvl] + pos[lvl], src[lvl], sd, f"{c}.multihead_attn", heads, attn), sd,
-                f"{c}.norm")  # fmt: skip
+        x = _ln(
+            x + _mha(x + q_pos, src[lvl] + pos[lvl], src[lvl], sd, f"{c}.multihead_attn", heads, attn), sd, f"{c}.norm"
+        )
         s = f"{p}.transformer_self_attention_layers.{i}"
         x = _ln(x + _mha(x + q_pos, x + q_pos, x, sd, f"{s}.self_attn", heads), sd, f"{s}.norm")
         f = f"{p}.transformer_ffn_layers.{i}"

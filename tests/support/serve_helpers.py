@@ -25,8 +25,21 @@ class ServerProcess:
     """``python -m knnclip.engine.cli serve ... --port 0``; ``url`` once it listens."""
 
     def __init__(self, models: Path, db: Path, *args: str, log: Path | None = None, env: dict | None = None) -> None:
-        command = [sys.executable, "-m", "knnclip.engine.cli", "serve", "--models", str(models), "--db", str(db),
-                   "--device", "cpu", "--port", "0", *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "knnclip.engine.cli",
+            "serve",
+            "--models",
+            str(models),
+            "--db",
+            str(db),
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+            *args,
+        ]
         self.log_path = log or db.parent / f"{db.name}.server.log"
         self._log = self.log_path.open("wb")  # a restart's log starts afresh
         # Both streams go to the file: a pipe nobody reads would fill with access-log lines and

@@ -170,10 +170,35 @@ def _delegate(name: str) -> Any:
 
 
 for _name in (
-    "empty", "zeros", "full", "astype", "contiguous", "concatenate", "transpose", "exp", "log", "where", "maximum",
-    "norm", "matmul", "amax", "argmax", "take", "take_along", "sum", "any", "bincount", "topk", "softmax",
-    "mask_pool", "retrieval_probs", "fuse", "resample", "semantic_argmax", "panoptic_owner",
-):  # fmt: skip
+    "empty",
+    "zeros",
+    "full",
+    "astype",
+    "contiguous",
+    "concatenate",
+    "transpose",
+    "exp",
+    "log",
+    "where",
+    "maximum",
+    "norm",
+    "matmul",
+    "amax",
+    "argmax",
+    "take",
+    "take_along",
+    "sum",
+    "any",
+    "bincount",
+    "topk",
+    "softmax",
+    "mask_pool",
+    "retrieval_probs",
+    "fuse",
+    "resample",
+    "semantic_argmax",
+    "panoptic_owner",
+):
     setattr(StandInArrays, _name, _delegate(_name))
 
 
@@ -209,8 +234,14 @@ class FakeCudaArray:
 
     @property
     def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.array.ctypes.data, False),
-                "strides": self._strides, "version": 3, "stream": self._stream}  # fmt: skip
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.array.ctypes.data, False),
+            "strides": self._strides,
+            "version": 3,
+            "stream": self._stream,
+        }
 
     def __dlpack_device__(self):
         return (2, self._device)

@@ -76,8 +76,19 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_file_outputs_match_the_in_memory_results(models: Path, db: Path, clip: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    done = cli(str(clip), "--models", str(models), "--db", str(db), "--out", str(out), "--device", "cpu",
-               "--png-frames", text=True)  # fmt: skip
+    done = cli(
+        str(clip),
+        "--models",
+        str(models),
+        "--db",
+        str(db),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--png-frames",
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     records = read_jsonl(out / "frames.jsonl")
     assert [r["frame"] for r in records] == list(range(12))
@@ -131,8 +142,20 @@ def test_stream_served_on_loopback(models: Path, db: Path, tmp_path: Path) -> No
     encode_clip(path, 8)
     server, url = serve(path.read_bytes())
     try:
-        done = cli(url, "--models", str(models), "--db", str(db), "--out", str(tmp_path / "out"), "--device", "cpu",
-                   "--no-realtime", text=True, timeout=120)  # fmt: skip
+        done = cli(
+            url,
+            "--models",
+            str(models),
+            "--db",
+            str(db),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--no-realtime",
+            text=True,
+            timeout=120,
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -144,8 +167,19 @@ def test_standard_input(models: Path, db: Path, tmp_path: Path) -> None:
     path = tmp_path / "clip.mkv"  # Matroska streams without seeking
     encode_clip(path, 6)
     with path.open("rb") as stdin:
-        done = cli("-", "--models", str(models), "--db", str(db), "--out", str(tmp_path / "out"), "--device", "cpu",
-                   stdin=stdin, text=True)  # fmt: skip
+        done = cli(
+            "-",
+            "--models",
+            str(models),
+            "--db",
+            str(db),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            stdin=stdin,
+            text=True,
+        )
     assert done.returncode == 0, done.stderr
     assert len(read_jsonl(tmp_path / "out" / "frames.jsonl")) == 6
     assert len(decode_all(tmp_path / "out" / "annotated.mp4")) == 6
@@ -162,8 +196,9 @@ def test_a_source_with_no_frame_is_an_error_that_names_nothing_unwritten(models,
         path.write_bytes(b"")
     out = tmp_path / "out"
     with path.open("rb") as stdin:
-        done = cli("-", "--models", str(models), "--db", str(db), "--out", str(out), "--device", "cpu",
-                   stdin=stdin, text=True)  # fmt: skip
+        done = cli(
+            "-", "--models", str(models), "--db", str(db), "--out", str(out), "--device", "cpu", stdin=stdin, text=True
+        )
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("knnclip")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -200,9 +235,13 @@ def test_realtime_drops_the_oldest_frames_and_the_newest_wins(models: Path, db: 
     seen: list[int] = []
     with Segmenter.from_dir(models, db, device="cpu", read_only=True, text_cache=None) as seg:
         report = segment_video(
-            SlowSegmenter(seg, 0.3), PacedSource(str(path)), None, batch_size=2, realtime=True,
+            SlowSegmenter(seg, 0.3),
+            PacedSource(str(path)),
+            None,
+            batch_size=2,
+            realtime=True,
             on_result=lambda frame, result: seen.append(frame.index),
-        )  # fmt: skip
+        )
     assert report.dropped > 0 and report.frames_read == 40
     assert report.frames_segmented + report.dropped == 40
     assert seen == sorted(seen) and seen[-1] == 39, "the newest frame is never the one dropped"
@@ -266,10 +305,27 @@ def test_ctrl_c_mid_file_leaves_a_playable_video(models: Path, db: Path, tmp_pat
     encode_clip(path, 300)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "knnclip.engine.cli", "segment", str(path), "--models", str(models), "--db", str(db),
-         "--out", str(out), "--device", "cpu", "--batch-size", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "knnclip.engine.cli",
+            "segment",
+            str(path),
+            "--models",
+            str(models),
+            "--db",
+            str(db),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if (out / "frames.jsonl").exists() and len((out / "frames.jsonl").read_text().splitlines()) >= 5:
@@ -298,8 +354,9 @@ def test_vocabulary_grows_while_the_stream_runs(models: Path, db: Path, tmp_path
             if frame.index == 3:
                 seg.add_class("lava")
 
-        segment_video(seg, VideoSource(str(path)), VideoOutputs(tmp_path / "out", FPS, "h264"), batch_size=2,
-                      on_result=on_result)  # fmt: skip
+        segment_video(
+            seg, VideoSource(str(path)), VideoOutputs(tmp_path / "out", FPS, "h264"), batch_size=2, on_result=on_result
+        )
     assert vocab_sizes[0] + 1 == vocab_sizes[-1], vocab_sizes
     with Database.open(work, read_only=True) as check:
         assert "lava" in check.classes

@@ -67,9 +67,10 @@ class TensorRTSession(Session):
             self._engine = self._runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
                 raise ArtifactCorruptError(
-                    directory, "TensorRT could not deserialise the cached engine (another TensorRT version or "
+                    directory,
+                    "TensorRT could not deserialise the cached engine (another TensorRT version or "
                     "GPU?); delete ~/.cache/knnclip/engines or run `knnclip build` again",
-                )  # fmt: skip
+                )
             self._context = self._engine.create_execution_context()
             # Non-blocking (CU_STREAM_NON_BLOCKING = 1): not serialised with the legacy default
             # stream, which other libraries' work (and the compiled ops') may be queued on.
@@ -194,8 +195,10 @@ class TensorRTSession(Session):
             self._stream.synchronize()
             del kept  # the inputs are no longer read
             # Copied out of the staging buffers, which the next call reuses.
-            return {name: staged.view(self._dtypes[name]).reshape(shapes[name]).copy()
-                    for name, staged in staged_out.items()}  # fmt: skip
+            return {
+                name: staged.view(self._dtypes[name]).reshape(shapes[name]).copy()
+                for name, staged in staged_out.items()
+            }
 
     @contextmanager
     def _current(self) -> Iterator[None]:

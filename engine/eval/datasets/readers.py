@@ -66,23 +66,59 @@ class PanopticLayout:
 
 
 SEMANTIC = {
-    "ade20k-150": SemanticLayout("ADEChallengeData2016", "images/{long}", "annotations_detectron2/{long}", ".png",
-                                 255, "ade20k_150_with_prompt_eng.txt", raw_annotations="annotations/{long}"),
-    "ade20k-847": SemanticLayout("ADE20K_2021_17_01", "images_detectron2/{long}", "annotations_detectron2/{long}",
-                                 ".tif", 65535, "ade20k_847_with_prompt_eng.txt"),
-    "pc-59": SemanticLayout("pascal_ctx_d2", "images/{long}", "annotations_ctx59/{long}", ".png", 255,
-                            "pascal_ctx_59_with_prompt_eng.txt"),
-    "pc-459": SemanticLayout("pascal_ctx_d2", "images/{long}", "annotations_ctx459/{long}", ".tif", 65535,
-                             "pascal_ctx_459_with_prompt_eng.txt"),
-    "voc-21": SemanticLayout("pascal_voc_d2", "images/{long}", "annotations_pascal21/{long}", ".png", 255,
-                             "pascal_voc_21_with_prompt_eng.txt"),
-}  # fmt: skip
+    "ade20k-150": SemanticLayout(
+        "ADEChallengeData2016",
+        "images/{long}",
+        "annotations_detectron2/{long}",
+        ".png",
+        255,
+        "ade20k_150_with_prompt_eng.txt",
+        raw_annotations="annotations/{long}",
+    ),
+    "ade20k-847": SemanticLayout(
+        "ADE20K_2021_17_01",
+        "images_detectron2/{long}",
+        "annotations_detectron2/{long}",
+        ".tif",
+        65535,
+        "ade20k_847_with_prompt_eng.txt",
+    ),
+    "pc-59": SemanticLayout(
+        "pascal_ctx_d2", "images/{long}", "annotations_ctx59/{long}", ".png", 255, "pascal_ctx_59_with_prompt_eng.txt"
+    ),
+    "pc-459": SemanticLayout(
+        "pascal_ctx_d2",
+        "images/{long}",
+        "annotations_ctx459/{long}",
+        ".tif",
+        65535,
+        "pascal_ctx_459_with_prompt_eng.txt",
+    ),
+    "voc-21": SemanticLayout(
+        "pascal_voc_d2",
+        "images/{long}",
+        "annotations_pascal21/{long}",
+        ".png",
+        255,
+        "pascal_voc_21_with_prompt_eng.txt",
+    ),
+}
 PANOPTIC = {
-    "coco-panoptic": PanopticLayout("coco", "{split}2017", "panoptic_{split}2017",
-                                    "annotations/panoptic_{split}2017.json", "coco_panoptic_with_prompt_eng.txt"),
-    "ade20k-panoptic": PanopticLayout("ADEChallengeData2016", "images/{long}", "ade20k_panoptic_{split}",
-                                      "ade20k_panoptic_{split}.json", "ade20k_150_with_prompt_eng.txt"),
-}  # fmt: skip
+    "coco-panoptic": PanopticLayout(
+        "coco",
+        "{split}2017",
+        "panoptic_{split}2017",
+        "annotations/panoptic_{split}2017.json",
+        "coco_panoptic_with_prompt_eng.txt",
+    ),
+    "ade20k-panoptic": PanopticLayout(
+        "ADEChallengeData2016",
+        "images/{long}",
+        "ade20k_panoptic_{split}",
+        "ade20k_panoptic_{split}.json",
+        "ade20k_150_with_prompt_eng.txt",
+    ),
+}
 DATASETS = (*SEMANTIC, *PANOPTIC, "synthetic")
 
 
@@ -257,11 +293,16 @@ class PanopticDataset(Dataset):
             annotations = sorted(spec["annotations"], key=lambda a: a["file_name"])
             self._category_index = {c["id"]: i for i, c in enumerate(categories)}
             self._annotations = [
-                (image_files[a["image_id"]], a["file_name"],
-                 {s["id"]: (self._category_index[s["category_id"]], bool(s.get("iscrowd", 0)))
-                  for s in a["segments_info"]})
+                (
+                    image_files[a["image_id"]],
+                    a["file_name"],
+                    {
+                        s["id"]: (self._category_index[s["category_id"]], bool(s.get("iscrowd", 0)))
+                        for s in a["segments_info"]
+                    },
+                )
                 for a in annotations
-            ]  # fmt: skip
+            ]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"{base / json_rel}: not a COCO panoptic annotation file ({exc!r})") from None
         names = [parse_names(str(c["name"])) or (f"class {c['id']}",) for c in categories]
