@@ -73,7 +73,7 @@ def _segment(args: argparse.Namespace) -> int:
                 try:
                     if isinstance(result, BaseException):
                         raise result
-                    pixels = load_image(path) if args.overlay else None
+                    pixels = load_image(path) if args.overlay else None  # segment_batch keeps no pixels
                     record = writer.write(stems[path], result, pixels)
                 except (KnnclipError, OSError) as exc:  # this image fails alone; the others go on
                     report.append({"image": path, "error": str(exc)})
