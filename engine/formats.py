@@ -21,7 +21,8 @@ video outputs and :meth:`Result.to_json` share.
 :data:`FORMATS` is the one vocabulary of output formats: ``knnclip segment --format`` writes any
 of them as files; an HTTP reply (``format=``) takes ``json`` (RLE label maps), ``label-png`` (PNG
 label maps) or ``coco-instances`` (RLE label maps, and each mask's COCO RLE). Category ids are the
-database's class ids; :func:`categories` lists them with their names and whether they are things.
+database's class ids plus one (:data:`COCO_ID_OFFSET`: COCO's tools take 0 for "no category");
+:func:`categories` lists them with their names and whether they are things.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ from PIL import Image
 from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.errors import InvalidInputError, needs_extra
 from knnclip.engine.pipeline.results import Evidence, InstanceMask, PanopticSegment, Result, bbox
-from knnclip.engine.render import overlay, save_png
+from knnclip.engine.render import plot, save_png
 
 FORMATS = ("json", "label-png", "coco-instances", "coco-panoptic")
 # The names of docs/serving.md's first version, still taken by ``POST /v1/segment``.
 FORMAT_ALIASES = {"png": "label-png", "coco": "coco-instances"}
 REPLY_FORMATS = ("json", "label-png", "coco-instances")  # what one JSON reply can hold
+COCO_ID_OFFSET = 1  # COCO category id = class id + 1: COCO's tools count categories from 1
 MapEncoding = Literal["rle", "png"]
 
 
@@ -246,7 +248,7 @@ def coco_instances(result: Result, image_id: int) -> list[dict[str, Any]]:
     return [
         {
             "image_id": image_id,
-            "category_id": i.class_id,
+            "category_id": i.class_id + COCO_ID_OFFSET,
             "segmentation": rle(i.mask),
             "score": float(i.score),
             "bbox": bbox(i.mask),
@@ -266,7 +268,7 @@ def coco_panoptic(result: Result, image_id: int, file_name: str) -> tuple[np.nda
     segments = [
         {
             "id": s.id,
-            "category_id": s.class_id,
+            "category_id": s.class_id + COCO_ID_OFFSET,
             "iscrowd": 0,
             "area": s.area,
             "bbox": bbox(result.panoptic == s.id),
@@ -278,8 +280,27 @@ def coco_panoptic(result: Result, image_id: int, file_name: str) -> tuple[np.nda
 
 
 def categories(classes: Iterable[ClassInfo]) -> list[dict[str, Any]]:
-    """COCO ``categories`` of a vocabulary: id (the class id), name, and whether it is a thing."""
-    return [{"id": c.id, "name": c.name, "isthing": int(bool(c.thing))} for c in sorted(classes, key=lambda c: c.id)]
+    """COCO ``categories`` of a vocabulary: id (the class id + 1), name, and whether it is a thing."""
+    return [
+        {"id": c.id + COCO_ID_OFFSET, "name": c.name, "isthing": int(bool(c.thing))}
+        for c in sorted(classes, key=lambda c: c.id)
+    ]
+
+
+class SeenClasses:
+    """The classes named in the results seen so far, each a thing where one of its segments is:
+    the COCO categories of results written without their database at hand."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.things: set[int] = set()
+
+    def see(self, result: Result) -> None:
+        self.names.update(result.classes)
+        self.things |= {s.class_id for s in result.segments if s.is_thing}
+
+    def classes(self) -> list[ClassInfo]:
+        return [ClassInfo(i, name, thing=i in self.things) for i, name in sorted(self.names.items())]
 
 
 # Files -------------------------------------------------------------------------------------------
@@ -297,9 +318,11 @@ class ResultWriter:
     - ``label-png``: ``STEM.semantic.png`` and, with ``panoptic``, ``STEM.panoptic.png``;
     - ``coco-panoptic``: ``panoptic/STEM.png``; ``close`` writes ``panoptic.json``;
     - ``coco-instances``: ``close`` writes ``coco_instances.json`` and ``coco_images.json``;
-    - ``overlay``: ``STEM`` + ``overlay_suffix`` (``STEM.overlay.png``), the labelled picture.
+    - with ``overlay``: ``STEM`` + ``overlay_suffix`` (``STEM.overlay.png``), the labelled picture
+      (:func:`knnclip.engine.render.plot`, with the retrieval evidence under it with ``evidence``).
 
-    ``knnclip segment`` writes images through it, and a video's frame PNGs go through one too.
+    ``knnclip segment`` writes images through it, ``Result.save`` one result, and a video's frame
+    PNGs go through one too.
     """
 
     def __init__(
@@ -310,15 +333,16 @@ class ResultWriter:
         panoptic: bool = False,
         overlay: bool = False,
         overlay_suffix: str = ".overlay.png",
-        legend_rows: int | None = None,
+        evidence: bool = False,
     ) -> None:
         self.formats = set(formats)
         unknown = self.formats - set(FORMATS)
         if unknown:
             raise InvalidInputError(f"unknown formats {sorted(unknown)}: choose from {', '.join(FORMATS)}")
         self.out, self.panoptic, self.overlay = Path(out), panoptic, overlay
-        self.overlay_suffix, self.legend_rows = overlay_suffix, legend_rows
+        self.overlay_suffix, self.evidence = overlay_suffix, evidence
         self.out.mkdir(parents=True, exist_ok=True)
+        self.seen = SeenClasses()
         self.images: list[dict[str, Any]] = []
         self.instances: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
@@ -339,19 +363,20 @@ class ResultWriter:
             save_png(Image.fromarray(rgb), out / "panoptic" / f"{stem}.png")
             self.annotations.append(annotation)
         if self.overlay and image is not None:
-            panoptic = result.panoptic if self.panoptic else None
-            picture = overlay(image, result.semantic, result.classes, panoptic, legend_rows=self.legend_rows)
-            save_png(picture, out / f"{stem}{self.overlay_suffix}")
+            picture = plot(image, result, evidence=self.evidence)
+            save_png(Image.fromarray(picture), out / f"{stem}{self.overlay_suffix}")
         if "coco-instances" in self.formats:
             self.instances += coco_instances(result, image_id)
         h, w = result.semantic.shape
         name = Path(result.name).name or stem
         self.images.append({"id": image_id, "file_name": name, "height": int(h), "width": int(w)})
+        self.seen.see(result)
         return record
 
-    def close(self, classes: Iterable[ClassInfo] = ()) -> None:
-        """Write the COCO files that cover every image, with ``classes`` as their categories."""
-        cats = categories(classes)
+    def close(self, classes: Iterable[ClassInfo] | None = None) -> None:
+        """Write the COCO files that cover every image, with ``classes`` (the vocabulary's) as
+        their categories; by default the classes the results named."""
+        cats = categories(self.seen.classes() if classes is None else classes)
         if "coco-instances" in self.formats:
             write_json(self.out / "coco_instances.json", self.instances)
             write_json(self.out / "coco_images.json", {"images": self.images, "categories": cats})

@@ -81,8 +81,10 @@ def test_coco_instance_results_load_with_pycocotools(setup) -> None:
     assert len(loaded.getAnnIds()) == sum(len(r.instances) for r in results) > 0
     for image_id, result in enumerate(results, 1):
         anns = sorted(loaded.loadAnns(loaded.getAnnIds(imgIds=[image_id])), key=lambda a: -a["score"])
-        assert [a["category_id"] for a in anns] == [i.class_id for i in result.instances]
-        assert all(a["category_id"] in things for a in anns), "instances are things"
+        # COCO's categories count from 1: category id = class id + 1
+        assert [a["category_id"] for a in anns] == [i.class_id + 1 for i in result.instances]
+        assert all(a["category_id"] - 1 in things for a in anns), "instances are things"
+        assert all(cat["id"] >= 1 for cat in gt.dataset["categories"])
         np.testing.assert_allclose([a["score"] for a in anns], [i.score for i in result.instances], rtol=1e-6)
         for ann, inst in zip(anns, result.instances, strict=True):
             np.testing.assert_array_equal(loaded.annToMask(ann).astype(bool), inst.mask)
@@ -94,7 +96,8 @@ def test_coco_panoptic_png_and_segments_info(setup) -> None:
     out, images, results, _ = setup
     spec = json.loads((out / "panoptic.json").read_text())
     assert [a["image_id"] for a in spec["annotations"]] == [1, 2, 3]
-    assert {c["id"] for c in spec["categories"]} >= {s.class_id for r in results for s in r.segments}
+    names = {c["id"]: c["name"] for c in spec["categories"]}
+    assert min(names) >= 1 and all(names[s.class_id + 1] == s.name for r in results for s in r.segments)
     for annotation, result in zip(spec["annotations"], results, strict=True):
         rgb = np.asarray(Image.open(out / "panoptic" / annotation["file_name"]), np.uint32)
         ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # panopticapi's rgb2id
@@ -102,7 +105,7 @@ def test_coco_panoptic_png_and_segments_info(setup) -> None:
         info = {s["id"]: s for s in annotation["segments_info"]}
         assert set(info) == {s.id for s in result.segments} == set(np.unique(ids).tolist()) - {0}
         for s in result.segments:
-            assert info[s.id]["category_id"] == s.class_id and info[s.id]["area"] == int((ids == s.id).sum())
+            assert info[s.id]["category_id"] == s.class_id + 1 and info[s.id]["area"] == int((ids == s.id).sum())
 
 
 def test_label_pngs_read_back(setup, tmp_path: Path) -> None:

@@ -12,32 +12,8 @@ from pycocotools import mask as coco_mask
 
 from knnclip.engine import formats
 from knnclip.engine.errors import InvalidInputError
-from knnclip.engine.pipeline.results import Evidence, InstanceMask, PanopticSegment, Result
 from knnclip.engine.serve.encoding import result_payload
-
-
-def handmade_result() -> Result:
-    """Two segments and one instance on a 5 x 7 image, classes with a removed id (2)."""
-    semantic = np.zeros((5, 7), np.int32)
-    semantic[1:4, 2:6] = 3
-    panoptic = np.zeros((5, 7), np.int32)
-    panoptic[1:4, 2:6] = 1
-    panoptic[0, :] = 2
-    evidence = Evidence("horse", "zebra", 0.8412345678, (("zebra", 0.93), ("horse", 0.5)), True)
-    segments = [
-        PanopticSegment(1, 3, "zebra", 0.912345678, 12, True, evidence),
-        PanopticSegment(2, 0, "sky", 0.5, 7, False, Evidence("sky", None, 0.0, (), False)),
-    ]
-    instance_mask = panoptic == 1
-    return Result(
-        semantic,
-        panoptic,
-        segments,
-        {0: "sky", 1: "water", 3: "zebra"},
-        {"total": 12.34567},
-        "photo.png",
-        [InstanceMask(3, "zebra", 0.7, instance_mask)],
-    )
+from tests.support.results import handmade_result
 
 
 def without_masks(record: dict) -> dict:

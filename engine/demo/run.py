@@ -135,8 +135,10 @@ def _add_split(seg: Segmenter, samples: list[Sample], classes: tuple[str, ...]) 
 
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns what it printed as data (IoU per class before/after, changes, timings)."""
+    from PIL import Image
+
     from knnclip.engine.pipeline.segmenter import Segmenter
-    from knnclip.engine.render import overlay, save_png
+    from knnclip.engine.render import save_png
 
     settings.out.mkdir(parents=True, exist_ok=True)
     if not settings.fcclip or not settings.dinov2:
@@ -178,8 +180,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
         after = evaluate(seg, val, on_result=lambda i, r: results.append(r))
         overlay_dir = settings.out / "overlays"
         overlay_dir.mkdir(exist_ok=True)
-        for i, r in enumerate(results[: settings.overlays]):
-            save_png(overlay(val.image(i), r.semantic, r.classes, r.panoptic), overlay_dir / f"val_{i:02d}.png")
+        for i, r in enumerate(results[: settings.overlays]):  # labelled, with what retrieval said
+            save_png(Image.fromarray(r.plot(val.image(i), evidence=True)), overlay_dir / f"val_{i:02d}.png")
     report = {**_report(before, after, results), "runtime": runtime}
     say(_format(report, overlay_dir))
     (settings.out / "demo.json").write_text(json.dumps(report, indent=1))

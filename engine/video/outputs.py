@@ -1,13 +1,13 @@
 """What segmenting a video writes into its output folder:
 
-- ``annotated.mp4`` (or ``.webm`` for VP8/VP9 sources): every segmented frame with its overlay and
-  a legend, in the source's codec family (H.264, MPEG-4, VP8/VP9; H.264 otherwise) at the rate of
-  the frames kept, or a chosen codec. Closed properly even when the run is interrupted, so the file
-  always plays.
+- ``annotated.mp4`` (or ``.webm`` for VP8/VP9 sources): every segmented frame with its labelled
+  segments (:func:`knnclip.engine.render.plot`), in the source's codec family (H.264, MPEG-4,
+  VP8/VP9; H.264 otherwise) at the rate of the frames kept, or a chosen codec. Closed properly
+  even when the run is interrupted, so the file always plays.
 - ``frames.jsonl``: one line per frame, in order: frame index, timestamp, and the result record
   of :mod:`knnclip.engine.formats` with each mask's COCO RLE (pycocotools' encoding), or the
   error of a frame that failed.
-- ``frames/NNNNNN.png`` (optional): the overlay of each frame.
+- ``frames/NNNNNN.png`` (optional): the same picture of each frame.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from knnclip.engine.errors import BackendUnavailableError
 from knnclip.engine.formats import ResultWriter, result_record
 from knnclip.engine.fsutil import open_new_file
 from knnclip.engine.pipeline.results import Result
-from knnclip.engine.render import overlay
+from knnclip.engine.render import plot
 from knnclip.engine.video.source import Frame, import_av
 
-LEGEND_ROWS = 3  # up to 9 classes named under each frame: every frame has the same size
 ENCODERS = {"h264": "libx264", "mpeg4": "mpeg4", "vp8": "libvpx", "vp9": "libvpx-vp9"}
 
 
@@ -83,13 +82,7 @@ class VideoOutputs:
         self._size: tuple[int, int] | None = None
         self.frames_written = 0
         # The frame PNGs are written as knnclip segment writes an image's overlay.
-        self._frames = (
-            ResultWriter(
-                out_dir / "frames", (), panoptic=True, overlay=True, overlay_suffix=".png", legend_rows=LEGEND_ROWS
-            )
-            if pngs
-            else None
-        )
+        self._frames = ResultWriter(out_dir / "frames", (), overlay=True, overlay_suffix=".png") if pngs else None
 
     def write(self, frame: Frame, result: Result | Exception) -> None:
         self._jsonl.write(json.dumps(frame_record(frame, result)) + "\n")
@@ -101,8 +94,7 @@ class VideoOutputs:
         if self._frames is not None:
             self._frames.write(f"{frame.index:06d}", result, frame.image)
         if self.write_video:
-            picture = overlay(frame.image, result.semantic, result.classes, result.panoptic, legend_rows=LEGEND_ROWS)
-            self._encode(np.asarray(picture))
+            self._encode(plot(frame.image, result))
 
     def _encode(self, rgb: np.ndarray) -> None:
         av = self._av
