@@ -82,9 +82,7 @@ def plot(image: np.ndarray, result: Result, *, evidence: bool = False, alpha: fl
     return np.asarray(picture)
 
 
-def _label(
-    draw: ImageDraw.ImageDraw, size: tuple[int, int], mask: np.ndarray, text: str, placed: list[Box]
-) -> None:
+def _label(draw: ImageDraw.ImageDraw, size: tuple[int, int], mask: np.ndarray, text: str, placed: list[Box]) -> None:
     """``text`` on a dark box centred on a pixel in the middle of ``mask`` (the median pixel of its
     median row), kept inside the image and moved down past the labels already ``placed``."""
     ys, xs = np.nonzero(mask)
