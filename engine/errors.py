@@ -115,6 +115,13 @@ class UnknownClassError(KnnclipError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownEntryError(KnnclipError, KeyError):
+    """An entry id that the database does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class DatabaseError(KnnclipError):
     """Base class of the errors of knnclip.engine.Database."""
 

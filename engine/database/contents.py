@@ -59,6 +59,13 @@ class Contents:
             self._remove_class(int(meta["class_id"]))
         elif record.kind == RecordKind.PUT_CLASS:
             self.vocab.put(ClassInfo.from_json(meta["class"]))
+        elif record.kind == RecordKind.REMOVE_ENTRIES:
+            n = int(meta["n"])
+            if len(record.body) != 8 * n:
+                raise ValueError(f"remove-entries record of {n} ids has {len(record.body)} bytes")
+            self._remove_entries(np.frombuffer(record.body, np.int64, n))
+        elif record.kind == RecordKind.MERGE_CLASSES:
+            self._merge_classes(int(meta["source"]), ClassInfo.from_json(meta["class"]))
         self.lsn = record.lsn
 
     def _add(self, meta: dict[str, Any], body: memoryview) -> None:
@@ -95,6 +102,24 @@ class Contents:
             if self.mirror is not None:
                 self.mirror.rebuild(self.index)
         self.counts.pop(class_id, None)
+
+    def _remove_entries(self, ids: np.ndarray) -> None:
+        keep = ~np.isin(self.ids, ids)
+        if keep.all():
+            return
+        self.index = remove_entries(self.index, self.spec, keep, self.ids)
+        self.set_entries(self.ids[keep], self.labels[keep])
+        if self.mirror is not None:
+            self.mirror.rebuild(self.index)
+
+    def _merge_classes(self, source: int, target: ClassInfo) -> None:
+        if source == target.id or source not in self.vocab or target.id not in self.vocab:
+            raise ValueError(f"merge record of class {source} into {target.id} does not fit this vocabulary")
+        self.vocab.remove(source)
+        self.vocab.put(target)
+        moved = self.labels == source
+        if moved.any():
+            self.set_entries(self.ids, np.where(moved, target.id, self.labels))
 
     def search_device(self, q: Any, k: int, params: Any) -> tuple[Any, Any]:
         """(sims, class ids) [M, k] of normalised torch queries ``q`` through the mirror's

@@ -32,7 +32,7 @@ from knnclip.engine.database.indexes import IndexSpec, build_index, faiss_metric
 from knnclip.engine.database.lock import WriterLock
 from knnclip.engine.database.manifest import MANIFEST_NAME, Manifest
 from knnclip.engine.database.storage import WAL_NAME
-from knnclip.engine.database.vocabulary import ClassInfo, Vocabulary
+from knnclip.engine.database.vocabulary import ClassInfo, Vocabulary, split_label
 from knnclip.engine.database.wal import (
     HEADER_BYTES,
     LogContents,
@@ -52,6 +52,7 @@ from knnclip.engine.errors import (
     InvalidInputError,
     ReadOnlyDatabaseError,
     UnknownClassError,
+    UnknownEntryError,
 )
 
 __all__ = ["WAL_NAME", "Database", "SearchResult"]
@@ -373,6 +374,66 @@ class Database:
             removed = self._c.counts.get(info.id, 0)
             self._commit(RecordKind.REMOVE_CLASS, {"class_id": info.id})
             return removed
+
+    def remove_entries(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Delete the entries ``ids`` (as :meth:`add` returned them); return how many went. An id
+        that is not in the database is refused by name and nothing is removed. Every other entry,
+        of every class, is untouched."""
+        wanted = np.asarray(ids)
+        if wanted.dtype.kind not in "iu" and wanted.size:
+            raise InvalidInputError(f"entry ids are integers, got {wanted.dtype}")
+        wanted = np.unique(wanted.astype(np.int64).ravel())
+        with self._mutex:
+            self._check_writable()
+            missing = wanted[~np.isin(wanted, self._c.ids)]
+            if len(missing):
+                shown = ", ".join(str(i) for i in missing[:8]) + (", ..." if len(missing) > 8 else "")
+                raise UnknownEntryError(f"{self.path}: no entries with ids {shown}; nothing was removed")
+            if len(wanted):
+                self._commit(RecordKind.REMOVE_ENTRIES, {"n": len(wanted)}, wanted.tobytes())
+            return len(wanted)
+
+    def rename_class(self, old: str | int, new: str) -> ClassInfo:
+        """Give class ``old`` (a name, synonym or id) the name ``new``, keeping its id, its entries
+        and its other synonyms (``new`` leaves them if it was one). A name another class has is
+        refused: :meth:`merge_classes` joins two classes."""
+        with self._mutex:
+            self._check_writable()
+            info = self._class(old)
+            name, extra = split_label(new)
+            if extra:
+                raise InvalidInputError(f"rename_class takes one new name, not the list {new!r}")
+            owner = self._c.vocab.find(name)
+            if owner is not None and owner.id != info.id:
+                raise InvalidInputError(
+                    f"{name!r} already names class {owner.name!r} (id {owner.id}); merge_classes({info.name!r}, "
+                    f"{owner.name!r}) joins the two"
+                )
+            renamed = ClassInfo(info.id, name, tuple(s for s in info.synonyms if s != name), info.thing)
+            if renamed != info:
+                self._commit(RecordKind.PUT_CLASS, {"class": renamed.to_json()})
+            return renamed
+
+    def merge_classes(self, source: str | int, target: str | int) -> ClassInfo:
+        """Move every entry of class ``source`` into class ``target``, with ``source``'s name and
+        synonyms as synonyms of ``target``, and remove ``source``; return ``target`` as it is
+        now. The entries themselves, and every other class, are untouched."""
+        with self._mutex:
+            self._check_writable()
+            src, dst = self._class(source), self._class(target)
+            if src.id == dst.id:
+                raise InvalidInputError(f"{source!r} and {target!r} are the same class ({dst.name!r})")
+            _, synonyms = split_label(dst.name, (*dst.synonyms, *src.names))
+            merged = ClassInfo(dst.id, dst.name, synonyms, dst.thing)
+            self._commit(RecordKind.MERGE_CLASSES, {"source": src.id, "class": merged.to_json()})
+            return merged
+
+    def _class(self, name: str | int) -> ClassInfo:
+        if isinstance(name, int | np.integer):
+            return self._c.vocab[int(name)]
+        if "," in name:
+            raise InvalidInputError(f"name one class, not the list {name!r}")
+        return self._c.vocab.get_by_name(name)
 
     def train(self, samples: np.ndarray) -> None:
         """Train the index (IVF centroids, PQ codebooks, sq8 ranges) on representative vectors.

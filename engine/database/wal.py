@@ -51,6 +51,8 @@ class RecordKind(enum.IntEnum):
     ADD = 1  # meta: first_id, n, dim, classes (new or changed ClassInfo); body: class ids int64[n], float32[n, dim]
     REMOVE_CLASS = 2  # meta: class_id
     PUT_CLASS = 3  # meta: class (ClassInfo JSON)
+    REMOVE_ENTRIES = 4  # meta: n; body: entry ids int64[n]
+    MERGE_CLASSES = 5  # meta: source (class id), class (the target's ClassInfo JSON, source's names added)
 
 
 @dataclass

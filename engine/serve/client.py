@@ -177,6 +177,7 @@ _MESSAGE_ONLY = {
     for name in (
         "InvalidInputError",
         "UnknownClassError",
+        "UnknownEntryError",
         "OutOfMemoryError",
         "InferenceError",
         "ReadOnlyDatabaseError",

@@ -233,7 +233,7 @@ def _check_size(shape: tuple[int, ...], expected: tuple[int, int]) -> None:
 # Errors ----------------------------------------------------------------------------------------
 def error_status(exc: BaseException) -> int:
     """The HTTP status of a library error: the client's fault 4xx, the server's 5xx."""
-    if isinstance(exc, errors.UnknownClassError):
+    if isinstance(exc, (errors.UnknownClassError, errors.UnknownEntryError)):
         return 404
     if isinstance(exc, errors.OutOfMemoryError):
         return 413

@@ -39,3 +39,27 @@ def exact_topk(db_vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
 
 def file_digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+CURATION_STATES = (  # what cycle i's classes hold after each of its steps: (keep, x, y)
+    ("none", None, None, None),
+    ("add", CRASH_BATCH // 2, CRASH_BATCH // 2, None),
+    ("remove", CRASH_BATCH // 2, CRASH_BATCH // 4, None),
+    ("rename", CRASH_BATCH // 2, None, CRASH_BATCH // 4),
+    ("merge", CRASH_BATCH // 2 + CRASH_BATCH // 4, None, None),
+)
+
+
+def curation_cycle(db, i: int):
+    """One cycle of the curation crash test on ``db``, yielding each step's name once it returned:
+    add ``keep{i}`` and ``x{i}`` (half the batch each), remove a half of ``x{i}``'s entries, rename
+    ``x{i}`` to ``y{i}``, merge ``y{i}`` into ``keep{i}``."""
+    half = CRASH_BATCH // 2
+    ids = db.add(crash_batch(i), [f"keep{i}"] * half + [f"x{i}"] * half)
+    yield "add"
+    db.remove_entries(ids[half : half + half // 2])
+    yield "remove"
+    db.rename_class(f"x{i}", f"y{i}")
+    yield "rename"
+    db.merge_classes(f"y{i}", f"keep{i}")
+    yield "merge"
