@@ -75,17 +75,23 @@ def test_save_writes_what_the_cli_writes(tmp_path) -> None:
     result = handmade_result(SCALE)
     out = result.save(tmp_path / "out", ("json", "label-png", "coco-panoptic"), image=grey_image(result))
     assert sorted(p.name for p in out.iterdir()) == [
-        "panoptic", "panoptic.json", "photo.json", "photo.overlay.png", "photo.panoptic.png", "photo.semantic.png",
-    ]  # fmt: skip
+        "panoptic",
+        "panoptic.json",
+        "photo.json",
+        "photo.overlay.png",
+        "photo.panoptic.png",
+        "photo.semantic.png",
+    ]
     assert json.loads((out / "photo.json").read_text()) == json.loads(json.dumps(result.to_json()))
     np.testing.assert_array_equal(np.asarray(Image.open(out / "photo.semantic.png")), result.semantic)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "photo.overlay.png")), result.plot(grey_image(result)))
     spec = json.loads((out / "panoptic.json").read_text())
     # COCO counts categories from 1: class id + 1, named from the result's own classes
     assert spec["categories"] == [
-        {"id": 1, "name": "sky", "isthing": 0}, {"id": 2, "name": "water", "isthing": 0},
+        {"id": 1, "name": "sky", "isthing": 0},
+        {"id": 2, "name": "water", "isthing": 0},
         {"id": 4, "name": "zebra", "isthing": 1},
-    ]  # fmt: skip
+    ]
     assert [s["category_id"] for s in spec["annotations"][0]["segments_info"]] == [4, 1]
 
 

@@ -117,6 +117,36 @@ def _remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_entries(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db) as db:
+        removed = db.remove_entries(args.ids)
+        report = {"removed": removed, "entries": len(db)}
+    _print(args, report, f"removed {removed} entries ({report['entries']} left)")
+    return 0
+
+
+def _rename(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db) as db:
+        info = db.rename_class(args.old, args.new)
+    _print(args, info.to_json(), f"class {info.id} is now {info.name!r}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db) as db:
+        entries = db.classes.get(args.source)
+        info = db.merge_classes(args.source, args.target)
+        report = {"merged": args.source, "into": info.to_json(), "entries_moved": entries}
+    _print(args, report, f"merged {args.source!r} ({entries} entries) into {info.name!r}")
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     from knnclip.engine.database import Database
 
@@ -222,6 +252,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     p = action("remove", _remove, "remove classes and all their entries")
     p.add_argument("classes", nargs="+", help="class names")
+    p = action("remove-entries", _remove_entries, "remove single entries by id (every other entry is untouched)")
+    p.add_argument("ids", nargs="+", type=int, help="entry ids (as add returned them)")
+    p = action("rename", _rename, "rename a class (its id, entries and synonyms are kept)")
+    p.add_argument("old", help="the class's name (or a synonym)")
+    p.add_argument("new", help="its new name")
+    p = action("merge", _merge, "merge a class into another: its entries and names move, it is removed")
+    p.add_argument("source", help="the class that goes")
+    p.add_argument("target", help="the class that takes its entries and names")
     action("stats", _stats, "entries, classes, index, bytes per entry")
     action("check", _check, "verify every file and log record (read-only)")
     p = action("snapshot", _snapshot, "write a consistent copy to a new directory")

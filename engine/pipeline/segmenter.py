@@ -185,6 +185,23 @@ class Segmenter:
         """Delete a class and its database entries; returns how many entries went."""
         return self.db.remove_class(name)
 
+    def remove_entries(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Delete single database entries (:meth:`Database.remove_entries`); returns how many went."""
+        return self.db.remove_entries(ids)
+
+    def rename_class(self, old: str, new: str) -> ClassInfo:
+        """Rename a class, keeping its id and entries; its new name's text embedding is computed
+        now, so the next segmentation does not wait for it."""
+        info = self.db.rename_class(old, new)
+        self.text.rows(list(info.names))
+        return info
+
+    def merge_classes(self, source: str, target: str) -> ClassInfo:
+        """Move ``source``'s entries and names into ``target`` and remove ``source``."""
+        info = self.db.merge_classes(source, target)
+        self.text.rows(list(info.names))
+        return info
+
     def class_id(self, name: str) -> int:
         info = self.db.vocabulary.find(name)
         if info is None:

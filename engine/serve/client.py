@@ -40,6 +40,13 @@ class RemoteResult(Result):
         return cls(**{f.name: getattr(result, f.name) for f in fields(Result)}, record=record)
 
 
+def _quoted(name: str) -> str:
+    """A class name as one path segment (a name may hold a slash)."""
+    from urllib.parse import quote
+
+    return quote(name, safe="")
+
+
 def _image_bytes(image: Any) -> bytes:
     """A path, encoded bytes, a PIL image or a uint8 array, as the bytes of an image file."""
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -130,9 +137,18 @@ class Client:
         return self._call("POST", "/v1/examples", files=files, data=data)
 
     def remove_class(self, name: str) -> dict[str, Any]:
-        from urllib.parse import quote
+        return self._call("DELETE", f"/v1/classes/{_quoted(name)}")
 
-        return self._call("DELETE", f"/v1/classes/{quote(name, safe='')}")
+    def remove_entry(self, entry_id: int) -> dict[str, Any]:
+        """Delete one entry (an id ``add_examples`` returned)."""
+        return self._call("DELETE", f"/v1/entries/{int(entry_id)}")
+
+    def rename_class(self, name: str, new_name: str) -> dict[str, Any]:
+        return self._call("PATCH", f"/v1/classes/{_quoted(name)}", json={"name": new_name})
+
+    def merge_classes(self, source: str, target: str) -> dict[str, Any]:
+        """Move ``source``'s entries and names into ``target``; ``source`` is removed."""
+        return self._call("PATCH", f"/v1/classes/{_quoted(source)}", json={"merge_into": target})
 
     def snapshot(self) -> dict[str, Any]:
         return self._call("POST", "/v1/snapshot")

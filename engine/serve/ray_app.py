@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from knnclip.engine.errors import KnnclipError, ServiceError
-from knnclip.engine.serve import encoding
+from knnclip.engine.serve import encoding, mutations
 from knnclip.engine.serve.service import (
     SegmentRequest,
     ServeSettings,
@@ -153,30 +153,19 @@ class DatabaseOwner:
         return self._locked(lambda: {"classes": class_list(self._seg.db), "entries": len(self._seg.db)})
 
     def add_class(self, name: str, synonyms: Sequence[str], thing: bool | None) -> Any:
-        def change() -> dict[str, Any]:
-            info = self._seg.add_class(name, synonyms, thing=thing)
-            return {"id": info.id, "name": info.name, "synonyms": list(info.synonyms), "thing": info.thing}
-
-        return self._locked(change)
+        return self._locked(lambda: mutations.add_class(self._seg, name, synonyms, thing))
 
     def add_examples(self, image: bytes, masks: np.ndarray, names: list[str], things: dict | None) -> Any:
-        def change() -> dict[str, Any]:
-            ids = self._seg.add_examples([image], [masks], [names], things=things)
-            return {
-                "added": len(ids),
-                "skipped": len(names) - len(ids),
-                "classes": sorted(set(names)),
-                "entries": len(self._seg.db),
-            }
-
-        return self._locked(change)
+        return self._locked(lambda: mutations.add_examples(self._seg, image, masks, names, things))
 
     def remove_class(self, name: str) -> Any:
-        def change() -> dict[str, Any]:
-            removed = self._seg.remove_class(name)
-            return {"removed": name, "entries_removed": removed, "entries": len(self._seg.db)}
+        return self._locked(lambda: mutations.remove_class(self._seg, name))
 
-        return self._locked(change)
+    def remove_entry(self, entry_id: int) -> Any:
+        return self._locked(lambda: mutations.remove_entry(self._seg, entry_id))
+
+    def edit_class(self, name: str, new_name: str | None, merge_into: str | None) -> Any:
+        return self._locked(lambda: mutations.edit_class(self._seg, name, new_name, merge_into))
 
     def snapshot(self) -> Any:
         return self._locked(lambda: snapshot_database(self._seg.db, self.settings.snapshot_dir))
@@ -226,6 +215,12 @@ class RayService:
 
     async def remove_class(self, name: str) -> dict[str, Any]:
         return await self._owner_call("remove_class", name)
+
+    async def remove_entry(self, entry_id: int) -> dict[str, Any]:
+        return await self._owner_call("remove_entry", entry_id)
+
+    async def edit_class(self, name: str, new_name: str | None, merge_into: str | None) -> dict[str, Any]:
+        return await self._owner_call("edit_class", name, new_name, merge_into)
 
     async def snapshot(self) -> dict[str, Any]:
         return await self._owner_call("snapshot")

@@ -82,6 +82,8 @@ class Service(Protocol):
         self, image: bytes, masks: np.ndarray, names: list[str], things: dict[str, bool] | None
     ) -> dict[str, Any]: ...
     async def remove_class(self, name: str) -> dict[str, Any]: ...
+    async def remove_entry(self, entry_id: int) -> dict[str, Any]: ...
+    async def edit_class(self, name: str, new_name: str | None, merge_into: str | None) -> dict[str, Any]: ...
     async def snapshot(self) -> dict[str, Any]: ...
 
 
@@ -104,6 +106,15 @@ def service(request: Request) -> Service:
     if current is None:
         raise NotReady("the service is starting")
     return current
+
+
+class ClassEdit(BaseModel):
+    """The body of ``PATCH /v1/classes/{name}``: a new name, or the class to merge into."""
+
+    name: str | None = Field(None, min_length=1, max_length=256, description="rename the class (its id is kept)")
+    merge_into: str | None = Field(
+        None, min_length=1, max_length=256, description="move its entries and names into this class and remove it"
+    )
 
 
 class NewClass(BaseModel):
@@ -192,6 +203,19 @@ async def post_class(request: Request, body: NewClass) -> dict[str, Any]:
 async def delete_class(request: Request, name: str) -> dict[str, Any]:
     """Delete a class and its examples."""
     return await service(request).remove_class(name)
+
+
+@router.patch("/v1/classes/{name:path}", dependencies=writes, tags=["vocabulary"])
+async def patch_class(request: Request, name: str, body: ClassEdit) -> dict[str, Any]:
+    """Rename a class (`{"name": ...}`: its id and entries are kept) or merge it into another
+    (`{"merge_into": ...}`: its entries and names move there, and it is removed)."""
+    return await service(request).edit_class(name, body.name, body.merge_into)
+
+
+@router.delete("/v1/entries/{entry_id}", dependencies=writes, tags=["vocabulary"])
+async def delete_entry(request: Request, entry_id: int) -> dict[str, Any]:
+    """Delete one database entry (the ids `POST /v1/examples` returned); every other entry is untouched."""
+    return await service(request).remove_entry(entry_id)
 
 
 @router.post(

@@ -26,7 +26,7 @@ import numpy as np
 
 from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.errors import DatabaseWriteError, InvalidInputError, KnnclipError
-from knnclip.engine.serve import encoding
+from knnclip.engine.serve import encoding, mutations
 from knnclip.engine.serve.batcher import Batcher
 
 if TYPE_CHECKING:  # imported for its type only: the segmenter imports much of the engine
@@ -298,23 +298,21 @@ class LocalService:
 
     # Mutations ---------------------------------------------------------------------------------
     async def add_class(self, name: str, synonyms: Sequence[str], thing: bool | None) -> dict[str, Any]:
-        info = await self._mutate(lambda seg: seg.add_class(name, synonyms, thing=thing))
-        return {"id": info.id, "name": info.name, "synonyms": list(info.synonyms), "thing": info.thing}
+        return await self._mutate(lambda seg: mutations.add_class(seg, name, synonyms, thing))
 
     async def add_examples(
         self, image: bytes, masks: np.ndarray, names: list[str], things: dict[str, bool] | None
     ) -> dict[str, Any]:
-        ids = await self._mutate(lambda seg: seg.add_examples([image], [masks], [names], things=things))
-        return {
-            "added": len(ids),
-            "skipped": len(names) - len(ids),
-            "classes": sorted(set(names)),
-            "entries": self.entries(),
-        }
+        return await self._mutate(lambda seg: mutations.add_examples(seg, image, masks, names, things))
 
     async def remove_class(self, name: str) -> dict[str, Any]:
-        removed = await self._mutate(lambda seg: seg.remove_class(name))
-        return {"removed": name, "entries_removed": removed, "entries": self.entries()}
+        return await self._mutate(lambda seg: mutations.remove_class(seg, name))
+
+    async def remove_entry(self, entry_id: int) -> dict[str, Any]:
+        return await self._mutate(lambda seg: mutations.remove_entry(seg, entry_id))
+
+    async def edit_class(self, name: str, new_name: str | None, merge_into: str | None) -> dict[str, Any]:
+        return await self._mutate(lambda seg: mutations.edit_class(seg, name, new_name, merge_into))
 
     async def snapshot(self) -> dict[str, Any]:
         return await self._mutate(lambda seg: snapshot_database(seg.db, self.settings.snapshot_dir))

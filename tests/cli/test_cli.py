@@ -116,6 +116,29 @@ class TestDb:
         assert run("db", "snapshot", db, str(tmp_path / "snap")).returncode == 0
         assert json.loads(run("db", "stats", str(tmp_path / "snap"), "--json").stdout)["entries"] == 4
 
+    def test_remove_entries_rename_and_merge(self, tmp_path):
+        import numpy as np
+
+        from knnclip.engine import Database
+
+        db = str(tmp_path / "db")
+        with Database.create(db, 8, storage="fp32") as database:
+            ids = database.add(np.random.default_rng(0).normal(size=(6, 8)), ["cat"] * 2 + ["dog"] * 2 + ["bird"] * 2)
+            cat_id = database.vocabulary.find("cat").id
+        removed = run("db", "remove-entries", db, str(ids[0]), "--json")
+        assert json.loads(removed.stdout) == {"removed": 1, "entries": 5}, removed.stderr
+        missing = run("db", "remove-entries", db, "999")
+        assert missing.returncode == 1 and "no entries with ids 999" in missing.stderr
+        renamed = json.loads(run("db", "rename", db, "cat", "feline", "--json").stdout)
+        assert renamed == {"id": cat_id, "name": "feline", "synonyms": []}
+        merged = run("db", "merge", db, "dog", "feline", "--json")
+        assert json.loads(merged.stdout)["entries_moved"] == 2, merged.stderr
+        with Database.open(db, read_only=True) as database:
+            assert database.classes == {"feline": 3, "bird": 2}
+            assert database.vocabulary.find("dog").id == cat_id
+        clash = run("db", "rename", db, "feline", "bird")
+        assert clash.returncode == 1 and "merge_classes" in clash.stderr
+
     def test_exit_codes(self, tmp_path):
         db = tmp_path / "db"
         assert run("db", "create", str(db), "--dim", "8").returncode == 0

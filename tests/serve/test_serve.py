@@ -29,7 +29,7 @@ from PIL import Image
 from knnclip.engine import Database, Segmenter
 from knnclip.engine.demo.run import build_database
 from knnclip.engine.demo.synthetic import make_split
-from knnclip.engine.errors import InvalidInputError, ServiceError, UnknownClassError
+from knnclip.engine.errors import InvalidInputError, ServiceError, UnknownClassError, UnknownEntryError
 from knnclip.engine.formats import label_map, label_rle
 from knnclip.engine.serve.client import Client
 from tests.support.serve_helpers import TOKEN, ServerProcess, token_file, wait_for_metrics
@@ -310,6 +310,38 @@ class TestMutations:
             snapshot = server.log_path.parent / "snapshots" / snap["snapshot"]
             with Database.open(snapshot, read_only=True) as copy:
                 assert "zebra crossing" in copy.classes
+
+    def test_remove_an_entry_rename_and_merge(self, server, images):
+        """One bad example goes alone; a class renamed keeps its id and entries; a merge moves
+        them; each change needs the token and is durable when it is answered."""
+        labels = np.zeros(SIZE, np.uint8)
+        labels[20:70, 30:100] = 1
+        labels[75:90, 10:40] = 2
+        with Client(server.url, TOKEN) as client:
+            added = client.add_examples(images[0], labels, [None, "kerb", "verge"])
+            assert added["added"] == 2 and len(added["ids"]) == 2
+            kerb = {c["name"]: c for c in client.classes()}["kerb"]
+            more = client.add_examples(images[1], labels, [None, "kerb", None])
+            assert client.remove_entry(more["ids"][0])["removed"] == more["ids"][0]
+            with pytest.raises(UnknownEntryError, match="no entries with ids"):
+                client.remove_entry(more["ids"][0])
+            renamed = client.rename_class("kerb", "curb")
+            assert renamed["class"]["id"] == kerb["id"] and renamed["class"]["name"] == "curb"
+            classes = {c["name"]: c for c in client.classes()}
+            assert "kerb" not in classes and classes["curb"]["entries"] == kerb["entries"]
+            merged = client.merge_classes("verge", "curb")
+            assert merged["class"]["synonyms"] == ["verge"] and merged["entries_moved"] == 1
+            classes = {c["name"]: c for c in client.classes()}
+            assert "verge" not in classes and classes["curb"]["entries"] == kerb["entries"] + 1
+            both = httpx.patch(
+                f"{server.url}/v1/classes/curb",
+                json={"name": "a", "merge_into": "b"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            assert both.status_code == 400 and "either 'name'" in both.json()["error"]["message"]
+            client.remove_class("curb")
+        assert httpx.patch(f"{server.url}/v1/classes/sky", json={"name": "heaven"}).status_code == 401
+        assert httpx.delete(f"{server.url}/v1/entries/0").status_code == 401
 
     @pytest.mark.parametrize(
         ("files", "data", "message"),
