@@ -620,6 +620,10 @@ def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded
             labels[10:60, 10:60] = 1
             assert client.add_examples(images[0], labels, [None, "unicorn"])["added"] == 1
             assert {c["name"]: c["entries"] for c in client.classes()}["unicorn"] == 1
+            # A rename reaches the replicas as an addition does.
+            assert client.rename_class("unicorn", "kirin")["class"]["name"] == "kirin"
+            renamed = concurrently(lambda i: client.segment(images[i % len(images)]), 8)
+            assert all("kirin" in r.classes.values() and "unicorn" not in r.classes.values() for r in renamed)
             with pytest.raises(InvalidInputError):
                 client.segment(b"not an image")
         proc.send_signal(signal.SIGTERM)
@@ -629,4 +633,4 @@ def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     with Database.open(db) as reopened:  # the owner closed it: the writer lock is free
-        assert reopened.classes["unicorn"] == 1
+        assert reopened.classes["kirin"] == 1
