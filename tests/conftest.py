@@ -28,6 +28,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "database/test_database_bf16.py": ("openvino",),
     "demo/test_demo.py": ("torch", "onnx"),
     "eval/test_evaluation.py": ("torch", "onnx"),
+    "eval/test_instance.py": ("pycocotools",),
     "pipeline/test_device_pipeline.py": ("torch", "onnx"),
     "pipeline/test_segmenter.py": ("torch", "onnx"),
     "serve/test_serve.py": ("fastapi", "httpx", "torch"),

@@ -1,4 +1,4 @@
-"""``knnclip eval semantic|panoptic|continual|sweep``.
+"""``knnclip eval semantic|panoptic|instance|continual|sweep``.
 
 Each ``eval`` command writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` under ``--out`` and
 prints the Markdown table (or the JSON with ``--json``).
@@ -36,8 +36,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from knnclip.engine.eval.evaluate import class_lut, evaluate, register_classes, semantic_summary
 
     panoptic = args.eval_command == "panoptic"
-    if panoptic and args.dataset not in PANOPTIC:
-        raise UsageError(f"panoptic evaluation needs a panoptic dataset ({', '.join(PANOPTIC)})")
+    if args.eval_command in ("panoptic", "instance") and args.dataset not in PANOPTIC:
+        raise UsageError(f"{args.eval_command} evaluation needs a panoptic dataset ({', '.join(PANOPTIC)})")
     ds = dataset_split(args, args.split, args.limit)
     with tempfile.TemporaryDirectory(prefix="knnclip-eval-") as scratch:
         # Without --db, FC-CLIP alone: a throw-away database that holds the class names only.
@@ -53,14 +53,20 @@ def _evaluate(args: argparse.Namespace) -> int:
                         f"{args.db}: {len(missing)} of the dataset's classes are not in the database's vocabulary "
                         f"(e.g. {missing[:3]}); add them with knnclip db add-dataset, or pass --register"
                     )
-                ev = evaluate(seg, ds, panoptic=panoptic, progress=progress_factory(args.json)("eval"))
+                progress = progress_factory(args.json)("eval")
+                if args.eval_command == "instance":
+                    from knnclip.engine.eval.instance import evaluate_instances
+
+                    result = evaluate_instances(seg, ds, progress)
+                else:
+                    result = semantic_summary(evaluate(seg, ds, panoptic=panoptic, progress=progress), ds.classes)
                 report = {
                     "protocol": args.eval_command,
                     "dataset": {"key": ds.key, "split": ds.split, "images": len(ds), "classes": len(ds.classes)},
                     "database": {"path": args.db, "entries": len(seg.db)},
                     "retrieval": seg.config.to_json(),
                     "backends": dict(seg.models.backends),
-                    "result": semantic_summary(ev, ds.classes),
+                    "result": result,
                 }
         finally:
             if isinstance(db, Database):
@@ -122,7 +128,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     ev = commands.add_parser("eval", help="measure mIoU / PQ on a dataset, the continual protocol, sweeps")
     sub = ev.add_subparsers(dest="eval_command", metavar="PROTOCOL", required=True)
-    for kind, text in (("semantic", "mIoU and pixel accuracy"), ("panoptic", "PQ, SQ, RQ (and mIoU)")):
+    for kind, text in (
+        ("semantic", "mIoU and pixel accuracy"),
+        ("panoptic", "PQ, SQ, RQ (and mIoU)"),
+        ("instance", "mask AP of the instance inference (pycocotools' COCOeval)"),
+    ):
         p = sub.add_parser(kind, help=f"{text} on a dataset split")
         dataset_options(p)
         _report_options(p)

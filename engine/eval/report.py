@@ -33,7 +33,26 @@ def markdown(report: dict[str, Any]) -> str:
         return _continual_md(report)
     if kind == "sweep":
         return _sweep_md(report)
+    if kind == "instance":
+        return _instance_md(report)
     return _semantic_md(report)
+
+
+def _instance_md(report: dict[str, Any]) -> str:
+    r = report["result"]
+    lines = _header(report, "Instance evaluation")
+    lines += ["| metric | value |", "|---|---|"]
+    for key, label in (
+        ("ap", "mask AP"),
+        ("ap50", "AP50"),
+        ("ap75", "AP75"),
+        ("ap_small", "AP small"),
+        ("ap_medium", "AP medium"),
+        ("ap_large", "AP large"),
+    ):
+        lines.append(f"| {label} | {_fmt(r[key] if r[key] >= 0 else None)} |")
+    lines.append(f"| instances / detections / images | {r['instances']} / {r['detections']} / {r['images']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _header(report: dict[str, Any], title: str) -> list[str]:
@@ -140,6 +159,12 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel("mIoU (%)")
         ax.invert_yaxis()
         ax.legend(fontsize=7)
+    elif kind == "instance":
+        r = report["result"]
+        names = [k for k in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large") if r[k] >= 0]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar(names, [r[k] * 100 for k in names])
+        ax.set_ylabel("mask AP (%)")
     else:
         pairs = report["result"]["most_confused"]
         if not pairs:
