@@ -139,6 +139,28 @@ class Client:
     def remove_class(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/v1/classes/{_quoted(name)}")
 
+    def add_concept(
+        self,
+        name: str,
+        images: list[Any],
+        *,
+        thing: bool | None = None,
+        mask_confidence: float | None = None,
+        class_confidence: float | None = None,
+    ) -> dict[str, Any]:
+        """Add a concept from unlabelled images (paths, bytes, PIL images or uint8 arrays)."""
+        files = [
+            ("images", (f"image{i}", _image_bytes(image), "application/octet-stream")) for i, image in enumerate(images)
+        ]
+        fields = {
+            "name": name,
+            "thing": thing,
+            "mask_confidence": mask_confidence,
+            "class_confidence": class_confidence,
+        }
+        data = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fields.items() if v is not None}
+        return self._call("POST", "/v1/concepts", files=files, data=data)
+
     def remove_entry(self, entry_id: int) -> dict[str, Any]:
         """Delete one entry (an id ``add_examples`` returned)."""
         return self._call("DELETE", f"/v1/entries/{int(entry_id)}")

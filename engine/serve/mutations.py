@@ -37,6 +37,20 @@ def add_examples(
     }
 
 
+def add_concept(
+    seg: Segmenter, name: str, images: list[bytes], thing: bool | None, confidences: dict[str, float | None]
+) -> dict[str, Any]:
+    """A concept from unlabelled images: every proposed mask confident enough of both is added."""
+    added = seg.add_concept(name, images, thing=thing, **confidences)
+    return {
+        "name": name,
+        "added": len(added),
+        "images_used": len({a.image for a in added}),
+        "masks": [vars(a) for a in added],
+        "entries": len(seg.db),
+    }
+
+
 def remove_class(seg: Segmenter, name: str) -> dict[str, Any]:
     removed = seg.remove_class(name)
     return {"removed": name, "entries_removed": removed, "entries": len(seg.db)}

@@ -158,6 +158,9 @@ class DatabaseOwner:
     def add_examples(self, image: bytes, masks: np.ndarray, names: list[str], things: dict | None) -> Any:
         return self._locked(lambda: mutations.add_examples(self._seg, image, masks, names, things))
 
+    def add_concept(self, name: str, images: list[bytes], thing: bool | None, confidences: dict) -> Any:
+        return self._locked(lambda: mutations.add_concept(self._seg, name, images, thing, confidences))
+
     def remove_class(self, name: str) -> Any:
         return self._locked(lambda: mutations.remove_class(self._seg, name))
 
@@ -212,6 +215,9 @@ class RayService:
 
     async def add_examples(self, image: bytes, masks: np.ndarray, names: list[str], things: dict | None) -> Any:
         return await self._owner_call("add_examples", image, masks, names, things)
+
+    async def add_concept(self, name: str, images: list[bytes], thing: bool | None, confidences: dict) -> Any:
+        return await self._owner_call("add_concept", name, images, thing, confidences)
 
     async def remove_class(self, name: str) -> dict[str, Any]:
         return await self._owner_call("remove_class", name)

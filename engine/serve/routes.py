@@ -54,6 +54,24 @@ _EXAMPLE_FORM = {
 }
 
 
+MAX_CONCEPT_IMAGES = 16  # per request: each is segmented while the writer waits
+_CONCEPT_FORM = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["name", "images"],
+            "properties": {
+                "name": {"type": "string", "description": "the concept's name ('name,synonym' allowed)"},
+                "images": {"type": "array", "items": _BINARY, "maxItems": MAX_CONCEPT_IMAGES},
+                "thing": {"type": "string", "enum": ["true", "false"]},
+                "mask_confidence": {"type": "string", "description": "0..1 (default: the server's config)"},
+                "class_confidence": {"type": "string", "description": "0..1 (default: the server's config)"},
+            },
+        }
+    }
+}
+
+
 def _header(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return f"{credentials.scheme} {credentials.credentials}" if credentials else None
 
@@ -83,6 +101,9 @@ class Service(Protocol):
     ) -> dict[str, Any]: ...
     async def remove_class(self, name: str) -> dict[str, Any]: ...
     async def remove_entry(self, entry_id: int) -> dict[str, Any]: ...
+    async def add_concept(
+        self, name: str, images: list[bytes], thing: bool | None, confidences: dict[str, float | None]
+    ) -> dict[str, Any]: ...
     async def edit_class(self, name: str, new_name: str | None, merge_into: str | None) -> dict[str, Any]: ...
     async def snapshot(self) -> dict[str, Any]: ...
 
@@ -219,6 +240,46 @@ async def delete_entry(request: Request, entry_id: int) -> dict[str, Any]:
 
 
 @router.post(
+    "/v1/concepts",
+    dependencies=writes,
+    tags=["vocabulary"],
+    status_code=201,
+    openapi_extra={"requestBody": {"required": True, "content": _CONCEPT_FORM}},
+)
+async def post_concept(request: Request) -> dict[str, Any]:
+    """Add a concept from unlabelled images: every mask FC-CLIP proposes in them that is confident
+    enough (mask and class) is added under the concept's name."""
+    form = await _form(request, max_files=MAX_CONCEPT_IMAGES)
+    name = _field(form, "name")
+    if not name:
+        raise InvalidInputError("the multipart body needs a text field 'name'")
+    parts = form.getlist("images")
+    if not parts or any(isinstance(p, str) for p in parts):
+        raise InvalidInputError("the multipart body needs one or more file parts 'images'")
+    images = [await p.read() for p in parts]
+    for data in images:
+        await asyncio.to_thread(encoding.image_size, data, request.app.state.max_pixels)
+    thing = _field(form, "thing")
+    if thing not in (None, "true", "false"):
+        raise InvalidInputError("'thing' is true or false")
+    confidences = {key: _fraction(form, key) for key in ("mask_confidence", "class_confidence")}
+    return await service(request).add_concept(name, images, None if thing is None else thing == "true", confidences)
+
+
+def _fraction(form: Any, name: str) -> float | None:
+    text = _field(form, name)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInputError(f"{name!r} is a number from 0 to 1, got {text[:20]!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise InvalidInputError(f"{name!r} is a number from 0 to 1, got {value}")
+    return value
+
+
+@router.post(
     "/v1/examples",
     dependencies=writes,
     tags=["vocabulary"],
@@ -247,11 +308,11 @@ async def snapshot(request: Request) -> dict[str, Any]:
 
 
 # Bodies ------------------------------------------------------------------------------------------
-async def _form(request: Any) -> Any:
+async def _form(request: Any, max_files: int = 4) -> Any:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidInputError("this endpoint takes multipart/form-data")
     try:
-        return await request.form(max_files=4, max_fields=8, max_part_size=1 << 20)
+        return await request.form(max_files=max_files, max_fields=8, max_part_size=1 << 20)
     except (PayloadTooLarge, BodyTimeout):  # the guard's own: 413 / 408, not a malformed body
         raise
     except Exception as exc:  # noqa: BLE001 - starlette's MultiPartException and the parser's own errors

@@ -305,6 +305,11 @@ class LocalService:
     ) -> dict[str, Any]:
         return await self._mutate(lambda seg: mutations.add_examples(seg, image, masks, names, things))
 
+    async def add_concept(
+        self, name: str, images: list[bytes], thing: bool | None, confidences: dict[str, float | None]
+    ) -> dict[str, Any]:
+        return await self._mutate(lambda seg: mutations.add_concept(seg, name, images, thing, confidences))
+
     async def remove_class(self, name: str) -> dict[str, Any]:
         return await self._mutate(lambda seg: mutations.remove_class(seg, name))
 

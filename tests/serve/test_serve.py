@@ -311,6 +311,23 @@ class TestMutations:
             with Database.open(snapshot, read_only=True) as copy:
                 assert "zebra crossing" in copy.classes
 
+    def test_add_a_concept_from_unlabelled_images(self, server, images):
+        with Client(server.url, TOKEN) as client:
+            # Thresholds of 0 accept every proposal: each image gives FC-CLIP's queries with a mask.
+            reply = client.add_concept("gizmo", images[:2], thing=True, mask_confidence=0.0, class_confidence=0.0)
+            assert reply["name"] == "gizmo" and reply["added"] > 0 and reply["images_used"] == 2
+            assert {m["image"] for m in reply["masks"]} == {0, 1}
+            classes = {c["name"]: c for c in client.classes()}
+            assert classes["gizmo"]["entries"] == reply["added"] and classes["gizmo"]["thing"] is True
+            strict = client.add_concept("widget", images[:1], mask_confidence=1.0, class_confidence=1.0)
+            assert strict["added"] == 0
+            with pytest.raises(InvalidInputError, match="from 0 to 1"):
+                client.add_concept("widget", images[:1], mask_confidence=2.0)
+            client.remove_class("gizmo")
+            assert "widget" not in {c["name"] for c in client.classes()}, "nothing added, no class"
+        no_token = httpx.post(f"{server.url}/v1/concepts", data={"name": "x"}, files={"images": ("a", b"x")})
+        assert no_token.status_code == 401
+
     def test_remove_an_entry_rename_and_merge(self, server, images):
         """One bad example goes alone; a class renamed keeps its id and entries; a merge moves
         them; each change needs the token and is durable when it is answered."""
