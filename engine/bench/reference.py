@@ -46,7 +46,7 @@ class ReferencePipeline:
         self.dinov2: DinoV2 = cast("DinoV2", build_module(models / "dinov2", dinov2_manifest)).to(self.dev)
         self.cfg = self.fcclip.config.inference
         with Database.open(work / "db", read_only=True) as db:
-            entry_ids, self.labels = db.entries()  # index order: faiss position i is entry i here
+            entry_ids, self.labels = db.ids_and_labels()  # index order: faiss position i is entry i here
             vectors = np.ascontiguousarray(db.vectors(entry_ids), np.float32)
             self.vocab = sorted(db.vocabulary.values(), key=lambda c: c.id)
         self.index = faiss.IndexFlatIP(vectors.shape[1])

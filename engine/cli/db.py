@@ -127,6 +127,32 @@ def _remove_entries(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entries(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db, read_only=True) as db:
+        records = db.entries(args.class_name, args.source, offset=args.offset, limit=args.limit)
+    rows = [dataclasses.asdict(r) for r in records]
+    text = "\n".join(
+        f"{r.id}\t{r.class_name}\t{r.source if r.source is not None else '-'}\t{r.mask if r.mask is not None else '-'}"
+        for r in records
+    )
+    _print(args, {"entries": rows}, text or "no entries")
+    return 0
+
+
+def _remove_source(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.open(args.db) as db:
+        removed = db.remove_source(args.source)
+        report = {"source": args.source, "removed": removed, "entries": len(db)}
+    _print(args, report, f"removed {removed} entries added from {args.source!r} ({report['entries']} left)")
+    return 0
+
+
 def _rename(args: argparse.Namespace) -> int:
     from knnclip.engine.database import Database
 
@@ -254,6 +280,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("classes", nargs="+", help="class names")
     p = action("remove-entries", _remove_entries, "remove single entries by id (every other entry is untouched)")
     p.add_argument("ids", nargs="+", type=int, help="entry ids (as add returned them)")
+    p = action("entries", _entries, "list entries with where each came from (id, class, source, mask, time)")
+    p.add_argument("--class", dest="class_name", help="only this class's entries")
+    p.add_argument("--source", help="only the entries added from this source (an image's file name or digest)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many (paging)")
+    p.add_argument("--limit", type=int, default=1000, help="list at most this many (default 1000)")
+    p = action("remove-source", _remove_source, "remove every entry added from one source (image, upload)")
+    p.add_argument("source", help="the source, as db entries lists it")
     p = action("rename", _rename, "rename a class (its id, entries and synonyms are kept)")
     p.add_argument("old", help="the class's name (or a synonym)")
     p.add_argument("new", help="its new name")

@@ -18,6 +18,77 @@ from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.database.wal import Record, RecordKind
 
 
+class Provenance:
+    """Where each entry came from, aligned with the entries (index order): the source it was added
+    from (an index into ``names``, -1 where none was recorded), the mask's index (in its image,
+    where the caller said, else its position in the ``add`` call), and the time it was added
+    (seconds since the epoch, NaN where unknown: entries from before provenance was kept)."""
+
+    def __init__(
+        self,
+        names: list[str] | None = None,
+        source: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        time: np.ndarray | None = None,
+    ) -> None:
+        self.names: list[str] = names or []
+        self.source = np.zeros(0, np.int32) if source is None else np.asarray(source, np.int32)
+        self.mask = np.zeros(0, np.int32) if mask is None else np.asarray(mask, np.int32)
+        self.time = np.zeros(0, np.float64) if time is None else np.asarray(time, np.float64)
+
+    @classmethod
+    def unknown(cls, n: int) -> Provenance:
+        return cls([], np.full(n, -1, np.int32), np.full(n, -1, np.int32), np.full(n, np.nan))
+
+    @classmethod
+    def of_record(cls, meta: Any, n: int) -> Provenance:
+        """The provenance of an add record's ``n`` entries (``{"sources", "of", "time"}``; an older
+        record without it: unknown)."""
+        if meta is None:
+            return cls.unknown(n)
+        names = [str(s) for s in meta["sources"]]
+        of = meta.get("of")  # absent: every entry from the one source named, or from none
+        source = np.full(n, 0 if names else -1, np.int32) if of is None else np.asarray(of, np.int32)
+        if len(source) != n or (len(source) and (source.min() < -1 or source.max() >= len(names))):
+            raise ValueError("add record's provenance does not fit its entries")
+        mask = np.asarray(meta["mask"], np.int32) if "mask" in meta else np.arange(n, dtype=np.int32)
+        if len(mask) != n:
+            raise ValueError("add record's mask indices do not fit its entries")
+        return cls(names, source, mask, np.full(n, float(meta["time"])))
+
+    def appended(self, other: Provenance) -> Provenance:
+        """Both, ``other``'s after this one's; source names merged into one table."""
+        index = {name: i for i, name in enumerate(self.names)}
+        names = list(self.names)
+        remap = np.empty(len(other.names) + 1, np.int32)
+        remap[-1] = -1  # -1 stays "none"
+        for i, name in enumerate(other.names):
+            if name not in index:
+                index[name] = len(names)
+                names.append(name)
+            remap[i] = index[name]
+        return Provenance(
+            names,
+            np.concatenate([self.source, remap[other.source]]),
+            np.concatenate([self.mask, other.mask]),
+            np.concatenate([self.time, other.time]),
+        )
+
+    def kept(self, keep: np.ndarray) -> Provenance:
+        return Provenance(self.names, self.source[keep], self.mask[keep], self.time[keep])
+
+    def source_of(self, position: int) -> str | None:
+        s = int(self.source[position])
+        return None if s < 0 else self.names[s]
+
+    def where_source(self, name: str) -> np.ndarray:
+        """Positions of the entries added from ``name``."""
+        try:
+            return np.flatnonzero(self.source == self.names.index(name))
+        except ValueError:
+            return np.zeros(0, np.int64)
+
+
 class Contents:
     """The in-memory state of a database at sequence number ``lsn``."""
 
@@ -29,6 +100,7 @@ class Contents:
         self.index: faiss.Index | None = None
         self.ids = np.zeros(0, np.int64)
         self.labels = np.zeros(0, np.int64)
+        self.provenance = Provenance()
         self.counts: dict[int, int] = {}
         self.next_id = manifest.next_entry_id
         self.lsn = manifest.checkpoint_lsn
@@ -42,8 +114,10 @@ class Contents:
     def is_trained(self) -> bool:
         return self.index is not None and bool(self.index.is_trained)
 
-    def set_entries(self, ids: np.ndarray, labels: np.ndarray) -> None:
+    def set_entries(self, ids: np.ndarray, labels: np.ndarray, provenance: Provenance | None = None) -> None:
+        """The entries in index order, and where each came from (none known by default)."""
         self.ids, self.labels = ids, labels
+        self.provenance = provenance if provenance is not None else Provenance.unknown(len(ids))
         self.counts = dict(zip(*(a.tolist() for a in np.unique(labels, return_counts=True)), strict=True))
 
     def class_counts(self) -> dict[str, int]:
@@ -89,6 +163,7 @@ class Contents:
             self.mirror.add(vectors, new_ids)
         self.ids = np.concatenate([self.ids, new_ids])
         self.labels = np.concatenate([self.labels, class_ids])
+        self.provenance = self.provenance.appended(Provenance.of_record(meta.get("provenance"), n))
         for cid, count in zip(*np.unique(class_ids, return_counts=True), strict=True):
             self.counts[int(cid)] = self.counts.get(int(cid), 0) + int(count)
         self.next_id = first + n
@@ -98,7 +173,7 @@ class Contents:
         keep = self.labels != class_id
         if not keep.all():
             self.index = remove_entries(self.index, self.spec, keep, self.ids)
-            self.ids, self.labels = self.ids[keep], self.labels[keep]
+            self.ids, self.labels, self.provenance = self.ids[keep], self.labels[keep], self.provenance.kept(keep)
             if self.mirror is not None:
                 self.mirror.rebuild(self.index)
         self.counts.pop(class_id, None)
@@ -108,7 +183,7 @@ class Contents:
         if keep.all():
             return
         self.index = remove_entries(self.index, self.spec, keep, self.ids)
-        self.set_entries(self.ids[keep], self.labels[keep])
+        self.set_entries(self.ids[keep], self.labels[keep], self.provenance.kept(keep))
         if self.mirror is not None:
             self.mirror.rebuild(self.index)
 
@@ -119,7 +194,7 @@ class Contents:
         self.vocab.put(target)
         moved = self.labels == source
         if moved.any():
-            self.set_entries(self.ids, np.where(moved, target.id, self.labels))
+            self.set_entries(self.ids, np.where(moved, target.id, self.labels), self.provenance)
 
     def search_device(self, q: Any, k: int, params: Any) -> tuple[Any, Any]:
         """(sims, class ids) [M, k] of normalised torch queries ``q`` through the mirror's

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid as uuid_mod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,7 +56,7 @@ from knnclip.engine.errors import (
     UnknownEntryError,
 )
 
-__all__ = ["WAL_NAME", "Database", "SearchResult"]
+__all__ = ["WAL_NAME", "Database", "EntryRecord", "SearchResult"]
 
 log = logging.getLogger("knnclip.engine.database")
 
@@ -295,10 +296,47 @@ class Database:
         (a copy kept elsewhere, e.g. on a GPU, is current while it matches)."""
         return int(self._c.lsn)
 
-    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+    def ids_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of (entry ids, class ids) of every stored vector, in index order."""
         with self._mutex:
             return self._c.ids.copy(), self._c.labels.copy()
+
+    def entries(
+        self, class_name: str | None = None, source: str | None = None, *, offset: int = 0, limit: int | None = None
+    ) -> list[EntryRecord]:
+        """The entries, in the order they were added, as records of where each came from: all, or
+        those of ``class_name`` and/or added from ``source``; ``offset`` and ``limit`` page them."""
+        if offset < 0 or (limit is not None and limit < 0):
+            raise InvalidInputError(f"offset and limit are >= 0, got {offset} and {limit}")
+        with self._mutex:
+            c = self._c
+            chosen = np.ones(len(c.ids), bool)
+            if class_name is not None:
+                chosen &= c.labels == self._class(class_name).id
+            if source is not None:
+                chosen &= np.isin(np.arange(len(c.ids)), c.provenance.where_source(source))
+            positions = np.flatnonzero(chosen)[offset : None if limit is None else offset + limit]
+            p = c.provenance
+            return [
+                EntryRecord(
+                    id=int(c.ids[i]),
+                    class_name=c.vocab[int(c.labels[i])].name,
+                    source=p.source_of(int(i)),
+                    mask=int(p.mask[i]) if p.mask[i] >= 0 else None,
+                    time=float(p.time[i]) if np.isfinite(p.time[i]) else None,
+                )
+                for i in positions
+            ]
+
+    def remove_source(self, source: str) -> int:
+        """Delete every entry added from ``source``; return how many went (0 when none was).
+        Every other entry is untouched."""
+        with self._mutex:
+            self._check_writable()
+            ids = self._c.ids[self._c.provenance.where_source(source)]
+            if len(ids):
+                self._commit(RecordKind.REMOVE_ENTRIES, {"n": len(ids)}, ids.tobytes())
+            return len(ids)
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored (decoded) vectors of entry ``ids``, float32 [n, dim]. flat and hnsw indexes only."""
@@ -331,17 +369,35 @@ class Database:
         )
 
     # Changes ---------------------------------------------------------------------------------
-    def add(self, embeddings: np.ndarray, labels: Sequence[str] | np.ndarray) -> np.ndarray:
+    def add(
+        self,
+        embeddings: np.ndarray,
+        labels: Sequence[str] | np.ndarray,
+        sources: str | Sequence[str | None] | None = None,
+        mask_indices: Sequence[int] | np.ndarray | None = None,
+    ) -> np.ndarray:
         """Store ``embeddings[N, D]`` with their class ``labels``; return their new entry ids (int64 [N]).
 
         Labels are class names (a new name creates a class; ``"wall,walls"`` gives synonyms) or
-        existing class ids. Nothing already stored changes. Durable when this returns.
+        existing class ids. ``sources`` says where the entries came from (an image's file name, an
+        upload's id): one string for all, or one per entry, and ``mask_indices`` each entry's mask
+        in its image (default: its index in this call); :meth:`entries` lists them with the time,
+        and :meth:`remove_source` undoes a source. Nothing already stored changes. Durable when
+        this returns.
         """
         with self._mutex:
             self._check_writable()
             vectors = self._validated_vectors(embeddings, "embeddings")
             n = len(vectors)
             class_ids, changed = self._resolve_labels(labels, n)
+            provenance = _provenance_meta(sources, n)
+            if mask_indices is not None:
+                masks = np.asarray(mask_indices)
+                if masks.shape != (n,) or masks.dtype.kind not in "iu" or (n and masks.min() < 0):
+                    raise InvalidInputError(
+                        f"mask_indices are {n} non-negative integers, got {masks.dtype} {masks.shape}"
+                    )
+                provenance["mask"] = masks.tolist()
             if n == 0:
                 return np.zeros(0, np.int64)
             if not self.is_trained:
@@ -350,7 +406,8 @@ class Database:
                     f"db.train(samples) with at least {self._c.spec.min_training_points()} representative vectors"
                 )
             first = self._c.next_id
-            meta = {"first_id": first, "n": n, "dim": self._c.dim, "classes": [c.to_json() for c in changed]}
+            classes = [c.to_json() for c in changed]
+            meta = {"first_id": first, "n": n, "dim": self._c.dim, "classes": classes, "provenance": provenance}
             self._commit(RecordKind.ADD, meta, class_ids.tobytes(), vectors.tobytes())
             return np.arange(first, first + n, dtype=np.int64)
 
@@ -755,3 +812,43 @@ class Database:
 
 
 _CONSTRUCT = object()
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    """One stored entry and where it came from: its id, class, the ``source`` given to
+    :meth:`Database.add` (None where none was), its index in that call (``mask``) and the time it
+    was added (seconds since the epoch; None for entries stored before provenance was kept)."""
+
+    id: int
+    class_name: str
+    source: str | None
+    mask: int | None
+    time: float | None
+
+
+def _provenance_meta(sources: str | Sequence[str | None] | None, n: int) -> dict[str, Any]:
+    """The ``provenance`` of an add record: the source names, each entry's index among them (-1:
+    none; left out where one name covers all), and the time."""
+    now = time.time()
+    if sources is None or isinstance(sources, str):
+        names = [] if sources is None else [sources]
+        for name in names:
+            _check_source(name)
+        return {"sources": names, "time": now}
+    given = list(sources)
+    if len(given) != n:
+        raise InvalidInputError(f"{len(given)} sources for {n} embeddings: give one per entry, or one for all")
+    names = list(dict.fromkeys(s for s in given if s is not None))
+    for name in names:
+        _check_source(name)
+    index = {name: i for i, name in enumerate(names)}
+    return {"sources": names, "of": [-1 if s is None else index[s] for s in given], "time": now}
+
+
+MAX_SOURCE_CHARS = 1024
+
+
+def _check_source(name: object) -> None:
+    if not isinstance(name, str) or not name or len(name) > MAX_SOURCE_CHARS:
+        raise InvalidInputError(f"a source is a non-empty string of at most {MAX_SOURCE_CHARS} characters: {name!r}")

@@ -137,7 +137,11 @@ class Manifest:
 # The only files a manifest may name: this directory's checkpoint generations. A name read from
 # the file is never trusted to stay inside the directory (the checksum is no signature: anyone
 # can recompute it), so ``../outside/index.faiss`` or an absolute path is corruption.
-_FILE_NAMES = {"index": re.compile(r"index\.\d{6}\.faiss"), "entries": re.compile(r"entries\.\d{6}\.npy")}
+_FILE_NAMES = {
+    "index": re.compile(r"index\.\d{6}\.faiss"),
+    "entries": re.compile(r"entries\.\d{6}\.npy"),
+    "provenance": re.compile(r"provenance\.\d{6}\.npz"),
+}
 
 
 def _file_record(path: Path, key: str, f: Any) -> FileRecord:

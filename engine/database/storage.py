@@ -6,6 +6,9 @@ Directory layout::
     manifest.json              format, dim, metric, index spec, vocabulary, checkpoint lsn, file hashes
     index.<generation>.faiss   the FAISS index at the last checkpoint (absent until an index is trained)
     entries.<generation>.npy   int64 [n, 2]: entry id and class id of every stored vector, index order
+    provenance.<generation>.npz  where each entry came from, in the same order (source, its index in
+                               its add call, the time); databases from before it have none, and
+                               their first checkpoint writes it
     wal.log                    changes since the checkpoint (see wal.py)
     LOCK                       held by the one writer
 
@@ -26,12 +29,13 @@ import os
 import shutil
 import tempfile
 import uuid as uuid_mod
+import zipfile
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from knnclip.engine.database.contents import Contents
+from knnclip.engine.database.contents import Contents, Provenance
 from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.database.manifest import MANIFEST_NAME, FileRecord, Manifest
 from knnclip.engine.database.vocabulary import Vocabulary
@@ -111,7 +115,11 @@ def load_checkpoint(directory: Path, manifest: Manifest) -> Contents:
     unknown = set(np.unique(labels).tolist()) - set(contents.vocab)
     if unknown:
         raise DatabaseCorruptError(entries_path, f"entries of classes {sorted(unknown)} missing from the vocabulary")
-    contents.set_entries(ids, labels)
+    prov_rec = m.files.get("provenance")
+    if prov_rec is None:  # a database from before provenance was kept
+        contents.set_entries(ids, labels)
+    else:
+        contents.set_entries(ids, labels, read_provenance(verified_file(directory, prov_rec), len(ids)))
 
     index_rec = m.files.get("index")
     if index_rec is None:
@@ -129,6 +137,54 @@ def load_checkpoint(directory: Path, manifest: Manifest) -> Contents:
         )
     contents.index = index
     return contents
+
+
+def provenance_bytes(p: Provenance) -> bytes:
+    """The provenance file: the source of each entry (an index into the names), its index in its
+    add call, the time it was added, and the source names as UTF-8 with their offsets."""
+    encoded = [name.encode() for name in p.names]
+    offsets = np.cumsum([0, *(len(e) for e in encoded)]).astype(np.int64)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        source=p.source,
+        mask=p.mask,
+        time=p.time,
+        names=np.frombuffer(b"".join(encoded), np.uint8),
+        offsets=offsets,
+    )
+    return buf.getvalue()
+
+
+def read_provenance(path: Path, n: int) -> Provenance:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in ("source", "mask", "time", "names", "offsets")}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise DatabaseCorruptError(path, f"unreadable provenance file ({type(exc).__name__}: {exc})") from None
+    expected = {"source": np.int32, "mask": np.int32, "time": np.float64}
+    for key, dtype in expected.items():
+        if arrays[key].dtype != dtype or arrays[key].shape != (n,):
+            raise DatabaseCorruptError(
+                path, f"provenance {key!r} is {arrays[key].dtype} {arrays[key].shape}, expected ({n},)"
+            )
+    offsets, blob = arrays["offsets"], arrays["names"].tobytes()
+    if (
+        offsets.ndim != 1
+        or not len(offsets)
+        or offsets[0] != 0
+        or offsets[-1] != len(blob)
+        or np.any(np.diff(offsets) < 0)
+    ):
+        raise DatabaseCorruptError(path, "provenance source names are malformed")
+    try:
+        names = [blob[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    except UnicodeDecodeError:
+        raise DatabaseCorruptError(path, "provenance source names are not UTF-8") from None
+    source = arrays["source"]
+    if len(source) and (source.min() < -1 or source.max() >= len(names)):
+        raise DatabaseCorruptError(path, "provenance names a source it does not hold")
+    return Provenance(names, source, arrays["mask"], arrays["time"])
 
 
 def replay(directory: Path, manifest: Manifest, contents: Contents) -> LogContents:
@@ -165,15 +221,16 @@ def remove_stale_files(directory: Path, manifest: Manifest) -> None:
     keep = {f.name for f in manifest.files.values()}
     for p in directory.iterdir():
         stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
-        old_generation = p.suffix in (".faiss", ".npy") and p.name.split(".")[0] in ("index", "entries")
+        prefix = p.name.split(".")[0]
+        old_generation = p.suffix in (".faiss", ".npy", ".npz") and prefix in ("index", "entries", "provenance")
         if stale_tmp or (old_generation and p.name not in keep):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
 
-def generation_files(generation: int) -> tuple[str, str]:
-    """The names of a checkpoint generation's index and entries files."""
-    return f"index.{generation:06d}.faiss", f"entries.{generation:06d}.npy"
+def generation_files(generation: int) -> tuple[str, str, str]:
+    """The names of a checkpoint generation's index, entries and provenance files."""
+    return f"index.{generation:06d}.faiss", f"entries.{generation:06d}.npy", f"provenance.{generation:06d}.npz"
 
 
 def remove_generation(directory: Path, generation: int) -> None:
@@ -210,6 +267,10 @@ def write_checkpoint(
         name = generation_files(generation)[1]
         atomic_write_bytes(workdir / name, buf.getbuffer())
         files["entries"] = FileRecord(name, buf.getbuffer().nbytes, hashlib.sha256(buf.getbuffer()).hexdigest())
+        name = generation_files(generation)[2]
+        data = provenance_bytes(contents.provenance)
+        atomic_write_bytes(workdir / name, data)
+        files["provenance"] = FileRecord(name, len(data), hashlib.sha256(data).hexdigest())
         manifest = Manifest(
             uuid=db_uuid,
             dim=contents.dim,

@@ -3,9 +3,12 @@ embeddings stored with their class. Nothing is retrained; only embeddings are ad
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -57,10 +60,14 @@ def add_examples(
     masks: Sequence[np.ndarray],
     labels: Sequence[Sequence[str]],
     things: Mapping[str, bool] | None = None,
+    sources: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Add labelled masks to ``database`` in one pass: ``masks[i]`` [N_i, H, W] bool with
     ``labels[i]`` (N_i class names, FC-CLIP's ``"name,synonym"`` format) for ``images[i]``.
     Masks too small to cover any key-grid cell are skipped (logged). Returns the new entry ids.
+
+    Each entry records its image as its source (``sources[i]``; by default the image's file name,
+    or ``sha256:`` and the start of its digest) and its mask's index in that image.
 
     ``things`` says which classes are things (countable objects, one panoptic segment each) and
     which are stuff; a class it does not name keeps what the database says, and a new one is
@@ -70,8 +77,12 @@ def add_examples(
         raise InvalidInputError(
             f"images, masks and labels must have the same length: {len(images)}, {len(masks)}, {len(labels)}"
         )
+    if sources is not None and len(sources) != len(images):
+        raise InvalidInputError(f"{len(sources)} sources for {len(images)} images: give one per image")
     vectors: list[np.ndarray] = []
     names: list[str] = []
+    entry_sources: list[str] = []
+    mask_indices: list[int] = []
     for i, (image, image_masks, image_labels) in enumerate(zip(images, masks, labels, strict=True)):
         n = 1 if np.asarray(image_masks).ndim == 2 else len(image_masks)
         if len(image_labels) != n:
@@ -81,13 +92,29 @@ def add_examples(
             log.info("image %d: %d of %d masks too small for the key grid, skipped", i, n - len(kept), n)
         vectors.append(embeddings)
         names.extend(image_labels[k] for k in kept)
+        entry_sources += [image_source(image) if sources is None else sources[i]] * len(kept)
+        mask_indices += [int(k) for k in kept]
     if not names:
         return np.zeros(0, np.int64)
     for name, thing in (things or {}).items():
         database.add_class(name, thing=thing)
-    ids = database.add(np.concatenate(vectors), names)
+    ids = database.add(np.concatenate(vectors), names, sources=entry_sources, mask_indices=mask_indices)
     _warn_instances_left_stuff(database, labels)
     return ids
+
+
+def image_source(image: ImageInput) -> str:
+    """What an image is called as a source: a path's file name, else ``sha256:`` and the first 16
+    hex digits of its bytes (encoded bytes, or the pixels of an array or PIL image)."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).name or str(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, np.ndarray):
+        data = np.ascontiguousarray(image).tobytes()
+    else:  # a PIL image
+        data = image.tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
 def _warn_instances_left_stuff(database: Database, labels: Sequence[Sequence[str]]) -> None:
@@ -161,7 +188,11 @@ def add_concept(
         vectors.append(ops.mask_pool(np.ascontiguousarray(keys), np.ascontiguousarray(masks[chosen])))
         added += [ConceptMask(index, int(q), float(m_conf[q]), float(p_concept[q])) for q in chosen]
     if vectors:
-        database.add(np.concatenate(vectors), [name] * len(added))
+        # each entry's source is its image, and its "mask" the FC-CLIP query it came from
+        sources = [image_source(images[a.image]) for a in added]
+        database.add(
+            np.concatenate(vectors), [name] * len(added), sources=sources, mask_indices=[a.query for a in added]
+        )
         if thing is not None:
             database.add_class(name, thing=thing)
     return added

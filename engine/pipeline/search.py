@@ -63,7 +63,7 @@ class DeviceScan:
         lsn = self.db.lsn
         if lsn == self._lsn:
             return
-        ids, labels = self.db.entries()
+        ids, labels = self.db.ids_and_labels()
         old = len(self._ids)
         if self._vectors is not None and len(ids) >= old and np.array_equal(ids[:old], self._ids):
             if len(ids) > old:  # appended: upload the new rows only

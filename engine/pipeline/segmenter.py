@@ -28,6 +28,7 @@ import numpy as np
 
 from knnclip.engine.config import RetrievalConfig
 from knnclip.engine.database import Database
+from knnclip.engine.database.database import EntryRecord
 from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.errors import InferenceError, InvalidInputError, KnnclipError, UnknownClassError
 from knnclip.engine.pipeline import growth, stages
@@ -185,6 +186,17 @@ class Segmenter:
         """Delete a class and its database entries; returns how many entries went."""
         return self.db.remove_class(name)
 
+    def entries(
+        self, class_name: str | None = None, source: str | None = None, *, offset: int = 0, limit: int | None = None
+    ) -> list[EntryRecord]:
+        """The database's entries with where each came from (:meth:`Database.entries`)."""
+        return self.db.entries(class_name, source, offset=offset, limit=limit)
+
+    def remove_source(self, source: str) -> int:
+        """Delete every entry added from ``source`` (an image's file name or digest, or the source
+        given); returns how many went."""
+        return self.db.remove_source(source)
+
     def remove_entries(self, ids: Sequence[int] | np.ndarray) -> int:
         """Delete single database entries (:meth:`Database.remove_entries`); returns how many went."""
         return self.db.remove_entries(ids)
@@ -334,10 +346,12 @@ class Segmenter:
         labels: Sequence[Sequence[str]],
         *,
         things: Mapping[str, bool] | None = None,
+        sources: Sequence[str] | None = None,
     ) -> np.ndarray:
         """:func:`growth.add_examples` into this segmenter's database (``things``: which classes
-        are things); the text rows of new classes are computed now, not in the first segment call."""
-        ids = growth.add_examples(self.models, self.db, images, masks, labels, things)
+        are things; ``sources``: what each image is called, by default its file name or digest);
+        the text rows of new classes are computed now, not in the first segment call."""
+        ids = growth.add_examples(self.models, self.db, images, masks, labels, things, sources)
         if len(ids):
             self.classifier()
         return ids

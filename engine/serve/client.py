@@ -161,6 +161,18 @@ class Client:
         data = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fields.items() if v is not None}
         return self._call("POST", "/v1/concepts", files=files, data=data)
 
+    def entries(
+        self, class_name: str | None = None, source: str | None = None, *, page: int = 0, page_size: int = 100
+    ) -> dict[str, Any]:
+        """One page of the entries with where each came from (``more``: another page follows)."""
+        params: dict[str, str | int] = {"page": page, "page_size": page_size}
+        params |= {k: v for k, v in (("class", class_name), ("source", source)) if v is not None}
+        return self._call("GET", "/v1/entries", params=params)
+
+    def remove_source(self, source: str) -> dict[str, Any]:
+        """Delete every entry added from ``source``."""
+        return self._call("DELETE", f"/v1/sources/{_quoted(source)}")
+
     def remove_entry(self, entry_id: int) -> dict[str, Any]:
         """Delete one entry (an id ``add_examples`` returned)."""
         return self._call("DELETE", f"/v1/entries/{int(entry_id)}")

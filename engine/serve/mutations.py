@@ -1,6 +1,7 @@
 """The service's changes to the vocabulary, each a function of the segmenter that returns its
 JSON reply (docs/serving.md): the embedded service runs them under its write lock, and Ray
-Serve's database owner under its own, so both answer alike."""
+Serve's database owner under its own, so both answer alike. The listing of entries is here too,
+for the same reason."""
 
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def add_concept(
 def remove_class(seg: Segmenter, name: str) -> dict[str, Any]:
     removed = seg.remove_class(name)
     return {"removed": name, "entries_removed": removed, "entries": len(seg.db)}
+
+
+MAX_PAGE_SIZE = 1000
+
+
+def entry_page(seg: Segmenter, class_name: str | None, source: str | None, page: int, page_size: int) -> dict[str, Any]:
+    """One page of the entries (``GET /v1/entries``), with where each came from."""
+    if page < 0 or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidInputError(f"page is >= 0 and page_size 1..{MAX_PAGE_SIZE}, got {page} and {page_size}")
+    records = seg.entries(class_name, source, offset=page * page_size, limit=page_size + 1)
+    rows = [
+        {"id": r.id, "class": r.class_name, "source": r.source, "mask": r.mask, "time": r.time}
+        for r in records[:page_size]
+    ]
+    return {"entries": rows, "page": page, "page_size": page_size, "more": len(records) > page_size}
+
+
+def remove_source(seg: Segmenter, source: str) -> dict[str, Any]:
+    return {"source": source, "removed": seg.remove_source(source), "entries": len(seg.db)}
 
 
 def remove_entry(seg: Segmenter, entry_id: int) -> dict[str, Any]:

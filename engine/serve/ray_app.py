@@ -164,6 +164,12 @@ class DatabaseOwner:
     def remove_class(self, name: str) -> Any:
         return self._locked(lambda: mutations.remove_class(self._seg, name))
 
+    def entry_page(self, class_name: str | None, source: str | None, page: int, size: int) -> Any:
+        return self._locked(lambda: mutations.entry_page(self._seg, class_name, source, page, size))
+
+    def remove_source(self, source: str) -> Any:
+        return self._locked(lambda: mutations.remove_source(self._seg, source))
+
     def remove_entry(self, entry_id: int) -> Any:
         return self._locked(lambda: mutations.remove_entry(self._seg, entry_id))
 
@@ -221,6 +227,12 @@ class RayService:
 
     async def remove_class(self, name: str) -> dict[str, Any]:
         return await self._owner_call("remove_class", name)
+
+    async def entry_page(self, class_name: str | None, source: str | None, page: int, size: int) -> dict[str, Any]:
+        return await self._owner_call("entry_page", class_name, source, page, size)
+
+    async def remove_source(self, source: str) -> dict[str, Any]:
+        return await self._owner_call("remove_source", source)
 
     async def remove_entry(self, entry_id: int) -> dict[str, Any]:
         return await self._owner_call("remove_entry", entry_id)

@@ -101,6 +101,8 @@ class Service(Protocol):
     ) -> dict[str, Any]: ...
     async def remove_class(self, name: str) -> dict[str, Any]: ...
     async def remove_entry(self, entry_id: int) -> dict[str, Any]: ...
+    async def entry_page(self, class_name: str | None, source: str | None, page: int, size: int) -> dict[str, Any]: ...
+    async def remove_source(self, source: str) -> dict[str, Any]: ...
     async def add_concept(
         self, name: str, images: list[bytes], thing: bool | None, confidences: dict[str, float | None]
     ) -> dict[str, Any]: ...
@@ -231,6 +233,24 @@ async def patch_class(request: Request, name: str, body: ClassEdit) -> dict[str,
     """Rename a class (`{"name": ...}`: its id and entries are kept) or merge it into another
     (`{"merge_into": ...}`: its entries and names move there, and it is removed)."""
     return await service(request).edit_class(name, body.name, body.merge_into)
+
+
+@router.get("/v1/entries", dependencies=reads, tags=["vocabulary"])
+async def get_entries(
+    request: Request,
+    class_name: Annotated[str | None, Query(alias="class", max_length=256, description="only this class")] = None,
+    source: Annotated[str | None, Query(max_length=1024, description="only entries added from this source")] = None,
+    page: Annotated[int, Query(ge=0, description="page number, from 0")] = 0,
+    page_size: Annotated[int, Query(ge=1, le=1000, description="entries per page")] = 100,
+) -> dict[str, Any]:
+    """The entries with where each came from: id, class, source, mask index, time added."""
+    return await service(request).entry_page(class_name, source, page, page_size)
+
+
+@router.delete("/v1/sources/{source:path}", dependencies=writes, tags=["vocabulary"])
+async def delete_source(request: Request, source: str) -> dict[str, Any]:
+    """Delete every entry added from one source (an image's file name or digest, an upload)."""
+    return await service(request).remove_source(source)
 
 
 @router.delete("/v1/entries/{entry_id}", dependencies=writes, tags=["vocabulary"])

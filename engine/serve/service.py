@@ -313,6 +313,12 @@ class LocalService:
     async def remove_class(self, name: str) -> dict[str, Any]:
         return await self._mutate(lambda seg: mutations.remove_class(seg, name))
 
+    async def entry_page(self, class_name: str | None, source: str | None, page: int, size: int) -> dict[str, Any]:
+        return mutations.entry_page(self._segmenter(), class_name, source, page, size)
+
+    async def remove_source(self, source: str) -> dict[str, Any]:
+        return await self._mutate(lambda seg: mutations.remove_source(seg, source))
+
     async def remove_entry(self, entry_id: int) -> dict[str, Any]:
         return await self._mutate(lambda seg: mutations.remove_entry(seg, entry_id))
 

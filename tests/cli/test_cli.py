@@ -138,6 +138,18 @@ class TestDb:
             assert database.vocabulary.find("dog").id == cat_id
         clash = run("db", "rename", db, "feline", "bird")
         assert clash.returncode == 1 and "merge_classes" in clash.stderr
+        with Database.open(db) as database:
+            database.add(np.eye(8)[:3], ["bird"] * 3, sources="shot.png")
+        listed = json.loads(run("db", "entries", db, "--source", "shot.png", "--json").stdout)["entries"]
+        assert [(e["class_name"], e["source"], e["mask"]) for e in listed] == [
+            ("bird", "shot.png", m) for m in range(3)
+        ]
+        assert (
+            len(json.loads(run("db", "entries", db, "--class", "bird", "--limit", "4", "--json").stdout)["entries"])
+            == 4
+        )
+        gone = json.loads(run("db", "remove-source", db, "shot.png", "--json").stdout)
+        assert gone == {"source": "shot.png", "removed": 3, "entries": 5}
 
     def test_exit_codes(self, tmp_path):
         db = tmp_path / "db"

@@ -307,11 +307,11 @@ def test_adding_a_class_never_changes_another(tmp_path_factory, seed: int, n_a: 
         if db.index_spec.needs_training:
             db.train(rng.normal(size=(200, dim)).astype(np.float32))
         ids_a = db.add(a, ["A"] * n_a)
-        vec_before, entries_before = db.vectors(ids_a), db.entries()
+        vec_before, entries_before = db.vectors(ids_a), db.ids_and_labels()
         before = db.search(q, k)
         db.add(b, ["B"] * n_b)
         np.testing.assert_array_equal(db.vectors(ids_a), vec_before)
-        ids_after, labels_after = db.entries()
+        ids_after, labels_after = db.ids_and_labels()
         np.testing.assert_array_equal(ids_after[:n_a], entries_before[0])
         np.testing.assert_array_equal(labels_after[:n_a], entries_before[1])
         after = db.search(q, k)

@@ -171,12 +171,12 @@ def test_crash_between_manifest_and_log_reset_replays_nothing_twice(tmp_path: Pa
     old_log = wal(path).read_bytes()
     with Database.open(path) as db:
         db.checkpoint()
-        expected = db.entries()
+        expected = db.ids_and_labels()
     # As if the process died after the new manifest but before the empty log replaced the old one:
     wal(path).write_bytes(old_log)
     (path / ".index.000099.faiss.123.tmp").write_bytes(b"half-written")
     with Database.open(path) as db:
-        for a, b in zip(db.entries(), expected, strict=True):
+        for a, b in zip(db.ids_and_labels(), expected, strict=True):
             np.testing.assert_array_equal(a, b)
     assert not (path / ".index.000099.faiss.123.tmp").exists(), "the writer removes an interrupted checkpoint's files"
 
@@ -217,7 +217,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_batch(tmp_path: Path) -
 
         with Database.open(path, read_only=True) as db:
             counts = db.classes
-            ids, labels = db.entries()
+            ids, labels = db.ids_and_labels()
             present = sorted(int(name.removeprefix("batch")) for name in counts)
             assert all(counts[f"batch{b}"] == CRASH_BATCH for b in present), f"partial batch: {counts}"
             assert present == list(range(len(present))), "batches are contiguous"

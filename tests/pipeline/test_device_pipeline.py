@@ -139,12 +139,12 @@ class TestDeviceScan:
         for xp in (HOST, StandInArrays()):
             sims, labels = DeviceScan(db, xp).search(xp.upload(queries, "image"), 5)
             sims, labels = xp.to_host(sims, "result"), xp.to_host(labels, "result")
-            stored = db.vectors(db.entries()[0]).astype(np.float64)  # as the index keeps them (fp16)
+            stored = db.vectors(db.ids_and_labels()[0]).astype(np.float64)  # as the index keeps them (fp16)
             for q in (0, 2):
                 scores = stored @ (queries[q] / np.linalg.norm(queries[q].astype(np.float64)))
                 best = np.argsort(-scores, kind="stable")[:5]
                 np.testing.assert_allclose(sims[q], scores[best], rtol=1e-5)
-                assert labels[q].tolist() == [db.entries()[1][i] for i in best]
+                assert labels[q].tolist() == [db.ids_and_labels()[1][i] for i in best]
             assert labels[1].tolist() == [-1] * 5 and np.isneginf(sims[1]).all()
         db.close()
 

@@ -8,6 +8,7 @@ the database; a schema-driven fuzz run finds no 5xx.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -338,7 +339,14 @@ class TestMutations:
             added = client.add_examples(images[0], labels, [None, "kerb", "verge"])
             assert added["added"] == 2 and len(added["ids"]) == 2
             kerb = {c["name"]: c for c in client.classes()}["kerb"]
-            more = client.add_examples(images[1], labels, [None, "kerb", None])
+            more = client.add_examples(png_bytes(images[1]), labels, [None, "kerb", None])
+            # Each entry knows its image: an upload is named by its bytes' digest.
+            digest = "sha256:" + hashlib.sha256(png_bytes(images[1])).hexdigest()[:16]
+            page = client.entries(source=digest)
+            assert [e["id"] for e in page["entries"]] == more["ids"] and not page["more"]
+            assert page["entries"][0]["class"] == "kerb" and page["entries"][0]["mask"] == 0
+            first = client.entries(page=0, page_size=1)
+            assert len(first["entries"]) == 1 and first["more"]
             assert client.remove_entry(more["ids"][0])["removed"] == more["ids"][0]
             with pytest.raises(UnknownEntryError, match="no entries with ids"):
                 client.remove_entry(more["ids"][0])
@@ -356,7 +364,12 @@ class TestMutations:
                 headers={"Authorization": f"Bearer {TOKEN}"},
             )
             assert both.status_code == 400 and "either 'name'" in both.json()["error"]["message"]
+            extra = client.add_examples(png_bytes(images[2]), labels, [None, "curb", None])
+            gone = client.remove_source("sha256:" + hashlib.sha256(png_bytes(images[2])).hexdigest()[:16])
+            assert gone["removed"] == extra["added"] == 1
+            assert client.entries(source="never")["entries"] == []
             client.remove_class("curb")
+        assert httpx.delete(f"{server.url}/v1/sources/x").status_code == 401
         assert httpx.patch(f"{server.url}/v1/classes/sky", json={"name": "heaven"}).status_code == 401
         assert httpx.delete(f"{server.url}/v1/entries/0").status_code == 401
 

@@ -55,7 +55,7 @@ def curation_cycle(db, i: int):
     add ``keep{i}`` and ``x{i}`` (half the batch each), remove a half of ``x{i}``'s entries, rename
     ``x{i}`` to ``y{i}``, merge ``y{i}`` into ``keep{i}``."""
     half = CRASH_BATCH // 2
-    ids = db.add(crash_batch(i), [f"keep{i}"] * half + [f"x{i}"] * half)
+    ids = db.add(crash_batch(i), [f"keep{i}"] * half + [f"x{i}"] * half, sources=f"image{i}.png")
     yield "add"
     db.remove_entries(ids[half : half + half // 2])
     yield "remove"
