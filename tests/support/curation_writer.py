@@ -1,4 +1,4 @@
-"""Child process of the curation crash test: cycles of add, remove some entries, rename, merge,
+"""Child process of the curation crash test: cycles of adds, removing entries and a source, rename, merge,
 forever; prints ``CYCLE STEP`` once each change returns (it is durable then).
 
 Usage: python tests/support/curation_writer.py DB_DIR FIRST_CYCLE

@@ -44,22 +44,29 @@ def file_digests(directory: Path) -> dict[str, str]:
 CURATION_STATES = (  # what cycle i's classes hold after each of its steps: (keep, x, y)
     ("none", None, None, None),
     ("add", CRASH_BATCH // 2, CRASH_BATCH // 2, None),
-    ("remove", CRASH_BATCH // 2, CRASH_BATCH // 4, None),
-    ("rename", CRASH_BATCH // 2, None, CRASH_BATCH // 4),
-    ("merge", CRASH_BATCH // 2 + CRASH_BATCH // 4, None, None),
+    ("add-extra", CRASH_BATCH // 2 + 2, CRASH_BATCH // 2, None),
+    ("remove", CRASH_BATCH // 2 + 2, CRASH_BATCH // 4, None),
+    ("rename", CRASH_BATCH // 2 + 2, None, CRASH_BATCH // 4),
+    ("merge", CRASH_BATCH // 2 + 2 + CRASH_BATCH // 4, None, None),
+    ("remove-source", CRASH_BATCH // 2 + CRASH_BATCH // 4, None, None),
 )
 
 
 def curation_cycle(db, i: int):
     """One cycle of the curation crash test on ``db``, yielding each step's name once it returned:
-    add ``keep{i}`` and ``x{i}`` (half the batch each), remove a half of ``x{i}``'s entries, rename
-    ``x{i}`` to ``y{i}``, merge ``y{i}`` into ``keep{i}``."""
+    add ``keep{i}`` and ``x{i}`` (half the batch each, from ``image{i}.png``), add two more
+    ``keep{i}`` from ``extra{i}.png``, remove a half of ``x{i}``'s entries, rename ``x{i}`` to
+    ``y{i}``, merge ``y{i}`` into ``keep{i}``, remove the source ``extra{i}.png``."""
     half = CRASH_BATCH // 2
     ids = db.add(crash_batch(i), [f"keep{i}"] * half + [f"x{i}"] * half, sources=f"image{i}.png")
     yield "add"
+    db.add(crash_batch(i)[:2] * 2, [f"keep{i}"] * 2, sources=f"extra{i}.png")
+    yield "add-extra"
     db.remove_entries(ids[half : half + half // 2])
     yield "remove"
     db.rename_class(f"x{i}", f"y{i}")
     yield "rename"
     db.merge_classes(f"y{i}", f"keep{i}")
     yield "merge"
+    db.remove_source(f"extra{i}.png")
+    yield "remove-source"
