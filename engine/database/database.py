@@ -200,7 +200,9 @@ class Database:
             if self._log.tail_kept is not None:
                 log.warning("%s: the torn tail of the log is kept in %s", self.path / WAL_NAME, self._log.tail_kept)
             disk.remove_stale_files(self.path, self._manifest)
-            if self._log_state.version < 2:  # an older log format: rewrite it in the current one
+            # An older log format, or a checkpoint from before provenance was kept: the first
+            # writer rewrites them in the current format.
+            if self._log_state.version < 2 or "provenance" not in self._manifest.files:
                 self.checkpoint()
         if device == "cuda":
             from knnclip.engine.database.gpu import open_gpu_mirror

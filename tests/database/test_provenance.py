@@ -127,10 +127,10 @@ def test_a_database_from_before_provenance_opens_and_its_first_checkpoint_writes
     strip_provenance(path)
     with Database.open(path, read_only=True) as old:
         assert [(r.class_name, r.source, r.mask, r.time) for r in old.entries()] == [("old", None, None, None)] * 8
-    with Database.open(path) as writer:  # the first writer upgrades it
+    assert "provenance" not in Manifest.read(path).files, "a reader changes nothing"
+    with Database.open(path) as writer:  # the first writer upgrades it, at once
+        assert "provenance" in Manifest.read(path).files
         writer.add(x[:2], ["new"] * 2, sources="fresh.png")
-        writer.checkpoint()
-    assert "provenance" in Manifest.read(path).files
     with Database.open(path, read_only=True) as upgraded:
         records = upgraded.entries()
         assert [r.source for r in records] == [None] * 8 + ["fresh.png"] * 2
