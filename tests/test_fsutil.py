@@ -15,7 +15,7 @@ def test_planted_symlink_cannot_redirect_an_atomic_write(tmp_path: Path) -> None
 
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    folder = tmp_path / "shared"
+    folder = tmp_path / "common-folder"
     folder.mkdir()
     target = folder / "manifest.json"
     for name in (f".{target.name}.{os.getpid()}.tmp", f".{target.name}.tmp"):

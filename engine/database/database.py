@@ -316,7 +316,9 @@ class Database:
             if class_name is not None:
                 chosen &= c.labels == self._class(class_name).id
             if source is not None:
-                chosen &= np.isin(np.arange(len(c.ids)), c.provenance.where_source(source))
+                from_source = np.zeros(len(c.ids), bool)
+                from_source[c.provenance.where_source(source)] = True
+                chosen &= from_source
             positions = np.flatnonzero(chosen)[offset : None if limit is None else offset + limit]
             p = c.provenance
             return [

@@ -64,16 +64,16 @@ def test_foreign_text_cache_entries_are_not_used(demo_models: Path, tmp_path: Pa
 def test_a_text_cache_others_can_write_is_not_trusted(demo_models: Path, tmp_path: Path, caplog) -> None:
     """A cache planted in a shared folder, with the right key and rows swapped between names, is
     never read: the folder is writable by others, so the bank keeps its rows in memory only."""
-    shared = tmp_path / "shared-cache"
-    models, bank = text_bank(demo_models, shared)
+    planted = tmp_path / "planted-cache"
+    models, bank = text_bank(demo_models, planted)
     reference = bank.rows(["water", "sky"])
     with np.load(bank.cache_path) as data:
         names, rows, key = data["names"], data["rows"], data["key"]
     np.savez(bank.cache_path, names=names, rows=rows[::-1].copy(), key=key)  # water gets sky's row
     models.close()
-    shared.chmod(0o777)
+    planted.chmod(0o777)
     with caplog.at_level("WARNING"):
-        models, bank = text_bank(demo_models, shared)
+        models, bank = text_bank(demo_models, planted)
     assert bank.cache_path is None and "writable by its group or by all" in caplog.text
     np.testing.assert_allclose(bank.rows(["water", "sky"]), reference, atol=1e-6)
     models.close()
