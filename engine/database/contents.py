@@ -12,8 +12,9 @@ import faiss
 import numpy as np
 
 from knnclip.engine.database import flat_scan
-from knnclip.engine.database.indexes import IndexSpec, remove_entries
+from knnclip.engine.database.indexes import IndexSpec, index_resident_bytes, remove_entries
 from knnclip.engine.database.manifest import Manifest
+from knnclip.engine.database.rerank_store import RerankStore
 from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.database.wal import Record, RecordKind
 
@@ -98,6 +99,8 @@ class Contents:
         self.metric = manifest.metric
         self.vocab = manifest.vocabulary.copy()
         self.index: faiss.Index | None = None
+        # ivf-rabitq's vectors at sq8/fp16, to re-score what its 1-bit codes propose.
+        self.store: RerankStore | None = None
         self.ids = np.zeros(0, np.int64)
         self.labels = np.zeros(0, np.int64)
         self.provenance = Provenance()
@@ -119,6 +122,16 @@ class Contents:
         self.ids, self.labels = ids, labels
         self.provenance = provenance if provenance is not None else Provenance.unknown(len(ids))
         self.counts = dict(zip(*(a.tolist() for a in np.unique(labels, return_counts=True)), strict=True))
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held in memory: the index, the entry arrays (ids, classes, provenance) and the
+        re-rank store's part in RAM (a memory-mapped store's rows are page cache, not counted)."""
+        p = self.provenance
+        return {
+            "index": index_resident_bytes(self.index),
+            "entries": self.ids.nbytes + self.labels.nbytes + p.source.nbytes + p.mask.nbytes + p.time.nbytes,
+            "store": self.store.resident_bytes() if self.store is not None else 0,
+        }
 
     def class_counts(self) -> dict[str, int]:
         """Class name -> number of entries, for every class in the vocabulary (in id order)."""
@@ -161,6 +174,8 @@ class Contents:
             self.index.add_with_ids(vectors, new_ids)
         if self.mirror is not None:
             self.mirror.add(vectors, new_ids)
+        if self.store is not None:
+            self.store.add(vectors)
         self.ids = np.concatenate([self.ids, new_ids])
         self.labels = np.concatenate([self.labels, class_ids])
         self.provenance = self.provenance.appended(Provenance.of_record(meta.get("provenance"), n))
@@ -172,7 +187,7 @@ class Contents:
         self.vocab.remove(class_id)
         keep = self.labels != class_id
         if not keep.all():
-            self.index = remove_entries(self.index, self.spec, keep, self.ids)
+            self._keep(keep)
             self.ids, self.labels, self.provenance = self.ids[keep], self.labels[keep], self.provenance.kept(keep)
             if self.mirror is not None:
                 self.mirror.rebuild(self.index)
@@ -182,10 +197,16 @@ class Contents:
         keep = ~np.isin(self.ids, ids)
         if keep.all():
             return
-        self.index = remove_entries(self.index, self.spec, keep, self.ids)
+        self._keep(keep)
         self.set_entries(self.ids[keep], self.labels[keep], self.provenance.kept(keep))
         if self.mirror is not None:
             self.mirror.rebuild(self.index)
+
+    def _keep(self, keep: np.ndarray) -> None:
+        """Drop the entries where ``keep`` is False from the index and the store (not the arrays)."""
+        self.index = remove_entries(self.index, self.spec, keep, self.ids)
+        if self.store is not None:
+            self.store.keep(keep)
 
     def _merge_classes(self, source: int, target: ClassInfo) -> None:
         if source == target.id or source not in self.vocab or target.id not in self.vocab:
@@ -195,6 +216,18 @@ class Contents:
         moved = self.labels == source
         if moved.any():
             self.set_entries(self.ids, np.where(moved, target.id, self.labels), self.provenance)
+
+    def _reranked(self, q: np.ndarray, k: int, params: Any, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The codes' top ``depth`` candidates re-scored from the store: (sims, entry ids) [M, k]."""
+        assert self.index is not None and self.store is not None
+        _, candidates = self.index.search(q, max(k, depth), params=params)
+        real = candidates >= 0
+        positions = np.where(real, np.searchsorted(self.ids, np.where(real, candidates, 0)), -1)
+        scores = self.store.scores(q, positions)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        sims = np.take_along_axis(scores, order, 1)
+        ids = np.where(np.isfinite(sims), np.take_along_axis(candidates, order, 1), -1)
+        return sims, ids
 
     def search_device(self, q: Any, k: int, params: Any) -> tuple[Any, Any]:
         """(sims, class ids) [M, k] of normalised torch queries ``q`` through the mirror's
@@ -225,8 +258,9 @@ class Contents:
             cached = self._on_device[str(device)] = (self.lsn, ids, classes)
         return cached[1], cached[2]
 
-    def search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sims, labels, ids) [M, k] of normalised queries ``q``; -inf / -1 where there is no neighbour."""
+    def search(self, q: np.ndarray, k: int, params: Any, rerank: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sims, labels, ids) [M, k] of normalised queries ``q``; -inf / -1 where there is no
+        neighbour. ``rerank`` > 0 re-scores that many candidates from the store (ivf-rabitq)."""
         m = len(q)
         sims = np.full((m, k), -np.inf, np.float32)
         labels = np.full((m, k), -1, np.int64)
@@ -244,6 +278,8 @@ class Contents:
                 found_sims[searched], found[searched] = self.mirror.search(sub, k, params)
             elif self.spec.kind == "flat" and self.spec.storage in ("fp16", "sq8"):
                 found_sims[searched], found[searched] = flat_scan.scan(self.index, self.spec.storage, sub, k)
+            elif self.store is not None and rerank > 0:
+                found_sims[searched], found[searched] = self._reranked(sub, k, params, rerank)
             else:
                 assert self.index is not None  # entries exist, so the index does
                 found_sims[searched], found[searched] = self.index.search(sub, k, params=params)

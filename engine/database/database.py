@@ -29,9 +29,10 @@ import numpy as np
 
 from knnclip.engine.database import storage as disk
 from knnclip.engine.database.contents import Contents
-from knnclip.engine.database.indexes import IndexSpec, build_index, faiss_metric, search_parameters
+from knnclip.engine.database.indexes import IndexSpec, build_index, faiss_metric, search_parameters, train_index
 from knnclip.engine.database.lock import WriterLock
 from knnclip.engine.database.manifest import MANIFEST_NAME, Manifest
+from knnclip.engine.database.rerank_store import RerankStore
 from knnclip.engine.database.storage import WAL_NAME
 from knnclip.engine.database.vocabulary import ClassInfo, Vocabulary, split_label
 from knnclip.engine.database.wal import (
@@ -343,11 +344,14 @@ class Database:
             return len(ids)
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The stored (decoded) vectors of entry ``ids``, float32 [n, dim]. flat and hnsw indexes only."""
+        """The stored (decoded) vectors of entry ``ids``, float32 [n, dim]: flat and hnsw indexes,
+        and ivf-rabitq's re-rank store."""
         with self._mutex:
             self._check_open()
-            if not self._c.spec.positional:
-                raise InvalidInputError(f"vectors() is not available for {self._c.spec.kind} indexes")
+            if not self._c.spec.positional and self._c.store is None:
+                raise InvalidInputError(
+                    f"vectors() is not available for {self._c.spec.kind} indexes (they keep no vectors to read back)"
+                )
             want = np.asarray(ids, dtype=np.int64).reshape(-1)
             pos = np.searchsorted(self._c.ids, want)
             found = pos < len(self._c.ids)
@@ -357,6 +361,8 @@ class Database:
             out = np.empty((len(pos), self._c.dim), np.float32)
             if not len(pos):
                 return out
+            if self._c.store is not None:
+                return self._c.store.vectors(pos)
             index = self._c.index
             assert index is not None  # entries exist, so the index does
             if np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))):  # a run: one call
@@ -514,10 +520,11 @@ class Database:
                 )
             spec = self._c.spec.resolved_for(len(x), self._c.dim)
             index = build_index(spec, self._c.dim, self._c.metric)
-            index.train(x)
+            train_index(index, spec, x)
             # The trained index becomes the database's only once its checkpoint is on disk.
             trained = copy.copy(self._c)
             trained.spec, trained.index = spec, index
+            trained.store = RerankStore.trained(spec.storage, x) if spec.rerank_store else None
             self._checkpoint(trained, "write the trained index")
             self._c = trained
             if self._c.mirror is not None:
@@ -542,6 +549,8 @@ class Database:
             raise DatabaseWriteError(self.path, action, exc) from exc
         # The manifest is the switch-over point: from here the checkpoint is durable.
         self._manifest = manifest
+        if contents.store is not None:
+            disk.reopen_store(self.path, manifest, contents.store, str(contents.spec.params["store"]))
         try:
             create_log(self.path / WAL_NAME, manifest.uuid, contents.lsn)
         except OSError as exc:
@@ -598,20 +607,31 @@ class Database:
 
     # Search ----------------------------------------------------------------------------------
     def search(
-        self, queries: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        rerank: int | None = None,
     ) -> SearchResult:
         """The ``k`` most similar entries of each query: ``(sims, labels, ids)``, each [M, k], best first.
 
         Where fewer than k entries exist (or a cosine query is all zeros, e.g. an empty mask),
-        labels and ids are -1 and sims -inf. ``nprobe``/``ef_search`` override the index's defaults.
+        labels and ids are -1 and sims -inf. ``nprobe``/``ef_search`` override the index's defaults;
+        ``rerank`` (ivf-rabitq) how many candidates are re-scored from the store (0: none, the
+        codes' estimates are returned).
         """
+        if rerank is not None and (not isinstance(rerank, int | np.integer) or isinstance(rerank, bool) or rerank < 0):
+            raise InvalidInputError(f"rerank must be an integer >= 0, got {rerank!r}")
         if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 1 <= k <= _MAX_K:
             raise InvalidInputError(f"k must be an integer in [1, {_MAX_K}], got {k!r}")
         q = self._validated_vectors(queries, "queries", allow_zero=True)
         with self._mutex:
             self._check_open()
             params = search_parameters(self._c.spec, nprobe, ef_search)
-            return SearchResult(*self._c.search(q, k, params))
+            depth = int(self._c.spec.params.get("rerank", 0) if rerank is None else rerank)
+            return SearchResult(*self._c.search(q, k, params, depth))
 
     @property
     def device_search(self) -> str | None:
@@ -670,6 +690,8 @@ class Database:
             log_bytes = self._log.size if self._log is not None else self._log_state.valid_end
             disk = sum(f.bytes for f in self._manifest.files.values()) + log_bytes
             n = len(self._c.ids)
+            resident = self._c.resident_bytes()
+            store = self._c.store
             return {
                 "path": str(self.path),
                 "entries": n,
@@ -683,6 +705,20 @@ class Database:
                 "code_bytes_per_entry": self._c.spec.code_bytes(self._c.dim),
                 "disk_bytes": disk,
                 "disk_bytes_per_entry": disk / n if n else None,
+                # what this process holds in memory for the database, by part
+                "resident_bytes": sum(resident.values()),
+                "resident_bytes_per_entry": sum(resident.values()) / n if n else None,
+                "resident_parts": resident,
+                "store": None
+                if store is None
+                else {
+                    "precision": store.precision,
+                    "place": self._c.spec.params["store"],
+                    "rows": store.total_rows,
+                    "disk_bytes": store.disk_segment_bytes(),
+                    "resident_bytes": resident["store"],
+                    "rerank": self._c.spec.params["rerank"],
+                },
                 "log_bytes": log_bytes,
                 # bytes of a write a crash cut short after the last complete record (a writer
                 # keeps them aside and cuts them when it opens)

@@ -141,11 +141,15 @@ _FILE_NAMES = {
     "index": re.compile(r"index\.\d{6}\.faiss"),
     "entries": re.compile(r"entries\.\d{6}\.npy"),
     "provenance": re.compile(r"provenance\.\d{6}\.npz"),
+    "store-ranges": re.compile(r"store-ranges\.\d{6}\.npy"),
 }
+# The re-rank store's segments: keys store-0, store-1, ... in row order.
+_SEGMENT_KEY = re.compile(r"store-\d+")
+_SEGMENT_NAME = re.compile(r"store\.\d{6}\.npy")
 
 
 def _file_record(path: Path, key: str, f: Any) -> FileRecord:
-    pattern = _FILE_NAMES.get(key)
+    pattern = _SEGMENT_NAME if _SEGMENT_KEY.fullmatch(key) else _FILE_NAMES.get(key)
     if pattern is None:
         raise DatabaseCorruptError(path, f"lists an unknown file {key!r}")
     name = str(f["name"])

@@ -9,6 +9,9 @@ Directory layout::
     provenance.<generation>.npz  where each entry came from, in the same order (source, its index in
                                its add call, the time); databases from before it have none, and
                                their first checkpoint writes it
+    store.<generation>.npy     ivf-rabitq only: a segment of the re-rank store (rows added up to
+                               that checkpoint; older segments stay while their rows are live)
+    store-ranges.<generation>.npy  ivf-rabitq with sq8 only: the store's per-dimension ranges
     wal.log                    changes since the checkpoint (see wal.py)
     LOCK                       held by the one writer
 
@@ -38,6 +41,7 @@ import numpy as np
 from knnclip.engine.database.contents import Contents, Provenance
 from knnclip.engine.database.indexes import IndexSpec
 from knnclip.engine.database.manifest import MANIFEST_NAME, FileRecord, Manifest
+from knnclip.engine.database.rerank_store import RerankStore
 from knnclip.engine.database.vocabulary import Vocabulary
 from knnclip.engine.database.wal import LogContents, create_log, read_log
 from knnclip.engine.errors import DatabaseCorruptError, DatabaseExistsError, UnknownClassError
@@ -136,7 +140,116 @@ def load_checkpoint(directory: Path, manifest: Manifest) -> Contents:
             index_path, f"index holds {index.ntotal} vectors of dim {index.d}, manifest says {m.entries} of {m.dim}"
         )
     contents.index = index
+    if contents.spec.rerank_store:
+        contents.store = load_store(directory, m, contents.spec.storage, m.dim, str(contents.spec.params["store"]))
     return contents
+
+
+def store_segment_records(manifest: Manifest) -> list[FileRecord]:
+    """The manifest's re-rank store segments, in row order."""
+    keys = sorted((k for k in manifest.files if k.startswith("store-") and k[6:].isdigit()), key=lambda k: int(k[6:]))
+    return [manifest.files[k] for k in keys]
+
+
+def load_store(directory: Path, manifest: Manifest, precision: str, dim: int, place: str) -> RerankStore:
+    """The re-rank store of a checkpoint, each file verified; its segments memory-mapped when
+    ``place`` is "disk", read into memory when "ram"."""
+    ranges = None
+    if precision == "sq8":
+        rec = manifest.files.get("store-ranges")
+        if rec is None:
+            raise DatabaseCorruptError(directory / MANIFEST_NAME, "lists no store-ranges file for its sq8 store")
+        ranges = _read_array(verified_file(directory, rec), np.float32, (2, dim), "store ranges")
+    store = RerankStore(precision, dim, ranges)
+    records = store_segment_records(manifest)
+    segments = open_segments(directory, records, store.dtype, dim, place, {})
+    rows = sum(len(s) for s in segments)
+    if rows != manifest.entries:
+        raise DatabaseCorruptError(directory / MANIFEST_NAME, f"store holds {rows} rows for {manifest.entries} entries")
+    store.checkpointed(segments, records)
+    return store
+
+
+def open_segments(
+    directory: Path,
+    records: list[FileRecord],
+    dtype: type[np.generic],
+    dim: int,
+    place: str,
+    already: dict[str, np.ndarray],
+) -> list[np.ndarray]:
+    """The store segments of ``records``: those in ``already`` (by file name) as they are, the
+    others verified and memory-mapped or read."""
+    out = []
+    for rec in records:
+        if rec.name in already:
+            out.append(already[rec.name])
+            continue
+        path = verified_file(directory, rec)
+        out.append(_read_array(path, dtype, (None, dim), "store segment", mmap=place == "disk"))
+    return out
+
+
+def _read_array(
+    path: Path, dtype: type[np.generic], shape: tuple[int | None, int], what: str, mmap: bool = False
+) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatabaseCorruptError(path, f"unreadable {what} ({exc})") from None
+    fits = arr.ndim == len(shape) and all(w is None or w == a for w, a in zip(shape, arr.shape, strict=True))
+    if arr.dtype != dtype or not fits:
+        raise DatabaseCorruptError(path, f"{what} is {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}")
+    return arr
+
+
+def write_store(workdir: Path, store: RerankStore, generation: int, compact: bool) -> dict[str, FileRecord]:
+    """Write the re-rank store's new files under ``generation``: its ranges, and either every
+    live row as one segment (``compact``: a new directory, or rows left behind by removals) or the
+    rows added since the last checkpoint as one more segment beside the kept ones."""
+    files: dict[str, FileRecord] = {}
+    if store.ranges is not None:
+        name = f"store-ranges.{generation:06d}.npy"
+        files["store-ranges"] = _write_npy(workdir / name, [store.ranges], store.ranges.dtype)
+    name = f"store.{generation:06d}.npy"
+    if compact:
+        blocks = store.live_rows()
+        segments = [_write_npy(workdir / name, blocks, np.dtype(store.dtype))] if len(store) else []
+    else:
+        segments = [r for r in store.segment_records if isinstance(r, FileRecord)]
+        pending = store.pending_rows()
+        if len(pending):
+            segments.append(_write_npy(workdir / name, [pending], pending.dtype))
+    files.update({f"store-{i}": rec for i, rec in enumerate(segments)})
+    return files
+
+
+def _write_npy(path: Path, blocks: list[np.ndarray], dtype: np.dtype) -> FileRecord:
+    """``blocks`` stacked into one .npy file, written atomically without holding the whole."""
+    rows = sum(len(b) for b in blocks)
+    shape = (rows, *blocks[0].shape[1:])
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        start = 0
+        for b in blocks:
+            out[start : start + len(b)] = b
+            start += len(b)
+        out.flush()
+        del out
+    return FileRecord(path.name, path.stat().st_size, sha256_file(path))
+
+
+def reopen_store(directory: Path, manifest: Manifest, store: RerankStore, place: str) -> None:
+    """After a checkpoint of this directory: the store reads its rows from the segments just
+    written (memory-mapped when ``place`` is "disk"), keeping the segments it had."""
+    records = store_segment_records(manifest)
+    kept = {getattr(rec, "name", ""): seg for rec, seg in zip(store.segment_records, store.segments, strict=True)}
+    if place == "ram" and not store.needs_compaction:
+        # the rows just written are the ones pending in memory: no need to read them back
+        pending = store.pending_rows()
+        if len(pending) and records and records[-1].name not in kept:
+            kept[records[-1].name] = pending
+    store.checkpointed(open_segments(directory, records, store.dtype, store.dim, place, kept), records)
 
 
 def provenance_bytes(p: Provenance) -> bytes:
@@ -222,15 +335,23 @@ def remove_stale_files(directory: Path, manifest: Manifest) -> None:
     for p in directory.iterdir():
         stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
         prefix = p.name.split(".")[0]
-        old_generation = p.suffix in (".faiss", ".npy", ".npz") and prefix in ("index", "entries", "provenance")
+        old_generation = p.suffix in (".faiss", ".npy", ".npz") and prefix in (
+            "index",
+            "entries",
+            "provenance",
+            "store",
+            "store-ranges",
+        )
         if stale_tmp or (old_generation and p.name not in keep):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
 
-def generation_files(generation: int) -> tuple[str, str, str]:
-    """The names of a checkpoint generation's index, entries and provenance files."""
-    return f"index.{generation:06d}.faiss", f"entries.{generation:06d}.npy", f"provenance.{generation:06d}.npz"
+def generation_files(generation: int) -> tuple[str, ...]:
+    """The names of a checkpoint generation's files: index, entries, provenance, and the
+    re-rank store's segment and ranges."""
+    g = f"{generation:06d}"
+    return f"index.{g}.faiss", f"entries.{g}.npy", f"provenance.{g}.npz", f"store.{g}.npy", f"store-ranges.{g}.npy"
 
 
 def remove_generation(directory: Path, generation: int) -> None:
@@ -271,6 +392,10 @@ def write_checkpoint(
         data = provenance_bytes(contents.provenance)
         atomic_write_bytes(workdir / name, data)
         files["provenance"] = FileRecord(name, len(data), hashlib.sha256(data).hexdigest())
+        if contents.store is not None:
+            files.update(
+                write_store(workdir, contents.store, generation, compact=fresh or contents.store.needs_compaction)
+            )
         manifest = Manifest(
             uuid=db_uuid,
             dim=contents.dim,
