@@ -37,7 +37,9 @@ from knnclip.engine.database.storage import WAL_NAME
 from knnclip.engine.database.vocabulary import ClassInfo, Vocabulary, split_label
 from knnclip.engine.database.wal import (
     HEADER_BYTES,
+    FellBehindError,
     LogContents,
+    LogFollower,
     LogWriter,
     Record,
     RecordKind,
@@ -57,7 +59,7 @@ from knnclip.engine.errors import (
     UnknownEntryError,
 )
 
-__all__ = ["WAL_NAME", "Database", "EntryRecord", "SearchResult"]
+__all__ = ["WAL_NAME", "Database", "EntryRecord", "FollowResult", "SearchResult"]
 
 log = logging.getLogger("knnclip.engine.database")
 
@@ -80,6 +82,18 @@ class SearchResult(NamedTuple):
     sims: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class FollowResult:
+    """What one :meth:`Database.follow` did: the log records it applied, the bytes it read to
+    find them (the whole checkpoint's files when it had to reload), whether it reloaded, and
+    the sequence number it stands at now."""
+
+    records: int
+    bytes_read: int
+    reloaded: bool
+    lsn: int
 
 
 class Database:
@@ -116,6 +130,8 @@ class Database:
         self._lock: WriterLock | None = None
         self._log: LogWriter | None = None
         self._log_state = LogContents(manifest.checkpoint_lsn, [], HEADER_BYTES, 0)  # set by replay
+        self._follower: LogFollower | None = None  # a read-only handle's reader of the log, once it follows
+        self._device, self._search_mode = "cpu", "fp32"  # what open() was asked for (a reload keeps them)
         #: A log larger than this triggers a checkpoint after the change that grew it.
         self.auto_checkpoint_bytes = 256 << 20
         self._checkpoint_deferred_until = 0  # log size; set when an automatic checkpoint failed
@@ -196,6 +212,7 @@ class Database:
         """What :meth:`open` adds to the loaded contents: a writer's lock and log (and the rewrite
         of an older log format), and the search mirror on the GPU or in bf16."""
         self._lock = lock
+        self._device, self._search_mode = device, search
         if self._state is DatabaseState.WRITER:
             self._log = LogWriter(self.path / WAL_NAME, self._log_state.valid_end)
             if self._log.tail_kept is not None:
@@ -205,14 +222,72 @@ class Database:
             # writer rewrites them in the current format.
             if self._log_state.version < 2 or "provenance" not in self._manifest.files:
                 self.checkpoint()
-        if device == "cuda":
+        else:
+            # A reader holds the log open from the start, so follow() reads on from where the open
+            # read up to even when a checkpoint replaces the log before the first follow.
+            with contextlib.suppress(FellBehindError):
+                self._follower = self._new_follower()
+        self._c.mirror = self._open_mirror(self._c)
+
+    def _open_mirror(self, contents: Contents) -> Any:
+        """The search mirror open() was asked for (on the GPU, in bf16) over ``contents``, or None."""
+        if self._device == "cuda":
             from knnclip.engine.database.gpu import open_gpu_mirror
 
-            self._c.mirror = open_gpu_mirror(self._c.spec, self._c.dim, self._c.index)
-        elif search == "bf16":
+            return open_gpu_mirror(contents.spec, contents.dim, contents.index)
+        if self._search_mode == "bf16":
             from knnclip.engine.database.bf16_search import Bf16SearchMirror
 
-            self._c.mirror = Bf16SearchMirror(self._c.spec, self._c.dim, self._c.index)
+            return Bf16SearchMirror(contents.spec, contents.dim, contents.index)
+        return None
+
+    def follow(self) -> FollowResult:
+        """Bring a read-only handle up to date with the database's writer, in place.
+
+        Applies the log records the writer appended since this handle last read, through the
+        same code as replay, reading only their bytes: the cost is the change's, not the
+        database's. A checkpoint does not interrupt it (the handle keeps its state and moves to
+        the new log). Only when the records it needs are gone (the log was replaced twice since
+        it last read, or the database was replaced) does it load the latest checkpoint, and it
+        swaps it in whole: searches see the old state or the new one, never a mix.
+        """
+        with self._mutex:
+            self._check_open()
+            if self._state is not DatabaseState.READ_ONLY:
+                raise InvalidInputError(f"{self.path}: follow() is for read-only handles; a writer is always current")
+            try:
+                if self._follower is None:
+                    self._follower = self._new_follower()
+                records, read = self._follower.read()
+            except FellBehindError as exc:
+                log.info("%s: %s; loading the latest checkpoint", self.path, exc)
+                return self._reload()
+            for record in records:
+                try:
+                    self._c.apply(record)
+                except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
+                    raise DatabaseCorruptError(
+                        self.path / WAL_NAME, f"record {record.lsn} cannot be applied ({exc})"
+                    ) from None
+            return FollowResult(len(records), read, False, self._c.lsn)
+
+    def _new_follower(self) -> LogFollower:
+        s = self._log_state
+        return LogFollower(self.path / WAL_NAME, self._manifest.uuid, s.base_lsn, s.valid_end, self._c.lsn)
+
+    def _reload(self) -> FollowResult:
+        fresh = Database._load(self.path, read_only=True, retry=True)
+        contents = fresh._c  # noqa: SLF001 - a Database this method made
+        contents.mirror = self._open_mirror(contents)
+        self._c, self._manifest = contents, fresh._manifest  # noqa: SLF001
+        self._log_state = fresh._log_state  # noqa: SLF001
+        if self._follower is not None:
+            self._follower.close()
+            self._follower = None
+        with contextlib.suppress(FellBehindError):  # replaced again meanwhile: the next follow reloads
+            self._follower = self._new_follower()
+        read = sum(f.bytes for f in self._manifest.files.values()) + self._log_state.valid_end
+        return FollowResult(0, read, True, self._c.lsn)
 
     @classmethod
     def _load(cls, directory: Path, read_only: bool, retry: bool) -> Database:
@@ -595,6 +670,8 @@ class Database:
                 self._state = DatabaseState.CLOSED
                 if self._log is not None:
                     self._log.close()
+                if self._follower is not None:
+                    self._follower.close()
                 if self._lock is not None:
                     self._lock.release()
                 self._c.index = self._c.mirror = None

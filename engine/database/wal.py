@@ -91,6 +91,13 @@ def read_log(path: Path, db_uuid: uuid_mod.UUID) -> LogContents:
         data = memoryview(path.read_bytes())
     except FileNotFoundError:
         raise DatabaseCorruptError(path, "the write-ahead log is missing") from None
+    base_lsn, version = _check_header(path, data, db_uuid)
+    records, end = _parse_records(path, data[HEADER_BYTES:], HEADER_BYTES, base_lsn + 1, version)
+    return LogContents(base_lsn, records, end, len(data) - end, version)
+
+
+def _check_header(path: Path, data: memoryview | bytes, db_uuid: uuid_mod.UUID) -> tuple[int, int]:
+    """The base lsn and format version of a log that starts with ``data``."""
     if len(data) < HEADER_BYTES:
         raise DatabaseCorruptError(path, f"write-ahead log header is truncated ({len(data)} of {HEADER_BYTES} bytes)")
     magic, file_uuid, base_lsn = _HEADER.unpack_from(data, 0)
@@ -100,13 +107,20 @@ def read_log(path: Path, db_uuid: uuid_mod.UUID) -> LogContents:
         raise DatabaseCorruptError(
             path, f"write-ahead log belongs to database {uuid_mod.UUID(bytes=file_uuid)}, not {db_uuid}"
         )
-    version = 2 if magic == MAGIC else 1
+    return int(base_lsn), 2 if magic == MAGIC else 1
+
+
+def _parse_records(
+    path: Path, data: memoryview, start: int, expected_lsn: int, version: int
+) -> tuple[list[Record], int]:
+    """The whole records at the front of ``data`` (the log's bytes from offset ``start``), the
+    first numbered ``expected_lsn``, and the offset where they end (a torn tail may follow)."""
     head = _RECORD_HEAD if version == 2 else _RECORD_HEAD_V1
     records: list[Record] = []
-    offset = HEADER_BYTES
-    expected_lsn = base_lsn + 1
-    while offset < len(data):
-        rest = data[offset:]
+    pos = 0
+    while pos < len(data):
+        offset = start + pos
+        rest = data[pos:]
         if len(rest) < head.size or not any(rest[: head.size]):
             # A partial record head, or the zeros a file system leaves when the size was
             # extended but the data never reached the disk.
@@ -143,8 +157,93 @@ def read_log(path: Path, db_uuid: uuid_mod.UUID) -> LogContents:
         except (ValueError, UnicodeDecodeError) as exc:
             raise DatabaseCorruptError(path, f"record at byte {offset}: unreadable ({exc})") from None
         expected_lsn += 1
-        offset += end
-    return LogContents(base_lsn, records, offset, len(data) - offset, version)
+        pos += end
+    return records, start + pos
+
+
+class FellBehindError(Exception):
+    """The records a follower needs next are no longer in any log it can read (two checkpoints
+    replaced the log since it last read, or the database itself was replaced): it must load the
+    latest checkpoint instead."""
+
+
+class LogFollower:
+    """Reads what a writer appends to the log at ``path`` after record ``last_lsn`` (which ends at
+    byte ``offset``), each call reading only the new bytes.
+
+    The log file stays open between calls: a checkpoint replaces the log by renaming a new one
+    over it, and the open file still holds the old log's last records, so the follower reads
+    them first and then moves on to the new log without missing any.
+    """
+
+    def __init__(self, path: Path, db_uuid: uuid_mod.UUID, base_lsn: int, offset: int, last_lsn: int) -> None:
+        self.path, self._uuid = path, db_uuid
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+        try:
+            header = os.pread(self._fd, HEADER_BYTES, 0)
+            self.base_lsn, self._version = _check_header(path, header, db_uuid)
+        except DatabaseCorruptError as exc:
+            self._finalizer()
+            raise FellBehindError(f"the log is no longer this database's: {exc}") from None
+        if self.base_lsn != base_lsn:
+            # The log read at open was replaced since: this one follows on only if it starts
+            # where the reader stands.
+            if self.base_lsn != last_lsn:
+                self._finalizer()
+                raise FellBehindError(f"{path} starts after record {self.base_lsn}; the reader stands at {last_lsn}")
+            offset = HEADER_BYTES
+        self.offset, self.last_lsn = offset, last_lsn
+
+    def read(self) -> tuple[list[Record], int]:
+        """The records appended since the last call (in order) and the bytes read to find them.
+        Raises FellBehindError when they cannot all be read, DatabaseCorruptError on damage."""
+        records, read = self._read_open_file()
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return records, read  # a checkpoint is between removing and renaming: next time
+        if current.st_ino == os.fstat(self._fd).st_ino:
+            return records, read
+        # A checkpoint replaced the log: the old one is complete (the writer appends only to
+        # the new one from now on), so read its last records, then move to the new one.
+        more, more_read = self._read_open_file()
+        records += more
+        read += more_read
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            header = os.pread(fd, HEADER_BYTES, 0)
+            try:
+                base_lsn, version = _check_header(self.path, header, self._uuid)
+            except DatabaseCorruptError as exc:
+                raise FellBehindError(f"the log was replaced by another database's: {exc}") from None
+            if base_lsn > self.last_lsn:
+                raise FellBehindError(
+                    f"{self.path} now starts after record {base_lsn}; this follower has read up to {self.last_lsn}"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self._finalizer()
+        self._fd, self._finalizer = fd, weakref.finalize(self, os.close, fd)
+        self.base_lsn, self._version, self.offset = base_lsn, version, HEADER_BYTES
+        skipped_to = self.last_lsn
+        self.last_lsn = base_lsn
+        more, more_read = self._read_open_file()
+        return records + [r for r in more if r.lsn > skipped_to], read + more_read + HEADER_BYTES
+
+    def _read_open_file(self) -> tuple[list[Record], int]:
+        size = os.fstat(self._fd).st_size
+        if size <= self.offset:
+            return [], 0
+        data = memoryview(os.pread(self._fd, size - self.offset, self.offset))
+        records, end = _parse_records(self.path, data, self.offset, self.last_lsn + 1, self._version)
+        if records:
+            self.offset, self.last_lsn = end, records[-1].lsn
+        return records, len(data)
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 def _partial_head_then_zeros(rest: memoryview, head_size: int) -> bool:
