@@ -14,6 +14,15 @@ so the figures are for a server under its own load generator. Servers:
 - ``overload``: embedded, ``--max-queue 4``, 64 clients: how much is shed with 503 + Retry-After.
 
 Writes ``results/serve.json`` and ``.md``.
+
+``python benchmarks/serve.py --follow`` measures instead what it costs a replica to follow the
+owner's changes (``results/serve-follow.json``, ``.md``):
+
+- per change, at 10^5 and 10^6 entries (flat fp16): the time and bytes of ``Database.follow`` on
+  a read-only handle after the writer logs one change (a class of 10 entries; every fifth change
+  followed by a checkpoint), against reopening the database read-only, as replicas did before;
+- on Ray Serve with 2 replicas under closed-loop load: the time from a class being acknowledged
+  by ``POST /v1/classes`` until a reply from each replica uses it.
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, models: Path, db: Path, log: Path, *args: str, ray: bool = False) -> None:
+    def __init__(
+        self, models: Path, db: Path, log: Path, *args: str, ray: bool = False, token: str | None = None
+    ) -> None:
         self.port = free_port()
         command = [
             sys.executable,
@@ -65,7 +76,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         from knnclip.engine.serve.client import Client
 
-        with Client(self.url) as client:
+        with Client(self.url, token) as client:
             client.wait_ready(timeout=240)
 
     def stop(self) -> None:
@@ -118,12 +129,190 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> d
     return row
 
 
+def follow_cost(size: int, changes: int, work: Path) -> dict[str, Any]:
+    """Follow against reopen, per change, on a flat fp16 database of ``size`` random entries."""
+    import numpy as np
+
+    from knnclip.engine import Database
+
+    dim, rng = 1536, np.random.default_rng(size)
+    path = work / f"follow-{size}"
+    with Database.create(path, dim) as writer:
+        writer.auto_checkpoint_bytes = 1 << 40  # one checkpoint at the end, not one per 256 MiB
+        writer.add_class("base")
+        for lo in range(0, size, 50_000):
+            n = min(50_000, size - lo)
+            writer.add(rng.standard_normal((n, dim), dtype=np.float32), np.zeros(n, np.int64))
+    writer = Database.open(path)
+    follower = Database.open(path, read_only=True)
+    follows, reopens = [], []
+    try:
+        for i in range(changes):
+            writer.add(rng.standard_normal((10, dim), dtype=np.float32), [f"class{i}"] * 10)
+            if i % 5 == 4:
+                writer.checkpoint()
+            start = time.perf_counter()
+            result = follower.follow()
+            follows.append((time.perf_counter() - start, result.bytes_read, result.records, result.reloaded))
+            assert follower.lsn == writer.lsn
+            if i < 5:  # reopening costs seconds at 10^6: five are enough
+                start = time.perf_counter()
+                with Database.open(path, read_only=True) as reopened:
+                    read = reopened.stats()["disk_bytes"]
+                reopens.append((time.perf_counter() - start, read))
+    finally:
+        follower.close()
+        writer.close()
+    f_times = percentiles([f[0] for f in follows])
+    r_times = percentiles([r[0] for r in reopens])
+    return {
+        "entries": size,
+        "changes": changes,
+        "follow_p50_ms": f_times["p50"] * 1e3,
+        "follow_p99_ms": f_times["p99"] * 1e3,
+        "follow_bytes_per_change": float(np.mean([f[1] for f in follows])),
+        "follow_reloads": sum(f[3] for f in follows),
+        "reopen_p50_ms": r_times["p50"] * 1e3,
+        "reopen_bytes": float(np.mean([r[1] for r in reopens])),
+    }
+
+
+async def propagation(url: str, token: str, bodies: list[bytes], adds: int, clients: int) -> dict[str, Any]:
+    """Seconds from a class's acknowledgement until a reply from each replica lists it."""
+    import httpx
+
+    replies: list[tuple[float, str, set[str]]] = []  # (time the reply came, replica, class names)
+    stop = asyncio.Event()
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as http:
+
+        async def client(i: int) -> None:
+            n = i
+            while not stop.is_set():
+                reply = await http.post("/v1/segment", content=bodies[n % len(bodies)])
+                if reply.status_code == 200:
+                    body = reply.json()
+                    replies.append((time.perf_counter(), body["replica"], {c for c in body["classes"] if c}))
+                n += clients
+
+        workers = [asyncio.create_task(client(i)) for i in range(clients)]
+        delays: list[float] = []
+        replicas: set[str] = set()
+        try:
+            await asyncio.sleep(3.0)  # both replicas warm and answering
+            replicas = {r[1] for r in replies}
+            for i in range(adds):
+                name = f"probe{i}"
+                reply = await http.post("/v1/classes", json={"name": name})
+                reply.raise_for_status()
+                acknowledged = time.perf_counter()
+                deadline = acknowledged + 30
+                seen: dict[str, float] = {}
+                while len(seen) < len(replicas) and time.perf_counter() < deadline:
+                    for when, replica, names in list(replies):
+                        if when >= acknowledged and name in names and replica not in seen:
+                            seen[replica] = when - acknowledged
+                    await asyncio.sleep(0.005)
+                delays += [seen.get(r, float("inf")) for r in replicas]
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+    p = percentiles(delays)
+    return {
+        "replicas": len(replicas),
+        "adds": adds,
+        "clients": clients,
+        "p50_s": p["p50"],
+        "p99_s": p["p99"],
+        "max_s": max(delays),
+    }
+
+
+def follow_main(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from knnclip.engine.demo.run import DemoSettings, build_database, build_models
+    from knnclip.engine.demo.synthetic import make_split
+
+    report: dict[str, Any] = {"machine": machine(), "follow": [], "propagation": None}
+    with tempfile.TemporaryDirectory(prefix="knnclip-follow-bench-") as work_dir:
+        work = Path(work_dir)
+        for size in args.follow_sizes:
+            row = follow_cost(size, 20, work)
+            print(row, flush=True)
+            report["follow"].append(row)
+        try:
+            import ray  # noqa: F401 - is the ray extra installed?
+        except ImportError:
+            print("ray is not installed: the propagation row is skipped")
+            args.no_ray = True
+        if not args.no_ray:
+            bodies = []
+            for s in make_split(8, seed=21):
+                buf = io.BytesIO()
+                Image.fromarray(np.asarray(s.image)).save(buf, format="PNG")
+                bodies.append(buf.getvalue())
+            models = build_models(DemoSettings(out=work), say=print)
+            build_database(models, work / "db", make_split(8, seed=1), text_cache=work / "text")
+            token = "bench-token-0123456789abcdef"
+            (work / "token").write_text(token)
+            flags = ("--ray", "--replicas", "2", "--max-batch", "4", "--token-file", str(work / "token"))
+            server = Server(models, work / "db", work / "ray.log", *flags, ray=True, token=token)
+            try:
+                report["propagation"] = asyncio.run(propagation(server.url, token, bodies, 20, 2))
+                print(report["propagation"], flush=True)
+            finally:
+                server.stop()
+    write_json("serve-follow", report)
+    write_text("serve-follow.md", follow_markdown(report))
+
+
+def follow_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"# Following the owner's changes ({m.get('cpu', '?')}, {m.get('cores', '?')} cores): "
+        "`python benchmarks/serve.py --follow`",
+        "",
+        "Per change: a class of 10 entries added by the writer (every fifth change followed by a checkpoint), "
+        "then `Database.follow()` on a read-only handle, against opening the database read-only again "
+        "(what replicas did before). flat fp16, 1536-d.",
+        "",
+        "| entries | follow p50 ms | follow p99 ms | bytes read per change | reloads | reopen p50 ms "
+        "| reopen bytes | reopen / follow time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["follow"]:
+        lines.append(
+            f"| {r['entries']:,} | {r['follow_p50_ms']:.2f} | {r['follow_p99_ms']:.2f} "
+            f"| {r['follow_bytes_per_change']:,.0f} | {r['follow_reloads']} | {r['reopen_p50_ms']:.0f} "
+            f"| {r['reopen_bytes']:,.0f} | {r['reopen_p50_ms'] / r['follow_p50_ms']:,.0f}x |"
+        )
+    p = report["propagation"]
+    if p:
+        lines += [
+            "",
+            f"Ray Serve, {p['replicas']} replicas, {p['clients']} closed-loop clients: {p['adds']} classes added "
+            "through `POST /v1/classes`; seconds from each acknowledgement until a reply from each replica "
+            f"lists the class: p50 {p['p50_s']:.2f} s, p99 {p['p99_s']:.2f} s, max {p['max_s']:.2f} s "
+            "(a reply that lists it was served by a batch that started after the add, so these include "
+            "one request's own latency).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--follow", action="store_true", help="measure following instead (results/serve-follow)")
+    parser.add_argument("--follow-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     args = parser.parse_args()
+    if args.follow:
+        follow_main(args)
+        return
 
     import numpy as np
     from PIL import Image

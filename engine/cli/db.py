@@ -14,13 +14,14 @@ from knnclip.engine.cli.common import dataset_options, dataset_split, progress_f
 from knnclip.engine.errors import InvalidInputError, UsageError
 
 
-def _params(pairs: list[str]) -> dict[str, int]:
-    out = {}
+def _params(pairs: list[str]) -> dict[str, int | str]:
+    """``--param NAME=VALUE`` pairs: integers (nlist=1024) or words (store=disk)."""
+    out: dict[str, int | str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not value.isdigit():
-            raise UsageError(f"--param takes NAME=INTEGER (e.g. nlist=1024), got {pair!r}")
-        out[name] = int(value)
+        if not sep or not name or not value:
+            raise UsageError(f"--param takes NAME=VALUE (e.g. nlist=1024 or store=disk), got {pair!r}")
+        out[name] = int(value) if value.isdigit() else value
     return out
 
 
@@ -222,6 +223,22 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from knnclip.engine.database import Database
+
+    with Database.convert(
+        args.db, args.out, index=args.index, storage=args.storage, index_params=_params(args.param)
+    ) as db:
+        stats = db.stats()
+    _print(
+        args,
+        stats,
+        f"converted {args.db} into {args.out}: {stats['entries']} entries, {stats['index']}/{stats['storage']} "
+        f"{stats['params']}",
+    )
+    return 0
+
+
 def _add_dataset(args: argparse.Namespace) -> int:
     from knnclip.engine.eval.evaluate import add_dataset
 
@@ -264,8 +281,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=1536, help="embedding size (default 1536, DINOv2 ViT-g/14)")
     p.add_argument("--metric", choices=METRICS, default="cosine")
     p.add_argument("--index", choices=INDEX_KINDS, default="flat")
-    p.add_argument("--storage", choices=STORAGES, default=None, help="default fp16 (ivf-pq: PQ codes)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=N", help="index parameter, e.g. nlist=1024")
+    p.add_argument(
+        "--storage", choices=STORAGES, default=None, help="default fp16 (ivf-pq: PQ codes; ivf-rabitq: an sq8 store)"
+    )
+    p.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="index parameter: nlist=1024, store=disk"
+    )
     p = action("train", _train, "train an IVF / PQ / sq8 index on sample vectors")
     p.add_argument("samples", help=".npy float array [N, D]")
     p = action("add", _add, "add embeddings: .npy files [N, D] with NAME.txt (class names) or NAME.labels.npy beside")
@@ -298,6 +319,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p = action("snapshot", _snapshot, "write a consistent copy to a new directory")
     p.add_argument("out", help="new directory")
     action("checkpoint", _checkpoint, "write the index and empty the log")
+    p = action("convert", _convert, "rebuild into a new database with another index (ids, classes, provenance kept)")
+    p.add_argument("out", help="new directory")
+    p.add_argument("--index", choices=INDEX_KINDS, required=True)
+    p.add_argument("--storage", choices=STORAGES, default=None, help="default: the index's own (ivf-rabitq: sq8)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="e.g. nlist=1024, store=disk")
     p = sub.add_parser("add-dataset", help="add a dataset split's ground-truth masks to a database")
     dataset_options(p)
     p.add_argument("--db", required=True, help="database directory (created when missing)")

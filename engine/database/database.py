@@ -17,6 +17,7 @@ import copy
 import enum
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid as uuid_mod
@@ -288,6 +289,73 @@ class Database:
             self._follower = self._new_follower()
         read = sum(f.bytes for f in self._manifest.files.values()) + self._log_state.valid_end
         return FollowResult(0, read, True, self._c.lsn)
+
+    @classmethod
+    def convert(
+        cls,
+        source: str | os.PathLike[str],
+        target: str | os.PathLike[str],
+        *,
+        index: str,
+        storage: str | None = None,
+        index_params: dict[str, Any] | None = None,
+        train_size: int = 50_000,
+        batch: int = 10_000,
+        seed: int = 0,
+    ) -> Database:
+        """Rebuild the database at ``source`` into a new one at ``target`` with another index kind,
+        storage or parameters; return it, open for writing.
+
+        The same vocabulary (class ids included), entries (their ids, classes and where each
+        came from) and vectors as ``source`` stores them (decoded: an sq8 source gives sq8's
+        values). An index that needs training is trained on a random sample of ``train_size``
+        of them. ``source`` must keep its vectors (flat, hnsw, ivf-rabitq). ``target`` appears
+        whole or not at all: a failure removes what was written of it.
+        """
+        dst_path = Path(target)
+        with cls.open(source, read_only=True) as src:
+            c = src._c  # noqa: SLF001 - a Database this method opened
+            if not c.spec.positional and c.store is None:
+                raise InvalidInputError(
+                    f"{src.path}: a {c.spec.kind} index keeps no vectors to rebuild from; convert from a flat, "
+                    "hnsw or ivf-rabitq database (or add the original embeddings again)"
+                )
+            dst = cls.create(
+                dst_path, src.dim, metric=src.metric, index=index, storage=storage, index_params=index_params
+            )
+            try:
+                for info in sorted(c.vocab.values(), key=lambda i: i.id):
+                    dst._commit(RecordKind.PUT_CLASS, {"class": info.to_json()})  # noqa: SLF001 - same class
+                ids, labels, provenance = c.ids, c.labels, c.provenance
+                if dst.index_spec.needs_training and len(ids):
+                    rng = np.random.default_rng(seed)
+                    sample = np.sort(rng.choice(len(ids), min(train_size, len(ids)), replace=False))
+                    dst.train(src.vectors(ids[sample]))
+                for chunk in _add_runs(ids, provenance.time, batch):
+                    p = provenance.kept(chunk)
+                    used = np.unique(p.source[p.source >= 0])
+                    remap = np.full(len(p.names) + 1, -1, np.int64)
+                    remap[used] = np.arange(len(used))
+                    meta = {
+                        "first_id": int(ids[chunk[0]]),
+                        "n": len(chunk),
+                        "dim": src.dim,
+                        "classes": [],
+                        "provenance": {
+                            "sources": [p.names[i] for i in used],
+                            "of": remap[p.source].tolist(),
+                            "mask": p.mask.tolist(),
+                            "time": float(p.time[0]),
+                        },
+                    }
+                    vectors = np.ascontiguousarray(src.vectors(ids[chunk]), np.float32)
+                    dst._commit(RecordKind.ADD, meta, labels[chunk].tobytes(), vectors.tobytes())  # noqa: SLF001
+                dst.checkpoint()
+            except BaseException:
+                dst.close(checkpoint=False)
+                shutil.rmtree(dst_path, ignore_errors=True)
+                raise
+        return dst
 
     @classmethod
     def _load(cls, directory: Path, read_only: bool, retry: bool) -> Database:
@@ -964,6 +1032,15 @@ def _provenance_meta(sources: str | Sequence[str | None] | None, n: int) -> dict
 
 
 MAX_SOURCE_CHARS = 1024
+
+
+def _add_runs(ids: np.ndarray, times: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Positions grouped into add records that keep the entries' ids and times: runs of
+    consecutive ids added at one time, at most ``batch`` long."""
+    same_time = (times[1:] == times[:-1]) | (np.isnan(times[1:]) & np.isnan(times[:-1]))
+    breaks = np.flatnonzero((np.diff(ids) != 1) | ~same_time) + 1
+    runs = np.split(np.arange(len(ids)), breaks) if len(ids) else []
+    return [run[i : i + batch] for run in runs for i in range(0, len(run), batch)]
 
 
 def _check_source(name: object) -> None:

@@ -4,9 +4,10 @@ Three deployments:
 
 - ``Segmenters`` (``--replicas``, one GPU each where the cluster has GPUs): each opens the models and
   the database *read-only* and gathers requests with ``@serve.batch`` into ``segment_batch``.
-  Before each batch a replica compares ``Database.disk_state`` with the state it opened and
-  opens the database again when a writer changed it, so a class added through any request is
-  used by the next batch of every replica. Backpressure is Ray's: ``max_ongoing_requests`` per
+  Before each batch a replica follows the owner's log (``Database.follow``): it applies the
+  records appended since its last batch, in place, reading only them, so a class added through
+  any request is used by the next batch of every replica, at a cost proportional to the change
+  (a checkpoint does not make it reload). Backpressure is Ray's: ``max_ongoing_requests`` per
   replica and ``max_queued_requests`` (``--max-queue``) in front of them; past those the ingress
   answers 503 with ``Retry-After``.
 - ``DatabaseOwner`` (one replica): the only writer; applies every mutation and returns after the
@@ -55,17 +56,15 @@ def _raise_marked(value: Any) -> Any:
 
 
 class SegmenterReplica:
-    """One segmenter over the database opened read-only, reopened when a writer changed it."""
+    """One segmenter over the database opened read-only, following the owner's log."""
 
     def __init__(self, settings: ServeSettings) -> None:
         from ray import serve
 
-        from knnclip.engine.database import Database
         from knnclip.engine.pipeline.segmenter import Segmenter
 
         self.settings = settings
-        self._state = Database.disk_state(settings.db)
-        self._base = Segmenter.from_dir(
+        self._segmenter = Segmenter.from_dir(
             settings.models,
             settings.db,
             backend=settings.backend,
@@ -75,7 +74,6 @@ class SegmenterReplica:
             text_cache=settings.text_cache,
             search=settings.search,
         )
-        self._current = self._base
         self._lock = threading.Lock()
         context = serve.get_replica_context()
         self.name = str(getattr(context.replica_id, "unique_id", context.replica_id))
@@ -85,22 +83,12 @@ class SegmenterReplica:
 
     def _close(self) -> None:
         with self._lock:
-            if self._current is not self._base:
-                self._current.db.close()
-            self._base.close()
+            self._segmenter.close()
 
     def _fresh(self) -> Any:
-        """The segmenter over the database as it is now on disk."""
-        from knnclip.engine.database import Database
-
-        state = Database.disk_state(self.settings.db)
-        if state != self._state:
-            db = Database.open(self.settings.db, read_only=True, search=self.settings.search)
-            previous = self._current
-            self._current, self._state = self._base.with_database(db), state
-            if previous is not self._base:
-                previous.db.close()
-        return self._current
+        """The segmenter, its database brought up to the owner's last logged change."""
+        self._segmenter.db.follow()
+        return self._segmenter
 
     def _run(self, requests: list[SegmentRequest]) -> list[Any]:
         with self._lock:
@@ -311,7 +299,10 @@ def serve_on_ray(settings: ServeSettings, *, replicas: int = 1, address: str | N
 
         raise needs_extra("knnclip serve --ray (Ray Serve)", "ray") from None
     _ensure_database(settings)
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # A local instance binds to loopback: Ray's own ports are unauthenticated by default, and Ray
+    # otherwise binds the machine's interface address (docs/serving.md has the multi-node hardening).
+    local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False, **local)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -61,7 +61,8 @@ class TestInfo:
         ["no-such-command"],
         ["segment", "x.png", "--out", "o"],  # neither --models/--db nor --server
         ["segment", "x.png", "--models", "m", "--out", "o"],  # --db missing
-        ["db", "create", "x.db", "--dim", "8", "--param", "nlist"],  # NAME=INTEGER expected
+        ["db", "create", "x.db", "--dim", "8", "--param", "nlist"],  # NAME=VALUE expected
+        ["db", "convert", "x.db", "y.db"],  # --index missing
     ],
 )
 def test_usage_errors_exit_2(args, tmp_path):
@@ -115,6 +116,12 @@ class TestDb:
         assert run("db", "check", db).returncode == 0
         assert run("db", "snapshot", db, str(tmp_path / "snap")).returncode == 0
         assert json.loads(run("db", "stats", str(tmp_path / "snap"), "--json").stdout)["entries"] == 4
+        converted = run("db", "convert", db, str(tmp_path / "hnsw"), "--index", "hnsw", "--param", "M=8", "--json")
+        assert converted.returncode == 0, converted.stderr
+        stats = json.loads(converted.stdout)
+        assert (stats["index"], stats["params"]["M"], stats["entries"]) == ("hnsw", 8, 4)
+        bad = run("db", "convert", db, str(tmp_path / "bad"), "--index", "ivf-rabitq", "--param", "store=cloud")
+        assert bad.returncode != 0 and "store must be" in bad.stderr and not (tmp_path / "bad").exists()
 
     def test_remove_entries_rename_and_merge(self, tmp_path):
         import numpy as np

@@ -157,3 +157,38 @@ def test_search_refuses_a_negative_rerank(tmp_path: Path) -> None:
     db, _, _ = make(tmp_path / "db")
     with db, pytest.raises(InvalidInputError, match="rerank"):
         db.search(np.ones((1, DIM), np.float32), 3, rerank=-2)
+
+
+def test_convert_keeps_ids_classes_provenance_and_answers(tmp_path: Path) -> None:
+    """A flat fp32 database rebuilt as ivf-rabitq: the same entries, vocabulary (class ids too)
+    and provenance; with every list probed and every candidate re-scored, the answers are the
+    source's (its own exact search)."""
+    x, labels = DATA.sample(N, 1)
+    src = tmp_path / "src"
+    with Database.create(src, DIM, storage="fp32") as db:
+        db.add(x[:1000], [f"c{c}" for c in labels[:1000]], sources="first.png")
+        db.add(x[1000:], [f"c{c}" for c in labels[1000:]], sources=[f"img{i % 9}.png" for i in range(N - 1000)])
+        db.remove_entries(np.arange(200, 260))  # a gap in the ids
+        db.remove_class(f"c{labels[0]}")  # a gap in the class ids
+        entries, vocabulary = db.entries(), db.vocabulary
+        queries = DATA.sample(20, 30)[0]
+        reference = db.search(queries, 10)
+    with Database.convert(src, tmp_path / "dst", index="ivf-rabitq", storage="fp16", train_size=1500) as dst:
+        assert dst.entries() == entries
+        assert dst.vocabulary == vocabulary
+        got = dst.search(queries, 10, nprobe=dst.index_spec.params["nlist"], rerank=N)
+        assert dst.index_spec.params["nlist"] == 1500 // 39, "trained on the sample asked for"
+    np.testing.assert_allclose(got.sims, reference.sims, atol=2e-3)
+    assert recall(got.ids, reference.ids) >= 0.98
+    with Database.open(tmp_path / "dst", read_only=True) as reopened:
+        assert reopened.entries() == entries
+
+
+def test_convert_refuses_a_source_without_vectors_and_leaves_nothing(tmp_path: Path) -> None:
+    x, labels = DATA.sample(600, 1)
+    with Database.create(tmp_path / "src", DIM, index="ivf-pq", index_params={"m": 8, "nbits": 4}) as db:
+        db.train(x)
+        db.add(x, [f"c{c}" for c in labels])
+    with pytest.raises(InvalidInputError, match="keeps no vectors"):
+        Database.convert(tmp_path / "src", tmp_path / "dst", index="ivf-rabitq")
+    assert not (tmp_path / "dst").exists()
