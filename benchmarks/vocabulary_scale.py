@@ -150,7 +150,7 @@ def build(args: argparse.Namespace, gen: EmbeddingGenerator, workdir: Path) -> t
     best_p = np.full((len(queries), K), -1, np.int64)
     best_y = np.full((len(queries), K), -1, np.int64)
     generate_s = exact_s = 0.0
-    t0 = time.perf_counter()
+    began = t0 = time.perf_counter()
     for start, x, y in gen.database(args.n):
         generate_s += time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -170,7 +170,7 @@ def build(args: argparse.Namespace, gen: EmbeddingGenerator, workdir: Path) -> t
         for b in baselines:
             b.add(x, y)
         if start // gen.chunk % 16 == 15:
-            print(f"  {start + len(x):,} entries ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  {start + len(x):,} entries ({time.perf_counter() - began:.0f} s)", flush=True)
         t0 = time.perf_counter()
     built = []
     for name, db in dbs.items():

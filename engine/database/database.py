@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 import uuid as uuid_mod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -302,6 +302,7 @@ class Database:
         train_size: int = 50_000,
         batch: int = 10_000,
         seed: int = 0,
+        select: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> Database:
         """Rebuild the database at ``source`` into a new one at ``target`` with another index kind,
         storage or parameters; return it, open for writing.
@@ -309,8 +310,10 @@ class Database:
         The same vocabulary (class ids included), entries (their ids, classes and where each
         came from) and vectors as ``source`` stores them (decoded: an sq8 source gives sq8's
         values). An index that needs training is trained on a random sample of ``train_size``
-        of them. ``source`` must keep its vectors (flat, hnsw, ivf-rabitq). ``target`` appears
-        whole or not at all: a failure removes what was written of it.
+        of them. ``select`` keeps only some entries: given the entry ids, it returns a boolean
+        mask of those to copy (a shard's, say). ``source`` must keep its vectors (flat, hnsw,
+        ivf-rabitq). ``target`` appears whole or not at all: a failure removes what was written
+        of it.
         """
         dst_path = Path(target)
         with cls.open(source, read_only=True) as src:
@@ -327,6 +330,9 @@ class Database:
                 for info in sorted(c.vocab.values(), key=lambda i: i.id):
                     dst._commit(RecordKind.PUT_CLASS, {"class": info.to_json()})  # noqa: SLF001 - same class
                 ids, labels, provenance = c.ids, c.labels, c.provenance
+                if select is not None:
+                    chosen = np.asarray(select(ids.copy()), bool)
+                    ids, labels, provenance = ids[chosen], labels[chosen], provenance.kept(chosen)
                 if dst.index_spec.needs_training and len(ids):
                     rng = np.random.default_rng(seed)
                     sample = np.sort(rng.choice(len(ids), min(train_size, len(ids)), replace=False))

@@ -102,21 +102,17 @@ class RerankStore:
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         """The stored codes of ``rows`` (any shape), shape ``rows.shape + (dim,)``."""
         flat = rows.reshape(-1)
-        out = np.empty((len(flat), self.dim), self.dtype)
-        start = 0
         if len(self._pending) > 1:  # joined once per batch of adds, not once per search
             self._pending = [np.concatenate(self._pending)]
         parts = [*self.segments, *self._pending]
-        for part in parts:
-            inside = (flat >= start) & (flat < start + len(part))
-            if inside.any():
-                # sorted row order reads a memory-mapped segment front to back
-                local = flat[inside] - start
-                order = np.argsort(local, kind="stable")
-                picked = np.empty((len(local), self.dim), self.dtype)
-                picked[order] = part[local[order]]
-                out[inside] = picked
-            start += len(part)
+        if len(parts) == 1:
+            return parts[0][flat].reshape(*rows.shape, self.dim)
+        out = np.empty((len(flat), self.dim), self.dtype)
+        starts = np.cumsum([0, *(len(p) for p in parts)])
+        part_of = np.searchsorted(starts, flat, side="right") - 1
+        for i in np.unique(part_of).tolist():
+            at = np.flatnonzero(part_of == i)
+            out[at] = parts[i][flat[at] - starts[i]]
         return out.reshape(*rows.shape, self.dim)
 
     def row_of(self, positions: np.ndarray) -> np.ndarray:
@@ -135,18 +131,21 @@ class RerankStore:
         """Inner products of ``queries[Q, dim]`` with the stored vectors of ``positions[Q, R]``
         (live entry positions, -1 where there is none: -inf there)."""
         out = np.full(positions.shape, -np.inf, np.float32)
+        if self.precision == "sq8":
+            assert self.ranges is not None
+            # q . (minimum + code * step) = q . minimum + (q * step) . code
+            weights, offsets = queries * self.ranges[1], queries @ self.ranges[0]
+        else:
+            weights, offsets = queries, np.zeros(len(queries), np.float32)
         for lo in range(0, len(queries), _QUERY_BLOCK):
-            q = queries[lo : lo + _QUERY_BLOCK]
             pos = positions[lo : lo + _QUERY_BLOCK]
             real = pos >= 0
-            codes = self._gather(self.row_of(np.where(real, pos, 0))).astype(np.float32)  # [b, R, dim]
-            if self.precision == "sq8":
-                assert self.ranges is not None
-                # q . (minimum + code * step) = q . minimum + (q * step) . code
-                s = np.matmul(codes, (q * self.ranges[1])[:, :, None])[..., 0] + (q @ self.ranges[0])[:, None]
-            else:
-                s = np.matmul(codes, q[:, :, None])[..., 0]
-            out[lo : lo + _QUERY_BLOCK] = np.where(real, s, -np.inf)
+            codes = self._gather(self.row_of(np.where(real, pos, 0)))  # [b, R, dim], one pass over the store
+            for i in range(len(pos)):
+                # one matrix-vector product per query: BLAS's gemv, where a batched matmul over
+                # [b, R, dim] x [b, dim, 1] takes numpy's slow path (3-4x slower, measured)
+                s = codes[i].astype(np.float32) @ weights[lo + i] + offsets[lo + i]
+                out[lo + i] = np.where(real[i], s, -np.inf)
         return out
 
     # Checkpoints -----------------------------------------------------------------------------

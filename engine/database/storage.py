@@ -206,7 +206,12 @@ def _read_array(
 def write_store(workdir: Path, store: RerankStore, generation: int, compact: bool) -> dict[str, FileRecord]:
     """Write the re-rank store's new files under ``generation``: its ranges, and either every
     live row as one segment (``compact``: a new directory, or rows left behind by removals) or the
-    rows added since the last checkpoint as one more segment beside the kept ones."""
+    rows added since the last checkpoint as one more segment beside the kept ones.
+
+    Segments merge like a binary counter: the new rows take the newest kept segments with them
+    while those are at most twice their size, so a store of n rows has about log2(n / rows per
+    checkpoint) segments and each row is rewritten about that many times, not once per checkpoint.
+    """
     files: dict[str, FileRecord] = {}
     if store.ranges is not None:
         name = f"store-ranges.{generation:06d}.npy"
@@ -216,10 +221,13 @@ def write_store(workdir: Path, store: RerankStore, generation: int, compact: boo
         blocks = store.live_rows()
         segments = [_write_npy(workdir / name, blocks, np.dtype(store.dtype))] if len(store) else []
     else:
-        segments = [r for r in store.segment_records if isinstance(r, FileRecord)]
-        pending = store.pending_rows()
-        if len(pending):
-            segments.append(_write_npy(workdir / name, [pending], pending.dtype))
+        kept = [(r, s) for r, s in zip(store.segment_records, store.segments, strict=True) if isinstance(r, FileRecord)]
+        tail = [store.pending_rows()]
+        while len(tail[0]) and kept and len(kept[-1][1]) <= 2 * sum(len(t) for t in tail):
+            tail.insert(0, kept.pop()[1])
+        segments = [r for r, _ in kept]
+        if sum(len(t) for t in tail):
+            segments.append(_write_npy(workdir / name, tail, np.dtype(store.dtype)))
     files.update({f"store-{i}": rec for i, rec in enumerate(segments)})
     return files
 
@@ -244,11 +252,10 @@ def reopen_store(directory: Path, manifest: Manifest, store: RerankStore, place:
     written (memory-mapped when ``place`` is "disk"), keeping the segments it had."""
     records = store_segment_records(manifest)
     kept = {getattr(rec, "name", ""): seg for rec, seg in zip(store.segment_records, store.segments, strict=True)}
-    if place == "ram" and not store.needs_compaction:
-        # the rows just written are the ones pending in memory: no need to read them back
-        pending = store.pending_rows()
-        if len(pending) and records and records[-1].name not in kept:
-            kept[records[-1].name] = pending
+    new = [r for r in records if r.name not in kept]
+    merged = len(records) - len(new) < len(kept)  # some kept segments went into the new one
+    if place == "ram" and len(new) == 1 and not merged and not store.needs_compaction:
+        kept[new[0].name] = store.pending_rows()  # what was just written is what memory holds: not read back
     store.checkpointed(open_segments(directory, records, store.dtype, store.dim, place, kept), records)
 
 

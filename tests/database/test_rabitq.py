@@ -74,19 +74,24 @@ def test_store_survives_checkpoints_reopen_and_removals(tmp_path: Path, place: s
     path = tmp_path / "db"
     db, x, labels = make(path, "sq8", store=place)
     queries = DATA.sample(20, 14)[0]
-    before = db.search(queries, 8)
     segments = sorted(p.name for p in path.glob("store.*.npy"))
     assert len(segments) == 1, "the first checkpoint wrote the first half as one segment"
     db.checkpoint()
-    after_second = sorted(p.name for p in path.glob("store.*.npy"))
-    assert len(after_second) == 2 and after_second[0] == segments[0], "a checkpoint appends a segment, keeps the old"
+    merged = sorted(p.name for p in path.glob("store.*.npy"))
+    assert len(merged) == 1 and merged != segments, "as many new rows as stored: merged into one segment"
+    more = DATA.sample(100, 40)[0]
+    db.add(more, ["late"] * 100)
+    db.checkpoint()
+    appended = sorted(p.name for p in path.glob("store.*.npy"))
+    assert len(appended) == 2 and appended[0] == merged[0], "a few new rows: a segment of their own, the old kept"
+    before = db.search(queries, 8)
     db.close()
     with Database.open(path) as db:
         again = db.search(queries, 8)
         np.testing.assert_array_equal(again.ids, before.ids)
         np.testing.assert_allclose(again.sims, before.sims, atol=1e-6)
         stats = db.stats()
-        assert stats["store"]["place"] == place and stats["store"]["disk_bytes"] == N * DIM
+        assert stats["store"]["place"] == place and stats["store"]["disk_bytes"] == (N + 100) * DIM
         assert (stats["resident_parts"]["store"] < 20_000) == (place == "disk"), stats["resident_parts"]
         gone = np.flatnonzero(labels == labels[0])
         db.remove_entries(gone)
@@ -100,7 +105,7 @@ def test_store_survives_checkpoints_reopen_and_removals(tmp_path: Path, place: s
         reopened = db.search(queries, 8, nprobe=db.index_spec.params["nlist"], rerank=N)
         np.testing.assert_array_equal(reopened.ids, compacted.ids)
         np.testing.assert_array_equal(reopened.ids, kept.ids)
-        assert len(db) == N - len(gone)
+        assert len(db) == N + 100 - len(gone)
 
 
 def test_disk_store_is_memory_mapped_and_costs_no_resident_rows(tmp_path: Path) -> None:
