@@ -17,6 +17,10 @@ from hypothesis import HealthCheck, settings
 
 from knnclip import _C
 
+# Ray instances that tests start in this process stay on loopback: Ray turns 127.0.0.1 into the
+# machine's interface address unless it runs single-machine, a switch it reads when imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 # What a test file imports at its top, beyond the base install, by file (or folder) under tests/.
 # A file whose needs are missing is skipped with the reason instead of failing to import, so
 # the files themselves import plainly at the top.

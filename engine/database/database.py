@@ -46,6 +46,8 @@ from knnclip.engine.database.wal import (
     RecordKind,
     create_log,
     encode_record,
+    parse_records,
+    read_log,
 )
 from knnclip.engine.errors import (
     BackendUnavailableError,
@@ -271,6 +273,55 @@ class Database:
                         self.path / WAL_NAME, f"record {record.lsn} cannot be applied ({exc})"
                     ) from None
             return FollowResult(len(records), read, False, self._c.lsn)
+
+    # Replicas without a shared file system ------------------------------------------------------
+    def copy_for_replica(self, path: str | os.PathLike[str]) -> int:
+        """Write the current state as a database at ``path`` (which must not exist) that keeps
+        this one's identity and sequence numbers, and return the sequence number it holds: a
+        replica elsewhere starts from it and then applies :meth:`records_since` that number.
+        (:meth:`snapshot` makes an independent database instead.)"""
+        with self._mutex:
+            self._check_open()
+            target = Path(path)
+            if target.exists():
+                raise DatabaseExistsError(f"{target} already exists; a replica's copy goes to a new path")
+            self._write_directory(target, self._manifest.uuid, generation=1, lsn=self._c.lsn)
+            return int(self._c.lsn)
+
+    def records_since(self, lsn: int) -> bytes | None:
+        """The changes after sequence number ``lsn``, as log records (what :meth:`apply_records`
+        takes), read from this database's log; None when the log no longer holds them all (a
+        checkpoint emptied it since): the replica then starts again from :meth:`copy_for_replica`."""
+        with self._mutex:
+            self._check_open()
+            if lsn > self._c.lsn:
+                raise InvalidInputError(
+                    f"{self.path}: records since {lsn} asked, but this database stands at {self._c.lsn} "
+                    "(the replica's copy is of another database, or of a state this one never reached)"
+                )
+            logged = read_log(self.path / WAL_NAME, self._manifest.uuid)
+            if lsn < logged.base_lsn:
+                return None
+            return b"".join(encode_record(r.lsn, r.kind, r.meta, r.body) for r in logged.records if r.lsn > lsn)
+
+    def apply_records(self, data: bytes) -> FollowResult:
+        """Apply to this read-only copy the records a writer elsewhere gave by
+        :meth:`records_since` this copy's :attr:`lsn`, through the same code as replay. Damaged or
+        cut-short data is a DatabaseCorruptError and changes nothing."""
+        with self._mutex:
+            self._check_open()
+            if self._state is not DatabaseState.READ_ONLY:
+                raise InvalidInputError(f"{self.path}: apply_records is for read-only copies; a writer logs its own")
+            records = parse_records(data, self._c.lsn + 1, Path(f"<records after {self._c.lsn}>"))
+            for record in records:
+                try:
+                    self._c.apply(record)
+                except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
+                    self._fail(f"shipped record {record.lsn} did not apply: start the copy again")
+                    raise DatabaseCorruptError(
+                        Path(f"<record {record.lsn}>"), f"cannot be applied ({exc}); start the copy again"
+                    ) from None
+            return FollowResult(len(records), len(data), False, self._c.lsn)
 
     def _new_follower(self) -> LogFollower:
         s = self._log_state

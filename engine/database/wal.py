@@ -161,6 +161,17 @@ def _parse_records(
     return records, start + pos
 
 
+def parse_records(data: bytes | memoryview, first_lsn: int, source: Path) -> list[Record]:
+    """The records of ``data``, encoded as the log encodes them (what :func:`encode_record` gave),
+    the first numbered ``first_lsn``; anything cut short or damaged is a DatabaseCorruptError
+    naming ``source`` (shipped records must arrive whole)."""
+    view = memoryview(data)
+    records, end = _parse_records(source, view, 0, first_lsn, 2)
+    if end != len(view):
+        raise DatabaseCorruptError(source, f"records cut short at byte {end} of {len(view)}")
+    return records
+
+
 class FellBehindError(Exception):
     """The records a follower needs next are no longer in any log it can read (two checkpoints
     replaced the log since it last read, or the database itself was replaced): it must load the

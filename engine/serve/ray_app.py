@@ -289,8 +289,18 @@ def _batched(replica_class: type, settings: ServeSettings) -> type:
     return Batched
 
 
+# Ray turns a node address of 127.0.0.1 into the machine's interface address unless it runs
+# single-machine: this switch (read when ray is imported) keeps every Ray port on loopback.
+_LOCAL_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def serve_on_ray(settings: ServeSettings, *, replicas: int = 1, address: str | None = None) -> None:
-    """Deploy on Ray Serve (a local Ray instance unless ``address``) and serve until SIGTERM/SIGINT."""
+    """Deploy on Ray Serve (a local Ray instance unless ``address``) and serve until SIGTERM/SIGINT.
+
+    A local instance binds to 127.0.0.1: Ray's cluster ports are unauthenticated unless token
+    authentication is on, and anyone who reaches them can run code (docs/serving.md)."""
+    if address is None:
+        os.environ[_LOCAL_RAY_ENV] = "0"
     try:
         import ray
         from ray import serve
@@ -299,17 +309,25 @@ def serve_on_ray(settings: ServeSettings, *, replicas: int = 1, address: str | N
 
         raise needs_extra("knnclip serve --ray (Ray Serve)", "ray") from None
     _ensure_database(settings)
-    # A local instance binds to loopback: Ray's own ports are unauthenticated by default, and Ray
-    # otherwise binds the machine's interface address (docs/serving.md has the multi-node hardening).
-    local = {} if address else {"_node_ip_address": "127.0.0.1"}
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False, **local)
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    nodes = sorted({str(n["NodeManagerAddress"]) for n in ray.nodes()})
+    if address is None and nodes != ["127.0.0.1"]:
+        log.warning(
+            "the local Ray instance runs on %s, not 127.0.0.1 (ray was imported before knnclip set %s=0)",
+            nodes,
+            _LOCAL_RAY_ENV,
+        )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_application(settings, replicas=replicas), name="knnclip", route_prefix="/")
-        print(f"knnclip serve: listening on http://{settings.host}:{settings.port} (Ray Serve)", flush=True)
+        print(
+            f"knnclip serve: listening on http://{settings.host}:{settings.port} (Ray Serve; Ray nodes on "
+            f"{', '.join(nodes)})",
+            flush=True,
+        )
         stop.wait()
     finally:
         serve.shutdown()

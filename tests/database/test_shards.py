@@ -128,7 +128,8 @@ def test_three_ray_actors_answer_as_the_unsharded_database(source: Path, tmp_pat
     queries = DATA.sample(32, 8)[0]
     with Database.open(source, read_only=True) as db:
         reference = db.search(queries, 10)
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     try:
         with ShardedDatabase(tmp_path / "sharded", workers="ray") as sharded:
             assert sharded.shards == 3

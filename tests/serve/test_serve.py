@@ -662,5 +662,6 @@ def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+    assert "Ray nodes on 127.0.0.1)" in (tmp_path / "ray.log").read_text(), "the local Ray instance is on loopback"
     with Database.open(db) as reopened:  # the owner closed it: the writer lock is free
         assert reopened.classes["kirin"] == 1
