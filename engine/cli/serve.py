@@ -32,6 +32,7 @@ def _settings(args: argparse.Namespace):
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
         config=retrieval_config(args),
+        ship_database=args.ship_database,
     )
 
 
@@ -83,5 +84,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ray = p.add_argument_group("Ray Serve (the 'ray' extra: pip install \".[ray]\")")
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of the embedded server")
     ray.add_argument("--replicas", type=int, default=1, help="segmenter replicas (default 1)")
-    ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one, on 127.0.0.1)")
+    ray.add_argument(
+        "--ship-database",
+        action="store_true",
+        help="replicas keep their own copy of the database, shipped from the owner through Ray's object store and "
+        "kept current by its log records: no file system shared with the owner (docs/serving.md)",
+    )
     p.set_defaults(run=_serve)

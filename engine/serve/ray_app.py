@@ -43,6 +43,20 @@ from knnclip.engine.serve.service import (
 log = logging.getLogger("knnclip.serve")
 
 
+def _owner_call(owner: Any, method: str, *args: Any, timeout_s: float) -> Any:
+    """A call to the DatabaseOwner deployment from a replica's worker thread; OwnerUnavailableError
+    when it does not answer in ``timeout_s`` (it died and Ray Serve restarts it, or the network is
+    down)."""
+    from knnclip.engine.serve.replication import OwnerUnavailableError
+
+    try:
+        return getattr(owner, method).remote(*args).result(timeout_s=timeout_s)
+    except KnnclipError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raises for an unreachable owner
+        raise OwnerUnavailableError(f"{type(exc).__name__}: {exc}") from None
+
+
 def _error_marker(exc: BaseException) -> dict[str, Any]:
     """Errors cross Ray as data: library exceptions with their own constructors do not all pickle."""
     return encoding.error_body(exc)
@@ -56,39 +70,90 @@ def _raise_marked(value: Any) -> Any:
 
 
 class SegmenterReplica:
-    """One segmenter over the database opened read-only, following the owner's log."""
+    """One segmenter over the database opened read-only, following the owner's log: on the
+    shared file system, or (``ship_database``) in a copy of its own kept current through the
+    owner's calls (:mod:`knnclip.engine.serve.replication`)."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, owner: Any = None) -> None:
         from ray import serve
 
-        from knnclip.engine.pipeline.segmenter import Segmenter
-
         self.settings = settings
-        self._segmenter = Segmenter.from_dir(
-            settings.models,
-            settings.db,
-            backend=settings.backend,
-            device=settings.device,
-            config=settings.config,
-            read_only=True,
-            text_cache=settings.text_cache,
-            search=settings.search,
-        )
+        self._shipped: Any = None
+        self._segmenter: Any = None
         self._lock = threading.Lock()
         context = serve.get_replica_context()
         self.name = str(getattr(context.replica_id, "unique_id", context.replica_id))
+        if not settings.ship_database:
+            self._segmenter = self._open(settings.db, settings.search)
+            return
+        # The copy comes from the owner through a handle call, which must not block the event
+        # loop that runs this constructor: it is fetched on a thread, and batches wait for it.
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        threading.Thread(target=self._start_shipped, args=(owner,), name="knnclip-bootstrap", daemon=True).start()
+
+    def _open(self, database: Any, search: str) -> Any:
+        from knnclip.engine.pipeline.segmenter import Segmenter
+
+        s = self.settings
+        return Segmenter.from_dir(
+            s.models,
+            database,
+            backend=s.backend,
+            device=s.device,
+            config=s.config,
+            read_only=True,
+            text_cache=s.text_cache,
+            search=search,
+        )
+
+    def _start_shipped(self, owner: Any) -> None:
+        import tempfile
+
+        from knnclip.engine.serve.replication import ShippedReplica
+
+        try:
+            shipped = ShippedReplica(
+                tempfile.mkdtemp(prefix="knnclip-replica-"),
+                lambda: _owner_call(owner, "database_copy", timeout_s=600),  # may be gigabytes
+                lambda lsn: _owner_call(owner, "records_since", lsn, timeout_s=2),  # before every batch
+                search=self.settings.search,
+            )
+            self._segmenter = self._open(shipped.db, "fp32")
+            self._shipped = shipped
+        except BaseException as exc:  # noqa: BLE001 - reported by every batch
+            self._start_error = exc
+        finally:
+            self._started.set()
 
     def __del__(self) -> None:  # Ray Serve's hook when a replica shuts down
         self._close()
 
     def _close(self) -> None:
         with self._lock:
-            self._segmenter.close()
+            if self._segmenter is not None:
+                self._segmenter.close()
+            if self._shipped is not None:
+                self._shipped.close()
 
     def _fresh(self) -> Any:
         """The segmenter, its database brought up to the owner's last logged change."""
-        self._segmenter.db.follow()
+        if not self.settings.ship_database:
+            self._segmenter.db.follow()
+            return self._segmenter
+        self._started.wait()
+        if self._start_error is not None:
+            raise ServiceError(503, "ReplicaStartFailed", f"the replica's copy of the database: {self._start_error}")
+        before = self._shipped.db
+        self._shipped.refresh()
+        if self._shipped.db is not before:  # a fresh copy of the owner's checkpoint, swapped in whole
+            self._segmenter = self._segmenter.with_database(self._shipped.db)
         return self._segmenter
+
+    @property
+    def stale(self) -> bool:
+        """True while the owner could not be reached: the last state applied is served."""
+        return self._shipped is not None and self._shipped.stale
 
     def _run(self, requests: list[SegmentRequest]) -> list[Any]:
         with self._lock:
@@ -102,6 +167,7 @@ class SegmenterReplica:
                 payloads.append(_error_marker(item))
             else:
                 item["replica"] = self.name
+                item["stale"] = self.stale
                 payloads.append(item)
         return payloads
 
@@ -167,6 +233,17 @@ class DatabaseOwner:
     def snapshot(self) -> Any:
         return self._locked(lambda: snapshot_database(self._seg.db, self.settings.snapshot_dir))
 
+    def database_copy(self) -> bytes:
+        """The database's current state packed for a replica that shares no file system with it."""
+        from knnclip.engine.database.shipping import pack_copy
+
+        with self._lock:
+            return pack_copy(self._seg.db)[0]
+
+    def records_since(self, lsn: int) -> bytes | None:
+        with self._lock:
+            return self._seg.db.records_since(lsn)
+
 
 class RayService:
     """The routes' :class:`~knnclip.engine.serve.routes.Service` over the two deployments' handles."""
@@ -174,6 +251,7 @@ class RayService:
     def __init__(self, segmenters: Any, owner: Any) -> None:
         self._segmenters, self._owner = segmenters, owner
         self._entries = 0
+        self._stale: dict[str, bool] = {}  # by replica, as its last reply said
 
     ready = True
     load_error = None
@@ -184,6 +262,9 @@ class RayService:
     def entries(self) -> int:
         return self._entries
 
+    def stale_replicas(self) -> list[str]:
+        return sorted(name for name, stale in self._stale.items() if stale)
+
     async def segment(self, request: SegmentRequest) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
@@ -193,7 +274,9 @@ class RayService:
             payload = await self._segmenters.segment.remote(request)
         except BackPressureError:
             raise Overloaded(None, 1) from None  # Ray's queue is full
-        return _raise_marked(payload)
+        payload = _raise_marked(payload)
+        self._stale[str(payload.get("replica"))] = bool(payload.pop("stale", False))
+        return payload
 
     async def _owner_call(self, method: str, *args: Any) -> Any:
         reply = _raise_marked(await getattr(self._owner, method).remote(*args))
@@ -273,7 +356,8 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, replica_gpu
         def __init__(self, segmenters_handle: Any, owner_handle: Any) -> None:
             attach_service(app, RayService(segmenters_handle, owner_handle))
 
-    return Api.bind(segmenters.bind(settings), owner.bind(settings))  # type: ignore[attr-defined]  # Ray's decorator adds bind
+    owner_app = owner.bind(settings)
+    return Api.bind(segmenters.bind(settings, owner_app), owner_app)  # type: ignore[attr-defined]  # Ray's decorator adds bind
 
 
 def _batched(replica_class: type, settings: ServeSettings) -> type:

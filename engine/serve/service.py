@@ -63,6 +63,10 @@ class ServeSettings:
     snapshot_dir: Path | None = None
     config: RetrievalConfig | None = None
     text_cache: str | None = "default"
+    # Ray: replicas keep a copy of the database of their own, shipped from the owner and kept
+    # current by its log records (no file system shared with the owner); else they follow the
+    # owner's files on a shared file system.
+    ship_database: bool = False
 
     def __post_init__(self) -> None:
         limits = {
@@ -295,6 +299,9 @@ class LocalService:
     def entries(self) -> int:
         seg = self.segmenter
         return len(seg.db) if seg is not None else 0
+
+    def stale_replicas(self) -> list[str]:
+        return []  # one process: the database is its own
 
     # Mutations ---------------------------------------------------------------------------------
     async def add_class(self, name: str, synonyms: Sequence[str], thing: bool | None) -> dict[str, Any]:

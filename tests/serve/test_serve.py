@@ -665,3 +665,61 @@ def test_ray_serve_replicas_see_a_class_added_through_one_request(models, seeded
     assert "Ray nodes on 127.0.0.1)" in (tmp_path / "ray.log").read_text(), "the local Ray instance is on loopback"
     with Database.open(db) as reopened:  # the owner closed it: the writer lock is free
         assert reopened.classes["kirin"] == 1
+
+
+@pytest.mark.slow
+def test_ray_replicas_with_shipped_databases_survive_a_killed_owner(models, seeded_db, tmp_path, images):
+    """--ship-database: each replica keeps its own copy, shipped through Ray's object store and
+    kept current by the owner's log records. SIGKILL on the owner's process: the replicas keep
+    serving their last state and /readyz names them stale; once Ray Serve has restarted the owner
+    (reopening the database from its log), what it acknowledged is there and changes flow again."""
+    pytest.importorskip("ray.serve", reason="the Ray test needs the ray extra (pip install 'knnclip[ray]')")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = fresh_db(seeded_db, tmp_path)
+    log = (tmp_path / "ray.log").open("wb")
+    flags = f"--ray --replicas 2 --ship-database --device cpu --port {port} --max-wait-ms 20".split()
+    command = [sys.executable, "-m", "knnclip.engine.cli", "serve", *flags, "--models", str(models), "--db", str(db)]
+    command += ["--token-file", str(token_file(tmp_path))]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with Client(url, TOKEN, timeout=120) as client:
+            client.wait_ready(timeout=180)
+            assert client.add_class("unicorn", thing=True)["name"] == "unicorn"
+            replies = []
+            for _ in range(3):
+                replies += concurrently(lambda i: client.segment(images[i % len(images)]), 8)
+            assert all("unicorn" in r.classes.values() for r in replies)
+            assert len({r.record["replica"] for r in replies}) == 2
+            processes = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+            owner_pids = [int(line.split()[0]) for line in processes.splitlines() if "DatabaseOwner" in line]
+            assert owner_pids, "the owner's process was not found"
+            for pid in owner_pids:
+                os.kill(pid, signal.SIGKILL)
+            served = concurrently(lambda i: client.segment(images[i % len(images)]), 8)
+            assert all("unicorn" in r.classes.values() for r in served), "the last state applied is served"
+            ready = httpx.get(f"{url}/readyz").json()
+            assert ready["status"] == "ready" and ready["stale"], ready
+            deadline = time.monotonic() + 120
+            while True:  # Ray Serve restarts the owner; it reopens the database and replays its log
+                try:
+                    assert client.add_class("kirin", thing=True)["name"] == "kirin"
+                    break
+                except (ServiceError, httpx.HTTPError):
+                    assert time.monotonic() < deadline, "the owner did not come back"
+                    time.sleep(1)
+            after = []
+            for _ in range(3):
+                after += concurrently(lambda i: client.segment(images[i % len(images)]), 8)
+            assert all({"unicorn", "kirin"} <= set(r.classes.values()) for r in after[-8:])
+            assert httpx.get(f"{url}/readyz").json()["stale"] == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
