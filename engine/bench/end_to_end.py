@@ -224,6 +224,7 @@ def run_bench(
     fusion: str = "out_of_vocab",
     device: str = "auto",
     dry_run: bool = False,
+    index: str = "flat",
 ) -> dict[str, Any]:
     """Build, run every pipeline available here in its own process, write JSON, Markdown and a plot.
 
@@ -247,7 +248,7 @@ def run_bench(
     run_on = "cpu" if dry_run else device
     # CPU backends run the GridSample form fastest (and OpenVINO's bf16 needs it); TensorRT the gathers.
     sampling = "gather" if run_on == "cuda" else "grid"
-    flops = build(preset, work, say, sampling=sampling)
+    flops = build(preset, work, say, sampling=sampling, index=index)
     pipelines = device_pipelines() if dry_run else engine_pipelines(device)
     pipelines.append(("torch reference", {"pipeline": "reference", "device": run_on}))
     best: dict[str, Any] = {"pipeline": "best", "device": run_on}
@@ -282,7 +283,8 @@ def run_bench(
         "command": f"knnclip bench --preset {preset_name}"
         + ("" if fusion == "out_of_vocab" else f" --fusion {fusion}")
         + ("" if asked == "auto" else f" --device {asked}")
-        + (" --dry-run" if dry_run else ""),
+        + (" --dry-run" if dry_run else "")
+        + ("" if index == "flat" else f" --index {index}"),
         "dry_run": dry_run,
         "fusion": fusion,
         "sampling": sampling,
@@ -295,6 +297,7 @@ def run_bench(
             "entries": stats["entries"],
             "dim": stats["dim"],
             "storage": stats["storage"],
+            "index": stats["index"],
             "bytes_read_per_search": stats["entries"] * stats["code_bytes_per_entry"],
         },
         "semantic_agreement_with_fp32": agreement,

@@ -31,6 +31,7 @@ def _bench(args: argparse.Namespace) -> int:
                 fusion=args.fusion,
                 device=args.device,
                 dry_run=args.dry_run,
+                index=args.index,
             )
     except BackendUnavailableError as exc:
         if args.device != "cuda":
@@ -69,6 +70,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --device cuda: run the device pipeline's code on the CPU, torch tensors standing in for the "
         "GPU's arrays (what CI checks; its numbers mean nothing)",
+    )
+    from knnclip.engine.database.kinds import INDEX_KINDS
+
+    bench.add_argument(
+        "--index",
+        default="flat",
+        choices=INDEX_KINDS,
+        help="the database's index kind (flat: exact; ivf-rabitq: the compressed index for 10^6 entries and more, "
+        "trained on 50,000 of the entries)",
     )
     bench.add_argument("--work", default="knnclip-bench", help="working directory for models and the database")
     bench.add_argument(
