@@ -363,7 +363,7 @@ def main() -> None:
     directory = Path(args.results) if args.results else None
     extra = {"directory": directory} if directory else {}
     write_json(name, result, **extra)
-    print(write_text(name, markdown(result), **extra))
+    print(write_text(f"{name}.md", markdown(result), **extra))
 
 
 if __name__ == "__main__":

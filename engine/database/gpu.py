@@ -38,6 +38,8 @@ def faiss_gpu_problems(spec: IndexSpec) -> list[str]:
     """Why faiss-gpu cannot hold an index of ``spec`` (empty when it can)."""
     if spec.kind == "hnsw":
         return ["faiss-gpu has no HNSW index"]
+    if spec.kind == "ivf-rabitq":
+        return ["faiss-gpu has no RaBitQ index: search an ivf-rabitq database on the CPU (its re-rank store is there)"]
     problems = []
     if spec.kind == "ivf-pq":
         m, nbits = spec.params.get("m"), spec.params.get("nbits", 8)

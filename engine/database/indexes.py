@@ -39,7 +39,7 @@ _PARAMS: dict[str, dict[str, Any]] = {
     "ivf-flat": {"nlist": None, "nprobe": None},
     "ivf-pq": {"nlist": None, "nprobe": None, "m": None, "nbits": 8},
     "hnsw": {"M": 32, "ef_construction": 200, "ef_search": 128},
-    # The defaults come from the sweep in benchmarks/results/vocabulary-scale.md.
+    # The defaults come from the sweep in benchmarks/results/vocabulary-scale-1000000.md.
     "ivf-rabitq": {"nlist": None, "nprobe": None, "rerank": 100, "store": "ram", "coarse": None, "pca": None},
 }
 # Parameters that are words, not counts, and the words they take.

@@ -3,7 +3,7 @@ RAM or memory-mapped from disk, to re-score the candidates the compressed codes 
 
 1-bit codes rank well enough to put the true neighbours among the top 100 candidates, not to
 order them: re-scoring those candidates from 8- or 16-bit vectors gives exact search's decisions
-(``benchmarks/results/vocabulary-scale.md``). Only the candidates' rows are read, so a store
+(``benchmarks/results/vocabulary-scale-1000000.md``). Only the candidates' rows are read, so a store
 memory-mapped from disk costs page-cache reads, not resident memory.
 
 Rows are append-only, in the order entries were added, in *segments*: each checkpoint writes the

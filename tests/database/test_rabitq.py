@@ -197,3 +197,11 @@ def test_convert_refuses_a_source_without_vectors_and_leaves_nothing(tmp_path: P
     with pytest.raises(InvalidInputError, match="keeps no vectors"):
         Database.convert(tmp_path / "src", tmp_path / "dst", index="ivf-rabitq")
     assert not (tmp_path / "dst").exists()
+
+
+def test_faiss_gpu_is_refused_by_name() -> None:
+    """faiss-gpu has no RaBitQ index: a GPU mirror of one is refused before anything moves."""
+    from knnclip.engine.database.gpu import faiss_gpu_problems
+    from knnclip.engine.database.indexes import IndexSpec
+
+    assert any("RaBitQ" in p for p in faiss_gpu_problems(IndexSpec.make("ivf-rabitq", None, None, DIM)))
