@@ -258,6 +258,7 @@ def follow_main(args: argparse.Namespace) -> None:
             build_database(models, work / "db", make_split(8, seed=1), text_cache=work / "text")
             token = "bench-token-0123456789abcdef"
             (work / "token").write_text(token)
+            os.chmod(work / "token", 0o600)  # a token file others can read is refused
             flags = ("--ray", "--replicas", "2", "--max-batch", "4", "--token-file", str(work / "token"))
             server = Server(models, work / "db", work / "ray.log", *flags, ray=True, token=token)
             try:
