@@ -85,10 +85,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of the embedded server")
     ray.add_argument("--replicas", type=int, default=1, help="segmenter replicas (default 1)")
     ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one, on 127.0.0.1)")
-    ray.add_argument(
+    replicas_db = ray.add_mutually_exclusive_group()
+    replicas_db.add_argument(
         "--ship-database",
-        action="store_true",
+        dest="ship_database",
+        action="store_const",
+        const=True,
         help="replicas keep their own copy of the database, shipped from the owner through Ray's object store and "
-        "kept current by its log records: no file system shared with the owner (docs/serving.md)",
+        "kept current by its log records: no file system shared with the owner (the default with --ray-address)",
+    )
+    replicas_db.add_argument(
+        "--shared-database",
+        dest="ship_database",
+        action="store_const",
+        const=False,
+        help="replicas follow the database's files (the default on a local instance; on a cluster, the directory "
+        "must be on a file system every node shares)",
     )
     p.set_defaults(run=_serve)

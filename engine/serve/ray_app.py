@@ -21,6 +21,7 @@ Ray is imported only here (the ``ray`` extra).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -393,6 +394,8 @@ def serve_on_ray(settings: ServeSettings, *, replicas: int = 1, address: str | N
 
         raise needs_extra("knnclip serve --ray (Ray Serve)", "ray") from None
     _ensure_database(settings)
+    if settings.ship_database is None:  # a cluster's nodes may share no file system with this one
+        settings = dataclasses.replace(settings, ship_database=address is not None)
     ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
     nodes = sorted({str(n["NodeManagerAddress"]) for n in ray.nodes()})
     if address is None and nodes != ["127.0.0.1"]:

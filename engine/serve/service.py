@@ -64,9 +64,10 @@ class ServeSettings:
     config: RetrievalConfig | None = None
     text_cache: str | None = "default"
     # Ray: replicas keep a copy of the database of their own, shipped from the owner and kept
-    # current by its log records (no file system shared with the owner); else they follow the
-    # owner's files on a shared file system.
-    ship_database: bool = False
+    # current by its log records (True: no file system shared with the owner), or follow the
+    # owner's files (False: one machine, or a shared file system). None: ship when joining an
+    # existing cluster (--ray-address), follow the files on the local instance.
+    ship_database: bool | None = None
 
     def __post_init__(self) -> None:
         limits = {

@@ -63,6 +63,7 @@ class TestInfo:
         ["segment", "x.png", "--models", "m", "--out", "o"],  # --db missing
         ["db", "create", "x.db", "--dim", "8", "--param", "nlist"],  # NAME=VALUE expected
         ["db", "convert", "x.db", "y.db"],  # --index missing
+        ["serve", "--models", "m", "--db", "d", "--ray", "--ship-database", "--shared-database"],  # one or the other
     ],
 )
 def test_usage_errors_exit_2(args, tmp_path):
