@@ -13,7 +13,8 @@ confuse). :class:`EmbeddingGenerator` mimics what matters to a vocabulary index:
   few hundred directions whose variances fall off as a power law, plus a small isotropic floor.
 
 Entry ``i`` depends only on ``(seed, i // chunk)``, so a database of 10^7 x 1536 is generated
-(and its exact neighbours computed, :func:`exact_top_k`) chunk by chunk, never whole in memory.
+(and its exact neighbours computed, as ``benchmarks/vocabulary_scale.py`` does) chunk by chunk,
+never whole in memory.
 :meth:`EmbeddingGenerator.statistics` measures the cosines and the spectrum that the results
 quote.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["EmbeddingGenerator", "exact_top_k"]
+__all__ = ["EmbeddingGenerator"]
 
 
 @dataclass
@@ -160,28 +161,6 @@ class EmbeddingGenerator:
             "largest_class_share": float(pops[0]),
             "smallest_class_share": float(pops[-1]),
         }
-
-
-def exact_top_k(
-    generator: EmbeddingGenerator, n: int, queries: np.ndarray, k: int, stream: int = 1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The exact float32 top ``k`` of ``queries`` over the first ``n`` entries, computed chunk by
-    chunk: ``(sims [Q, k], positions [Q, k], labels [Q, k])``, best first."""
-    q = np.ascontiguousarray(queries, np.float32)
-    best_s = np.full((len(q), k), -np.inf, np.float32)
-    best_p = np.full((len(q), k), -1, np.int64)
-    best_y = np.full((len(q), k), -1, np.int64)
-    for start, x, y in generator.database(n, stream):
-        s = q @ x.T
-        top = np.argpartition(-s, min(k, s.shape[1] - 1), axis=1)[:, :k]
-        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
-        cand_p = np.concatenate([best_p, top + start], axis=1)
-        cand_y = np.concatenate([best_y, y[top]], axis=1)
-        keep = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(cand_s, keep, 1)
-        best_p = np.take_along_axis(cand_p, keep, 1)
-        best_y = np.take_along_axis(cand_y, keep, 1)
-    return best_s, best_p, best_y
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ the writer and a reopened database end in the same state. No file is touched her
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -17,6 +19,7 @@ from knnclip.engine.database.manifest import Manifest
 from knnclip.engine.database.rerank_store import RerankStore
 from knnclip.engine.database.vocabulary import ClassInfo
 from knnclip.engine.database.wal import Record, RecordKind
+from knnclip.engine.errors import DatabaseCorruptError, UnknownClassError
 
 
 class Provenance:
@@ -136,6 +139,15 @@ class Contents:
     def class_counts(self) -> dict[str, int]:
         """Class name -> number of entries, for every class in the vocabulary (in id order)."""
         return {info.name: self.counts.get(cid, 0) for cid, info in sorted(self.vocab.items())}
+
+    def apply_all(self, records: Iterable[Record], source: Path) -> None:
+        """Apply log records in order (replay, following, shipped records); a record that does
+        not fit is a DatabaseCorruptError naming ``source``, and the ones before it stay applied."""
+        for record in records:
+            try:
+                self.apply(record)
+            except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
+                raise DatabaseCorruptError(source, f"record {record.lsn} cannot be applied ({exc})") from None
 
     def apply(self, record: Record) -> None:
         """Apply one log record; raises ValueError (or KeyError, UnknownClassError) when it does not fit."""

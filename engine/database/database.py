@@ -265,13 +265,7 @@ class Database:
             except FellBehindError as exc:
                 log.info("%s: %s; loading the latest checkpoint", self.path, exc)
                 return self._reload()
-            for record in records:
-                try:
-                    self._c.apply(record)
-                except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
-                    raise DatabaseCorruptError(
-                        self.path / WAL_NAME, f"record {record.lsn} cannot be applied ({exc})"
-                    ) from None
+            self._c.apply_all(records, self.path / WAL_NAME)
             return FollowResult(len(records), read, False, self._c.lsn)
 
     # Replicas without a shared file system ------------------------------------------------------
@@ -312,15 +306,13 @@ class Database:
             self._check_open()
             if self._state is not DatabaseState.READ_ONLY:
                 raise InvalidInputError(f"{self.path}: apply_records is for read-only copies; a writer logs its own")
-            records = parse_records(data, self._c.lsn + 1, Path(f"<records after {self._c.lsn}>"))
-            for record in records:
-                try:
-                    self._c.apply(record)
-                except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
-                    self._fail(f"shipped record {record.lsn} did not apply: start the copy again")
-                    raise DatabaseCorruptError(
-                        Path(f"<record {record.lsn}>"), f"cannot be applied ({exc}); start the copy again"
-                    ) from None
+            source = Path(f"<records after {self._c.lsn}>")
+            records = parse_records(data, self._c.lsn + 1, source)
+            try:
+                self._c.apply_all(records, source)
+            except DatabaseCorruptError as exc:
+                self._fail(f"{exc}: start the copy again")
+                raise
             return FollowResult(len(records), len(data), False, self._c.lsn)
 
     def _new_follower(self) -> LogFollower:
@@ -437,20 +429,6 @@ class Database:
                     "read them; nothing is damaged: retry when the writer checkpoints less often"
                 ) from None
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def disk_state(path: str | os.PathLike[str]) -> tuple[int, ...]:
-        """A value that changes whenever a writer changes the database at ``path`` (a logged
-        change grows the log; a checkpoint replaces the manifest). Readers, which see the state
-        of the moment they opened, compare it to know when to open again."""
-        state: list[int] = []
-        for name in (MANIFEST_NAME, WAL_NAME):
-            try:
-                st = (Path(path) / name).stat()
-                state += [st.st_ino, st.st_size, st.st_mtime_ns]
-            except FileNotFoundError:
-                state += [-1, -1, -1]
-        return tuple(state)
 
     # Read-only views -------------------------------------------------------------------------
     @property

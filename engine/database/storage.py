@@ -44,7 +44,7 @@ from knnclip.engine.database.manifest import MANIFEST_NAME, FileRecord, Manifest
 from knnclip.engine.database.rerank_store import RerankStore
 from knnclip.engine.database.vocabulary import Vocabulary
 from knnclip.engine.database.wal import LogContents, create_log, read_log
-from knnclip.engine.errors import DatabaseCorruptError, DatabaseExistsError, UnknownClassError
+from knnclip.engine.errors import DatabaseCorruptError, DatabaseExistsError
 from knnclip.engine.fsutil import atomic_path, atomic_write_bytes, fsync_dir, sha256_file
 
 log = logging.getLogger("knnclip.engine.database")
@@ -318,12 +318,7 @@ def replay(directory: Path, manifest: Manifest, contents: Contents) -> LogConten
         raise DatabaseCorruptError(
             wal_path, f"log covers sequence numbers {log_contents.base_lsn}..{last}, the checkpoint is at {checkpoint}"
         )
-    for record in log_contents.records:
-        if record.lsn > checkpoint:
-            try:
-                contents.apply(record)
-            except (KeyError, ValueError, TypeError, UnknownClassError) as exc:
-                raise DatabaseCorruptError(wal_path, f"record {record.lsn} cannot be applied ({exc})") from None
+    contents.apply_all((r for r in log_contents.records if r.lsn > checkpoint), wal_path)
     if log_contents.torn_bytes:
         log.warning(
             "%s: a torn record of %d bytes at byte %d ends the log (a write a crash cut short); a writer "

@@ -226,3 +226,13 @@ def test_ray_replicas_bootstrap_through_the_object_store_and_survive_a_killed_ow
             assert not stale and classes == {"cat": 4, "dog": 2, "eel": 1, "fox": 3}, why
     finally:
         ray.shutdown()
+
+
+def test_a_record_that_does_not_fit_the_copy_is_refused_and_stops_it(owner: Owner, tmp_path: Path) -> None:
+    from knnclip.engine.database.wal import RecordKind, encode_record
+
+    with Database.open(unpack_copy(pack_copy(owner.db)[0], tmp_path / "copy"), read_only=True) as replica:
+        misfit = encode_record(replica.lsn + 1, RecordKind.REMOVE_CLASS, {"class_id": 999})
+        with pytest.raises(DatabaseCorruptError, match="record .* cannot be applied"):
+            replica.apply_records(misfit)
+        assert replica.state.value == "failed"
